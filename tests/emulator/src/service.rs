@@ -1,0 +1,400 @@
+//! The fleet provisioning service: CreateKeysAndCertificate, CreateCertificateFromCsr and
+//! RegisterThing, as AWS IoT Core answers them.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::hook::{self, Verdict};
+use crate::pki::{Ca, KeyKind};
+use crate::store::{RegisterError, Store};
+use crate::template::{self, TemplateFile};
+use crate::topics::{Api, Format, valid_template_name};
+
+/// The answer to a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    Accepted(Value),
+    Rejected {
+        status: u16,
+        code: &'static str,
+        message: String,
+    },
+}
+
+impl Reply {
+    pub fn rejected(status: u16, code: &'static str, message: impl Into<String>) -> Reply {
+        Reply::Rejected {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The rejection AWS sends for an HTTP-like status (used by fault injection).
+    pub fn for_status(status: u16) -> Reply {
+        let (code, message) = match status {
+            429 => ("Throttling", "Rate exceeded"),
+            500 => ("InternalError", "Internal error"),
+            503 => ("ServiceUnavailable", "Service unavailable"),
+            s if s >= 500 => ("InternalError", "Internal error"),
+            _ => ("InvalidRequest", "Request rejected"),
+        };
+        Reply::rejected(status, code, message)
+    }
+
+    pub fn is_accepted(&self) -> bool {
+        matches!(self, Reply::Accepted(_))
+    }
+
+    /// The reply payload in `format`.
+    pub fn encode(&self, format: Format) -> Vec<u8> {
+        let value = match self {
+            Reply::Accepted(v) => v.clone(),
+            Reply::Rejected {
+                status,
+                code,
+                message,
+            } => json!({"statusCode": status, "errorCode": code, "errorMessage": message}),
+        };
+        encode(format, &value)
+    }
+}
+
+/// Encodes a JSON value as JSON or CBOR.
+pub fn encode(format: Format, value: &Value) -> Vec<u8> {
+    match format {
+        Format::Json => value.to_string().into_bytes(),
+        Format::Cbor => {
+            let mut out = Vec::new();
+            // Writing a serde_json::Value into a Vec cannot fail.
+            let _ = ciborium::ser::into_writer(value, &mut out);
+            out
+        }
+    }
+}
+
+/// Decodes a request payload. The whole payload must be one JSON or CBOR item.
+pub fn decode(format: Format, payload: &[u8]) -> Result<Value, String> {
+    match format {
+        Format::Json => serde_json::from_slice(payload).map_err(|e| format!("invalid JSON: {e}")),
+        Format::Cbor => {
+            let mut rest = payload;
+            let v: Value =
+                ciborium::de::from_reader(&mut rest).map_err(|e| format!("invalid CBOR: {e}"))?;
+            if !rest.is_empty() {
+                return Err("invalid CBOR: trailing bytes".into());
+            }
+            Ok(v)
+        }
+    }
+}
+
+/// Settings of the service.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub key_kind: KeyKind,
+    pub token_ttl: Duration,
+    pub hook_timeout: Duration,
+    pub templates_dir: PathBuf,
+}
+
+/// Who sent a request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub client_id: String,
+    pub certificate_id: String,
+}
+
+/// The service state shared by all connections.
+#[derive(Debug)]
+pub struct Service {
+    pub ca: Arc<Ca>,
+    pub store: Arc<Store>,
+    pub config: ServiceConfig,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn new_token() -> Result<String, Reply> {
+    use ring::rand::SecureRandom;
+    let mut raw = [0u8; 48];
+    ring::rand::SystemRandom::new()
+        .fill(&mut raw)
+        .map_err(|_| Reply::for_status(500))?;
+    Ok(raw.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn internal(e: impl std::fmt::Display) -> Reply {
+    Reply::rejected(500, "InternalError", format!("Internal error: {e}"))
+}
+
+fn invalid_payload(message: impl Into<String>) -> Reply {
+    Reply::rejected(400, "InvalidPayload", message)
+}
+
+impl Service {
+    /// Answers one request.
+    pub async fn handle(
+        &self,
+        api: &Api,
+        format: Format,
+        payload: &[u8],
+        caller: &Caller,
+    ) -> Reply {
+        let result = match api {
+            Api::CreateKeysAndCertificate => self.create_keys(format, payload).await,
+            Api::CreateCertificateFromCsr => self.create_from_csr(format, payload).await,
+            Api::RegisterThing { template } => {
+                self.register(template, format, payload, caller).await
+            }
+        };
+        result.unwrap_or_else(|r| r)
+    }
+
+    async fn create_keys(&self, format: Format, payload: &[u8]) -> Result<Reply, Reply> {
+        // AWS accepts an empty payload, `{}`, or a map with extra keys.
+        if !payload.is_empty() {
+            match decode(format, payload) {
+                Ok(Value::Object(_)) => {}
+                Ok(_) => return Err(invalid_payload("The payload must be an object")),
+                Err(e) => return Err(invalid_payload(e)),
+            }
+        }
+        let ca = self.ca.clone();
+        let kind = self.config.key_kind;
+        let (issued, key_pem) =
+            tokio::task::spawn_blocking(move || ca.create_keys_and_certificate(kind))
+                .await
+                .map_err(internal)?
+                .map_err(internal)?;
+        let token = self.store_pending(&issued.id, &issued.pem, "CreateKeysAndCertificate")?;
+        Ok(Reply::Accepted(json!({
+            "certificateId": issued.id,
+            "certificatePem": issued.pem,
+            "privateKey": key_pem,
+            "certificateOwnershipToken": token,
+        })))
+    }
+
+    async fn create_from_csr(&self, format: Format, payload: &[u8]) -> Result<Reply, Reply> {
+        let request = decode(format, payload).map_err(invalid_payload)?;
+        let csr = match request.get("certificateSigningRequest") {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(Value::String(_)) | None | Some(Value::Null) => {
+                return Err(Reply::rejected(
+                    400,
+                    "InvalidCertificateSigningRequest",
+                    "Certificate signing request cannot be empty.",
+                ));
+            }
+            Some(_) => {
+                return Err(invalid_payload(
+                    "certificateSigningRequest must be a string",
+                ));
+            }
+        };
+        let ca = self.ca.clone();
+        let issued = tokio::task::spawn_blocking(move || ca.issue_from_csr(&csr))
+            .await
+            .map_err(internal)?
+            .map_err(|e| Reply::rejected(400, "InvalidCertificateSigningRequest", e.0))?;
+        let token = self.store_pending(&issued.id, &issued.pem, "CreateCertificateFromCsr")?;
+        Ok(Reply::Accepted(json!({
+            "certificateOwnershipToken": token,
+            "certificateId": issued.id,
+            "certificatePem": issued.pem,
+        })))
+    }
+
+    fn store_pending(&self, id: &str, pem: &str, origin: &str) -> Result<String, Reply> {
+        let token = new_token()?;
+        let now = now_ms();
+        let ttl = i64::try_from(self.config.token_ttl.as_millis()).unwrap_or(i64::MAX);
+        self.store
+            .insert_pending(id, pem, origin, &token, now, now.saturating_add(ttl))
+            .map_err(internal)?;
+        Ok(token)
+    }
+
+    /// Reads `templates/NAME.json`.
+    pub fn load_template(&self, name: &str) -> Result<TemplateFile, Reply> {
+        let not_found = || {
+            Reply::rejected(
+                404,
+                "ResourceNotFound",
+                format!("The provisioning template {name} does not exist."),
+            )
+        };
+        if !valid_template_name(name) {
+            return Err(not_found());
+        }
+        let path = self.config.templates_dir.join(format!("{name}.json"));
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_found()),
+            Err(e) => return Err(internal(e)),
+        };
+        let file = template::parse_template_file(&text).map_err(|e| {
+            Reply::rejected(
+                400,
+                "InvalidTemplate",
+                format!("The provisioning template {name} is invalid: {e}"),
+            )
+        })?;
+        if !file.enabled {
+            return Err(Reply::rejected(
+                404,
+                "ResourceNotFound",
+                format!("The provisioning template {name} is disabled."),
+            ));
+        }
+        Ok(file)
+    }
+
+    async fn register(
+        &self,
+        name: &str,
+        format: Format,
+        payload: &[u8],
+        caller: &Caller,
+    ) -> Result<Reply, Reply> {
+        let request = decode(format, payload).map_err(invalid_payload)?;
+        if !request.is_object() {
+            return Err(invalid_payload("The payload must be an object"));
+        }
+        let token = match request.get("certificateOwnershipToken") {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(Value::String(_)) | None | Some(Value::Null) => {
+                return Err(Reply::rejected(
+                    400,
+                    "InvalidCertificateOwnershipToken",
+                    "Certificate ownership token cannot be empty.",
+                ));
+            }
+            Some(_) => {
+                return Err(invalid_payload(
+                    "certificateOwnershipToken must be a string",
+                ));
+            }
+        };
+        let mut params = BTreeMap::new();
+        match request.get("parameters") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(map)) => {
+                for (k, v) in map {
+                    let Value::String(s) = v else {
+                        return Err(invalid_payload(format!("parameters.{k} must be a string")));
+                    };
+                    params.insert(k.clone(), s.clone());
+                }
+            }
+            Some(_) => return Err(invalid_payload("parameters must be an object")),
+        }
+        let file = self.load_template(name)?;
+        let bad_token = || {
+            Reply::rejected(
+                400,
+                "InvalidCertificateOwnershipToken",
+                "Certificate ownership token is invalid, expired or already used.",
+            )
+        };
+        let (cert_id, cert_pem) = self
+            .store
+            .token_certificate(&token, now_ms())
+            .map_err(internal)?
+            .ok_or_else(bad_token)?;
+        if let Some(spec) = &file.hook {
+            let input = json!({
+                "claimCertificateId": caller.certificate_id,
+                "certificateId": cert_id,
+                "certificatePem": cert_pem,
+                "templateArn": format!("arn:aws:iot:us-east-1:123456789012:provisioningtemplate/{name}"),
+                "clientId": caller.client_id,
+                "parameters": params,
+            });
+            match hook::run(&spec.command, &input, self.config.hook_timeout).await {
+                Verdict::Allow(overrides) => params.extend(overrides),
+                Verdict::Deny(why) => {
+                    return Err(Reply::rejected(
+                        403,
+                        "AccessDenied",
+                        format!("The pre-provisioning hook rejected the request: {why}"),
+                    ));
+                }
+            }
+        }
+        let outcome =
+            template::evaluate(&file.body, &params, &cert_id).map_err(|e| Reply::Rejected {
+                status: e.status,
+                code: e.code,
+                message: e.message,
+            })?;
+        match self.store.register(&token, &cert_id, &outcome, now_ms()) {
+            Ok(()) => {}
+            Err(RegisterError::BadToken) => return Err(bad_token()),
+            Err(RegisterError::Conflict(m)) => {
+                return Err(Reply::rejected(409, "ConflictingResourceUpdate", m));
+            }
+            Err(RegisterError::Store(m)) => return Err(internal(m)),
+        }
+        let mut accepted = json!({ "deviceConfiguration": outcome.device_configuration });
+        if let Some(thing) = outcome.thing {
+            accepted["thingName"] = Value::String(thing.name);
+        }
+        Ok(Reply::Accepted(accepted))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_table() {
+        let cbor_map = encode(Format::Cbor, &json!({"a": "b"}));
+        let mut trailing = cbor_map.clone();
+        trailing.push(0);
+        let rows: Vec<(Format, Vec<u8>, Result<Value, ()>)> = vec![
+            (
+                Format::Json,
+                b"{\"a\":\"b\"}".to_vec(),
+                Ok(json!({"a": "b"})),
+            ),
+            (Format::Json, b"{".to_vec(), Err(())),
+            (Format::Json, b"".to_vec(), Err(())),
+            (Format::Json, b"\xff\xfe".to_vec(), Err(())),
+            (Format::Cbor, cbor_map, Ok(json!({"a": "b"}))),
+            (Format::Cbor, trailing, Err(())),
+            (Format::Cbor, vec![0xa1], Err(())),
+            (Format::Cbor, vec![0x61, 0xff], Err(())),
+            (Format::Cbor, b"{\"a\":1}".to_vec(), Err(())),
+        ];
+        for (fmt, bytes, want) in rows {
+            assert_eq!(
+                decode(fmt, &bytes).map_err(|_| ()),
+                want,
+                "{fmt:?} {bytes:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn rejection_payloads_carry_integer_status() {
+        let r = Reply::for_status(429);
+        for fmt in [Format::Json, Format::Cbor] {
+            let v = decode(fmt, &r.encode(fmt)).unwrap();
+            assert_eq!(v["statusCode"], json!(429));
+            assert_eq!(v["errorCode"], json!("Throttling"));
+        }
+    }
+}
