@@ -5,7 +5,8 @@ use fleetprov_emulator::Format;
 use fleetprov_emulator::wire::{Packet, Version};
 use serde_json::json;
 
-use crate::common::*;
+mod common;
+use common::*;
 
 async fn provision_and_reconnect(env: &Env, version: Version, api: CertApi, format: Format) {
     let serial = format!("{version:?}-{api:?}-{format:?}");

@@ -1,4 +1,4 @@
-//! A small MQTT-over-TLS test client that speaks raw packets to the emulator, plus helpers.
+//! Shared by the test suites: a small MQTT-over-TLS test client that speaks raw packets to the emulator, plus helpers.
 
 #![allow(dead_code)]
 
