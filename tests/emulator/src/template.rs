@@ -14,7 +14,8 @@
 //! * `Mappings`: `{Map: {TopKey: {SecondKey: string | [string]}}}`, read with
 //!   `Fn::FindInMap`; no intrinsic functions inside.
 //! * Intrinsic functions: `Ref`, `Fn::Join`, `Fn::Select`, `Fn::Split`,
-//!   `Fn::Sub` and `Fn::FindInMap`, nested at most [`MAX_DEPTH`] levels.
+//!   `Fn::Sub` and `Fn::FindInMap`, nested at most 32 levels deep (a
+//!   function and its argument list count as one level each).
 //! * `Resources`: at most one `AWS::IoT::Thing`, at most one
 //!   `AWS::IoT::Certificate` and any number of `AWS::IoT::Policy`.
 //! * `DeviceConfiguration`: a flat map of names to strings.
@@ -32,7 +33,7 @@ pub const DEMO_TEMPLATE: &str = include_str!("../templates/DemoTemplate.json");
 
 /// How deeply values and intrinsic functions may nest inside a template
 /// property before evaluation is refused.
-pub const MAX_DEPTH: usize = 32;
+const MAX_DEPTH: usize = 32;
 
 /// How deeply an inline `PolicyDocument` object may nest.
 const MAX_POLICY_DOCUMENT_DEPTH: usize = 64;
@@ -299,12 +300,30 @@ fn validate_body(body: &Value) -> Result<(), TemplateError> {
     parse_parameters(body)?;
     parse_mappings(body)?;
     parse_resources(body)?;
+    device_configuration_section(body)?;
+    Ok(())
+}
+
+fn device_configuration_section(
+    body: &Map<String, Value>,
+) -> Result<Option<&Map<String, Value>>, TemplateError> {
+    let not_an_object = |found: &str| {
+        TemplateError::invalid_request(format!(
+            "DeviceConfiguration must be an object of names to string values, found {found}"
+        ))
+    };
     match body.get("DeviceConfiguration") {
-        None | Some(Value::Null) | Some(Value::Object(_)) => Ok(()),
-        Some(other) => Err(TemplateError::invalid_request(format!(
-            "DeviceConfiguration must be an object, found {}",
-            kind_of(other)
-        ))),
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(section)) => {
+            if intrinsic(section)
+                .map_err(|e| e.within("DeviceConfiguration"))?
+                .is_some()
+            {
+                return Err(not_an_object("an intrinsic function"));
+            }
+            Ok(Some(section))
+        }
+        Some(other) => Err(not_an_object(kind_of(other))),
     }
 }
 
@@ -316,7 +335,7 @@ fn validate_body(body: &Value) -> Result<(), TemplateError> {
 /// | code | when |
 /// |---|---|
 /// | `InvalidParameters` | a `Ref` or `${Var}` names a declared parameter that was not supplied and has no `Default` (`Missing parameter: NAME`), or names nothing declared (`Cannot resolve reference value: NAME`, AWS's own wording) |
-/// | `InvalidRequest` | anything else wrong with the template, the message starting with where: a section or resource of the wrong shape; an unsupported resource type, property or `OverrideSettings` value; more than one thing or certificate; a missing `ThingName` or `CertificateId`; a `CertificateId` other than `certificate_id`; a `Status` other than Active/Inactive; a policy with both or neither of `PolicyName` and `PolicyDocument`, or a `PolicyDocument` string that is not a JSON object; a name or attribute that breaks AWS's length or character rules; an intrinsic function of the wrong shape or unknown (e.g. `Fn::If`, `Fn::GetAtt`); a `Fn::Select` index that is not a non-negative integer or is out of range; an empty `Fn::Split` delimiter; a `Fn::FindInMap` map or key that does not exist; a list where a string is needed (or the reverse); nesting deeper than [`MAX_DEPTH`] |
+/// | `InvalidRequest` | anything else wrong with the template, the message starting with where: a section or resource of the wrong shape; an unsupported resource type, property or `OverrideSettings` value; more than one thing or certificate; a missing `ThingName` or `CertificateId`; a `CertificateId` other than `certificate_id`; a `Status` other than Active/Inactive; a policy with both or neither of `PolicyName` and `PolicyDocument`, or a `PolicyDocument` string that is not a JSON object; a name or attribute that breaks AWS's length or character rules; an intrinsic function of the wrong shape or unknown (e.g. `Fn::If`, `Fn::GetAtt`); a `Fn::Select` index that is not a non-negative integer or is out of range; an empty `Fn::Split` delimiter; a `Fn::FindInMap` map or key that does not exist; a list where a string is needed (or the reverse); nesting deeper than 32 levels |
 ///
 /// Defaults: a certificate resource without `Status` is `Active` (AWS: "Defaults
 /// to ACTIVE"); a thing without `OverrideSettings` gets [`OverrideSettings::default`].
@@ -362,8 +381,7 @@ pub fn evaluate(
             }
         }
     }
-    outcome.device_configuration =
-        evaluator.device_configuration(body.get("DeviceConfiguration"))?;
+    outcome.device_configuration = evaluator.device_configuration(body)?;
     Ok(outcome)
 }
 
@@ -918,18 +936,11 @@ impl Evaluator<'_> {
 
     fn device_configuration(
         &self,
-        section: Option<&Value>,
+        body: &Map<String, Value>,
     ) -> Result<BTreeMap<String, String>, TemplateError> {
         let mut out = BTreeMap::new();
-        let section = match section {
-            None | Some(Value::Null) => return Ok(out),
-            Some(Value::Object(section)) => section,
-            Some(other) => {
-                return Err(TemplateError::invalid_request(format!(
-                    "DeviceConfiguration must be an object, found {}",
-                    kind_of(other)
-                )));
-            }
+        let Some(section) = device_configuration_section(body)? else {
+            return Ok(out);
         };
         for (key, value) in section {
             let path = format!("DeviceConfiguration.{key}");
@@ -1295,5 +1306,1755 @@ fn kind_of(value: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "a list",
         Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const CERT: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    const IP: &str = "InvalidParameters";
+    const IR: &str = "InvalidRequest";
+
+    /// Request parameters of a table row.
+    type Pairs<'a> = &'a [(&'a str, &'a str)];
+    /// A row's expectation: a value, or the code of a 400 error.
+    type Expect<'a, T> = Result<T, &'a str>;
+    /// A row of an evaluation table: name, template part, parameters, expectation.
+    type Row<'a, T> = (&'a str, Value, Pairs<'a>, Expect<'a, T>);
+
+    fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    /// Evaluates and reduces an error to its code, checking it is a 400.
+    fn run(body: &Value, pairs: &[(&str, &str)]) -> Result<TemplateOutcome, &'static str> {
+        evaluate(body, &params(pairs), CERT).map_err(|e| {
+            assert_eq!(e.status, 400, "{e}");
+            assert!(!e.message.is_empty());
+            e.code
+        })
+    }
+
+    /// Takes a value apart without recursion, so that dropping a very deep
+    /// value cannot overflow the test's stack.
+    fn drop_deep(value: Value) {
+        let mut stack = vec![value];
+        while let Some(value) = stack.pop() {
+            match value {
+                Value::Array(items) => stack.extend(items),
+                Value::Object(map) => stack.extend(map.into_iter().map(|(_, v)| v)),
+                _ => {}
+            }
+        }
+    }
+
+    /// An object from entries. Unlike `json!`, which copies an embedded value
+    /// by serializing it recursively, this moves the values in, so it can
+    /// build very deep values.
+    fn object(entries: Vec<(&str, Value)>) -> Value {
+        Value::Object(
+            entries
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
+        )
+    }
+
+    fn nested_join(levels: usize) -> Value {
+        let mut value = json!("x");
+        for _ in 0..levels {
+            value = object(vec![(
+                "Fn::Join",
+                Value::Array(vec![json!(""), Value::Array(vec![value])]),
+            )]);
+        }
+        value
+    }
+
+    fn intrinsic_body(expr: Value) -> Value {
+        json!({
+            "Parameters": {
+                "Serial": {"Type": "String"},
+                "Loc": {"Type": "String", "Default": "lab"},
+                "Csv": {"Type": "String", "Default": "a,b,c"},
+                "Idx": {"Type": "String", "Default": "1"},
+                "Empty": {"Type": "String", "Default": ""}
+            },
+            "Mappings": {
+                "Sites": {
+                    "lab": {"Url": "https://lab.example.com", "Hosts": ["h1", "h2"]},
+                    "tokyo": {"Url": "https://tokyo.example.com", "Hosts": ["t1"]}
+                }
+            },
+            "Resources": {},
+            "DeviceConfiguration": {"v": expr}
+        })
+    }
+
+    #[test]
+    fn intrinsic_functions() {
+        let s1: &[(&str, &str)] = &[("Serial", "S1")];
+        let none: &[(&str, &str)] = &[];
+        let cert_region_account = format!("{CERT}/us-east-1/123456789012");
+        let rows: Vec<Row<&str>> = vec![
+            // Ref
+            ("ref supplied", json!({"Ref": "Serial"}), s1, Ok("S1")),
+            ("ref default", json!({"Ref": "Loc"}), none, Ok("lab")),
+            (
+                "ref supplied beats default",
+                json!({"Ref": "Loc"}),
+                &[("Loc", "tokyo")],
+                Ok("tokyo"),
+            ),
+            ("ref empty default", json!({"Ref": "Empty"}), none, Ok("")),
+            ("ref missing", json!({"Ref": "Serial"}), none, Err(IP)),
+            (
+                "ref undeclared though supplied",
+                json!({"Ref": "Extra"}),
+                &[("Extra", "x")],
+                Err(IP),
+            ),
+            (
+                "ref certificate id",
+                json!({"Ref": "AWS::IoT::Certificate::Id"}),
+                none,
+                Ok(CERT),
+            ),
+            (
+                "certificate id cannot be supplied",
+                json!({"Ref": "AWS::IoT::Certificate::Id"}),
+                &[("AWS::IoT::Certificate::Id", "evil")],
+                Ok(CERT),
+            ),
+            (
+                "ref region",
+                json!({"Ref": "AWS::Region"}),
+                none,
+                Ok("us-east-1"),
+            ),
+            (
+                "ref account",
+                json!({"Ref": "AWS::AccountId"}),
+                none,
+                Ok("123456789012"),
+            ),
+            (
+                "ref unknown pseudo",
+                json!({"Ref": "AWS::Partition"}),
+                none,
+                Err(IP),
+            ),
+            ("ref number", json!({"Ref": 1}), none, Err(IR)),
+            ("ref list", json!({"Ref": ["Serial"]}), s1, Err(IR)),
+            // Fn::Join
+            (
+                "join",
+                json!({"Fn::Join": ["-", ["a", {"Ref": "Loc"}, "c"]]}),
+                none,
+                Ok("a-lab-c"),
+            ),
+            (
+                "join empty delimiter",
+                json!({"Fn::Join": ["", ["x", "y"]]}),
+                none,
+                Ok("xy"),
+            ),
+            (
+                "join empty list",
+                json!({"Fn::Join": [",", []]}),
+                none,
+                Ok(""),
+            ),
+            (
+                "join a split",
+                json!({"Fn::Join": ["+", {"Fn::Split": [",", {"Ref": "Csv"}]}]}),
+                none,
+                Ok("a+b+c"),
+            ),
+            (
+                "join a mapped list",
+                json!({"Fn::Join": ["+", {"Fn::FindInMap": ["Sites", "lab", "Hosts"]}]}),
+                none,
+                Ok("h1+h2"),
+            ),
+            ("join not a list", json!({"Fn::Join": "abc"}), none, Err(IR)),
+            (
+                "join three arguments",
+                json!({"Fn::Join": ["-", ["a"], "x"]}),
+                none,
+                Err(IR),
+            ),
+            (
+                "join values not a list",
+                json!({"Fn::Join": ["-", "abc"]}),
+                none,
+                Err(IR),
+            ),
+            (
+                "join nested list",
+                json!({"Fn::Join": ["-", [["a"]]]}),
+                none,
+                Err(IR),
+            ),
+            (
+                "join number",
+                json!({"Fn::Join": ["-", [1]]}),
+                none,
+                Err(IR),
+            ),
+            (
+                "join delimiter list",
+                json!({"Fn::Join": [["-"], ["a"]]}),
+                none,
+                Err(IR),
+            ),
+            (
+                "join missing parameter",
+                json!({"Fn::Join": ["-", [{"Ref": "Serial"}]]}),
+                none,
+                Err(IP),
+            ),
+            // Fn::Select
+            (
+                "select number",
+                json!({"Fn::Select": [1, ["x", "y", "z"]]}),
+                none,
+                Ok("y"),
+            ),
+            (
+                "select numeric string",
+                json!({"Fn::Select": ["2", ["x", "y", "z"]]}),
+                none,
+                Ok("z"),
+            ),
+            (
+                "select ref index from split",
+                json!({"Fn::Select": [{"Ref": "Idx"}, {"Fn::Split": [",", {"Ref": "Csv"}]}]}),
+                none,
+                Ok("b"),
+            ),
+            (
+                "select from mapping",
+                json!({"Fn::Select": [0, {"Fn::FindInMap": ["Sites", {"Ref": "Loc"}, "Hosts"]}]}),
+                none,
+                Ok("h1"),
+            ),
+            (
+                "select out of range",
+                json!({"Fn::Select": [3, ["x", "y", "z"]]}),
+                none,
+                Err(IR),
+            ),
+            (
+                "select empty list",
+                json!({"Fn::Select": [0, []]}),
+                none,
+                Err(IR),
+            ),
+            (
+                "select huge index",
+                json!({"Fn::Select": [u64::MAX, ["x"]]}),
+                none,
+                Err(IR),
+            ),
+            (
+                "select negative",
+                json!({"Fn::Select": [-1, ["x"]]}),
+                none,
+                Err(IR),
+            ),
+            (
+                "select fraction",
+                json!({"Fn::Select": [0.5, ["x"]]}),
+                none,
+                Err(IR),
+            ),
+            (
+                "select plus sign",
+                json!({"Fn::Select": ["+0", ["x"]]}),
+                none,
+                Err(IR),
+            ),
+            (
+                "select word",
+                json!({"Fn::Select": ["one", ["x"]]}),
+                none,
+                Err(IR),
+            ),
+            (
+                "select empty index",
+                json!({"Fn::Select": ["", ["x"]]}),
+                none,
+                Err(IR),
+            ),
+            (
+                "select boolean index",
+                json!({"Fn::Select": [true, ["x"]]}),
+                none,
+                Err(IR),
+            ),
+            (
+                "select from string",
+                json!({"Fn::Select": [0, "x"]}),
+                none,
+                Err(IR),
+            ),
+            (
+                "select one argument",
+                json!({"Fn::Select": [0]}),
+                none,
+                Err(IR),
+            ),
+            // Fn::Split
+            (
+                "split in string context",
+                json!({"Fn::Split": [",", "a,b"]}),
+                none,
+                Err(IR),
+            ),
+            (
+                "split without delimiter in source",
+                json!({"Fn::Select": [0, {"Fn::Split": ["|", "abc"]}]}),
+                none,
+                Ok("abc"),
+            ),
+            (
+                "split keeps empty pieces",
+                json!({"Fn::Select": [2, {"Fn::Split": [",", "a,b,"]}]}),
+                none,
+                Ok(""),
+            ),
+            (
+                "split multi-character delimiter",
+                json!({"Fn::Select": [1, {"Fn::Split": ["::", "a::b::c"]}]}),
+                none,
+                Ok("b"),
+            ),
+            (
+                "split empty delimiter",
+                json!({"Fn::Select": [0, {"Fn::Split": ["", "ab"]}]}),
+                none,
+                Err(IR),
+            ),
+            (
+                "split a list",
+                json!({"Fn::Select": [0, {"Fn::Split": [",", ["a"]]}]}),
+                none,
+                Err(IR),
+            ),
+            (
+                "split one argument",
+                json!({"Fn::Select": [0, {"Fn::Split": [","]}]}),
+                none,
+                Err(IR),
+            ),
+            // Fn::Sub
+            (
+                "sub parameter",
+                json!({"Fn::Sub": "id-${Serial}"}),
+                s1,
+                Ok("id-S1"),
+            ),
+            (
+                "sub pseudo parameters",
+                json!({"Fn::Sub": "${AWS::IoT::Certificate::Id}/${AWS::Region}/${AWS::AccountId}"}),
+                none,
+                Ok(&cert_region_account),
+            ),
+            (
+                "sub variable map with nested functions",
+                json!({"Fn::Sub": ["${Host}:${Serial}", {"Host": {"Fn::Select": [1, {"Fn::FindInMap": ["Sites", "lab", "Hosts"]}]}}]}),
+                s1,
+                Ok("h2:S1"),
+            ),
+            (
+                "sub map beats parameter",
+                json!({"Fn::Sub": ["${Serial}", {"Serial": "mapped"}]}),
+                s1,
+                Ok("mapped"),
+            ),
+            (
+                "sub escape",
+                json!({"Fn::Sub": "${!Literal}-${Serial}"}),
+                s1,
+                Ok("${Literal}-S1"),
+            ),
+            (
+                "sub escape of a parameter",
+                json!({"Fn::Sub": "${!Serial}"}),
+                s1,
+                Ok("${Serial}"),
+            ),
+            (
+                "sub plain dollars",
+                json!({"Fn::Sub": "cost $5 {x} $"}),
+                none,
+                Ok("cost $5 {x} $"),
+            ),
+            (
+                "sub unterminated",
+                json!({"Fn::Sub": "open ${Serial"}),
+                s1,
+                Ok("open ${Serial"),
+            ),
+            (
+                "sub no variables",
+                json!({"Fn::Sub": "plain"}),
+                none,
+                Ok("plain"),
+            ),
+            (
+                "sub repeated",
+                json!({"Fn::Sub": "${Loc}${Loc}"}),
+                none,
+                Ok("lablab"),
+            ),
+            (
+                "sub non-ascii",
+                json!({"Fn::Sub": "é-${Loc}-ü"}),
+                none,
+                Ok("é-lab-ü"),
+            ),
+            (
+                "sub unknown variable",
+                json!({"Fn::Sub": "${Missing}"}),
+                none,
+                Err(IP),
+            ),
+            (
+                "sub missing parameter",
+                json!({"Fn::Sub": "${Serial}"}),
+                none,
+                Err(IP),
+            ),
+            (
+                "sub resource attribute",
+                json!({"Fn::Sub": "${thing.Arn}"}),
+                none,
+                Err(IP),
+            ),
+            (
+                "sub empty variable",
+                json!({"Fn::Sub": "${}"}),
+                none,
+                Err(IR),
+            ),
+            ("sub empty list", json!({"Fn::Sub": []}), none, Err(IR)),
+            ("sub one element", json!({"Fn::Sub": ["a"]}), none, Err(IR)),
+            (
+                "sub map not an object",
+                json!({"Fn::Sub": ["a", "b"]}),
+                none,
+                Err(IR),
+            ),
+            (
+                "sub text not a string",
+                json!({"Fn::Sub": [1, {}]}),
+                none,
+                Err(IR),
+            ),
+            ("sub number", json!({"Fn::Sub": 5}), none, Err(IR)),
+            (
+                "sub list variable",
+                json!({"Fn::Sub": ["${X}", {"X": ["a"]}]}),
+                none,
+                Err(IR),
+            ),
+            (
+                "sub variable missing parameter",
+                json!({"Fn::Sub": ["${X}", {"X": {"Ref": "Serial"}}]}),
+                none,
+                Err(IP),
+            ),
+            // Fn::FindInMap
+            (
+                "find in map",
+                json!({"Fn::FindInMap": ["Sites", {"Ref": "Loc"}, "Url"]}),
+                none,
+                Ok("https://lab.example.com"),
+            ),
+            (
+                "find in map with parameter",
+                json!({"Fn::FindInMap": ["Sites", {"Ref": "Loc"}, "Url"]}),
+                &[("Loc", "tokyo")],
+                Ok("https://tokyo.example.com"),
+            ),
+            (
+                "find in map unknown map",
+                json!({"Fn::FindInMap": ["Nope", "lab", "Url"]}),
+                none,
+                Err(IR),
+            ),
+            (
+                "find in map unknown top key",
+                json!({"Fn::FindInMap": ["Sites", {"Ref": "Loc"}, "Url"]}),
+                &[("Loc", "paris")],
+                Err(IR),
+            ),
+            (
+                "find in map unknown second key",
+                json!({"Fn::FindInMap": ["Sites", "lab", "Nope"]}),
+                none,
+                Err(IR),
+            ),
+            (
+                "find in map two arguments",
+                json!({"Fn::FindInMap": ["Sites", "lab"]}),
+                none,
+                Err(IR),
+            ),
+            (
+                "find in map list in string context",
+                json!({"Fn::FindInMap": ["Sites", "lab", "Hosts"]}),
+                none,
+                Err(IR),
+            ),
+            // Everything else
+            (
+                "unknown function",
+                json!({"Fn::If": ["c", "a", "b"]}),
+                none,
+                Err(IR),
+            ),
+            (
+                "get att",
+                json!({"Fn::GetAtt": ["thing", "Arn"]}),
+                none,
+                Err(IR),
+            ),
+            (
+                "two functions in one object",
+                json!({"Ref": "Loc", "Fn::Join": ["", []]}),
+                none,
+                Err(IR),
+            ),
+            (
+                "function with extra key",
+                json!({"Ref": "Loc", "extra": 1}),
+                none,
+                Err(IR),
+            ),
+            ("nested object", json!({"foo": "bar"}), none, Err(IR)),
+            ("number", json!(42), none, Err(IR)),
+            ("boolean", json!(true), none, Err(IR)),
+            ("null", Value::Null, none, Err(IR)),
+            ("list", json!(["a"]), none, Err(IR)),
+            (
+                "everything nested",
+                json!({"Fn::Join": ["/", [
+                    {"Fn::Sub": ["${A}", {"A": {"Fn::Select": [{"Ref": "Idx"}, {"Fn::Split": [",", {"Fn::Join": [",", ["p", {"Fn::FindInMap": ["Sites", {"Ref": "Loc"}, "Url"]}]]}]}]}}]},
+                    {"Ref": "Serial"}
+                ]]}),
+                s1,
+                Ok("https://lab.example.com/S1"),
+            ),
+            ("16 nested joins", nested_join(16), none, Ok("x")),
+            ("17 nested joins", nested_join(17), none, Err(IR)),
+        ];
+        for (name, expr, pairs, expected) in rows {
+            let got = run(&intrinsic_body(expr), pairs);
+            let got = got.as_ref().map(|o| {
+                assert_eq!(o.device_configuration.len(), 1, "{name}");
+                o.device_configuration
+                    .get("v")
+                    .map(String::as_str)
+                    .unwrap_or("<absent>")
+            });
+            assert_eq!(got.map_err(|e| *e), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn parameter_error_messages() {
+        let rows = [
+            (json!({"Ref": "Serial"}), "Missing parameter: Serial"),
+            (
+                json!({"Fn::Sub": "${Nope}"}),
+                "Cannot resolve reference value: Nope",
+            ),
+            (
+                json!({"Ref": "AWS::Partition"}),
+                "Cannot resolve reference value: AWS::Partition",
+            ),
+        ];
+        for (expr, message) in rows {
+            let err = evaluate(&intrinsic_body(expr), &params(&[]), CERT).unwrap_err();
+            assert_eq!(
+                err,
+                TemplateError {
+                    status: 400,
+                    code: IP,
+                    message: message.to_owned()
+                }
+            );
+        }
+        let err = evaluate(
+            &intrinsic_body(json!({"Fn::Select": [5, ["x"]]})),
+            &params(&[]),
+            CERT,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.message,
+            "DeviceConfiguration.v: Fn::Select index 5 is out of range for a list of 1 element(s)"
+        );
+        assert_eq!(
+            err.to_string(),
+            "400 InvalidRequest: DeviceConfiguration.v: Fn::Select index 5 is out of range for a list of 1 element(s)"
+        );
+    }
+
+    fn resources_body(resources: Value) -> Value {
+        json!({
+            "Parameters": {
+                "Serial": {"Type": "String"},
+                "Loc": {"Type": "String", "Default": "lab"},
+                "Groups": {"Type": "String", "Default": "g1,g2,g1"},
+                "Stat": {"Type": "String", "Default": "INACTIVE"},
+                "CertId": {"Type": "String"},
+                "Policy": {"Type": "String", "Default": "from-param"}
+            },
+            "Resources": resources
+        })
+    }
+
+    fn thing(name: &str) -> ThingSpec {
+        ThingSpec {
+            name: name.to_owned(),
+            attributes: BTreeMap::new(),
+            thing_type: None,
+            groups: Vec::new(),
+            billing_group: None,
+            overrides: OverrideSettings::default(),
+        }
+    }
+
+    fn thing_resource(properties: Value) -> Value {
+        json!({"thing": {"Type": "AWS::IoT::Thing", "Properties": properties}})
+    }
+
+    #[test]
+    fn thing_resources() {
+        let s1: &[(&str, &str)] = &[("Serial", "S1")];
+        let none: &[(&str, &str)] = &[];
+        let full = ThingSpec {
+            name: "dev-S1".to_owned(),
+            attributes: [("fixed", "v1"), ("loc", "lab"), ("serial", "S1")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            thing_type: Some("sensor".to_owned()),
+            groups: vec!["grp-a".to_owned(), "lab".to_owned()],
+            billing_group: Some("bg".to_owned()),
+            overrides: OverrideSettings {
+                attribute_payload: Override::Merge,
+                thing_groups: Override::Fail,
+                thing_type_name: Override::Replace,
+            },
+        };
+        let split_groups = ThingSpec {
+            groups: vec!["g1".to_owned(), "g2".to_owned()],
+            ..thing("t1")
+        };
+        let empty_value = ThingSpec {
+            attributes: [("k".to_owned(), String::new())].into_iter().collect(),
+            ..thing("t1")
+        };
+        let long_name = "a".repeat(129);
+        let max_name = "a".repeat(128);
+        let rows: Vec<Row<Option<ThingSpec>>> = vec![
+            (
+                "minimal",
+                thing_resource(json!({"ThingName": "t1"})),
+                none,
+                Ok(Some(thing("t1"))),
+            ),
+            (
+                "full",
+                json!({"thing": {
+                    "Type": "AWS::IoT::Thing",
+                    "Properties": {
+                        "ThingName": {"Fn::Join": ["", ["dev-", {"Ref": "Serial"}]]},
+                        "AttributePayload": {"serial": {"Ref": "Serial"}, "loc": {"Ref": "Loc"}, "fixed": "v1"},
+                        "ThingTypeName": "sensor",
+                        "ThingGroups": ["grp-a", {"Ref": "Loc"}],
+                        "BillingGroup": "bg"
+                    },
+                    "OverrideSettings": {"AttributePayload": "MERGE", "ThingTypeName": "REPLACE", "ThingGroups": "FAIL"}
+                }}),
+                s1,
+                Ok(Some(full)),
+            ),
+            (
+                "groups from split, duplicates removed",
+                thing_resource(
+                    json!({"ThingName": "t1", "ThingGroups": {"Fn::Split": [",", {"Ref": "Groups"}]}}),
+                ),
+                none,
+                Ok(Some(split_groups)),
+            ),
+            (
+                "empty groups",
+                thing_resource(json!({"ThingName": "t1", "ThingGroups": []})),
+                none,
+                Ok(Some(thing("t1"))),
+            ),
+            (
+                "package versions ignored",
+                thing_resource(json!({"ThingName": "t1", "PackageVersions": {"pkg": "1.0"}})),
+                none,
+                Ok(Some(thing("t1"))),
+            ),
+            (
+                "null optional properties",
+                thing_resource(
+                    json!({"ThingName": "t1", "ThingTypeName": null, "BillingGroup": null, "ThingGroups": null, "AttributePayload": null}),
+                ),
+                none,
+                Ok(Some(thing("t1"))),
+            ),
+            (
+                "empty attributes",
+                thing_resource(json!({"ThingName": "t1", "AttributePayload": {}})),
+                none,
+                Ok(Some(thing("t1"))),
+            ),
+            (
+                "empty attribute value",
+                thing_resource(json!({"ThingName": "t1", "AttributePayload": {"k": ""}})),
+                none,
+                Ok(Some(empty_value)),
+            ),
+            (
+                "128-character name",
+                thing_resource(json!({"ThingName": max_name})),
+                none,
+                Ok(Some(thing(&max_name))),
+            ),
+            ("no thing", json!({}), none, Ok(None)),
+            ("missing name", thing_resource(json!({})), none, Err(IR)),
+            (
+                "no properties",
+                json!({"thing": {"Type": "AWS::IoT::Thing"}}),
+                none,
+                Err(IR),
+            ),
+            (
+                "name with space",
+                thing_resource(json!({"ThingName": "bad name"})),
+                none,
+                Err(IR),
+            ),
+            (
+                "empty name",
+                thing_resource(json!({"ThingName": ""})),
+                none,
+                Err(IR),
+            ),
+            (
+                "129-character name",
+                thing_resource(json!({"ThingName": long_name})),
+                none,
+                Err(IR),
+            ),
+            (
+                "name is a list",
+                thing_resource(json!({"ThingName": ["t1"]})),
+                none,
+                Err(IR),
+            ),
+            (
+                "name parameter missing",
+                thing_resource(json!({"ThingName": {"Ref": "Serial"}})),
+                none,
+                Err(IP),
+            ),
+            (
+                "attributes a string",
+                thing_resource(json!({"ThingName": "t1", "AttributePayload": "x"})),
+                none,
+                Err(IR),
+            ),
+            (
+                "attributes a list",
+                thing_resource(json!({"ThingName": "t1", "AttributePayload": ["x"]})),
+                none,
+                Err(IR),
+            ),
+            (
+                "attributes an intrinsic",
+                thing_resource(json!({"ThingName": "t1", "AttributePayload": {"Ref": "Serial"}})),
+                s1,
+                Err(IR),
+            ),
+            (
+                "attribute value a number",
+                thing_resource(json!({"ThingName": "t1", "AttributePayload": {"k": 1}})),
+                none,
+                Err(IR),
+            ),
+            (
+                "attribute value with a space",
+                thing_resource(json!({"ThingName": "t1", "AttributePayload": {"k": "a b"}})),
+                none,
+                Err(IR),
+            ),
+            (
+                "attribute name with a bang",
+                thing_resource(json!({"ThingName": "t1", "AttributePayload": {"bad!": "v"}})),
+                none,
+                Err(IR),
+            ),
+            (
+                "groups a string",
+                thing_resource(json!({"ThingName": "t1", "ThingGroups": "g1"})),
+                none,
+                Err(IR),
+            ),
+            (
+                "group a number",
+                thing_resource(json!({"ThingName": "t1", "ThingGroups": [1]})),
+                none,
+                Err(IR),
+            ),
+            (
+                "group name with a space",
+                thing_resource(json!({"ThingName": "t1", "ThingGroups": ["a b"]})),
+                none,
+                Err(IR),
+            ),
+            (
+                "empty thing type",
+                thing_resource(json!({"ThingName": "t1", "ThingTypeName": ""})),
+                none,
+                Err(IR),
+            ),
+            (
+                "bad billing group",
+                thing_resource(json!({"ThingName": "t1", "BillingGroup": "b/g"})),
+                none,
+                Err(IR),
+            ),
+            (
+                "unknown property",
+                thing_resource(json!({"ThingName": "t1", "ThingGroup": ["g"]})),
+                none,
+                Err(IR),
+            ),
+            (
+                "two things",
+                json!({
+                    "a": {"Type": "AWS::IoT::Thing", "Properties": {"ThingName": "a"}},
+                    "b": {"Type": "AWS::IoT::Thing", "Properties": {"ThingName": "b"}}
+                }),
+                none,
+                Err(IR),
+            ),
+        ];
+        for (name, resources, pairs, expected) in rows {
+            let got = run(&resources_body(resources), pairs).map(|o| o.thing);
+            assert_eq!(got, expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn override_settings() {
+        use Override::{DoNothing, Fail, Merge, Replace};
+        let settings = |attribute_payload, thing_groups, thing_type_name| OverrideSettings {
+            attribute_payload,
+            thing_groups,
+            thing_type_name,
+        };
+        assert_eq!(
+            OverrideSettings::default(),
+            settings(Replace, DoNothing, DoNothing)
+        );
+        let rows: Vec<(&str, Option<Value>, Result<OverrideSettings, &str>)> = vec![
+            ("absent", None, Ok(settings(Replace, DoNothing, DoNothing))),
+            (
+                "null",
+                Some(Value::Null),
+                Ok(settings(Replace, DoNothing, DoNothing)),
+            ),
+            (
+                "empty",
+                Some(json!({})),
+                Ok(settings(Replace, DoNothing, DoNothing)),
+            ),
+            (
+                "partial, lower case",
+                Some(json!({"AttributePayload": "merge"})),
+                Ok(settings(Merge, DoNothing, DoNothing)),
+            ),
+            (
+                "all, upper-case keys",
+                Some(
+                    json!({"ATTRIBUTE_PAYLOAD": "DO_NOTHING", "THING_GROUPS": "MERGE", "THING_TYPE_NAME": "FAIL"}),
+                ),
+                Ok(settings(DoNothing, Merge, Fail)),
+            ),
+            (
+                "all, mixed case values",
+                Some(
+                    json!({"AttributePayload": "Fail", "ThingGroups": "replace", "ThingTypeName": "REPLACE"}),
+                ),
+                Ok(settings(Fail, Replace, Replace)),
+            ),
+            (
+                "merge thing type",
+                Some(json!({"ThingTypeName": "MERGE"})),
+                Err(IR),
+            ),
+            (
+                "unknown action",
+                Some(json!({"AttributePayload": "OVERWRITE"})),
+                Err(IR),
+            ),
+            (
+                "action not a string",
+                Some(json!({"AttributePayload": 1})),
+                Err(IR),
+            ),
+            ("unknown key", Some(json!({"Status": "REPLACE"})), Err(IR)),
+            ("not an object", Some(json!("MERGE")), Err(IR)),
+        ];
+        for (name, overrides, expected) in rows {
+            let mut resource =
+                json!({"Type": "AWS::IoT::Thing", "Properties": {"ThingName": "t1"}});
+            if let (Some(overrides), Some(map)) = (overrides, resource.as_object_mut()) {
+                map.insert("OverrideSettings".to_owned(), overrides);
+            }
+            let body = resources_body(json!({ "thing": resource }));
+            let got = run(&body, &[]).map(|o| o.thing.map(|t| t.overrides));
+            assert_eq!(got, expected.map(Some), "{name}");
+            assert_eq!(
+                parse_template_file(&body.to_string()).is_ok(),
+                got.is_ok(),
+                "{name}"
+            );
+        }
+    }
+
+    fn certificate_resource(properties: Value) -> Value {
+        json!({"certificate": {"Type": "AWS::IoT::Certificate", "Properties": properties}})
+    }
+
+    #[test]
+    fn certificate_resources() {
+        use CertStatus::{Active, Inactive};
+        let by_ref = json!({"Ref": "AWS::IoT::Certificate::Id"});
+        let none: &[(&str, &str)] = &[];
+        let rows: Vec<Row<Option<CertStatus>>> = vec![
+            (
+                "Active",
+                certificate_resource(json!({"CertificateId": by_ref, "Status": "Active"})),
+                none,
+                Ok(Some(Active)),
+            ),
+            (
+                "ACTIVE",
+                certificate_resource(json!({"CertificateId": by_ref, "Status": "ACTIVE"})),
+                none,
+                Ok(Some(Active)),
+            ),
+            (
+                "active",
+                certificate_resource(json!({"CertificateId": by_ref, "Status": "active"})),
+                none,
+                Ok(Some(Active)),
+            ),
+            (
+                "Inactive",
+                certificate_resource(json!({"CertificateId": by_ref, "Status": "Inactive"})),
+                none,
+                Ok(Some(Inactive)),
+            ),
+            (
+                "INACTIVE",
+                certificate_resource(json!({"CertificateId": by_ref, "Status": "INACTIVE"})),
+                none,
+                Ok(Some(Inactive)),
+            ),
+            (
+                "status absent",
+                certificate_resource(json!({"CertificateId": by_ref})),
+                none,
+                Ok(Some(Active)),
+            ),
+            (
+                "status null",
+                certificate_resource(json!({"CertificateId": by_ref, "Status": null})),
+                none,
+                Ok(Some(Active)),
+            ),
+            (
+                "status from a parameter",
+                certificate_resource(json!({"CertificateId": by_ref, "Status": {"Ref": "Stat"}})),
+                none,
+                Ok(Some(Inactive)),
+            ),
+            (
+                "literal id",
+                certificate_resource(json!({"CertificateId": CERT})),
+                none,
+                Ok(Some(Active)),
+            ),
+            (
+                "id from a parameter",
+                certificate_resource(json!({"CertificateId": {"Ref": "CertId"}})),
+                &[("CertId", CERT)],
+                Ok(Some(Active)),
+            ),
+            (
+                "override settings for status",
+                json!({"certificate": {
+                    "Type": "AWS::IoT::Certificate",
+                    "Properties": {"CertificateId": by_ref},
+                    "OverrideSettings": {"Status": "DO_NOTHING"}
+                }}),
+                none,
+                Ok(Some(Active)),
+            ),
+            ("no certificate", json!({}), none, Ok(None)),
+            (
+                "another certificate",
+                certificate_resource(json!({"CertificateId": {"Ref": "CertId"}})),
+                &[("CertId", "ffff")],
+                Err(IR),
+            ),
+            (
+                "id parameter missing",
+                certificate_resource(json!({"CertificateId": {"Ref": "CertId"}})),
+                none,
+                Err(IP),
+            ),
+            (
+                "id missing",
+                certificate_resource(json!({"Status": "Active"})),
+                none,
+                Err(IR),
+            ),
+            (
+                "no properties",
+                json!({"certificate": {"Type": "AWS::IoT::Certificate"}}),
+                none,
+                Err(IR),
+            ),
+            (
+                "revoked",
+                certificate_resource(json!({"CertificateId": by_ref, "Status": "REVOKED"})),
+                none,
+                Err(IR),
+            ),
+            (
+                "pending activation",
+                certificate_resource(
+                    json!({"CertificateId": by_ref, "Status": "PENDING_ACTIVATION"}),
+                ),
+                none,
+                Err(IR),
+            ),
+            (
+                "status a number",
+                certificate_resource(json!({"CertificateId": by_ref, "Status": 1})),
+                none,
+                Err(IR),
+            ),
+            (
+                "csr",
+                certificate_resource(
+                    json!({"CertificateSigningRequest": {"Ref": "Serial"}, "Status": "ACTIVE"}),
+                ),
+                none,
+                Err(IR),
+            ),
+            (
+                "certificate pem",
+                certificate_resource(json!({"CertificatePem": "pem"})),
+                none,
+                Err(IR),
+            ),
+            (
+                "unknown property",
+                certificate_resource(json!({"CertificateId": by_ref, "Foo": "x"})),
+                none,
+                Err(IR),
+            ),
+            (
+                "merge status",
+                json!({"certificate": {
+                    "Type": "AWS::IoT::Certificate",
+                    "Properties": {"CertificateId": by_ref},
+                    "OverrideSettings": {"Status": "MERGE"}
+                }}),
+                none,
+                Err(IR),
+            ),
+            (
+                "unknown override",
+                json!({"certificate": {
+                    "Type": "AWS::IoT::Certificate",
+                    "Properties": {"CertificateId": by_ref},
+                    "OverrideSettings": {"ThingGroups": "REPLACE"}
+                }}),
+                none,
+                Err(IR),
+            ),
+            (
+                "two certificates",
+                json!({
+                    "a": {"Type": "AWS::IoT::Certificate", "Properties": {"CertificateId": by_ref}},
+                    "b": {"Type": "AWS::IoT::Certificate", "Properties": {"CertificateId": by_ref}}
+                }),
+                none,
+                Err(IR),
+            ),
+        ];
+        for (name, resources, pairs, expected) in rows {
+            let got = run(&resources_body(resources), pairs).map(|o| o.certificate_status);
+            assert_eq!(got, expected, "{name}");
+        }
+    }
+
+    fn policy_resource(properties: Value) -> Value {
+        json!({"policy": {"Type": "AWS::IoT::Policy", "Properties": properties}})
+    }
+
+    fn named(name: &str) -> PolicySpec {
+        PolicySpec::Named(name.to_owned())
+    }
+
+    fn document(name: &str, document: &str) -> PolicySpec {
+        PolicySpec::Document {
+            name: name.to_owned(),
+            document: document.to_owned(),
+        }
+    }
+
+    #[test]
+    fn policy_resources() {
+        const EMPTY_DOC: &str = r#"{"Version":"2012-10-17","Statement":[]}"#;
+        const EMPTY_DOC_SHA: &str =
+            "8f907b489532ad56fb7c52f3acc89b27680ed51296bf03984ce78d2b7b96076a";
+        const CLIENT_DOC: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:*","Resource":"arn:aws:iot:us-east-1:123456789012:client/S1"}]}"#;
+        const CLIENT_DOC_SHA: &str =
+            "83209aac2209f5f25f6275d2da874abc18a6c020ba2aefaffcd6d2828346a33a";
+        const TOPIC_DOC: &str = r#"{"Statement":[{"Action":"iot:Publish","Effect":"Allow","Resource":"arn:aws:iot:us-east-1:123456789012:topic/S1"}],"Version":"2012-10-17"}"#;
+        const TOPIC_DOC_SHA: &str =
+            "6b1fbfd4a83ecf6849dfaaef106290fece5eec02d72ab70a8e3856e142777b18";
+        let s1: &[(&str, &str)] = &[("Serial", "S1")];
+        let none: &[(&str, &str)] = &[];
+        let mut deep_document = json!("x");
+        for _ in 0..70 {
+            deep_document = json!({ "a": deep_document });
+        }
+        let rows: Vec<Row<Vec<PolicySpec>>> = vec![
+            (
+                "name",
+                policy_resource(json!({"PolicyName": "DevicePolicy"})),
+                none,
+                Ok(vec![named("DevicePolicy")]),
+            ),
+            (
+                "name from a parameter",
+                policy_resource(json!({"PolicyName": {"Ref": "Policy"}})),
+                none,
+                Ok(vec![named("from-param")]),
+            ),
+            (
+                "name with every allowed symbol",
+                policy_resource(json!({"PolicyName": "a_b+c=d,e.f@g-h"})),
+                none,
+                Ok(vec![named("a_b+c=d,e.f@g-h")]),
+            ),
+            (
+                "document string",
+                policy_resource(json!({"PolicyDocument": EMPTY_DOC})),
+                none,
+                Ok(vec![document(EMPTY_DOC_SHA, EMPTY_DOC)]),
+            ),
+            (
+                "document from Fn::Sub",
+                policy_resource(
+                    json!({"PolicyDocument": {"Fn::Sub": r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:*","Resource":"arn:aws:iot:${AWS::Region}:${AWS::AccountId}:client/${Serial}"}]}"#}}),
+                ),
+                s1,
+                Ok(vec![document(CLIENT_DOC_SHA, CLIENT_DOC)]),
+            ),
+            (
+                "document from Fn::Join",
+                policy_resource(
+                    json!({"PolicyDocument": {"Fn::Join": ["", [r#"{"Version":"2012-10-17","#, r#""Statement":[]}"#]]}}),
+                ),
+                none,
+                Ok(vec![document(EMPTY_DOC_SHA, EMPTY_DOC)]),
+            ),
+            (
+                "document object, keys sorted",
+                policy_resource(json!({"PolicyDocument": {
+                    "Version": "2012-10-17",
+                    "Statement": [{"Resource": "arn:aws:iot:us-east-1:123456789012:topic/S1", "Effect": "Allow", "Action": "iot:Publish"}]
+                }})),
+                none,
+                Ok(vec![document(TOPIC_DOC_SHA, TOPIC_DOC)]),
+            ),
+            (
+                "several policies by logical id, duplicates removed",
+                json!({
+                    "p3": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": "A"}},
+                    "p2": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyDocument": EMPTY_DOC}},
+                    "p1": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": "A"}},
+                    "p0": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": "B"}}
+                }),
+                none,
+                Ok(vec![
+                    named("B"),
+                    named("A"),
+                    document(EMPTY_DOC_SHA, EMPTY_DOC),
+                ]),
+            ),
+            ("no policy", json!({}), none, Ok(vec![])),
+            (
+                "both",
+                policy_resource(json!({"PolicyName": "A", "PolicyDocument": EMPTY_DOC})),
+                none,
+                Err(IR),
+            ),
+            ("neither", policy_resource(json!({})), none, Err(IR)),
+            (
+                "no properties",
+                json!({"policy": {"Type": "AWS::IoT::Policy"}}),
+                none,
+                Err(IR),
+            ),
+            (
+                "document not JSON",
+                policy_resource(json!({"PolicyDocument": "Allow all"})),
+                none,
+                Err(IR),
+            ),
+            (
+                "document a JSON list",
+                policy_resource(json!({"PolicyDocument": "[1]"})),
+                none,
+                Err(IR),
+            ),
+            (
+                "document a number",
+                policy_resource(json!({"PolicyDocument": 5})),
+                none,
+                Err(IR),
+            ),
+            (
+                "document a list",
+                policy_resource(json!({"PolicyDocument": [EMPTY_DOC]})),
+                none,
+                Err(IR),
+            ),
+            (
+                "document too deep",
+                policy_resource(json!({"PolicyDocument": deep_document})),
+                none,
+                Err(IR),
+            ),
+            (
+                "name with a space",
+                policy_resource(json!({"PolicyName": "my policy"})),
+                none,
+                Err(IR),
+            ),
+            (
+                "name parameter missing",
+                policy_resource(json!({"PolicyName": {"Ref": "Serial"}})),
+                none,
+                Err(IP),
+            ),
+            (
+                "unknown property",
+                policy_resource(json!({"PolicyName": "A", "Tags": []})),
+                none,
+                Err(IR),
+            ),
+            (
+                "override settings",
+                json!({"policy": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": "A"}, "OverrideSettings": {}}}),
+                none,
+                Err(IR),
+            ),
+        ];
+        for (name, resources, pairs, expected) in rows {
+            let got = run(&resources_body(resources), pairs).map(|o| o.policies);
+            assert_eq!(got, expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn device_configuration() {
+        type Config = BTreeMap<String, String>;
+        let config = |pairs: &[(&str, &str)]| -> Config { params(pairs) };
+        let rows: Vec<(&str, Value, Expect<Config>)> = vec![
+            ("absent", json!({"Resources": {}}), Ok(config(&[]))),
+            (
+                "null",
+                json!({"Resources": {}, "DeviceConfiguration": null}),
+                Ok(config(&[])),
+            ),
+            (
+                "empty",
+                json!({"Resources": {}, "DeviceConfiguration": {}}),
+                Ok(config(&[])),
+            ),
+            (
+                "literals and intrinsics",
+                json!({
+                    "Parameters": {"Loc": {"Type": "String", "Default": "lab"}},
+                    "Resources": {},
+                    "DeviceConfiguration": {"Foo": "Bar", "Where": {"Fn::Sub": "in-${Loc}"}, "Empty": ""}
+                }),
+                Ok(config(&[
+                    ("Empty", ""),
+                    ("Foo", "Bar"),
+                    ("Where", "in-lab"),
+                ])),
+            ),
+            (
+                "a list",
+                json!({"Resources": {}, "DeviceConfiguration": ["a"]}),
+                Err(IR),
+            ),
+            (
+                "a string",
+                json!({"Resources": {}, "DeviceConfiguration": "a"}),
+                Err(IR),
+            ),
+            (
+                "an intrinsic",
+                json!({"Resources": {}, "DeviceConfiguration": {"Fn::Sub": "x"}}),
+                Err(IR),
+            ),
+            (
+                "nested object",
+                json!({"Resources": {}, "DeviceConfiguration": {"a": {"b": "c"}}}),
+                Err(IR),
+            ),
+            (
+                "number value",
+                json!({"Resources": {}, "DeviceConfiguration": {"a": 1}}),
+                Err(IR),
+            ),
+        ];
+        for (name, body, expected) in rows {
+            let got = run(&body, &[]).map(|o| o.device_configuration);
+            assert_eq!(got, expected, "{name}");
+        }
+    }
+
+    /// Template sections of the wrong shape: `evaluate` and
+    /// `parse_template_file` must agree.
+    #[test]
+    fn template_sections() {
+        let rows: Vec<(&str, Value, Result<(), &str>)> = vec![
+            ("only resources", json!({"Resources": {}}), Ok(())),
+            (
+                "extra top-level keys",
+                json!({"Description": "d", "Version": "1", "Resources": {}}),
+                Ok(()),
+            ),
+            (
+                "parameter with description",
+                json!({"Parameters": {"P": {"Type": "String", "Description": "d"}}, "Resources": {}}),
+                Ok(()),
+            ),
+            (
+                "mapping with a list",
+                json!({"Mappings": {"M": {"k": {"s": ["a", "b"]}}}, "Resources": {}}),
+                Ok(()),
+            ),
+            (
+                "resource with extra keys",
+                json!({"Resources": {"p": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": "A"}, "DependsOn": "x"}}}),
+                Ok(()),
+            ),
+            ("not an object", json!([]), Err(IR)),
+            ("a string", json!("x"), Err(IR)),
+            ("no resources", json!({"Parameters": {}}), Err(IR)),
+            ("resources a list", json!({"Resources": []}), Err(IR)),
+            (
+                "resource a string",
+                json!({"Resources": {"r": "x"}}),
+                Err(IR),
+            ),
+            (
+                "resource without type",
+                json!({"Resources": {"r": {}}}),
+                Err(IR),
+            ),
+            (
+                "resource type a number",
+                json!({"Resources": {"r": {"Type": 1}}}),
+                Err(IR),
+            ),
+            (
+                "unsupported resource type",
+                json!({"Resources": {"r": {"Type": "AWS::IoT::ThingGroup"}}}),
+                Err(IR),
+            ),
+            (
+                "properties a string",
+                json!({"Resources": {"r": {"Type": "AWS::IoT::Policy", "Properties": "x"}}}),
+                Err(IR),
+            ),
+            (
+                "parameters a list",
+                json!({"Parameters": [], "Resources": {}}),
+                Err(IR),
+            ),
+            (
+                "parameter a string",
+                json!({"Parameters": {"P": "String"}, "Resources": {}}),
+                Err(IR),
+            ),
+            (
+                "parameter without type",
+                json!({"Parameters": {"P": {}}, "Resources": {}}),
+                Err(IR),
+            ),
+            (
+                "parameter of type Number",
+                json!({"Parameters": {"P": {"Type": "Number"}}, "Resources": {}}),
+                Err(IR),
+            ),
+            (
+                "parameter type a list",
+                json!({"Parameters": {"P": {"Type": ["String"]}}, "Resources": {}}),
+                Err(IR),
+            ),
+            (
+                "parameter default a number",
+                json!({"Parameters": {"P": {"Type": "String", "Default": 1}}, "Resources": {}}),
+                Err(IR),
+            ),
+            (
+                "mappings a list",
+                json!({"Mappings": [], "Resources": {}}),
+                Err(IR),
+            ),
+            (
+                "mapping a list",
+                json!({"Mappings": {"M": []}, "Resources": {}}),
+                Err(IR),
+            ),
+            (
+                "mapping top key a string",
+                json!({"Mappings": {"M": {"k": "v"}}, "Resources": {}}),
+                Err(IR),
+            ),
+            (
+                "mapping value a number",
+                json!({"Mappings": {"M": {"k": {"s": 1}}}, "Resources": {}}),
+                Err(IR),
+            ),
+            (
+                "mapping value an intrinsic",
+                json!({"Mappings": {"M": {"k": {"s": {"Ref": "P"}}}}, "Resources": {}}),
+                Err(IR),
+            ),
+            (
+                "mapping list of numbers",
+                json!({"Mappings": {"M": {"k": {"s": [1]}}}, "Resources": {}}),
+                Err(IR),
+            ),
+            (
+                "device configuration a list",
+                json!({"Resources": {}, "DeviceConfiguration": []}),
+                Err(IR),
+            ),
+        ];
+        for (name, body, expected) in rows {
+            let got = run(&body, &[]).map(|_| ());
+            assert_eq!(got, expected, "{name}");
+            let parsed = parse_template_file(&body.to_string());
+            assert_eq!(parsed.is_ok(), expected.is_ok(), "{name}: {parsed:?}");
+        }
+    }
+
+    #[test]
+    fn template_files() {
+        let minimal = json!({"Resources": {}});
+        let full = json!({
+            "Parameters": {"P": {"Type": "String", "Default": "d"}},
+            "Mappings": {"M": {"k": {"s": "v"}}},
+            "Resources": {"p": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": "A"}}},
+            "DeviceConfiguration": {"a": "b"}
+        });
+        type Expected = Result<(bool, Option<Vec<&'static str>>, Value), &'static str>;
+        let rows: Vec<(&str, String, Expected)> = vec![
+            ("bare", minimal.to_string(), Ok((true, None, minimal.clone()))),
+            ("bare, every section", full.to_string(), Ok((true, None, full.clone()))),
+            (
+                "wrapper with an object",
+                json!({"templateBody": full}).to_string(),
+                Ok((true, None, full.clone())),
+            ),
+            (
+                "wrapper with a string, disabled",
+                json!({"templateBody": full.to_string(), "enabled": false}).to_string(),
+                Ok((false, None, full.clone())),
+            ),
+            (
+                "wrapper with a hook",
+                json!({"templateBody": minimal, "enabled": true, "preProvisioningHook": {"command": ["/bin/hook", "--flag"]}}).to_string(),
+                Ok((true, Some(vec!["/bin/hook", "--flag"]), minimal.clone())),
+            ),
+            (
+                "wrapper with other keys and nulls",
+                json!({"templateName": "T", "description": "d", "templateBody": minimal, "enabled": null, "preProvisioningHook": null}).to_string(),
+                Ok((true, None, minimal.clone())),
+            ),
+            ("not JSON", "templateBody: x".to_owned(), Err("not valid JSON")),
+            ("empty", String::new(), Err("not valid JSON")),
+            ("trailing text", format!("{minimal} x"), Err("not valid JSON")),
+            ("a list", "[]".to_owned(), Err("must be a JSON object")),
+            ("no resources", "{}".to_owned(), Err("no Resources")),
+            ("resources a list", r#"{"Resources": []}"#.to_owned(), Err("Resources must be an object")),
+            ("body a number", r#"{"templateBody": 5}"#.to_owned(), Err("templateBody must be")),
+            ("body null", r#"{"templateBody": null}"#.to_owned(), Err("templateBody must be")),
+            ("body string not JSON", r#"{"templateBody": "nope"}"#.to_owned(), Err("templateBody is not valid JSON")),
+            ("body string a list", r#"{"templateBody": "[1]"}"#.to_owned(), Err("templateBody must contain a JSON object")),
+            ("body without resources", r#"{"templateBody": "{}"}"#.to_owned(), Err("no Resources")),
+            (
+                "enabled a string",
+                json!({"templateBody": minimal, "enabled": "yes"}).to_string(),
+                Err("enabled must be a boolean"),
+            ),
+            (
+                "hook a string",
+                json!({"templateBody": minimal, "preProvisioningHook": "/bin/hook"}).to_string(),
+                Err("preProvisioningHook must be"),
+            ),
+            (
+                "hook without command",
+                json!({"templateBody": minimal, "preProvisioningHook": {}}).to_string(),
+                Err("command is missing"),
+            ),
+            (
+                "lambda hook",
+                json!({"templateBody": minimal, "preProvisioningHook": {"targetArn": "arn:aws:lambda:us-east-1:123456789012:function:f"}}).to_string(),
+                Err("command is missing"),
+            ),
+            (
+                "hook command a string",
+                json!({"templateBody": minimal, "preProvisioningHook": {"command": "/bin/hook"}}).to_string(),
+                Err("command is missing"),
+            ),
+            (
+                "hook command empty",
+                json!({"templateBody": minimal, "preProvisioningHook": {"command": []}}).to_string(),
+                Err("must not be empty"),
+            ),
+            (
+                "hook command with a number",
+                json!({"templateBody": minimal, "preProvisioningHook": {"command": ["/bin/hook", 1]}}).to_string(),
+                Err("must be strings"),
+            ),
+            (
+                "hook program empty",
+                json!({"templateBody": minimal, "preProvisioningHook": {"command": [""]}}).to_string(),
+                Err("must not be empty"),
+            ),
+            (
+                "unsupported resource",
+                json!({"Resources": {"g": {"Type": "AWS::IoT::ThingGroup"}}}).to_string(),
+                Err("unsupported resource Type"),
+            ),
+        ];
+        for (name, text, expected) in rows {
+            let got = parse_template_file(&text);
+            match (got, expected) {
+                (Ok(file), Ok((enabled, hook, body))) => {
+                    let hook = hook.map(|command| HookSpec {
+                        command: command.into_iter().map(str::to_owned).collect(),
+                    });
+                    assert_eq!(
+                        file,
+                        TemplateFile {
+                            body,
+                            enabled,
+                            hook
+                        },
+                        "{name}"
+                    );
+                }
+                (Err(message), Err(part)) => {
+                    assert!(message.contains(part), "{name}: {message:?} lacks {part:?}");
+                }
+                (got, expected) => panic!("{name}: got {got:?}, expected {expected:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn demo_template() {
+        let file = parse_template_file(DEMO_TEMPLATE).expect("demo template parses");
+        assert!(file.enabled);
+        assert_eq!(file.hook, None);
+
+        let expected = |location: &str, url: &str| TemplateOutcome {
+            thing: Some(ThingSpec {
+                name: "demo-ABC123".to_owned(),
+                attributes: params(&[("location", location), ("serial", "ABC123")]),
+                thing_type: None,
+                groups: Vec::new(),
+                billing_group: None,
+                overrides: OverrideSettings {
+                    attribute_payload: Override::Merge,
+                    thing_groups: Override::DoNothing,
+                    thing_type_name: Override::Replace,
+                },
+            }),
+            certificate_status: Some(CertStatus::Active),
+            policies: vec![document(
+                "cc934fb5f7d677666c113964faf87378b65e3ddfbf32148a5deca0baaccd1498",
+                r#"{"Statement":[{"Action":["iot:Connect","iot:Publish","iot:Subscribe","iot:Receive"],"Effect":"Allow","Resource":"*"}],"Version":"2012-10-17"}"#,
+            )],
+            device_configuration: params(&[
+                ("FallbackUrl", "https://www.example.com/fallback"),
+                ("LocationUrl", url),
+            ]),
+        };
+        let rows: Vec<(Pairs, Expect<TemplateOutcome>)> = vec![
+            (
+                &[("SerialNumber", "ABC123")],
+                Ok(expected("lab", "https://lab.example.com/devices/ABC123")),
+            ),
+            (
+                &[
+                    ("SerialNumber", "ABC123"),
+                    ("Location", "factory"),
+                    ("Unused", "x"),
+                ],
+                Ok(expected(
+                    "factory",
+                    "https://factory.example.com/devices/ABC123",
+                )),
+            ),
+            (&[], Err(IP)),
+            (
+                &[("SerialNumber", "ABC123"), ("Location", "paris")],
+                Err(IR),
+            ),
+            (&[("SerialNumber", "ABC 123")], Err(IR)),
+        ];
+        for (pairs, expected) in rows {
+            assert_eq!(run(&file.body, pairs), expected, "{pairs:?}");
+        }
+        let missing = evaluate(&file.body, &params(&[]), CERT).unwrap_err();
+        assert_eq!(missing.message, "Missing parameter: SerialNumber");
+    }
+
+    #[test]
+    fn deep_input_is_an_error_not_a_stack_overflow() {
+        const DEPTH: usize = 10_000;
+
+        // Through the file parser, as text.
+        let arrays = format!(
+            r#"{{"Resources": {{}}, "DeviceConfiguration": {{"v": {}"x"{}}}}}"#,
+            "[".repeat(DEPTH),
+            "]".repeat(DEPTH)
+        );
+        assert!(parse_template_file(&arrays).is_err());
+        let joins = format!(
+            r#"{{"Resources": {{}}, "DeviceConfiguration": {{"v": {}"x"{}}}}}"#,
+            r#"{"Fn::Join": ["", ["#.repeat(DEPTH),
+            "]]}".repeat(DEPTH)
+        );
+        assert!(parse_template_file(&joins).is_err());
+        let wrapped = json!({ "templateBody": joins }).to_string();
+        assert!(parse_template_file(&wrapped).is_err());
+
+        // Through the evaluator, as values built without the parser's limit.
+        let deep_list = || {
+            let mut value = json!("x");
+            for _ in 0..DEPTH {
+                value = Value::Array(vec![value]);
+            }
+            value
+        };
+        let deep_object = || {
+            let mut value = json!("x");
+            for _ in 0..DEPTH {
+                value = object(vec![("a", value)]);
+            }
+            value
+        };
+        let config = |value: Value| {
+            object(vec![
+                ("Resources", json!({})),
+                ("DeviceConfiguration", object(vec![("v", value)])),
+            ])
+        };
+        let resource = |kind: &str, properties: Value| {
+            object(vec![(
+                "Resources",
+                object(vec![(
+                    "r",
+                    object(vec![("Type", json!(kind)), ("Properties", properties)]),
+                )]),
+            )])
+        };
+        let bodies = [
+            config(nested_join(DEPTH)),
+            config(object(vec![(
+                "Fn::Sub",
+                Value::Array(vec![json!("${A}"), object(vec![("A", nested_join(DEPTH))])]),
+            )])),
+            config(object(vec![(
+                "Fn::Select",
+                Value::Array(vec![nested_join(DEPTH), json!(["x"])]),
+            )])),
+            config(deep_list()),
+            resource(
+                "AWS::IoT::Thing",
+                object(vec![("ThingName", nested_join(DEPTH))]),
+            ),
+            resource(
+                "AWS::IoT::Thing",
+                object(vec![
+                    ("ThingName", json!("t")),
+                    ("AttributePayload", object(vec![("a", nested_join(DEPTH))])),
+                ]),
+            ),
+            resource(
+                "AWS::IoT::Thing",
+                object(vec![
+                    ("ThingName", json!("t")),
+                    ("ThingGroups", deep_list()),
+                ]),
+            ),
+            resource(
+                "AWS::IoT::Policy",
+                object(vec![("PolicyDocument", deep_object())]),
+            ),
+            resource(
+                "AWS::IoT::Policy",
+                object(vec![("PolicyName", nested_join(DEPTH))]),
+            ),
+            resource(
+                "AWS::IoT::Certificate",
+                object(vec![("CertificateId", nested_join(DEPTH))]),
+            ),
+        ];
+        for body in bodies {
+            let err = evaluate(&body, &params(&[]), CERT).unwrap_err();
+            assert_eq!((err.status, err.code), (400, IR), "{}", err.message);
+            assert!(err.message.contains("deeper than"), "{}", err.message);
+            drop_deep(body);
+        }
     }
 }
