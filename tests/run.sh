@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The test command: every test of the project, from a cold build. Run from anywhere:
+#   bash tests/run.sh
+# It creates the Python venv it needs (.venv, from PyPI) and starts every server a test needs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+step() { printf '\n==> %s\n' "$*"; }
+
+step "format and lints"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "Rust tests (library, emulator unit and integration tests)"
+cargo test --workspace --locked
+
+step "Python venv for the interop tests"
+venv="$root/.venv"
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/interop/requirements.txt
+
+step "interop: the official AWS IoT Device SDK for Python v2 against the emulator"
+cargo build --locked -p fleetprov-emulator --bin fleetprov-emulator
+FLEETPROV_EMULATOR="$root/target/debug/fleetprov-emulator" "$venv/bin/python" -m pytest -q tests/interop
