@@ -24,9 +24,7 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::oid_registry::{
     OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_NIST_EC_P521,
-    OID_PKCS1_RSAENCRYPTION, OID_PKCS1_RSASSAPSS, OID_PKCS1_SHA1WITHRSA, OID_PKCS1_SHA256WITHRSA,
-    OID_PKCS1_SHA384WITHRSA, OID_PKCS1_SHA512WITHRSA, OID_SIG_ECDSA_WITH_SHA256,
-    OID_SIG_ECDSA_WITH_SHA384, OID_SIG_ECDSA_WITH_SHA512, OID_SIG_ED25519,
+    OID_PKCS1_RSAENCRYPTION, OID_PKCS1_RSASSAPSS, OID_PKCS1_SHA1WITHRSA, OID_SIG_ED25519,
 };
 use x509_parser::prelude::FromDer;
 use x509_parser::public_key::PublicKey;
@@ -119,7 +117,7 @@ pub fn cert_der_from_pem(pem: &str) -> Result<Vec<u8>, PkiError> {
     let der = CertificateDer::from_pem_slice(pem.as_bytes())
         .map_err(|e| pki_err("no valid CERTIFICATE block in PEM", e))?;
     match X509Certificate::from_der(&der) {
-        Ok((rest, _)) if rest.is_empty() => Ok(der.to_vec()),
+        Ok(([], _)) => Ok(der.to_vec()),
         Ok(_) => Err(PkiError(
             "the CERTIFICATE block has trailing data after the certificate".into(),
         )),
@@ -322,13 +320,13 @@ impl Ca {
     /// spliced into the TBSCertificate, which is then signed again with the CA key. The key
     /// identifiers do not depend on the stand-in: they are pre-computed in `params`.
     fn sign_leaf(&self, params: &CertificateParams, spki_der: &[u8]) -> Result<Issued, PkiError> {
-        if let Ok(public_key) = SubjectPublicKeyInfo::from_der(spki_der) {
-            if public_key.subject_public_key_info() == spki_der {
-                let cert = params
-                    .signed_by(&public_key, &self.issuer)
-                    .map_err(|e| pki_err("could not sign the certificate", e))?;
-                return Ok(Issued::from_der(cert.der().to_vec()));
-            }
+        if let Ok(public_key) = SubjectPublicKeyInfo::from_der(spki_der)
+            && public_key.subject_public_key_info() == spki_der
+        {
+            let cert = params
+                .signed_by(&public_key, &self.issuer)
+                .map_err(|e| pki_err("could not sign the certificate", e))?;
+            return Ok(Issued::from_der(cert.der().to_vec()));
         }
         let (rest, spki) =
             X509Spki::from_der(spki_der).map_err(|e| pki_err("invalid SubjectPublicKeyInfo", e))?;
@@ -538,7 +536,16 @@ fn csr_der_from_pem(csr_pem: &str) -> Result<Vec<u8>, CsrError> {
                 ))
             }
         }
-        Err(e) => Err(CsrError(format!("malformed PEM: {e}"))),
+        Err(rustls::pki_types::pem::Error::MissingSectionEnd { .. }) => Err(csr_err(
+            "malformed PEM: the \"-----END CERTIFICATE REQUEST-----\" line is missing",
+        )),
+        Err(rustls::pki_types::pem::Error::IllegalSectionStart { .. }) => {
+            Err(csr_err("malformed PEM: invalid \"-----BEGIN\" line"))
+        }
+        Err(rustls::pki_types::pem::Error::Base64Decode(_)) => {
+            Err(csr_err("malformed PEM: invalid base64"))
+        }
+        Err(_) => Err(csr_err("malformed PEM")),
     }
 }
 
@@ -552,34 +559,89 @@ enum CsrKey<'a> {
     P521(&'a [u8]),
 }
 
+/// Signature algorithms accepted on a CSR.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SigAlg {
+    RsaSha256,
+    RsaSha384,
+    RsaSha512,
+    EcdsaSha256,
+    EcdsaSha384,
+    EcdsaSha512,
+}
+
+// Exact DER of the AlgorithmIdentifiers accepted (x509-parser alone is too lenient: it lets an
+// OBJECT IDENTIFIER through under another tag, for instance).
+const ALG_RSA: &[u8] = &[
+    0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00,
+];
+const ALG_P256: &[u8] = &[
+    0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48,
+    0xce, 0x3d, 0x03, 0x01, 0x07,
+];
+const ALG_P384: &[u8] = &[
+    0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05, 0x2b, 0x81, 0x04,
+    0x00, 0x22,
+];
+const ALG_P521: &[u8] = &[
+    0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05, 0x2b, 0x81, 0x04,
+    0x00, 0x23,
+];
+/// Content of the sha{256,384,512}WithRSAEncryption OIDs without the last byte (11, 12, 13).
+const OID_RSA_SHA2_PREFIX: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
+/// Content of the ecdsa-with-SHA{256,384,512} OIDs without the last byte (2, 3, 4).
+const OID_ECDSA_SHA2_PREFIX: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03];
+
 /// Parses and checks a DER CSR; returns its SubjectPublicKeyInfo DER.
 fn verify_csr(der: &[u8]) -> Result<Vec<u8>, CsrError> {
-    let (rest, csr) = X509CertificationRequest::from_der(der)
-        .map_err(|_| csr_err("the CSR is not a valid PKCS#10 DER structure"))?;
+    let malformed = || csr_err("the CSR is not a valid PKCS#10 DER structure");
+    // SEQUENCE { info SEQUENCE, signatureAlgorithm SEQUENCE, signature BIT STRING }
+    let outer = der_take(der).ok_or_else(malformed)?;
+    if !outer.rest.is_empty() {
+        return Err(csr_err("trailing data after the CSR"));
+    }
+    let info_tlv = der_take(outer.content)
+        .filter(|t| outer.tag == TAG_SEQUENCE && t.tag == TAG_SEQUENCE)
+        .ok_or_else(malformed)?;
+    let alg_tlv = der_take(info_tlv.rest)
+        .filter(|t| t.tag == TAG_SEQUENCE)
+        .ok_or_else(malformed)?;
+    der_take(alg_tlv.rest)
+        .filter(|t| t.tag == TAG_BIT_STRING && t.rest.is_empty())
+        .ok_or_else(malformed)?;
+
+    let (rest, csr) = X509CertificationRequest::from_der(der).map_err(|_| malformed())?;
     if !rest.is_empty() {
         return Err(csr_err("trailing data after the CSR"));
     }
     let info = &csr.certification_request_info;
     let key = classify_key(&info.subject_pki)?;
+    let sig_alg = classify_signature_algorithm(alg_tlv.tlv, &csr.signature_algorithm.algorithm)?;
     if csr.signature_value.unused_bits != 0 {
         return Err(csr_err("malformed CSR signature BIT STRING"));
     }
-    verify_signature(
-        &key,
-        &csr.signature_algorithm.algorithm,
-        info.raw,
-        &csr.signature_value.data,
-    )?;
+    verify_signature(&key, sig_alg, info.raw, &csr.signature_value.data)?;
     Ok(info.subject_pki.raw.to_vec())
 }
 
 fn classify_key<'a>(spki: &'a X509Spki<'_>) -> Result<CsrKey<'a>, CsrError> {
-    let alg = &spki.algorithm.algorithm;
-    if spki.subject_public_key.unused_bits != 0 {
-        return Err(csr_err("malformed subjectPublicKey BIT STRING"));
-    }
-    let bits: &'a [u8] = &spki.subject_public_key.data;
-    if *alg == OID_PKCS1_RSAENCRYPTION {
+    let malformed = || csr_err("malformed SubjectPublicKeyInfo in the CSR");
+    // SEQUENCE { algorithm AlgorithmIdentifier, subjectPublicKey BIT STRING }
+    let outer = der_take(spki.raw)
+        .filter(|t| t.tag == TAG_SEQUENCE && t.rest.is_empty())
+        .ok_or_else(malformed)?;
+    let alg = der_take(outer.content)
+        .filter(|t| t.tag == TAG_SEQUENCE)
+        .ok_or_else(malformed)?;
+    let key_bits = der_take(alg.rest)
+        .filter(|t| t.tag == TAG_BIT_STRING && t.rest.is_empty())
+        .ok_or_else(malformed)?;
+    let bits = match key_bits.content.split_first() {
+        Some((0, bits)) => bits,
+        _ => return Err(malformed()),
+    };
+
+    if alg.tlv == ALG_RSA {
         let modulus_bits = match spki.parsed() {
             Ok(PublicKey::RSA(rsa)) => rsa_modulus_bits(rsa.modulus),
             _ => return Err(csr_err("malformed RSA public key")),
@@ -598,28 +660,16 @@ fn classify_key<'a>(spki: &'a X509Spki<'_>) -> Result<CsrKey<'a>, CsrError> {
         }
         return Ok(CsrKey::Rsa(bits));
     }
-    if *alg == OID_KEY_TYPE_EC_PUBLIC_KEY {
-        let curve = spki
-            .algorithm
-            .parameters
-            .as_ref()
-            .and_then(|p| p.as_oid().ok());
-        let Some(curve) = curve else {
-            return Err(csr_err(
-                "EC key without a named curve (explicit curve parameters are not accepted)",
-            ));
-        };
-        let (key, point_len, name) = if curve == OID_EC_P256 {
-            (CsrKey::P256(bits), 65, "P-256")
-        } else if curve == OID_NIST_EC_P384 {
-            (CsrKey::P384(bits), 97, "P-384")
-        } else if curve == OID_NIST_EC_P521 {
-            (CsrKey::P521(bits), 133, "P-521")
-        } else {
-            return Err(CsrError(format!(
-                "EC curve {curve} is not accepted ({ACCEPTED_KEYS})"
-            )));
-        };
+    let ec = if alg.tlv == ALG_P256 {
+        Some((CsrKey::P256(bits), 65, "P-256"))
+    } else if alg.tlv == ALG_P384 {
+        Some((CsrKey::P384(bits), 97, "P-384"))
+    } else if alg.tlv == ALG_P521 {
+        Some((CsrKey::P521(bits), 133, "P-521"))
+    } else {
+        None
+    };
+    if let Some((key, point_len, name)) = ec {
         if bits.len() != point_len || bits.first() != Some(&4) {
             return Err(CsrError(format!(
                 "the {name} public key must be an uncompressed point of {point_len} bytes"
@@ -627,14 +677,85 @@ fn classify_key<'a>(spki: &'a X509Spki<'_>) -> Result<CsrKey<'a>, CsrError> {
         }
         return Ok(key);
     }
-    if *alg == OID_SIG_ED25519 {
+
+    // Not accepted: say why as precisely as possible.
+    let oid = &spki.algorithm.algorithm;
+    if *oid == OID_KEY_TYPE_EC_PUBLIC_KEY {
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok());
+        return Err(match curve {
+            Some(curve) if [OID_EC_P256, OID_NIST_EC_P384, OID_NIST_EC_P521].contains(&curve) => {
+                malformed()
+            }
+            Some(curve) => CsrError(format!(
+                "EC curve {curve} is not accepted ({ACCEPTED_KEYS})"
+            )),
+            None => {
+                csr_err("EC key without a named curve (explicit curve parameters are not accepted)")
+            }
+        });
+    }
+    if *oid == OID_PKCS1_RSAENCRYPTION {
+        return Err(malformed());
+    }
+    if oid.to_id_string() == "1.3.101.113" {
+        return Err(CsrError(format!(
+            "Ed448 keys are not accepted ({ACCEPTED_KEYS})"
+        )));
+    }
+    if *oid == OID_SIG_ED25519 {
         return Err(CsrError(format!(
             "Ed25519 keys are not accepted ({ACCEPTED_KEYS})"
         )));
     }
     Err(CsrError(format!(
-        "public key algorithm {alg} is not accepted ({ACCEPTED_KEYS})"
+        "public key algorithm {oid} is not accepted ({ACCEPTED_KEYS})"
     )))
+}
+
+/// Identifies the CSR's signature algorithm from its exact DER; `oid` (as x509-parser read it)
+/// only serves error messages.
+fn classify_signature_algorithm(
+    alg_der: &[u8],
+    oid: &x509_parser::der_parser::oid::Oid<'_>,
+) -> Result<SigAlg, CsrError> {
+    let known = der_take(alg_der).and_then(|seq| {
+        let oid = der_take(seq.content).filter(|t| t.tag == TAG_OID)?;
+        let (&last, prefix) = oid.content.split_last()?;
+        if prefix == OID_ECDSA_SHA2_PREFIX && oid.rest.is_empty() {
+            match last {
+                2 => Some(SigAlg::EcdsaSha256),
+                3 => Some(SigAlg::EcdsaSha384),
+                4 => Some(SigAlg::EcdsaSha512),
+                _ => None,
+            }
+        } else if prefix == OID_RSA_SHA2_PREFIX && (oid.rest.is_empty() || oid.rest == DER_NULL) {
+            match last {
+                11 => Some(SigAlg::RsaSha256),
+                12 => Some(SigAlg::RsaSha384),
+                13 => Some(SigAlg::RsaSha512),
+                _ => None,
+            }
+        } else {
+            None
+        }
+    });
+    match known {
+        Some(alg) => Ok(alg),
+        // sha1WithRSAEncryption, ecdsa-with-SHA1
+        None if *oid == OID_PKCS1_SHA1WITHRSA || oid.to_id_string() == "1.2.840.10045.4.1" => {
+            Err(csr_err("SHA-1 signatures are not accepted"))
+        }
+        None if *oid == OID_PKCS1_RSASSAPSS => Err(csr_err(
+            "RSASSA-PSS signed CSRs are not supported; use PKCS#1 v1.5",
+        )),
+        None => Err(CsrError(format!(
+            "signature algorithm {oid} is not supported (or its parameters are malformed)"
+        ))),
+    }
 }
 
 /// Bit length of a big-endian unsigned integer (leading zero bytes allowed).
@@ -651,73 +772,62 @@ fn rsa_modulus_bits(modulus: &[u8]) -> usize {
 
 fn verify_signature(
     key: &CsrKey<'_>,
-    sig_alg: &x509_parser::der_parser::oid::Oid<'_>,
+    sig_alg: SigAlg,
     message: &[u8],
     sig: &[u8],
 ) -> Result<(), CsrError> {
-    let unsupported = |key_name: &str| {
-        if *sig_alg == OID_PKCS1_SHA1WITHRSA {
-            CsrError("SHA-1 signatures are not accepted".into())
-        } else if *sig_alg == OID_PKCS1_RSASSAPSS {
-            CsrError("RSASSA-PSS signed CSRs are not supported; use PKCS#1 v1.5".into())
-        } else {
-            CsrError(format!(
-                "signature algorithm {sig_alg} is not supported with a {key_name} key"
-            ))
-        }
+    use SigAlg::*;
+    use signature::{
+        ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA384_ASN1, ECDSA_P384_SHA256_ASN1,
+        ECDSA_P384_SHA384_ASN1, RSA_PKCS1_2048_8192_SHA256, RSA_PKCS1_2048_8192_SHA384,
+        RSA_PKCS1_2048_8192_SHA512,
     };
-    let (ring_alg, public_key): (&'static dyn signature::VerificationAlgorithm, &[u8]) = match key {
-        CsrKey::Rsa(der) => {
-            let alg: &'static dyn signature::VerificationAlgorithm =
-                if *sig_alg == OID_PKCS1_SHA256WITHRSA {
-                    &signature::RSA_PKCS1_2048_8192_SHA256
-                } else if *sig_alg == OID_PKCS1_SHA384WITHRSA {
-                    &signature::RSA_PKCS1_2048_8192_SHA384
-                } else if *sig_alg == OID_PKCS1_SHA512WITHRSA {
-                    &signature::RSA_PKCS1_2048_8192_SHA512
-                } else {
-                    return Err(unsupported("RSA"));
+
+    let (ring_alg, public_key, key_name): (&'static dyn signature::VerificationAlgorithm, _, _) =
+        match (key, sig_alg) {
+            (CsrKey::Rsa(der), RsaSha256) => (&RSA_PKCS1_2048_8192_SHA256, *der, "RSA"),
+            (CsrKey::Rsa(der), RsaSha384) => (&RSA_PKCS1_2048_8192_SHA384, *der, "RSA"),
+            (CsrKey::Rsa(der), RsaSha512) => (&RSA_PKCS1_2048_8192_SHA512, *der, "RSA"),
+            (CsrKey::P256(point), EcdsaSha256) => (&ECDSA_P256_SHA256_ASN1, *point, "P-256"),
+            (CsrKey::P256(point), EcdsaSha384) => (&ECDSA_P256_SHA384_ASN1, *point, "P-256"),
+            (CsrKey::P384(point), EcdsaSha256) => (&ECDSA_P384_SHA256_ASN1, *point, "P-384"),
+            (CsrKey::P384(point), EcdsaSha384) => (&ECDSA_P384_SHA384_ASN1, *point, "P-384"),
+            (CsrKey::P521(point), EcdsaSha256) => {
+                return verify_p521(point, &digest::SHA256, message, sig);
+            }
+            (CsrKey::P521(point), EcdsaSha384) => {
+                return verify_p521(point, &digest::SHA384, message, sig);
+            }
+            (CsrKey::P521(point), EcdsaSha512) => {
+                return verify_p521(point, &digest::SHA512, message, sig);
+            }
+            (key, _) => {
+                let key_name = match key {
+                    CsrKey::Rsa(_) => "an RSA",
+                    CsrKey::P256(_) => "a P-256",
+                    CsrKey::P384(_) => "a P-384",
+                    CsrKey::P521(_) => "a P-521",
                 };
-            (alg, der)
-        }
-        CsrKey::P256(point) => {
-            let alg: &'static dyn signature::VerificationAlgorithm =
-                if *sig_alg == OID_SIG_ECDSA_WITH_SHA256 {
-                    &signature::ECDSA_P256_SHA256_ASN1
-                } else if *sig_alg == OID_SIG_ECDSA_WITH_SHA384 {
-                    &signature::ECDSA_P256_SHA384_ASN1
-                } else {
-                    return Err(unsupported("P-256"));
+                let alg_name = match sig_alg {
+                    RsaSha256 => "sha256WithRSAEncryption",
+                    RsaSha384 => "sha384WithRSAEncryption",
+                    RsaSha512 => "sha512WithRSAEncryption",
+                    EcdsaSha256 => "ecdsa-with-SHA256",
+                    EcdsaSha384 => "ecdsa-with-SHA384",
+                    EcdsaSha512 => "ecdsa-with-SHA512",
                 };
-            (alg, point)
-        }
-        CsrKey::P384(point) => {
-            let alg: &'static dyn signature::VerificationAlgorithm =
-                if *sig_alg == OID_SIG_ECDSA_WITH_SHA256 {
-                    &signature::ECDSA_P384_SHA256_ASN1
-                } else if *sig_alg == OID_SIG_ECDSA_WITH_SHA384 {
-                    &signature::ECDSA_P384_SHA384_ASN1
-                } else {
-                    return Err(unsupported("P-384"));
-                };
-            (alg, point)
-        }
-        CsrKey::P521(point) => {
-            let hash: &'static digest::Algorithm = if *sig_alg == OID_SIG_ECDSA_WITH_SHA256 {
-                &digest::SHA256
-            } else if *sig_alg == OID_SIG_ECDSA_WITH_SHA384 {
-                &digest::SHA384
-            } else if *sig_alg == OID_SIG_ECDSA_WITH_SHA512 {
-                &digest::SHA512
-            } else {
-                return Err(unsupported("P-521"));
-            };
-            return verify_p521(point, hash, message, sig);
-        }
-    };
+                return Err(CsrError(format!(
+                    "signature algorithm {alg_name} is not supported with {key_name} key"
+                )));
+            }
+        };
     signature::UnparsedPublicKey::new(ring_alg, public_key)
         .verify(message, sig)
-        .map_err(|_| csr_err("the CSR signature does not verify"))
+        .map_err(|_| {
+            CsrError(format!(
+                "the CSR signature does not verify ({key_name} key)"
+            ))
+        })
 }
 
 /// Size of a P-521 field element / scalar in bytes.
@@ -775,6 +885,8 @@ fn ecdsa_der_to_fixed(der: &[u8]) -> Option<Vec<u8>> {
 
 const TAG_INTEGER: u8 = 0x02;
 const TAG_BIT_STRING: u8 = 0x03;
+const TAG_OID: u8 = 0x06;
+const DER_NULL: &[u8] = &[0x05, 0x00];
 const TAG_SEQUENCE: u8 = 0x30;
 
 /// One DER TLV split off the front of a buffer.
@@ -881,4 +993,867 @@ fn hex(bytes: &[u8]) -> String {
         out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, OnceLock};
+
+    use rcgen::{PKCS_ECDSA_P384_SHA384, PKCS_ED25519, PKCS_RSA_SHA256};
+    use rsa::pkcs1::{DecodeRsaPrivateKey, EncodeRsaPrivateKey, LineEnding};
+    use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey};
+    use rsa::rand_core::OsRng;
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::UnixTime;
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+
+    use super::*;
+
+    /// `openssl req -new -key p521.key -subj "/CN=p521 device/O=openssl test vector" -sha256`
+    /// with an `openssl ecparam -name secp521r1 -genkey` key (OpenSSL 3.0.19).
+    const OPENSSL_P521_SHA256_CSR: &str = "\
+-----BEGIN CERTIFICATE REQUEST-----
+MIIBdzCB2QIBADA0MRQwEgYDVQQDDAtwNTIxIGRldmljZTEcMBoGA1UECgwTb3Bl
+bnNzbCB0ZXN0IHZlY3RvcjCBmzAQBgcqhkjOPQIBBgUrgQQAIwOBhgAEAGOft4mo
+L2WiuHgc3O9k1FJCXchMK6wYxJnQWpoWccV1l0XlPrt4oNDhdRFEBqH6+mLQw/zE
+a5T55jBSmV8zOY5DAffQHMKl/deMMRq6cXXtsJXwDdJBlyIuv6lU4JGnFK7ymo5f
+gq3JMgUYCn6QYnAF788SPHmIfhCtfaIsLiC8BsNJoAAwCgYIKoZIzj0EAwIDgYwA
+MIGIAkIBWTaj9eXFAum7Tu2DLGTQlk9dhiQnQlnAHckgaBjEIglKm8+3yYkD0wYs
+wFG7tY+dIR8TQnwapWNPyhvxYt9hKqgCQgCj9TSmIcPwSZL2rP9oJWju6l8MjwXb
+5d1dUY1UspHJLyV+SkXXcYlPWJ50H3UoQv1f9QlBNx+syXY9WWYZKnv+zA==
+-----END CERTIFICATE REQUEST-----
+";
+
+    // DER of object identifiers used to hand-build CSRs.
+    const OID_CN: &[u8] = &[0x06, 0x03, 0x55, 0x04, 0x03];
+    const OID_EC_KEY: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+    const OID_SECP521R1: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x23];
+    const OID_SECP256K1: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x0a];
+    const OID_ECDSA_SHA256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02];
+    const OID_ECDSA_SHA384: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03];
+    const OID_ECDSA_SHA512: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x04];
+    const OID_SHA256_RSA: &[u8] = &[
+        0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b,
+    ];
+    const SHA256_DIGEST_INFO: &[u8] = &[
+        0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01,
+        0x05, 0x00, 0x04, 0x20,
+    ];
+    /// 2049-12-31T23:59:59Z
+    const AWS_NOT_AFTER_UNIX: i64 = 2_524_607_999;
+
+    fn test_ca() -> &'static Ca {
+        static CA: OnceLock<Ca> = OnceLock::new();
+        CA.get_or_init(|| Ca::generate().expect("generate CA"))
+    }
+
+    fn parse(der: &[u8]) -> X509Certificate<'_> {
+        let (rest, cert) = X509Certificate::from_der(der).expect("certificate parses");
+        assert!(rest.is_empty());
+        cert
+    }
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    fn roots(ca: &Ca) -> Arc<rustls::RootCertStore> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(
+                cert_der_from_pem(ca.cert_pem()).unwrap(),
+            ))
+            .unwrap();
+        Arc::new(roots)
+    }
+
+    /// The CA's signature on `der` verifies (ring), and rustls accepts it as a client
+    /// certificate chaining to the CA.
+    fn assert_chains(ca: &Ca, der: &[u8]) {
+        let ca_der = cert_der_from_pem(ca.cert_pem()).unwrap();
+        let ca_cert = parse(&ca_der);
+        let cert = parse(der);
+        assert_eq!(cert.issuer(), ca_cert.subject());
+        signature::UnparsedPublicKey::new(
+            &signature::ECDSA_P256_SHA256_ASN1,
+            &ca_cert.public_key().subject_public_key.data,
+        )
+        .verify(cert.tbs_certificate.as_ref(), &cert.signature_value.data)
+        .expect("the CA signature verifies");
+        let ca_ski = ca_cert
+            .iter_extensions()
+            .find_map(|e| match e.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(ki) => Some(ki.0.to_vec()),
+                _ => None,
+            });
+        let aki = cert
+            .iter_extensions()
+            .find_map(|e| match e.parsed_extension() {
+                ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                    aki.key_identifier.as_ref().map(|ki| ki.0.to_vec())
+                }
+                _ => None,
+            });
+        assert_eq!(aki, ca_ski, "AKI equals the CA's SKI");
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(ca), provider())
+            .build()
+            .unwrap()
+            .verify_client_cert(&CertificateDer::from(der), &[], UnixTime::now())
+            .expect("rustls accepts the client certificate");
+    }
+
+    /// The certificate matches what AWS issues, for the given SubjectPublicKeyInfo.
+    fn assert_aws_profile(issued: &Issued, spki: &[u8], common_name: &str) {
+        let expected_id: String = digest::digest(&digest::SHA256, &issued.der)
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(issued.id, expected_id);
+        assert_eq!(issued.id.len(), 64);
+        assert_eq!(cert_der_from_pem(&issued.pem).unwrap(), issued.der);
+        let cert = parse(&issued.der);
+        let cns: Vec<&str> = cert
+            .subject()
+            .iter_common_name()
+            .map(|cn| cn.as_str().unwrap())
+            .collect();
+        assert_eq!(cns, [common_name]);
+        assert_eq!(cert.subject().iter_attributes().count(), 1);
+        assert_eq!(
+            cert.public_key().raw,
+            spki,
+            "public key copied from the request"
+        );
+        let ku = cert.key_usage().unwrap().expect("KeyUsage present");
+        assert!(ku.critical);
+        assert!(ku.value.digital_signature());
+        assert_eq!(ku.value.flags.count_ones(), 1, "digitalSignature only");
+        assert!(cert.extended_key_usage().unwrap().is_none(), "no EKU");
+        assert!(cert.subject_alternative_name().unwrap().is_none());
+        assert!(
+            !cert
+                .basic_constraints()
+                .unwrap()
+                .expect("BasicConstraints")
+                .value
+                .ca
+        );
+        let ski = cert
+            .iter_extensions()
+            .find_map(|e| match e.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(ki) => Some(ki.0.to_vec()),
+                _ => None,
+            });
+        assert_eq!(
+            ski,
+            Some(key_id(&cert.public_key().subject_public_key.data))
+        );
+        assert_eq!(cert.validity().not_after.timestamp(), AWS_NOT_AFTER_UNIX);
+        let expected_start = OffsetDateTime::now_utc().unix_timestamp() - 3600;
+        let not_before = cert.validity().not_before.timestamp();
+        assert!((expected_start - 300..=expected_start + 1).contains(&not_before));
+        assert_eq!(cert.raw_serial().len(), 20);
+    }
+
+    fn csr_spki(csr_pem: &str) -> Vec<u8> {
+        let der = csr_der_from_pem(csr_pem).unwrap();
+        let (_, csr) = X509CertificationRequest::from_der(&der).unwrap();
+        csr.certification_request_info.subject_pki.raw.to_vec()
+    }
+
+    /// A CSR made by rcgen, with a subject and extensions the CA must ignore.
+    fn rcgen_csr(key: &KeyPair) -> String {
+        let mut params = CertificateParams::new(vec!["device.example.com".to_string()]).unwrap();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "my-device-0001");
+        dn.push(DnType::OrganizationName, "Acme");
+        params.distinguished_name = dn;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.serialize_request(key).unwrap().pem().unwrap()
+    }
+
+    fn rsa_key(bits: usize) -> rsa::RsaPrivateKey {
+        rsa::RsaPrivateKey::new(&mut OsRng, bits).unwrap()
+    }
+
+    /// An rcgen (ring) key pair holding an RSA key made by the `rsa` crate.
+    fn rcgen_rsa_key_pair(bits: usize) -> KeyPair {
+        let pem = rsa_key(bits).to_pkcs8_pem(LineEnding::LF).unwrap();
+        KeyPair::from_pkcs8_pem_and_sign_algo(&pem, &PKCS_RSA_SHA256).unwrap()
+    }
+
+    /// A minimal PKCS#10 request: CN "hand-built", no attributes.
+    fn build_csr(spki: &[u8], sig_alg: &[u8], sign: impl FnOnce(&[u8]) -> Vec<u8>) -> String {
+        let atv = der_encode(
+            TAG_SEQUENCE,
+            &[OID_CN, &der_encode(0x0c, b"hand-built")].concat(),
+        );
+        let name = der_encode(TAG_SEQUENCE, &der_encode(0x31, &atv));
+        let info = der_encode(
+            TAG_SEQUENCE,
+            &[&[0x02, 0x01, 0x00][..], &name, spki, &[0xa0, 0x00]].concat(),
+        );
+        let sig = sign(&info);
+        let sig_bits = der_encode(TAG_BIT_STRING, &[&[0u8][..], &sig].concat());
+        let csr = der_encode(
+            TAG_SEQUENCE,
+            &[&info[..], &der_encode(TAG_SEQUENCE, sig_alg), &sig_bits].concat(),
+        );
+        pem_encode("CERTIFICATE REQUEST", &csr)
+    }
+
+    fn der_uint(bytes: &[u8]) -> Vec<u8> {
+        let start = bytes.iter().position(|&b| b != 0).unwrap_or(bytes.len());
+        let mut content = bytes[start..].to_vec();
+        if content.first().is_none_or(|&b| b & 0x80 != 0) {
+            content.insert(0, 0);
+        }
+        der_encode(TAG_INTEGER, &content)
+    }
+
+    fn ec_spki(curve_oid: &[u8], point: &[u8]) -> Vec<u8> {
+        der_encode(
+            TAG_SEQUENCE,
+            &[
+                der_encode(TAG_SEQUENCE, &[OID_EC_KEY, curve_oid].concat()),
+                der_encode(TAG_BIT_STRING, &[&[0u8][..], point].concat()),
+            ]
+            .concat(),
+        )
+    }
+
+    /// A P-521 CSR signed with the `p521` crate, over the given SHA-2 digest.
+    fn p521_csr(hash: &'static digest::Algorithm, sig_oid: &[u8]) -> String {
+        use p521::ecdsa::signature::hazmat::RandomizedPrehashSigner;
+
+        let key = p521::ecdsa::SigningKey::random(&mut OsRng);
+        let point = p521::ecdsa::VerifyingKey::from(&key).to_encoded_point(false);
+        build_csr(&ec_spki(OID_SECP521R1, point.as_bytes()), sig_oid, |info| {
+            let digest = digest::digest(hash, info);
+            let mut prehash = [0u8; P521_BYTES];
+            prehash[P521_BYTES - digest.as_ref().len()..].copy_from_slice(digest.as_ref());
+            let sig: p521::ecdsa::Signature =
+                key.sign_prehash_with_rng(&mut OsRng, &prehash).unwrap();
+            let (r, s) = sig.split_bytes();
+            der_encode(TAG_SEQUENCE, &[der_uint(&r), der_uint(&s)].concat())
+        })
+    }
+
+    /// An RSA CSR signed (PKCS#1 v1.5, SHA-256) by the `rsa` crate: ring cannot sign with
+    /// keys below 2048 bits.
+    fn rsa_crate_csr(bits: usize) -> String {
+        let key = rsa_key(bits);
+        let spki = key.to_public_key().to_public_key_der().unwrap();
+        build_csr(
+            spki.as_bytes(),
+            &[OID_SHA256_RSA, DER_NULL].concat(),
+            |info| {
+                let digest = digest::digest(&digest::SHA256, info);
+                let digest_info = [SHA256_DIGEST_INFO, digest.as_ref()].concat();
+                key.sign(rsa::Pkcs1v15Sign::new_unprefixed(), &digest_info)
+                    .unwrap()
+            },
+        )
+    }
+
+    fn p256_csr() -> String {
+        rcgen_csr(&KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap())
+    }
+
+    fn pem_body(pem: &str) -> Vec<u8> {
+        csr_der_from_pem(pem).unwrap()
+    }
+
+    #[test]
+    fn ca_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Ca>();
+        check::<Issued>();
+        check::<PkiError>();
+        check::<CsrError>();
+    }
+
+    #[test]
+    fn generated_ca_certificate() {
+        let ca = test_ca();
+        let der = cert_der_from_pem(ca.cert_pem()).unwrap();
+        let cert = parse(&der);
+        let cns: Vec<&str> = cert
+            .subject()
+            .iter_common_name()
+            .map(|cn| cn.as_str().unwrap())
+            .collect();
+        assert_eq!(cns, [CA_COMMON_NAME]);
+        assert_eq!(cert.subject(), cert.issuer());
+        let bc = cert.basic_constraints().unwrap().expect("BasicConstraints");
+        assert!(bc.critical && bc.value.ca);
+        assert!(
+            cert.key_usage()
+                .unwrap()
+                .expect("KeyUsage")
+                .value
+                .key_cert_sign()
+        );
+        let years = (cert.validity().not_after.timestamp()
+            - cert.validity().not_before.timestamp())
+            / (365 * 86400);
+        assert_eq!(years, 10);
+        assert_eq!(
+            cert.public_key().algorithm.algorithm,
+            OID_KEY_TYPE_EC_PUBLIC_KEY
+        );
+        signature::UnparsedPublicKey::new(
+            &signature::ECDSA_P256_SHA256_ASN1,
+            &cert.public_key().subject_public_key.data,
+        )
+        .verify(cert.tbs_certificate.as_ref(), &cert.signature_value.data)
+        .expect("self-signature verifies");
+        assert!(ca.key_pem().starts_with("-----BEGIN PRIVATE KEY-----\n"));
+    }
+
+    #[test]
+    fn ca_round_trip_through_pem() {
+        let ca = Ca::generate().unwrap();
+        let loaded = Ca::from_pem(ca.cert_pem(), &ca.key_pem()).unwrap();
+        assert_eq!(loaded.cert_pem(), ca.cert_pem());
+        assert_eq!(loaded.key_pem(), ca.key_pem());
+        // Certificates issued by the reloaded CA chain to the original certificate.
+        let (claim, _) = loaded.issue_claim_cert().unwrap();
+        assert_chains(&ca, &claim.der);
+        let issued = loaded.issue_from_csr(&p256_csr()).unwrap();
+        assert_chains(&ca, &issued.der);
+        // CRLF line endings and text around the blocks are tolerated.
+        let crlf_cert = format!("ca.pem\r\n{}", ca.cert_pem().replace('\n', "\r\n"));
+        let crlf_key = ca.key_pem().replace('\n', "\r\n");
+        let reloaded = Ca::from_pem(&crlf_cert, &crlf_key).unwrap();
+        assert_eq!(reloaded.cert_pem(), ca.cert_pem());
+    }
+
+    #[test]
+    fn ca_from_pem_rejects_bad_input() {
+        let ca = test_ca();
+        let other = Ca::generate().unwrap();
+        let (claim, claim_key) = ca.issue_claim_cert().unwrap();
+        let sec1 = pem_encode("EC PRIVATE KEY", &[0x30, 0x03, 0x02, 0x01, 0x01]);
+        let rsa_pkcs1 = rsa_key(2048).to_pkcs1_pem(LineEnding::LF).unwrap();
+        let cases: [(&str, &str, &str, &str); 7] = [
+            (
+                "key of another CA",
+                ca.cert_pem(),
+                &other.key_pem(),
+                "does not match",
+            ),
+            (
+                "garbage key",
+                ca.cert_pem(),
+                "not a key",
+                "no valid private key",
+            ),
+            ("SEC1 key", ca.cert_pem(), &sec1, "must be PKCS#8"),
+            (
+                "PKCS#1 RSA key",
+                ca.cert_pem(),
+                &rsa_pkcs1,
+                "must be PKCS#8",
+            ),
+            ("not a CA", &claim.pem, &claim_key, "BasicConstraints"),
+            ("garbage certificate", "hello", &ca.key_pem(), "CERTIFICATE"),
+            ("empty", "", "", "CERTIFICATE"),
+        ];
+        for (name, cert, key, expected) in cases {
+            let err = Ca::from_pem(cert, key).expect_err(name);
+            assert!(err.0.contains(expected), "{name}: {err}");
+            assert!(!err.0.contains("PRIVATE KEY-----"), "{name}: {err}");
+            let body: String = key.lines().nth(1).unwrap_or("").chars().take(16).collect();
+            if body.len() == 16 {
+                assert!(!err.0.contains(&body), "{name}: error leaks key material");
+            }
+        }
+    }
+
+    #[test]
+    fn debug_of_ca_hides_the_key() {
+        let ca = test_ca();
+        let debug = format!("{ca:?}");
+        let pretty = format!("{ca:#?}");
+        assert!(debug.contains(CA_COMMON_NAME), "{debug}");
+        let key_pem = ca.key_pem();
+        let key_der = load_private_key(&key_pem).unwrap().serialize_der();
+        for text in [&debug, &pretty] {
+            assert!(!text.contains("PRIVATE KEY"), "{text}");
+            for line in key_pem.lines().filter(|l| !l.starts_with("-----")) {
+                assert!(!text.contains(&line[..16.min(line.len())]), "{text}");
+            }
+            assert!(!text.contains(&hex(&key_der[key_der.len() - 8..])));
+        }
+    }
+
+    #[test]
+    fn issue_from_csr_accepts_supported_keys() {
+        let ca = test_ca();
+        let crlf_new_label = p256_csr()
+            .replace("CERTIFICATE REQUEST", "NEW CERTIFICATE REQUEST")
+            .replace('\n', "\r\n");
+        let cases: Vec<(&str, String)> = vec![
+            ("P-256 (rcgen)", p256_csr()),
+            (
+                "P-384 (rcgen)",
+                rcgen_csr(&KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384).unwrap()),
+            ),
+            (
+                "RSA-2048 (rsa key, rcgen CSR)",
+                rcgen_csr(&rcgen_rsa_key_pair(2048)),
+            ),
+            (
+                "RSA-3072 (rsa key, rcgen CSR)",
+                rcgen_csr(&rcgen_rsa_key_pair(3072)),
+            ),
+            ("RSA-2048 (rsa crate signature)", rsa_crate_csr(2048)),
+            (
+                "P-521 SHA-256 (openssl)",
+                OPENSSL_P521_SHA256_CSR.to_string(),
+            ),
+            (
+                "P-521 SHA-256 (p521)",
+                p521_csr(&digest::SHA256, OID_ECDSA_SHA256),
+            ),
+            (
+                "P-521 SHA-384 (p521)",
+                p521_csr(&digest::SHA384, OID_ECDSA_SHA384),
+            ),
+            (
+                "P-521 SHA-512 (p521)",
+                p521_csr(&digest::SHA512, OID_ECDSA_SHA512),
+            ),
+            ("P-256, NEW CERTIFICATE REQUEST label, CRLF", crlf_new_label),
+        ];
+        let mut ids = Vec::new();
+        for (name, csr) in &cases {
+            let issued = ca
+                .issue_from_csr(csr)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_aws_profile(&issued, &csr_spki(csr), DEVICE_COMMON_NAME);
+            assert_chains(ca, &issued.der);
+            ids.push(issued.id);
+        }
+        // The same CSR twice gives two certificates (random serials).
+        let again = ca.issue_from_csr(OPENSSL_P521_SHA256_CSR).unwrap();
+        assert!(!ids.contains(&again.id));
+    }
+
+    #[test]
+    fn issue_from_csr_rejects_bad_requests() {
+        let ca = test_ca();
+        let valid = p256_csr();
+        let der = pem_body(&valid);
+
+        let mut bad_sig = der.clone();
+        *bad_sig.last_mut().unwrap() ^= 0x01;
+        let mut bad_subject = der.clone();
+        let pos = der
+            .windows(4)
+            .position(|w| w == b"Acme")
+            .expect("subject in CSR");
+        bad_subject[pos] = b'X';
+        let mut trailing = der.clone();
+        trailing.extend_from_slice(&[0x05, 0x00]);
+        let half = &valid[..valid.len() / 2];
+        let without_end = valid.replace("-----END CERTIFICATE REQUEST-----", "");
+        let (claim, _) = ca.issue_claim_cert().unwrap();
+        let ed25519 = rcgen_csr(&KeyPair::generate_for(&PKCS_ED25519).unwrap());
+        let secp256k1 = build_csr(&ec_spki(OID_SECP256K1, &[4; 65]), OID_ECDSA_SHA256, |_| {
+            vec![0x30, 0x00]
+        });
+        let p256_point = {
+            let der = csr_spki(&valid);
+            let (_, spki) = X509Spki::from_der(&der).unwrap();
+            spki.subject_public_key.data.to_vec()
+        };
+        let p256_sha512 = build_csr(
+            &ec_spki(
+                &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07],
+                &p256_point,
+            ),
+            OID_ECDSA_SHA512,
+            |_| vec![0x30, 0x00],
+        );
+        let compressed = build_csr(
+            &ec_spki(
+                &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07],
+                &[&[0x02][..], &p256_point[1..33]].concat(),
+            ),
+            OID_ECDSA_SHA256,
+            |_| vec![0x30, 0x00],
+        );
+        let p521_bad_sig = {
+            let der = pem_body(OPENSSL_P521_SHA256_CSR);
+            let mut der = der.clone();
+            let n = der.len();
+            der[n - 3] ^= 0x40;
+            pem_encode("CERTIFICATE REQUEST", &der)
+        };
+        let p521_wrong_hash = {
+            // Signed over SHA-384 but labelled ecdsa-with-SHA512.
+            let csr = p521_csr(&digest::SHA384, OID_ECDSA_SHA384);
+            let mut der = pem_body(&csr);
+            let pos = der
+                .windows(OID_ECDSA_SHA384.len())
+                .rposition(|w| w == OID_ECDSA_SHA384);
+            der[pos.unwrap() + OID_ECDSA_SHA384.len() - 1] = 0x04;
+            pem_encode("CERTIFICATE REQUEST", &der)
+        };
+
+        let cases: Vec<(&str, String, &str)> =
+            vec![
+            ("RSA-1024", rsa_crate_csr(1024), "1024 bits is too small"),
+            ("Ed25519", ed25519, "Ed25519 keys are not accepted"),
+            ("secp256k1", secp256k1, "curve 1.3.132.0.10 is not accepted"),
+            ("P-256 with ecdsa-with-SHA512", p256_sha512, "not supported"),
+            ("compressed P-256 point", compressed, "uncompressed point"),
+            (
+                "P-256, corrupted signature byte",
+                pem_encode("CERTIFICATE REQUEST", &bad_sig),
+                "does not verify",
+            ),
+            (
+                "P-256, altered subject",
+                pem_encode("CERTIFICATE REQUEST", &bad_subject),
+                "does not verify",
+            ),
+            ("P-521, corrupted signature", p521_bad_sig, "does not verify"),
+            ("P-521, wrong digest label", p521_wrong_hash, "does not verify"),
+            (
+                "trailing data",
+                pem_encode("CERTIFICATE REQUEST", &trailing),
+                "trailing data",
+            ),
+            (
+                "truncated DER",
+                pem_encode("CERTIFICATE REQUEST", &der[..der.len() - 10]),
+                "not a valid PKCS#10",
+            ),
+            (
+                "DER of garbage",
+                pem_encode("CERTIFICATE REQUEST", b"garbage"),
+                "not a valid PKCS#10",
+            ),
+            ("garbage text", "this is not a CSR".into(), "no PEM block"),
+            ("empty string", String::new(), "empty"),
+            ("blank string", " \n\t ".into(), "empty"),
+            ("certificate instead of CSR", claim.pem.clone(), "found a CERTIFICATE"),
+            ("truncated PEM", half.to_string(), "malformed PEM"),
+            ("PEM without END line", without_end, "malformed PEM"),
+            (
+                "bad base64",
+                "-----BEGIN CERTIFICATE REQUEST-----\n@@@@\n-----END CERTIFICATE REQUEST-----\n"
+                    .into(),
+                "malformed PEM",
+            ),
+            (
+                "empty PEM block",
+                "-----BEGIN CERTIFICATE REQUEST-----\n-----END CERTIFICATE REQUEST-----\n".into(),
+                "not a valid PKCS#10",
+            ),
+        ];
+        for (name, csr, expected) in &cases {
+            match ca.issue_from_csr(csr) {
+                Ok(_) => panic!("{name}: accepted"),
+                Err(e) => assert!(e.0.contains(expected), "{name}: {e}"),
+            }
+        }
+    }
+
+    /// Every truncation and every single-bit flip of valid CSRs is rejected, without panic.
+    #[test]
+    fn issue_from_csr_survives_mutations() {
+        let ca = test_ca();
+        for csr in [p256_csr(), OPENSSL_P521_SHA256_CSR.to_string()] {
+            let der = pem_body(&csr);
+            for len in 0..der.len() {
+                let pem = pem_encode("CERTIFICATE REQUEST", &der[..len]);
+                assert!(ca.issue_from_csr(&pem).is_err(), "prefix of {len} bytes");
+            }
+            for pos in 0..der.len() {
+                for bit in [0x01, 0x80] {
+                    let mut mutated = der.clone();
+                    mutated[pos] ^= bit;
+                    let pem = pem_encode("CERTIFICATE REQUEST", &mutated);
+                    assert!(ca.issue_from_csr(&pem).is_err(), "flip {bit:#x} at {pos}");
+                }
+            }
+            // Only the final newline may go.
+            for len in 0..csr.trim_end().len() {
+                if let Some(text) = csr.get(..len) {
+                    assert!(ca.issue_from_csr(text).is_err(), "PEM prefix of {len}");
+                }
+            }
+        }
+        let rng = SystemRandom::new();
+        for len in [1usize, 2, 10, 100, 1000] {
+            let mut junk = vec![0u8; len];
+            rng.fill(&mut junk).unwrap();
+            for first in [0x30, junk[0]] {
+                junk[0] = first;
+                let pem = pem_encode("CERTIFICATE REQUEST", &junk);
+                assert!(ca.issue_from_csr(&pem).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn create_keys_and_certificate_for_each_kind() {
+        let ca = test_ca();
+        let cases = [
+            (KeyKind::Rsa2048, "-----BEGIN RSA PRIVATE KEY-----\n"),
+            (KeyKind::EcP256, "-----BEGIN PRIVATE KEY-----\n"),
+        ];
+        for (kind, header) in cases {
+            let (issued, key_pem) = ca.create_keys_and_certificate(kind).unwrap();
+            assert!(key_pem.starts_with(header), "{kind:?}: {key_pem:.40}");
+            let spki = match kind {
+                KeyKind::Rsa2048 => {
+                    let key = rsa::RsaPrivateKey::from_pkcs1_pem(&key_pem).unwrap();
+                    assert_eq!(rsa::traits::PublicKeyParts::size(&key), 256);
+                    key.to_public_key().to_public_key_der().unwrap().to_vec()
+                }
+                KeyKind::EcP256 => KeyPair::from_pem(&key_pem)
+                    .unwrap()
+                    .subject_public_key_info(),
+            };
+            assert_aws_profile(&issued, &spki, DEVICE_COMMON_NAME);
+            assert_chains(ca, &issued.der);
+            // rustls can use the pair as a client identity.
+            let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+            rustls::ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots(ca))
+                .with_client_auth_cert(vec![CertificateDer::from(issued.der.clone())], key)
+                .unwrap_or_else(|e| panic!("{kind:?}: rustls rejects the key pair: {e}"));
+        }
+    }
+
+    #[test]
+    fn claim_certificate() {
+        let ca = test_ca();
+        let (issued, key_pem) = ca.issue_claim_cert().unwrap();
+        assert!(key_pem.starts_with("-----BEGIN PRIVATE KEY-----\n"));
+        let spki = KeyPair::from_pem(&key_pem)
+            .unwrap()
+            .subject_public_key_info();
+        assert_aws_profile(&issued, &spki, CLAIM_COMMON_NAME);
+        assert_chains(ca, &issued.der);
+    }
+
+    #[test]
+    fn server_certificate_names() {
+        let ca = test_ca();
+        let names = ["localhost", "127.0.0.1", "::1", "[::2]", "emulator.test"];
+        let (cert_pem, key_pem) = ca.issue_server_cert(&names).unwrap();
+        let der = cert_der_from_pem(&cert_pem).unwrap();
+        let cert = parse(&der);
+        let sans = &cert
+            .subject_alternative_name()
+            .unwrap()
+            .expect("SAN")
+            .value
+            .general_names;
+        let mut dns = Vec::new();
+        let mut ips = Vec::new();
+        for san in sans {
+            match san {
+                GeneralName::DNSName(name) => dns.push(name.to_string()),
+                GeneralName::IPAddress(octets) => ips.push(octets.to_vec()),
+                other => panic!("unexpected SAN {other:?}"),
+            }
+        }
+        assert_eq!(dns, ["localhost", "emulator.test"]);
+        let mut v6_two = [0u8; 16];
+        v6_two[15] = 2;
+        assert_eq!(
+            ips,
+            [
+                vec![127, 0, 0, 1],
+                std::net::Ipv6Addr::LOCALHOST.octets().to_vec(),
+                v6_two.to_vec()
+            ]
+        );
+        let eku = cert.extended_key_usage().unwrap().expect("EKU").value;
+        assert!(eku.server_auth && !eku.client_auth);
+        assert!(
+            cert.key_usage()
+                .unwrap()
+                .expect("KeyUsage")
+                .value
+                .digital_signature()
+        );
+        assert_eq!(
+            KeyPair::from_pem(&key_pem)
+                .unwrap()
+                .subject_public_key_info(),
+            cert.public_key().raw
+        );
+        // rustls accepts it for each name, and as a server identity.
+        let verifier =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(roots(ca), provider())
+                .build()
+                .unwrap();
+        for name in ["localhost", "127.0.0.1", "::1", "emulator.test"] {
+            verifier
+                .verify_server_cert(
+                    &CertificateDer::from(der.clone()),
+                    &[],
+                    &ServerName::try_from(name).unwrap(),
+                    &[],
+                    UnixTime::now(),
+                )
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        assert!(
+            verifier
+                .verify_server_cert(
+                    &CertificateDer::from(der.clone()),
+                    &[],
+                    &ServerName::try_from("other.test").unwrap(),
+                    &[],
+                    UnixTime::now(),
+                )
+                .is_err()
+        );
+        rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![CertificateDer::from(der)],
+                PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap();
+    }
+
+    #[test]
+    fn server_certificate_rejects_bad_names() {
+        let ca = test_ca();
+        for names in [
+            &[][..],
+            &["not a name"],
+            &["localhost", ""],
+            &["bad_名前.test"],
+        ] {
+            assert!(ca.issue_server_cert(names).is_err(), "{names:?}");
+        }
+    }
+
+    #[test]
+    fn cert_der_from_pem_cases() {
+        let ca = test_ca();
+        let (claim, _) = ca.issue_claim_cert().unwrap();
+        let chain = format!("leaf:\n{}{}", claim.pem, ca.cert_pem());
+        let csr = p256_csr();
+        let garbage_der = pem_encode("CERTIFICATE", b"\x30\x03\x02\x01\x01");
+        let cases: [(&str, &str, Option<&[u8]>); 6] = [
+            ("single certificate", &claim.pem, Some(&claim.der)),
+            ("chain: first block wins", &chain, Some(&claim.der)),
+            ("CSR only", &csr, None),
+            ("garbage", "garbage", None),
+            ("empty", "", None),
+            ("not a certificate", &garbage_der, None),
+        ];
+        for (name, pem, expected) in cases {
+            match (cert_der_from_pem(pem), expected) {
+                (Ok(der), Some(expected)) => assert_eq!(der, expected, "{name}"),
+                (Err(_), None) => {}
+                (result, _) => panic!("{name}: unexpected {result:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn certificate_id_is_lowercase_hex_sha256() {
+        assert_eq!(
+            certificate_id(b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert_eq!(
+            certificate_id(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn pem_encoding() {
+        let cases: [(&[u8], &str); 4] = [
+            (b"", ""),
+            (b"f", "Zg==\n"),
+            (b"fo", "Zm8=\n"),
+            (b"foo", "Zm9v\n"),
+        ];
+        for (input, body) in cases {
+            assert_eq!(
+                pem_encode("X", input),
+                format!("-----BEGIN X-----\n{body}-----END X-----\n")
+            );
+        }
+        // Same output as rcgen's encoder, line breaks included.
+        for alg in [
+            &PKCS_ECDSA_P256_SHA256,
+            &PKCS_ECDSA_P384_SHA384,
+            &PKCS_ED25519,
+        ] {
+            let key = KeyPair::generate_for(alg).unwrap();
+            assert_eq!(
+                pem_encode("PUBLIC KEY", &key.subject_public_key_info()),
+                key.public_key_pem()
+            );
+            assert_eq!(
+                pem_encode("PRIVATE KEY", key.serialized_der()),
+                key.serialize_pem()
+            );
+        }
+    }
+
+    #[test]
+    fn der_helpers() {
+        for len in [0usize, 1, 127, 128, 255, 256, 65_535, 65_536] {
+            let content = vec![0xabu8; len];
+            let mut der = der_encode(TAG_SEQUENCE, &content);
+            der.push(0xff);
+            let tlv = der_take(&der).expect("round trip");
+            assert_eq!(
+                (tlv.tag, tlv.content.len(), tlv.rest),
+                (TAG_SEQUENCE, len, &[0xff][..])
+            );
+            assert_eq!(tlv.tlv.len(), der.len() - 1);
+        }
+        let malformed: [&[u8]; 7] = [
+            &[],
+            &[0x30],
+            &[0x30, 0x80, 0x00, 0x00],          // indefinite length
+            &[0x30, 0x81, 0x05, 1, 2, 3, 4, 5], // non-minimal length
+            &[0x30, 0x82, 0x00, 0x80],          // leading zero in length
+            &[0x30, 0x03, 0x01],                // truncated content
+            &[0x1f, 0x01, 0x00],                // high tag number
+        ];
+        for der in malformed {
+            assert!(der_take(der).is_none(), "{der:02x?}");
+        }
+        assert!(ecdsa_der_to_fixed(&[0x30, 0x06, 0x02, 0x01, 0x01, 0x02, 0x01, 0x01]).is_some());
+        let negative = [0x30, 0x06, 0x02, 0x01, 0x81, 0x02, 0x01, 0x01];
+        assert!(ecdsa_der_to_fixed(&negative).is_none());
+        let too_long = [
+            &[0x30, 0x49, 0x02, 0x44][..],
+            &[0x01; 68],
+            &[0x02, 0x01, 0x01],
+        ]
+        .concat();
+        assert!(ecdsa_der_to_fixed(&too_long).is_none());
+        assert_eq!(rsa_modulus_bits(&[0x00, 0x80, 0x00]), 16);
+        assert_eq!(rsa_modulus_bits(&[0x01, 0x00]), 9);
+        assert_eq!(rsa_modulus_bits(&[0x00]), 0);
+    }
 }
