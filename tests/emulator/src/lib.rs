@@ -10,6 +10,7 @@
 //! `fleetprov` library.
 
 pub mod faults;
+pub mod pki;
 pub mod topics;
 pub mod wire;
 
@@ -17,7 +18,6 @@ mod broker;
 mod control;
 mod datadir;
 mod hook;
-mod pki;
 mod service;
 mod store;
 mod template;
