@@ -23,4 +23,4 @@ fi
 
 step "interop: the official AWS IoT Device SDK for Python v2 against the emulator"
 cargo build --locked -p fleetprov-emulator --bin fleetprov-emulator
-FLEETPROV_EMULATOR="$root/target/debug/fleetprov-emulator" "$venv/bin/python" -m pytest -q tests/interop
+FLEETPROV_EMULATOR="$root/target/debug/fleetprov-emulator" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/interop
