@@ -140,10 +140,10 @@ impl Broker {
         let end = conn.run(rx, tx_half).await;
         self.forget(&conn);
         log!("{addr} [{}]: closed: {end}", conn.client_id);
-        if end.publish_will() {
-            if let Some(will) = conn.will.take() {
-                self.route(&will.topic, will.payload, will.qos);
-            }
+        if end.publish_will()
+            && let Some(will) = conn.will.take()
+        {
+            self.route(&will.topic, will.payload, will.qos);
         }
     }
 
@@ -151,10 +151,10 @@ impl Broker {
         if let Ok(mut peers) = self.peers.write() {
             peers.remove(&conn.id);
         }
-        if let Ok(mut sessions) = self.sessions.lock() {
-            if sessions.get(&conn.client_id) == Some(&conn.id) {
-                sessions.remove(&conn.client_id);
-            }
+        if let Ok(mut sessions) = self.sessions.lock()
+            && sessions.get(&conn.client_id) == Some(&conn.id)
+        {
+            sessions.remove(&conn.client_id);
         }
     }
 
@@ -329,10 +329,10 @@ impl Conn {
             let _ = self.flush(&mut w).await;
             return End::Refused("client id longer than 128 bytes");
         }
-        if let Some(will) = &will {
-            if !topics::valid_topic(&will.topic) || will.qos > 1 {
-                return self.close(&mut w, 0x90, End::Refused("invalid will")).await;
-            }
+        if let Some(will) = &will
+            && (!topics::valid_topic(&will.topic) || will.qos > 1)
+        {
+            return self.close(&mut w, 0x90, End::Refused("invalid will")).await;
         }
         self.will = will;
         let assigned = client_id
@@ -558,6 +558,11 @@ impl Conn {
                 }
             }
             Packet::Unsubscribe { pkid, filters } => {
+                if filters.is_empty() {
+                    return Err(self
+                        .close(w, 0x82, End::Protocol("UNSUBSCRIBE without filters".into()))
+                        .await);
+                }
                 let count = filters.len();
                 self.filters.retain(|(f, _)| !filters.contains(f));
                 self.publish_filters();
@@ -578,8 +583,11 @@ impl Conn {
                     .await);
             }
             Packet::Unsupported(what) => {
+                // QoS 2 flow packets: QoS not supported; AUTH without an authentication method
+                // in CONNECT: protocol error (MQTT 5 section 4.12).
+                let reason = if what == "AUTH" { 0x82 } else { 0x9B };
                 return Err(self
-                    .close(w, 0x9B, End::Protocol(format!("{what} is not supported")))
+                    .close(w, reason, End::Protocol(format!("{what} is not supported")))
                     .await);
             }
             other => {
@@ -592,10 +600,10 @@ impl Conn {
     }
 
     fn publish_filters(&self) {
-        if let Ok(mut peers) = self.broker.peers.write() {
-            if let Some(peer) = peers.get_mut(&self.id) {
-                peer.filters = self.filters.clone();
-            }
+        if let Ok(mut peers) = self.broker.peers.write()
+            && let Some(peer) = peers.get_mut(&self.id)
+        {
+            peer.filters = self.filters.clone();
         }
     }
 

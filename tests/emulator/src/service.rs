@@ -188,6 +188,9 @@ impl Service {
 
     async fn create_from_csr(&self, format: Format, payload: &[u8]) -> Result<Reply, Reply> {
         let request = decode(format, payload).map_err(invalid_payload)?;
+        if !request.is_object() {
+            return Err(invalid_payload("The payload must be an object"));
+        }
         let csr = match request.get("certificateSigningRequest") {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             Some(Value::String(_)) | None | Some(Value::Null) => {

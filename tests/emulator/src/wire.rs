@@ -185,11 +185,14 @@ pub fn read(version: Version, buf: &mut BytesMut, max: usize) -> Result<Packet, 
 
 fn read_v4(buf: &mut BytesMut, max: usize) -> Result<Packet, WireError> {
     use rumqttc::mqttbytes::Error as E;
-    let packet = v4::Packet::read(buf, max).map_err(|e| {
+    let too_large = |e: &E| matches!(e, E::PayloadSizeLimitExceeded(_) | E::PayloadTooLong);
+    // Only the framing can be incomplete: once a whole packet is there, rumqttc consumes it, and
+    // an error from inside it (even "insufficient bytes") means the packet is malformed.
+    rumqttc::mqttbytes::check(buf.iter(), max).map_err(|e| {
         let incomplete = matches!(e, E::InsufficientBytes(_));
-        let too_large = matches!(e, E::PayloadSizeLimitExceeded(_) | E::PayloadTooLong);
-        codec_error(e, too_large, incomplete)
+        codec_error(&e, too_large(&e), incomplete)
     })?;
+    let packet = v4::Packet::read(buf, max).map_err(|e| codec_error(&e, too_large(&e), false))?;
     Ok(match packet {
         v4::Packet::Connect(c) => Packet::Connect {
             client_id: c.client_id,
@@ -262,11 +265,34 @@ fn read_v4(buf: &mut BytesMut, max: usize) -> Result<Packet, WireError> {
 fn read_v5(buf: &mut BytesMut, max: usize) -> Result<Packet, WireError> {
     use rumqttc::v5::mqttbytes::Error as E;
     let max32 = u32::try_from(max).unwrap_or(u32::MAX);
-    let packet = v5::Packet::read(buf, Some(max32)).map_err(|e| {
-        let incomplete = matches!(e, E::InsufficientBytes(_));
-        let too_large = matches!(e, E::PayloadSizeLimitExceeded { .. } | E::PayloadTooLong);
-        codec_error(e, too_large, incomplete)
-    })?;
+    let too_large = |e: &E| matches!(e, E::PayloadSizeLimitExceeded { .. } | E::PayloadTooLong);
+    // Only the framing can be incomplete (see read_v4).
+    let frame = v5::check(buf.iter(), Some(max32))
+        .map_err(|e| {
+            let incomplete = matches!(e, E::InsufficientBytes(_));
+            codec_error(&e, too_large(&e), incomplete)
+        })?
+        .frame_length();
+    // What rumqttc's reader refuses although MQTT 5 allows it: a DISCONNECT without properties
+    // (remaining length 0 for reason 0x00, as rumqttc itself sends it, or 1), and AUTH.
+    match (buf[0], frame) {
+        (0xE0, 2) => {
+            let _ = buf.split_to(frame);
+            return Ok(Packet::Disconnect { reason: 0 });
+        }
+        (0xE0, 3) => {
+            let reason = buf[2];
+            let _ = buf.split_to(frame);
+            return Ok(Packet::Disconnect { reason });
+        }
+        (0xF0, _) => {
+            let _ = buf.split_to(frame);
+            return Ok(Packet::Unsupported("AUTH"));
+        }
+        _ => {}
+    }
+    let packet =
+        v5::Packet::read(buf, Some(max32)).map_err(|e| codec_error(&e, too_large(&e), false))?;
     Ok(match packet {
         v5::Packet::Connect(c, will, _login) => Packet::Connect {
             client_id: c.client_id,
@@ -395,6 +421,7 @@ fn disconnect_v5_code(code: u8) -> v5::DisconnectReasonCode {
         0x90 => D::TopicNameInvalid,
         0x94 => D::TopicAliasInvalid,
         0x95 => D::PacketTooLarge,
+        0x97 => D::QuotaExceeded,
         0x9B => D::QoSNotSupported,
         _ => D::UnspecifiedError,
     }
@@ -403,21 +430,29 @@ fn disconnect_v5_code(code: u8) -> v5::DisconnectReasonCode {
 /// Encodes `packet` at the end of `out`.
 pub fn write(version: Version, packet: &Packet, out: &mut BytesMut) -> Result<(), WireError> {
     let max = usize::MAX >> 1;
-    let res = match version {
+    match version {
         Version::V4 => to_v4(packet)
             .ok_or_else(|| WireError::Malformed("no MQTT 3.1.1 form".into()))?
             .write(out, max)
             .map(|_| ())
             .map_err(|e| WireError::Malformed(e.to_string())),
-        Version::V5 => match to_v5(packet) {
-            Some(p) => p
-                .write(out, None)
-                .map(|_| ())
-                .map_err(|e| WireError::Malformed(e.to_string())),
-            None => Err(WireError::Malformed("no MQTT 5 form".into())),
+        // rumqttc writes a DISCONNECT with a reason as `e0 01 rr 00`, a property length its
+        // remaining length does not count; written here with the length counted, the one form
+        // every reader understands (rumqttc's refuses the short `e0 00` and `e0 01 rr`).
+        Version::V5 => match packet {
+            Packet::Disconnect { reason } => {
+                out.extend_from_slice(&[0xE0, 0x02, disconnect_v5_code(*reason) as u8, 0x00]);
+                Ok(())
+            }
+            _ => match to_v5(packet) {
+                Some(p) => p
+                    .write(out, None)
+                    .map(|_| ())
+                    .map_err(|e| WireError::Malformed(e.to_string())),
+                None => Err(WireError::Malformed("no MQTT 5 form".into())),
+            },
         },
-    };
-    res
+    }
 }
 
 fn to_v4(packet: &Packet) -> Option<v4::Packet> {
@@ -653,6 +688,47 @@ mod tests {
             };
             assert_eq!(round_trip(v, a.clone()), a);
         }
+    }
+
+    #[test]
+    fn disconnect_and_auth_in_every_mqtt5_form() {
+        for reason in [0u8, 0x81, 0x8E, 0x9B] {
+            let mut buf = BytesMut::new();
+            write(Version::V5, &Packet::Disconnect { reason }, &mut buf).unwrap();
+            assert_eq!(&buf[..], [0xE0, 2, reason, 0]);
+            // rumqttc's own reader (used by MQTT 5 clients) understands it too.
+            let mut copy = buf.clone();
+            assert!(matches!(
+                v5::Packet::read(&mut copy, None),
+                Ok(v5::Packet::Disconnect(d)) if d.reason_code as u8 == reason
+            ));
+            assert_eq!(
+                read(Version::V5, &mut buf, 1 << 20),
+                Ok(Packet::Disconnect { reason })
+            );
+            assert!(buf.is_empty());
+        }
+        let rows: &[(&[u8], Result<Packet, ()>)] = &[
+            (&[0xE0, 0], Ok(Packet::Disconnect { reason: 0 })),
+            (&[0xE0, 1, 0x04], Ok(Packet::Disconnect { reason: 0x04 })),
+            (&[0xF0, 0], Ok(Packet::Unsupported("AUTH"))),
+            (&[0xF0, 2, 0, 0], Ok(Packet::Unsupported("AUTH"))),
+            // A whole packet whose inside is short is malformed, not incomplete.
+            (&[0x30, 1, 0], Err(())),
+        ];
+        for (bytes, want) in rows {
+            let mut buf = BytesMut::from(*bytes);
+            let got = read(Version::V5, &mut buf, 1 << 20);
+            match want {
+                Ok(p) => assert_eq!(got.as_ref(), Ok(p), "{bytes:02x?}"),
+                Err(()) => assert!(matches!(got, Err(WireError::Malformed(_))), "{got:?}"),
+            }
+        }
+        let mut buf = BytesMut::from(&[0x30, 1, 0][..]);
+        assert!(matches!(
+            read(Version::V4, &mut buf, 1 << 20),
+            Err(WireError::Malformed(_))
+        ));
     }
 
     #[test]
