@@ -1,0 +1,606 @@
+//! The built-in transport: MQTT (rumqttc) over TLS (rustls with ring) driving the engine.
+//!
+//! Every operation runs on a current-thread tokio runtime owned by the [`Client`], in the
+//! calling thread; the callback flavours in the C API run it on a worker thread.
+
+pub mod tls;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use once_cell::sync::Lazy;
+use rumqttc::{
+    AsyncClient, ConnectionError, Event as MqttEvent, EventLoop, MqttOptions, Outgoing, Packet, QoS,
+};
+
+use crate::engine::{Action, CertificateSource, Engine, Event, Operation, Outcome, Settings, Step};
+use crate::error::Error;
+use crate::protocol::{CreatedCertificate, Format, Registered, validate_template_name};
+use crate::secret::Secret;
+pub use tls::Roots;
+
+/// Largest packet sent or received: AWS IoT's 128 KB payload plus headers.
+const MAX_PACKET: usize = 128 * 1024 + 2048;
+
+/// Severity of a log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(C)]
+pub enum LogLevel {
+    Error = 1,
+    Warn = 2,
+    Info = 3,
+    Debug = 4,
+}
+
+/// Receives log lines. Lines never contain private keys or ownership tokens.
+pub type LogFn = Arc<dyn Fn(LogLevel, &str) + Send + Sync>;
+/// Receives each step reached.
+pub type ProgressFn = Arc<dyn Fn(Step) + Send + Sync>;
+
+/// Connection settings.
+#[derive(Clone)]
+pub struct Config {
+    /// Endpoint host name; also the TLS server name (SNI).
+    pub host: String,
+    /// 8883, or 443 with ALPN.
+    pub port: u16,
+    pub roots: Roots,
+    /// Certificate (chain) the client authenticates with: the claim certificate to provision.
+    pub cert_pem: String,
+    pub key_pem: Secret,
+    pub client_id: String,
+    pub keep_alive: Duration,
+    /// Offer ALPN `x-amzn-mqtt-ca`; `None` means "when the port is 443".
+    pub alpn: Option<bool>,
+    pub format: Format,
+    /// Longest wait for any one step (TCP+TLS+CONNACK, SUBACK, a reply).
+    pub step_timeout: Duration,
+    /// Longest time for a whole operation (the one-call flow: everything).
+    pub overall_timeout: Option<Duration>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("client_id", &self.client_id)
+            .field("format", &self.format)
+            .field("key_pem", &self.key_pem)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    /// Defaults: port 8883, system roots, keep-alive 60 s, JSON, 10 s per step, 60 s overall.
+    pub fn new(host: impl Into<String>, cert_pem: impl Into<String>, key_pem: Secret) -> Config {
+        Config {
+            host: host.into(),
+            port: 8883,
+            roots: Roots::System,
+            cert_pem: cert_pem.into(),
+            key_pem,
+            client_id: String::new(),
+            keep_alive: Duration::from_secs(60),
+            alpn: None,
+            format: Format::Json,
+            step_timeout: Duration::from_secs(10),
+            overall_timeout: Some(Duration::from_secs(60)),
+        }
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        if self.host.is_empty() {
+            return Err(Error::InvalidArgument("the endpoint host is empty".into()));
+        }
+        if self.port == 0 {
+            return Err(Error::InvalidArgument("the port is 0".into()));
+        }
+        if self.client_id.len() > 128 {
+            return Err(Error::InvalidArgument(
+                "the client id is longer than 128 bytes".into(),
+            ));
+        }
+        if self.keep_alive.as_secs() < 5 || self.keep_alive.as_secs() > 1200 {
+            return Err(Error::InvalidArgument(
+                "keep-alive must be between 5 and 1200 seconds".into(),
+            ));
+        }
+        if self.step_timeout.is_zero() {
+            return Err(Error::InvalidArgument("the step timeout is 0".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Cancels a running operation from another thread.
+#[derive(Debug, Default)]
+pub struct Cancel {
+    flag: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Cancel {
+    /// Asks the running (or next) operation to stop with [`Error::Cancelled`].
+    pub fn cancel(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    /// Clears a cancellation so that later operations run.
+    pub fn reset(&self) {
+        self.flag.store(false, Ordering::SeqCst);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.is_cancelled() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Milliseconds on the engine's clock.
+fn now_ms() -> u64 {
+    static ORIGIN: Lazy<Instant> = Lazy::new(Instant::now);
+    u64::try_from(ORIGIN.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+fn at_ms(ms: u64) -> tokio::time::Instant {
+    let now = now_ms();
+    tokio::time::Instant::now() + Duration::from_millis(ms.saturating_sub(now))
+}
+
+struct Connection {
+    client: AsyncClient,
+    events: EventLoop,
+    subscribed: HashSet<String>,
+}
+
+/// An MQTT connection to AWS IoT (or the emulator) and the provisioning operations over it.
+pub struct Client {
+    config: Config,
+    tls: Arc<rustls::ClientConfig>,
+    runtime: tokio::runtime::Runtime,
+    conn: Option<Connection>,
+    progress: Option<ProgressFn>,
+    log: Option<LogFn>,
+    cancel: Arc<Cancel>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("config", &self.config)
+            .field("connected", &self.conn.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn connection_error(e: ConnectionError) -> Error {
+    match e {
+        ConnectionError::Tls(e) => Error::Tls(e.to_string()),
+        ConnectionError::ConnectionRefused(code) => {
+            Error::Connection(format!("the broker refused the connection: {code:?}"))
+        }
+        ConnectionError::Io(e) => {
+            // rustls reports handshake failures (a refused client certificate, an untrusted
+            // server) as I/O errors carrying a rustls::Error.
+            let tls = e
+                .get_ref()
+                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some());
+            if tls {
+                Error::Tls(e.to_string())
+            } else {
+                Error::Connection(e.to_string())
+            }
+        }
+        other => Error::Connection(other.to_string()),
+    }
+}
+
+impl Client {
+    /// Checks the configuration and credentials; does not connect yet.
+    pub fn new(config: Config) -> Result<Client, Error> {
+        config.validate()?;
+        let alpn = config.alpn.unwrap_or(config.port == 443);
+        let tls = tls::client_config(&config.roots, &config.cert_pem, &config.key_pem, alpn)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Connection(format!("cannot start the I/O runtime: {e}")))?;
+        Ok(Client {
+            config,
+            tls,
+            runtime,
+            conn: None,
+            progress: None,
+            log: None,
+            cancel: Arc::new(Cancel::default()),
+        })
+    }
+
+    /// Where each step reached is reported.
+    pub fn set_progress(&mut self, progress: Option<ProgressFn>) {
+        self.progress = progress;
+    }
+
+    /// Where log lines go.
+    pub fn set_log(&mut self, log: Option<LogFn>) {
+        self.log = log;
+    }
+
+    /// Shares a cancellation handle (the one-call flow uses one for both of its connections).
+    pub fn set_cancel(&mut self, cancel: Arc<Cancel>) {
+        self.cancel = cancel;
+    }
+
+    /// A handle that cancels this client's running operation from any thread.
+    pub fn canceller(&self) -> Arc<Cancel> {
+        self.cancel.clone()
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn log(&self, level: LogLevel, line: impl FnOnce() -> String) {
+        if let Some(log) = &self.log {
+            log(level, &line());
+        }
+    }
+
+    fn progress(&self, step: Step) {
+        self.log(LogLevel::Debug, || format!("step: {}", step.doing()));
+        if let Some(p) = &self.progress {
+            p(step);
+        }
+    }
+
+    /// Connects now (operations connect on their own when needed).
+    pub fn connect(&mut self) -> Result<(), Error> {
+        let deadline = self
+            .config
+            .overall_timeout
+            .map(|d| now_ms().saturating_add(d.as_millis() as u64));
+        self.ensure_connected(deadline)
+    }
+
+    /// Closes the connection, if any.
+    pub fn disconnect(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            let Connection {
+                client, mut events, ..
+            } = conn;
+            let _ = client.try_disconnect();
+            // Let the DISCONNECT go out, briefly.
+            self.runtime.block_on(async {
+                let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                    loop {
+                        match events.poll().await {
+                            Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                            Ok(_) => {}
+                        }
+                    }
+                })
+                .await;
+            });
+        }
+    }
+
+    fn ensure_connected(&mut self, deadline: Option<u64>) -> Result<(), Error> {
+        if self.conn.is_some() {
+            return Ok(());
+        }
+        self.progress(Step::Connecting);
+        self.log(LogLevel::Info, || {
+            format!("connecting to {}:{}", self.config.host, self.config.port)
+        });
+        let client_id = if self.config.client_id.is_empty() {
+            format!("fleetprov-{:016x}", random_u64())
+        } else {
+            self.config.client_id.clone()
+        };
+        let mut options = MqttOptions::new(client_id, self.config.host.clone(), self.config.port);
+        options
+            .set_keep_alive(self.config.keep_alive)
+            .set_clean_session(true)
+            .set_max_packet_size(MAX_PACKET, MAX_PACKET)
+            .set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
+                self.tls.clone(),
+            )));
+        let (client, mut events) = AsyncClient::new(options, 16);
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_connection_timeout(self.config.step_timeout.as_secs().max(1));
+        events.set_network_options(network);
+        let step_deadline = now_ms().saturating_add(self.config.step_timeout.as_millis() as u64);
+        let limit = deadline.map_or(step_deadline, |d| d.min(step_deadline));
+        let cancel = self.cancel.clone();
+        let result = self.runtime.block_on(async {
+            let connect = async {
+                loop {
+                    match events.poll().await {
+                        Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                        Ok(_) => {}
+                        Err(e) => return Err(connection_error(e)),
+                    }
+                }
+            };
+            tokio::select! {
+                r = connect => r,
+                _ = tokio::time::sleep_until(at_ms(limit)) => Err(if Some(limit) == deadline {
+                    Error::Deadline(Step::Connecting)
+                } else {
+                    Error::Timeout(Step::Connecting)
+                }),
+                _ = cancel.wait() => Err(Error::Cancelled),
+            }
+        });
+        match result {
+            Ok(()) => {
+                self.log(LogLevel::Info, || "connected".into());
+                self.conn = Some(Connection {
+                    client,
+                    events,
+                    subscribed: HashSet::new(),
+                });
+                Ok(())
+            }
+            Err(e) => {
+                self.log(LogLevel::Warn, || format!("connection failed: {e}"));
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs one engine operation over the connection.
+    fn run(&mut self, op: Operation, deadline: Option<u64>) -> Result<Outcome, Error> {
+        if self.cancel.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        let deadline = deadline.or_else(|| {
+            self.config
+                .overall_timeout
+                .map(|d| now_ms().saturating_add(d.as_millis() as u64))
+        });
+        self.ensure_connected(deadline)?;
+        let settings = Settings {
+            format: self.config.format,
+            step_timeout_ms: self.config.step_timeout.as_millis() as u64,
+            deadline_ms: deadline,
+        };
+        let Some(mut conn) = self.conn.take() else {
+            return Err(Error::Connection("not connected".into()));
+        };
+        let mut engine = Engine::new(op, settings, now_ms(), &conn.subscribed);
+        let mut actions = engine.handle(Event::Connected, now_ms());
+        let cancel = self.cancel.clone();
+        let progress = self.progress.clone();
+        let log = self.log.clone();
+        let say = |level: LogLevel, line: String| {
+            if let Some(log) = &log {
+                log(level, &line);
+            }
+        };
+        let (result, healthy) = self.runtime.block_on(async {
+            // The SUBSCRIBE in flight: its filters, and its packet id once rumqttc assigns it.
+            let mut pending: Option<(Vec<String>, Option<u16>)> = None;
+            loop {
+                for action in actions.drain(..) {
+                    match action {
+                        Action::Subscribe(filters) => {
+                            say(LogLevel::Debug, format!("subscribing to {filters:?}"));
+                            let subs = filters.iter().map(|f| {
+                                rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)
+                            });
+                            if let Err(e) = conn.client.try_subscribe_many(subs) {
+                                return (Err(Error::Connection(e.to_string())), false);
+                            }
+                            pending = Some((filters, None));
+                        }
+                        Action::Publish { topic, payload } => {
+                            say(
+                                LogLevel::Debug,
+                                format!("publishing to {topic} ({} bytes)", payload.len()),
+                            );
+                            if let Err(e) = conn.client.try_publish(
+                                topic,
+                                QoS::AtLeastOnce,
+                                false,
+                                payload.to_vec(),
+                            ) {
+                                return (Err(Error::Connection(e.to_string())), false);
+                            }
+                        }
+                        Action::Progress(step) => {
+                            say(LogLevel::Debug, format!("step: {}", step.doing()));
+                            if let Some(p) = &progress {
+                                p(step);
+                            }
+                        }
+                        Action::Done(result) => {
+                            let healthy = !matches!(
+                                result,
+                                Err(Error::Connection(_) | Error::Timeout(_) | Error::Deadline(_))
+                            );
+                            return (result, healthy);
+                        }
+                    }
+                }
+                let wake = engine.wake_at().unwrap_or_else(now_ms);
+                let event = tokio::select! {
+                    ev = conn.events.poll() => ev,
+                    _ = tokio::time::sleep_until(at_ms(wake)) => {
+                        actions = engine.handle(Event::Tick, now_ms());
+                        continue;
+                    }
+                    _ = cancel.wait() => return (Err(Error::Cancelled), false),
+                };
+                let now = now_ms();
+                actions = match event {
+                    Ok(MqttEvent::Outgoing(Outgoing::Subscribe(pkid))) => {
+                        if let Some((_, id @ None)) = &mut pending {
+                            *id = Some(pkid);
+                        }
+                        Vec::new()
+                    }
+                    Ok(MqttEvent::Incoming(Packet::SubAck(ack))) => match &pending {
+                        Some((filters, Some(pkid))) if *pkid == ack.pkid => {
+                            let granted: Vec<bool> = ack
+                                .return_codes
+                                .iter()
+                                .map(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                                .collect();
+                            for (f, ok) in filters.iter().zip(&granted) {
+                                if *ok {
+                                    conn.subscribed.insert(f.clone());
+                                }
+                            }
+                            pending = None;
+                            engine.handle(Event::SubAck(&granted), now)
+                        }
+                        _ => Vec::new(),
+                    },
+                    Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                        say(
+                            LogLevel::Debug,
+                            format!("received on {} ({} bytes)", p.topic, p.payload.len()),
+                        );
+                        engine.handle(
+                            Event::Message {
+                                topic: &p.topic,
+                                payload: &p.payload,
+                            },
+                            now,
+                        )
+                    }
+                    Ok(_) => engine.handle(Event::Tick, now),
+                    Err(e) => {
+                        let err = connection_error(e);
+                        say(LogLevel::Warn, format!("connection lost: {err}"));
+                        let mut a = engine.handle(Event::Disconnected, now);
+                        // Keep the precise cause rather than the engine's generic text.
+                        if let Some(Action::Done(Err(Error::Connection(_)))) = a.last() {
+                            a.pop();
+                            a.push(Action::Done(Err(err)));
+                        }
+                        a
+                    }
+                };
+            }
+        });
+        if healthy {
+            self.conn = Some(conn);
+        }
+        if let Err(e) = &result {
+            self.log(LogLevel::Warn, || format!("operation failed: {e}"));
+        }
+        result
+    }
+
+    /// CreateKeysAndCertificate.
+    pub fn create_keys_and_certificate(&mut self) -> Result<CreatedCertificate, Error> {
+        match self.run(
+            Operation::CreateCertificate(CertificateSource::CreateKeys),
+            None,
+        )? {
+            Outcome::Certificate(c) => Ok(c),
+            _ => Err(Error::Connection("unexpected outcome".into())),
+        }
+    }
+
+    /// CreateCertificateFromCsr. With `key` (the key the CSR was made from) the returned
+    /// certificate is checked against it.
+    pub fn create_certificate_from_csr(
+        &mut self,
+        csr_pem: &str,
+        key: Option<&Secret>,
+    ) -> Result<CreatedCertificate, Error> {
+        crate::keys::check_csr_pem(csr_pem)
+            .map_err(|e| Error::InvalidArgument(format!("CSR: {e}")))?;
+        let source = CertificateSource::Csr {
+            csr_pem: csr_pem.to_owned(),
+            key: key.cloned(),
+        };
+        match self.run(Operation::CreateCertificate(source), None)? {
+            Outcome::Certificate(c) => Ok(c),
+            _ => Err(Error::Connection("unexpected outcome".into())),
+        }
+    }
+
+    /// RegisterThing.
+    pub fn register_thing(
+        &mut self,
+        template: &str,
+        token: &Secret,
+        parameters: &BTreeMap<String, String>,
+    ) -> Result<Registered, Error> {
+        validate_template_name(template).map_err(|e| Error::InvalidArgument(e.0))?;
+        if token.is_empty() {
+            return Err(Error::InvalidArgument(
+                "the ownership token is empty".into(),
+            ));
+        }
+        let op = Operation::RegisterThing {
+            template: template.to_owned(),
+            token: token.clone(),
+            parameters: parameters.clone(),
+        };
+        match self.run(op, None)? {
+            Outcome::Registered(r) => Ok(r),
+            _ => Err(Error::Connection("unexpected outcome".into())),
+        }
+    }
+
+    /// Certificate, then RegisterThing, over this connection, before `deadline` (engine ms).
+    pub(crate) fn provision_steps(
+        &mut self,
+        source: CertificateSource,
+        template: &str,
+        parameters: &BTreeMap<String, String>,
+        deadline: Option<u64>,
+    ) -> Result<(CreatedCertificate, Registered), Error> {
+        validate_template_name(template).map_err(|e| Error::InvalidArgument(e.0))?;
+        let op = Operation::Provision {
+            source,
+            template: template.to_owned(),
+            parameters: parameters.clone(),
+        };
+        match self.run(op, deadline)? {
+            Outcome::Provisioned {
+                certificate,
+                registered,
+            } => Ok((certificate, registered)),
+            _ => Err(Error::Connection("unexpected outcome".into())),
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.disconnect();
+    }
+}
+
+/// The engine clock, for callers computing deadlines.
+pub(crate) fn clock_ms() -> u64 {
+    now_ms()
+}
+
+/// A random u64 for client ids.
+pub(crate) fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS; good enough for a client id, not for secrets.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.finish()
+}

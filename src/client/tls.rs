@@ -1,0 +1,76 @@
+//! rustls client configuration with the ring provider (never a process-wide default provider:
+//! the library lives in someone else's process).
+
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::error::Error;
+use crate::keys;
+use crate::secret::Secret;
+
+/// ALPN protocol AWS IoT requires for MQTT on port 443.
+pub const ALPN_MQTT: &[u8] = b"x-amzn-mqtt-ca";
+
+/// Which roots authenticate the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Roots {
+    /// PEM CA certificates (file content or in memory).
+    Pem(String),
+    /// The operating system's trust store.
+    System,
+}
+
+/// A TLS client configuration for mutual authentication.
+pub fn client_config(
+    roots: &Roots,
+    cert_pem: &str,
+    key_pem: &Secret,
+    alpn: bool,
+) -> Result<Arc<rustls::ClientConfig>, Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut store = rustls::RootCertStore::empty();
+    match roots {
+        Roots::Pem(pem) => {
+            for cert in keys::parse_certificate_pem(pem)
+                .map_err(|e| Error::InvalidArgument(format!("CA certificates: {e}")))?
+            {
+                store
+                    .add(cert)
+                    .map_err(|e| Error::InvalidArgument(format!("CA certificate: {e}")))?;
+            }
+        }
+        Roots::System => {
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                // Individual unusable system certificates are skipped, as browsers do.
+                let _ = store.add(cert);
+            }
+            if store.is_empty() {
+                return Err(Error::Tls(
+                    "no usable system root certificates found".into(),
+                ));
+            }
+        }
+    }
+    let chain: Vec<CertificateDer<'static>> = keys::parse_certificate_pem(cert_pem)
+        .map_err(|e| Error::InvalidArgument(format!("client certificate: {e}")))?;
+    let key: PrivateKeyDer<'static> = keys::parse_private_key_pem(key_pem.expose())
+        .map_err(|e| Error::InvalidArgument(format!("client private key: {e}")))?;
+    keys::certificate_matches_key(cert_pem, key_pem.expose()).map_err(|e| match e {
+        keys::KeyError::Mismatch => {
+            Error::InvalidArgument("the client certificate does not match the private key".into())
+        }
+        other => Error::InvalidArgument(format!("client credentials: {other}")),
+    })?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_root_certificates(store)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| Error::InvalidArgument(format!("client credentials: {e}")))?;
+    if alpn {
+        cfg.alpn_protocols = vec![ALPN_MQTT.to_vec()];
+    }
+    Ok(Arc::new(cfg))
+}

@@ -1,0 +1,83 @@
+//! The library's error type: every failure, typed.
+
+use std::fmt;
+
+use crate::engine::Step;
+use crate::protocol::{DecodeError, ServiceError};
+
+/// Why an operation failed. Texts never contain private keys or ownership tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// A caller-supplied value is unusable (bad template name, empty PEM, ...).
+    InvalidArgument(String),
+    /// TLS could not be set up or the handshake failed (bad CA, certificate refused, ...).
+    Tls(String),
+    /// The connection could not be made or was lost.
+    Connection(String),
+    /// A step took longer than the per-step timeout.
+    Timeout(Step),
+    /// The overall deadline passed.
+    Deadline(Step),
+    /// The service rejected a request; its fields are intact.
+    Rejected {
+        api: &'static str,
+        error: ServiceError,
+    },
+    /// A reply that does not match the API.
+    MalformedReply(DecodeError),
+    /// The broker refused a subscription the flow needs.
+    SubscribeFailed(String),
+    /// The returned certificate is not for the device's key.
+    CertificateMismatch,
+    /// The operation was cancelled by the caller.
+    Cancelled,
+    /// Writing the credentials failed.
+    Storage(String),
+    /// Another operation is running on the same client.
+    Busy,
+}
+
+impl Error {
+    /// Whether trying again can help: connection trouble, timeouts, 429 and 5xx rejections.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Connection(_) | Error::Timeout(_) => true,
+            Error::Rejected { error, .. } => error.is_retryable(),
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidArgument(m) => write!(f, "invalid argument: {m}"),
+            Error::Tls(m) => write!(f, "TLS: {m}"),
+            Error::Connection(m) => write!(f, "connection: {m}"),
+            Error::Timeout(step) => write!(f, "timed out while {}", step.doing()),
+            Error::Deadline(step) => write!(f, "overall deadline passed while {}", step.doing()),
+            Error::Rejected { api, error } => write!(f, "{api} {error}"),
+            Error::MalformedReply(e) => write!(f, "{e}"),
+            Error::SubscribeFailed(topic) => {
+                write!(f, "the broker refused the subscription to {topic}")
+            }
+            Error::CertificateMismatch => {
+                f.write_str("the returned certificate does not match the device's private key")
+            }
+            Error::Cancelled => f.write_str("cancelled"),
+            Error::Storage(m) => write!(f, "storing credentials: {m}"),
+            Error::Busy => f.write_str("another operation is running on this client"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<crate::keys::KeyError> for Error {
+    fn from(e: crate::keys::KeyError) -> Self {
+        match e {
+            crate::keys::KeyError::Mismatch => Error::CertificateMismatch,
+            other => Error::InvalidArgument(other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,1129 @@
+//! The configuration, client and operation handles and the operations.
+
+use std::collections::BTreeMap;
+use std::ffi::{c_char, c_void};
+use std::path::PathBuf;
+use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::types::*;
+use crate::client::{Cancel, Client, Config, LogFn, LogLevel, ProgressFn, Roots};
+use crate::error::Error;
+use crate::keys::{self, KeyType};
+use crate::protocol::{Format, validate_template_name};
+use crate::provision::{self, Hooks, Method, Provisioned, Request};
+use crate::secret::Secret;
+
+struct LogCallback {
+    cb: unsafe extern "C" fn(*mut c_void, fleetprov_log_level, *const c_char, usize),
+    user: UserData,
+    max: fleetprov_log_level,
+}
+
+struct ProgressCallback {
+    cb: unsafe extern "C" fn(*mut c_void, fleetprov_step),
+    user: UserData,
+}
+
+/// Connection, claim credentials and provisioning settings. Create with fleetprov_config_new(),
+/// free with fleetprov_config_free(). Not thread-safe: use one thread at a time. Clients and
+/// operations copy what they need, so a config may be changed or freed while they run.
+pub struct fleetprov_config {
+    host: String,
+    port: u16,
+    roots: Roots,
+    cert_pem: Option<String>,
+    key_pem: Option<Secret>,
+    client_id: String,
+    keep_alive: u16,
+    alpn: Option<bool>,
+    format: Format,
+    step_timeout_ms: u64,
+    overall_timeout_ms: u64,
+    template: Option<String>,
+    parameters: BTreeMap<String, String>,
+    method: fleetprov_method,
+    key_type: KeyType,
+    csr_pem: Option<String>,
+    verify: bool,
+    output_dir: Option<PathBuf>,
+    log: Option<Arc<LogCallback>>,
+    progress: Option<Arc<ProgressCallback>>,
+}
+
+impl Default for fleetprov_config {
+    fn default() -> Self {
+        fleetprov_config {
+            host: String::new(),
+            port: 8883,
+            roots: Roots::System,
+            cert_pem: None,
+            key_pem: None,
+            client_id: String::new(),
+            keep_alive: 60,
+            alpn: None,
+            format: Format::Json,
+            step_timeout_ms: 10_000,
+            overall_timeout_ms: 60_000,
+            template: None,
+            parameters: BTreeMap::new(),
+            method: fleetprov_method::FLEETPROV_METHOD_CSR,
+            key_type: KeyType::P256,
+            csr_pem: None,
+            verify: true,
+            output_dir: None,
+            log: None,
+            progress: None,
+        }
+    }
+}
+
+impl fleetprov_config {
+    fn connection(&self) -> Result<Config, Error> {
+        let cert = self
+            .cert_pem
+            .clone()
+            .ok_or_else(|| invalid("no client certificate: call fleetprov_config_set_claim_*"))?;
+        let key = self
+            .key_pem
+            .clone()
+            .ok_or_else(|| invalid("no private key: call fleetprov_config_set_claim_*"))?;
+        let mut c = Config::new(self.host.clone(), cert, key);
+        c.port = self.port;
+        c.roots = self.roots.clone();
+        c.client_id = self.client_id.clone();
+        c.keep_alive = Duration::from_secs(u64::from(self.keep_alive));
+        c.alpn = self.alpn;
+        c.format = self.format;
+        c.step_timeout = Duration::from_millis(self.step_timeout_ms);
+        c.overall_timeout =
+            (self.overall_timeout_ms > 0).then(|| Duration::from_millis(self.overall_timeout_ms));
+        Ok(c)
+    }
+
+    fn hooks(&self) -> Hooks {
+        Hooks {
+            progress: self.progress.clone().map(|p| -> ProgressFn {
+                Arc::new(move |step| {
+                    // SAFETY: the callback and userdata were registered together; the header
+                    // states the threads it may be called on.
+                    unsafe { (p.cb)(p.user.ptr, step.into()) }
+                })
+            }),
+            log: self.log.clone().map(|l| -> LogFn {
+                Arc::new(move |level, line| {
+                    let level = match level {
+                        LogLevel::Error => fleetprov_log_level::FLEETPROV_LOG_ERROR,
+                        LogLevel::Warn => fleetprov_log_level::FLEETPROV_LOG_WARN,
+                        LogLevel::Info => fleetprov_log_level::FLEETPROV_LOG_INFO,
+                        LogLevel::Debug => fleetprov_log_level::FLEETPROV_LOG_DEBUG,
+                    };
+                    if level > l.max {
+                        return;
+                    }
+                    let text = cstring(line);
+                    // SAFETY: as above; `text` outlives the call.
+                    unsafe { (l.cb)(l.user.ptr, level, text.as_ptr(), text.as_bytes().len()) }
+                })
+            }),
+            cancel: None,
+        }
+    }
+
+    fn request(&self) -> Result<Request, Error> {
+        let template = self
+            .template
+            .clone()
+            .ok_or_else(|| invalid("no template: call fleetprov_config_set_template"))?;
+        let method = match self.method {
+            fleetprov_method::FLEETPROV_METHOD_CSR => Method::Csr(self.key_type),
+            fleetprov_method::FLEETPROV_METHOD_CREATE_KEYS => Method::CreateKeys,
+            fleetprov_method::FLEETPROV_METHOD_EXTERNAL_CSR => Method::ExternalCsr(
+                self.csr_pem
+                    .clone()
+                    .ok_or_else(|| invalid("no CSR: call fleetprov_config_set_csr_pem"))?,
+            ),
+        };
+        Ok(Request {
+            connection: self.connection()?,
+            template,
+            parameters: self.parameters.clone(),
+            method,
+            verify: self.verify,
+            output_dir: self.output_dir.clone(),
+        })
+    }
+}
+
+/// # Safety
+/// `config` is NULL or a live config used by this thread only.
+unsafe fn config_mut<'a>(config: *mut fleetprov_config) -> Result<&'a mut fleetprov_config, Error> {
+    // SAFETY: per the contract above.
+    unsafe { config.as_mut() }.ok_or_else(|| invalid("config is NULL"))
+}
+
+/// # Safety
+/// `config` is NULL or a live config.
+unsafe fn config_ref<'a>(config: *const fleetprov_config) -> Result<&'a fleetprov_config, Error> {
+    // SAFETY: per the contract above.
+    unsafe { config.as_ref() }.ok_or_else(|| invalid("config is NULL"))
+}
+
+fn read_file(path: &str, what: &str) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|e| invalid(format!("cannot read {what} {path:?}: {e}")))
+}
+
+/// Creates a configuration with defaults: port 8883, system roots, keep-alive 60 s, JSON,
+/// 10 s per step, 60 s overall, FLEETPROV_METHOD_CSR with a P-256 key, verification on, no
+/// output directory. Writes it to `*out`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_new(out: *mut *mut fleetprov_config) -> fleetprov_result {
+    guard(|| {
+        let config = Box::into_raw(Box::default());
+        // SAFETY: `out` is NULL or valid for writes per the header.
+        unsafe { write_out(out, config) }.inspect_err(|_| {
+            // SAFETY: just created above and not handed out.
+            drop(unsafe { Box::from_raw(config) });
+        })
+    })
+}
+
+/// Frees a configuration (wiping the private key), releasing callback userdata once no client
+/// or operation uses it any more. NULL is a no-op.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_free(config: *mut fleetprov_config) {
+    guard_value((), || {
+        if !config.is_null() {
+            // SAFETY: created by fleetprov_config_new and freed once, per the header.
+            drop(unsafe { Box::from_raw(config) });
+        }
+    })
+}
+
+/// Sets the endpoint: `host` (also the TLS server name, e.g.
+/// "abc123-ats.iot.eu-west-1.amazonaws.com") and `port` (8883; 443 turns ALPN on).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_set_endpoint(
+    config: *mut fleetprov_config,
+    host: *const c_char,
+    port: u16,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointers per the header.
+        let (config, host) = unsafe { (config_mut(config)?, str_arg(host, "host")?) };
+        if host.is_empty() || port == 0 {
+            return Err(invalid("host must not be empty and port must not be 0"));
+        }
+        config.host = host.to_owned();
+        config.port = port;
+        Ok(())
+    })
+}
+
+/// Trusts the CA certificates in the PEM file at `path` (e.g. AmazonRootCA1.pem) instead of the
+/// system's roots. The file is read now.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_set_ca_file(
+    config: *mut fleetprov_config,
+    path: *const c_char,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointers per the header.
+        let (config, path) = unsafe { (config_mut(config)?, str_arg(path, "path")?) };
+        let pem = read_file(path, "CA file")?;
+        keys::parse_certificate_pem(&pem).map_err(|e| invalid(format!("CA file: {e}")))?;
+        config.roots = Roots::Pem(pem);
+        Ok(())
+    })
+}
+
+/// Trusts the CA certificates in `pem` (copied) instead of the system's roots.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_set_ca_pem(
+    config: *mut fleetprov_config,
+    pem: *const c_char,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointers per the header.
+        let (config, pem) = unsafe { (config_mut(config)?, str_arg(pem, "pem")?) };
+        keys::parse_certificate_pem(pem).map_err(|e| invalid(format!("CA: {e}")))?;
+        config.roots = Roots::Pem(pem.to_owned());
+        Ok(())
+    })
+}
+
+/// Trusts the operating system's root certificates (the default).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_use_system_roots(
+    config: *mut fleetprov_config,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointer per the header.
+        unsafe { config_mut(config)? }.roots = Roots::System;
+        Ok(())
+    })
+}
+
+fn set_claim(config: &mut fleetprov_config, cert: String, key: Secret) -> Result<(), Error> {
+    keys::parse_certificate_pem(&cert).map_err(|e| invalid(format!("claim certificate: {e}")))?;
+    keys::parse_private_key_pem(key.expose()).map_err(|e| invalid(format!("claim key: {e}")))?;
+    keys::certificate_matches_key(&cert, key.expose()).map_err(|e| match e {
+        keys::KeyError::Mismatch => invalid("the claim certificate does not match the claim key"),
+        other => invalid(format!("claim credentials: {other}")),
+    })?;
+    config.cert_pem = Some(cert);
+    config.key_pem = Some(key);
+    Ok(())
+}
+
+/// Sets the claim certificate and key from PEM files (read now; the key is checked to match).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_set_claim_files(
+    config: *mut fleetprov_config,
+    cert_path: *const c_char,
+    key_path: *const c_char,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointers per the header.
+        let (config, cert_path, key_path) = unsafe {
+            (
+                config_mut(config)?,
+                str_arg(cert_path, "cert_path")?,
+                str_arg(key_path, "key_path")?,
+            )
+        };
+        let cert = read_file(cert_path, "certificate file")?;
+        let key = Secret::new(read_file(key_path, "key file")?);
+        set_claim(config, cert, key)
+    })
+}
+
+/// Sets the claim certificate and key from PEM text (copied; the key copy is wiped on free).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_set_claim_pem(
+    config: *mut fleetprov_config,
+    cert_pem: *const c_char,
+    key_pem: *const c_char,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointers per the header.
+        let (config, cert, key) = unsafe {
+            (
+                config_mut(config)?,
+                str_arg(cert_pem, "cert_pem")?,
+                str_arg(key_pem, "key_pem")?,
+            )
+        };
+        set_claim(config, cert.to_owned(), Secret::new(key.to_owned()))
+    })
+}
+
+/// Sets the MQTT client id (at most 128 bytes; default: a random "fleetprov-…" id). AWS IoT
+/// policies often require it to match something, e.g. the serial number.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_set_client_id(
+    config: *mut fleetprov_config,
+    client_id: *const c_char,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointers per the header.
+        let (config, id) = unsafe { (config_mut(config)?, str_arg(client_id, "client_id")?) };
+        if id.len() > 128 {
+            return Err(invalid("client_id is longer than 128 bytes"));
+        }
+        config.client_id = id.to_owned();
+        Ok(())
+    })
+}
+
+/// Sets the MQTT keep-alive in seconds (5 to 1200; default 60).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_set_keep_alive(
+    config: *mut fleetprov_config,
+    seconds: u16,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointer per the header.
+        let config = unsafe { config_mut(config)? };
+        if !(5..=1200).contains(&seconds) {
+            return Err(invalid("keep-alive must be between 5 and 1200 seconds"));
+        }
+        config.keep_alive = seconds;
+        Ok(())
+    })
+}
+
+/// Offers ALPN "x-amzn-mqtt-ca" (required by AWS IoT on port 443) or not. Default: on exactly
+/// when the port is 443.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_set_alpn(
+    config: *mut fleetprov_config,
+    enabled: bool,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointer per the header.
+        unsafe { config_mut(config)? }.alpn = Some(enabled);
+        Ok(())
+    })
+}
+
+/// Sets the payload format: a fleetprov_format value (JSON by default).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_set_format(
+    config: *mut fleetprov_config,
+    format: i32,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointer per the header.
+        let config = unsafe { config_mut(config)? };
+        config.format = match format {
+            x if x == fleetprov_format::FLEETPROV_FORMAT_JSON as i32 => Format::Json,
+            x if x == fleetprov_format::FLEETPROV_FORMAT_CBOR as i32 => Format::Cbor,
+            other => return Err(invalid(format!("unknown format {other}"))),
+        };
+        Ok(())
+    })
+}
+
+/// Sets the timeouts in milliseconds: `step_ms` for each step (connecting, SUBACK, each
+/// reply; default 10000, must be > 0) and `overall_ms` for a whole operation, the one-call flow
+/// included (default 60000; 0 means none).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_set_timeouts(
+    config: *mut fleetprov_config,
+    step_ms: u32,
+    overall_ms: u32,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointer per the header.
+        let config = unsafe { config_mut(config)? };
+        if step_ms == 0 {
+            return Err(invalid("the step timeout must be greater than 0"));
+        }
+        config.step_timeout_ms = u64::from(step_ms);
+        config.overall_timeout_ms = u64::from(overall_ms);
+        Ok(())
+    })
+}
+
+/// Sets the provisioning template name (1-36 of [0-9A-Za-z_-], checked now).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_set_template(
+    config: *mut fleetprov_config,
+    name: *const c_char,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointers per the header.
+        let (config, name) = unsafe { (config_mut(config)?, str_arg(name, "name")?) };
+        validate_template_name(name).map_err(|e| invalid(e.0))?;
+        config.template = Some(name.to_owned());
+        Ok(())
+    })
+}
+
+/// Adds (or replaces) a template parameter for RegisterThing, e.g. "SerialNumber".
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_set_parameter(
+    config: *mut fleetprov_config,
+    key: *const c_char,
+    value: *const c_char,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointers per the header.
+        let (config, key, value) = unsafe {
+            (
+                config_mut(config)?,
+                str_arg(key, "key")?,
+                str_arg(value, "value")?,
+            )
+        };
+        if key.is_empty() {
+            return Err(invalid("parameter key is empty"));
+        }
+        config.parameters.insert(key.to_owned(), value.to_owned());
+        Ok(())
+    })
+}
+
+/// Removes every template parameter.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_clear_parameters(
+    config: *mut fleetprov_config,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointer per the header.
+        unsafe { config_mut(config)? }.parameters.clear();
+        Ok(())
+    })
+}
+
+/// Chooses how the one-call flow gets the certificate: a fleetprov_method value.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_set_method(
+    config: *mut fleetprov_config,
+    method: i32,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointer per the header.
+        let config = unsafe { config_mut(config)? };
+        use fleetprov_method::*;
+        config.method = match method {
+            x if x == FLEETPROV_METHOD_CSR as i32 => FLEETPROV_METHOD_CSR,
+            x if x == FLEETPROV_METHOD_CREATE_KEYS as i32 => FLEETPROV_METHOD_CREATE_KEYS,
+            x if x == FLEETPROV_METHOD_EXTERNAL_CSR as i32 => FLEETPROV_METHOD_EXTERNAL_CSR,
+            other => return Err(invalid(format!("unknown method {other}"))),
+        };
+        Ok(())
+    })
+}
+
+/// Chooses the key generated for FLEETPROV_METHOD_CSR: a fleetprov_key_type value.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_set_key_type(
+    config: *mut fleetprov_config,
+    key_type: i32,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointer per the header.
+        let config = unsafe { config_mut(config)? };
+        config.key_type = match key_type {
+            x if x == fleetprov_key_type::FLEETPROV_KEY_P256 as i32 => KeyType::P256,
+            x if x == fleetprov_key_type::FLEETPROV_KEY_P384 as i32 => KeyType::P384,
+            other => return Err(invalid(format!("unknown key type {other}"))),
+        };
+        Ok(())
+    })
+}
+
+/// Sets the CSR (PEM, copied) for FLEETPROV_METHOD_EXTERNAL_CSR, e.g. made by a secure element,
+/// and selects that method.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_set_csr_pem(
+    config: *mut fleetprov_config,
+    csr_pem: *const c_char,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointers per the header.
+        let (config, csr) = unsafe { (config_mut(config)?, str_arg(csr_pem, "csr_pem")?) };
+        keys::check_csr_pem(csr).map_err(|e| invalid(format!("CSR: {e}")))?;
+        config.csr_pem = Some(csr.to_owned());
+        config.method = fleetprov_method::FLEETPROV_METHOD_EXTERNAL_CSR;
+        Ok(())
+    })
+}
+
+/// Whether the one-call flow connects once with the new credentials before succeeding
+/// (default true).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_set_verify(
+    config: *mut fleetprov_config,
+    verify: bool,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointer per the header.
+        unsafe { config_mut(config)? }.verify = verify;
+        Ok(())
+    })
+}
+
+/// Makes the one-call flow write certificate.pem, private.key (0600) and device.json into
+/// `path` (created 0700), each atomically. NULL: do not write (the default).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_set_output_dir(
+    config: *mut fleetprov_config,
+    path: *const c_char,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointers per the header.
+        let (config, path) = unsafe { (config_mut(config)?, opt_str_arg(path, "path")?) };
+        if path == Some("") {
+            return Err(invalid("path is empty"));
+        }
+        config.output_dir = path.map(PathBuf::from);
+        Ok(())
+    })
+}
+
+/// Registers the log callback (NULL to remove) receiving lines up to `max_level` (a
+/// fleetprov_log_level value). `userdata_free` (may be NULL) is called once on `userdata` when
+/// the callback is replaced or the last config, client or operation using it is freed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_set_log_callback(
+    config: *mut fleetprov_config,
+    callback: fleetprov_log_callback,
+    userdata: *mut c_void,
+    userdata_free: fleetprov_userdata_free,
+    max_level: i32,
+) -> fleetprov_result {
+    guard(|| {
+        let user = UserData::new(userdata, userdata_free);
+        // SAFETY: pointer per the header.
+        let config = unsafe { config_mut(config)? };
+        use fleetprov_log_level::*;
+        let max = match max_level {
+            1 => FLEETPROV_LOG_ERROR,
+            2 => FLEETPROV_LOG_WARN,
+            3 => FLEETPROV_LOG_INFO,
+            4 => FLEETPROV_LOG_DEBUG,
+            other => return Err(invalid(format!("unknown log level {other}"))),
+        };
+        config.log = callback.map(|cb| Arc::new(LogCallback { cb, user, max }));
+        Ok(())
+    })
+}
+
+/// Registers the progress callback (NULL to remove); `userdata_free` as for the log callback.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_set_progress_callback(
+    config: *mut fleetprov_config,
+    callback: fleetprov_progress_callback,
+    userdata: *mut c_void,
+    userdata_free: fleetprov_userdata_free,
+) -> fleetprov_result {
+    guard(|| {
+        let user = UserData::new(userdata, userdata_free);
+        // SAFETY: pointer per the header.
+        let config = unsafe { config_mut(config)? };
+        config.progress = callback.map(|cb| Arc::new(ProgressCallback { cb, user }));
+        Ok(())
+    })
+}
+
+fn provisioned_object(p: Provisioned) -> fleetprov_provisioned {
+    fleetprov_provisioned {
+        thing_name: cstring(&p.thing_name),
+        certificate_id: cstring(&p.certificate_id),
+        certificate_pem: cstring(&p.certificate_pem),
+        private_key: p
+            .private_key_pem
+            .as_ref()
+            .map(|k| SecretCString::new(k.expose())),
+        config: config_entries(&p.device_configuration),
+        output_dir: p.stored.map(|s| cstring(&s.dir.to_string_lossy())),
+    }
+}
+
+/// Provisions a device in one call, blocking: connects with the claim certificate, creates the
+/// certificate, registers the thing, checks the certificate against the key, connects once with
+/// the new credentials (unless verification is off) and writes them to the output directory if
+/// one is set. On success writes a new result to `*out` (free with fleetprov_provisioned_free()).
+/// Callbacks run on the calling thread. Thread-safe with respect to other configs.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_provision(
+    config: *const fleetprov_config,
+    out: *mut *mut fleetprov_provisioned,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointer per the header.
+        let config = unsafe { config_ref(config)? };
+        if out.is_null() {
+            return Err(invalid("output pointer is NULL"));
+        }
+        let request = config.request()?;
+        let p = provision::provision(&request, &config.hooks())?;
+        // SAFETY: checked non-NULL above; valid for writes per the header.
+        unsafe { write_out(out, Box::into_raw(Box::new(provisioned_object(p)))) }
+    })
+}
+
+/// A running asynchronous operation: cancel it, wait for it, free it.
+pub struct fleetprov_operation {
+    cancel: Arc<Cancel>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn join_unless_self(handle: Option<JoinHandle<()>>) {
+    if let Some(h) = handle
+        && h.thread().id() != std::thread::current().id()
+    {
+        let _ = h.join();
+    }
+}
+
+/// Starts the one-call flow on a library worker thread and returns at once, writing an
+/// operation handle to `*out`. `callback` is called exactly once, on the worker thread, with
+/// the outcome (see fleetprov_provision_callback); progress and log callbacks also run there.
+/// `userdata_free` (may be NULL) is called on `userdata` after the callback returned. The
+/// config is copied: it may be freed right away.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_provision_async(
+    config: *const fleetprov_config,
+    callback: fleetprov_provision_callback,
+    userdata: *mut c_void,
+    userdata_free: fleetprov_userdata_free,
+    out: *mut *mut fleetprov_operation,
+) -> fleetprov_result {
+    guard(|| {
+        let user = UserData::new(userdata, userdata_free);
+        // SAFETY: pointer per the header.
+        let config = unsafe { config_ref(config)? };
+        let callback = callback.ok_or_else(|| invalid("callback is NULL"))?;
+        if out.is_null() {
+            return Err(invalid("output pointer is NULL"));
+        }
+        let request = config.request()?;
+        let mut hooks = config.hooks();
+        let cancel = Arc::new(Cancel::default());
+        hooks.cancel = Some(cancel.clone());
+        let thread = std::thread::Builder::new()
+            .name("fleetprov-provision".into())
+            .spawn(move || {
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    provision::provision(&request, &hooks)
+                }));
+                complete(callback, &user, outcome.map(|r| r.map(provisioned_object)));
+            })
+            .map_err(|e| Error::Connection(format!("cannot start a worker thread: {e}")))?;
+        let op = Box::new(fleetprov_operation {
+            cancel,
+            thread: Mutex::new(Some(thread)),
+        });
+        // SAFETY: checked non-NULL above; valid for writes per the header.
+        unsafe { write_out(out, Box::into_raw(op)) }
+    })
+}
+
+type CompletionFn<T> =
+    unsafe extern "C" fn(*mut c_void, fleetprov_result, *mut T, *const fleetprov_error);
+
+/// Calls a completion callback with a result or an error (a panic counts as FLEETPROV_PANIC).
+fn complete<T>(
+    callback: CompletionFn<T>,
+    user: &UserData,
+    outcome: std::thread::Result<Result<T, Error>>,
+) {
+    match outcome {
+        Ok(Ok(value)) => {
+            let object = Box::into_raw(Box::new(value));
+            // SAFETY: callback and userdata registered together; ownership of `object` passes
+            // to the callee, as the header says.
+            unsafe {
+                callback(
+                    user.ptr,
+                    fleetprov_result::FLEETPROV_OK,
+                    object,
+                    ptr::null(),
+                )
+            }
+        }
+        Ok(Err(e)) => {
+            let err = fleetprov_error::new(&e);
+            // SAFETY: `err` outlives the call; documented as borrowed for the call.
+            unsafe { callback(user.ptr, err.result, ptr::null_mut(), &err) }
+        }
+        Err(_) => {
+            let err = fleetprov_error::panic();
+            // SAFETY: as above.
+            unsafe { callback(user.ptr, err.result, ptr::null_mut(), &err) }
+        }
+    }
+}
+
+/// Asks the operation to stop; its callback then reports FLEETPROV_CANCELLED (unless it had
+/// already finished). Thread-safe; may be called from any thread, callbacks included.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_operation_cancel(
+    operation: *const fleetprov_operation,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointer per the header.
+        let op = unsafe { operation.as_ref() }.ok_or_else(|| invalid("operation is NULL"))?;
+        op.cancel.cancel();
+        Ok(())
+    })
+}
+
+/// Blocks until the operation's callback has returned. Must not be called from that callback.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_operation_wait(
+    operation: *const fleetprov_operation,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointer per the header.
+        let op = unsafe { operation.as_ref() }.ok_or_else(|| invalid("operation is NULL"))?;
+        let handle = op
+            .thread
+            .lock()
+            .map_err(|_| invalid("operation lock poisoned"))?
+            .take();
+        join_unless_self(handle);
+        Ok(())
+    })
+}
+
+/// Cancels the operation if still running, waits for its callback to return (unless called
+/// from that callback) and frees the handle. NULL is a no-op.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_operation_free(operation: *mut fleetprov_operation) {
+    guard_value((), || {
+        if operation.is_null() {
+            return;
+        }
+        // SAFETY: created by fleetprov_provision_async and freed once, per the header.
+        let op = unsafe { Box::from_raw(operation) };
+        op.cancel.cancel();
+        let handle = op.thread.lock().ok().and_then(|mut t| t.take());
+        join_unless_self(handle);
+    })
+}
+
+/// A connection for step-by-step provisioning. Create with fleetprov_client_new(), free with
+/// fleetprov_client_free(). One operation at a time: a call while another (an `_async` one)
+/// runs returns FLEETPROV_BUSY. fleetprov_client_cancel() may be called from any thread.
+pub struct fleetprov_client {
+    inner: Arc<Mutex<Client>>,
+    cancel: Arc<Cancel>,
+    busy: Arc<AtomicBool>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+    parameters: BTreeMap<String, String>,
+    template: Option<String>,
+}
+
+/// Creates a client from `config` (copied: endpoint, credentials, timeouts, format, callbacks,
+/// template and parameters). Checks the credentials; does not connect yet. Writes it to `*out`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_client_new(
+    config: *const fleetprov_config,
+    out: *mut *mut fleetprov_client,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointer per the header.
+        let config = unsafe { config_ref(config)? };
+        if out.is_null() {
+            return Err(invalid("output pointer is NULL"));
+        }
+        let mut client = Client::new(config.connection()?)?;
+        let hooks = config.hooks();
+        client.set_progress(hooks.progress);
+        client.set_log(hooks.log);
+        let handle = Box::new(fleetprov_client {
+            cancel: client.canceller(),
+            inner: Arc::new(Mutex::new(client)),
+            busy: Arc::new(AtomicBool::new(false)),
+            worker: Mutex::new(None),
+            parameters: config.parameters.clone(),
+            template: config.template.clone(),
+        });
+        // SAFETY: checked non-NULL above; valid for writes per the header.
+        unsafe { write_out(out, Box::into_raw(handle)) }
+    })
+}
+
+/// Cancels a running operation, waits for its callback (unless called from it), disconnects and
+/// frees the client. NULL is a no-op.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_client_free(client: *mut fleetprov_client) {
+    guard_value((), || {
+        if client.is_null() {
+            return;
+        }
+        // SAFETY: created by fleetprov_client_new and freed once, per the header.
+        let c = unsafe { Box::from_raw(client) };
+        c.cancel.cancel();
+        let handle = c.worker.lock().ok().and_then(|mut w| w.take());
+        join_unless_self(handle);
+    })
+}
+
+/// Asks the running operation of this client to stop with FLEETPROV_CANCELLED. Thread-safe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_client_cancel(
+    client: *const fleetprov_client,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointer per the header.
+        let c = unsafe { client.as_ref() }.ok_or_else(|| invalid("client is NULL"))?;
+        c.cancel.cancel();
+        Ok(())
+    })
+}
+
+/// # Safety
+/// `client` is NULL or a live client.
+unsafe fn client_ref<'a>(client: *const fleetprov_client) -> Result<&'a fleetprov_client, Error> {
+    // SAFETY: per the contract.
+    unsafe { client.as_ref() }.ok_or_else(|| invalid("client is NULL"))
+}
+
+impl fleetprov_client {
+    /// Runs `op` now on this thread, exclusive with other operations.
+    fn blocking<T>(&self, op: impl FnOnce(&mut Client) -> Result<T, Error>) -> Result<T, Error> {
+        if self.busy.swap(true, Ordering::SeqCst) {
+            return Err(busy_error());
+        }
+        self.cancel.reset();
+        let result = match self.inner.lock() {
+            Ok(mut c) => op(&mut c),
+            Err(_) => Err(invalid("client lock poisoned")),
+        };
+        self.busy.store(false, Ordering::SeqCst);
+        result
+    }
+
+    /// Runs `op` on a worker thread, then `done` with its outcome.
+    fn spawn<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut Client) -> Result<T, Error> + Send + 'static,
+        callback: CompletionFn<T>,
+        user: UserData,
+    ) -> Result<(), Error> {
+        if self.busy.swap(true, Ordering::SeqCst) {
+            return Err(busy_error());
+        }
+        self.cancel.reset();
+        let previous = self.worker.lock().ok().and_then(|mut w| w.take());
+        join_unless_self(previous);
+        let inner = self.inner.clone();
+        let busy = self.busy.clone();
+        let spawned = std::thread::Builder::new()
+            .name("fleetprov-client".into())
+            .spawn(move || {
+                let outcome =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match inner.lock() {
+                        Ok(mut c) => op(&mut c),
+                        Err(_) => Err(invalid("client lock poisoned")),
+                    }));
+                busy.store(false, Ordering::SeqCst);
+                complete(callback, &user, outcome);
+            });
+        match spawned {
+            Ok(h) => {
+                if let Ok(mut w) = self.worker.lock() {
+                    *w = Some(h);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.busy.store(false, Ordering::SeqCst);
+                Err(Error::Connection(format!(
+                    "cannot start a worker thread: {e}"
+                )))
+            }
+        }
+    }
+}
+
+fn busy_error() -> Error {
+    Error::Busy
+}
+
+/// Connects now (operations also connect when needed). Blocking; callbacks on this thread.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_client_connect(
+    client: *mut fleetprov_client,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointer per the header.
+        unsafe { client_ref(client)? }.blocking(|c| c.connect())
+    })
+}
+
+fn certificate_object(c: crate::protocol::CreatedCertificate) -> fleetprov_certificate {
+    fleetprov_certificate {
+        id: cstring(&c.certificate_id),
+        pem: cstring(&c.certificate_pem),
+        private_key: c
+            .private_key
+            .as_ref()
+            .map(|k| SecretCString::new(k.expose())),
+        token: SecretCString::new(c.ownership_token.expose()),
+        inner: c,
+    }
+}
+
+fn registration_object(r: crate::protocol::Registered) -> fleetprov_registration {
+    fleetprov_registration {
+        thing_name: cstring(r.thing_name.as_deref().unwrap_or("")),
+        config: config_entries(&r.device_configuration),
+    }
+}
+
+/// CreateKeysAndCertificate, blocking. On success writes a new certificate (with its private
+/// key) to `*out`; free it with fleetprov_certificate_free().
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_client_create_keys_and_certificate(
+    client: *mut fleetprov_client,
+    out: *mut *mut fleetprov_certificate,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointer per the header.
+        let c = unsafe { client_ref(client)? };
+        if out.is_null() {
+            return Err(invalid("output pointer is NULL"));
+        }
+        let cert = c.blocking(|c| c.create_keys_and_certificate())?;
+        // SAFETY: checked non-NULL; valid for writes per the header.
+        unsafe { write_out(out, Box::into_raw(Box::new(certificate_object(cert)))) }
+    })
+}
+
+/// CreateKeysAndCertificate on a worker thread; `callback` gets the outcome (see
+/// fleetprov_certificate_callback), then `userdata_free` (may be NULL) is called on `userdata`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_client_create_keys_and_certificate_async(
+    client: *mut fleetprov_client,
+    callback: fleetprov_certificate_callback,
+    userdata: *mut c_void,
+    userdata_free: fleetprov_userdata_free,
+) -> fleetprov_result {
+    guard(|| {
+        let user = UserData::new(userdata, userdata_free);
+        // SAFETY: pointer per the header.
+        let c = unsafe { client_ref(client)? };
+        let callback = callback.ok_or_else(|| invalid("callback is NULL"))?;
+        c.spawn(
+            |c| c.create_keys_and_certificate().map(certificate_object),
+            callback,
+            user,
+        )
+    })
+}
+
+/// CreateCertificateFromCsr, blocking, with `csr_pem`. `key_pem` (may be NULL) is the key the
+/// CSR was made from; when given, the returned certificate is checked against it
+/// (FLEETPROV_CERTIFICATE_MISMATCH). On success writes a new certificate to `*out`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_client_create_certificate_from_csr(
+    client: *mut fleetprov_client,
+    csr_pem: *const c_char,
+    key_pem: *const c_char,
+    out: *mut *mut fleetprov_certificate,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointers per the header.
+        let (c, csr, key) = unsafe {
+            (
+                client_ref(client)?,
+                str_arg(csr_pem, "csr_pem")?,
+                opt_str_arg(key_pem, "key_pem")?,
+            )
+        };
+        if out.is_null() {
+            return Err(invalid("output pointer is NULL"));
+        }
+        let key = key.map(|k| Secret::new(k.to_owned()));
+        let cert = c.blocking(|c| c.create_certificate_from_csr(csr, key.as_ref()))?;
+        // SAFETY: checked non-NULL; valid for writes per the header.
+        unsafe { write_out(out, Box::into_raw(Box::new(certificate_object(cert)))) }
+    })
+}
+
+/// CreateCertificateFromCsr on a worker thread (arguments copied); see
+/// fleetprov_client_create_keys_and_certificate_async().
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_client_create_certificate_from_csr_async(
+    client: *mut fleetprov_client,
+    csr_pem: *const c_char,
+    key_pem: *const c_char,
+    callback: fleetprov_certificate_callback,
+    userdata: *mut c_void,
+    userdata_free: fleetprov_userdata_free,
+) -> fleetprov_result {
+    guard(|| {
+        let user = UserData::new(userdata, userdata_free);
+        // SAFETY: pointers per the header.
+        let (c, csr, key) = unsafe {
+            (
+                client_ref(client)?,
+                str_arg(csr_pem, "csr_pem")?,
+                opt_str_arg(key_pem, "key_pem")?,
+            )
+        };
+        let callback = callback.ok_or_else(|| invalid("callback is NULL"))?;
+        keys::check_csr_pem(csr).map_err(|e| invalid(format!("CSR: {e}")))?;
+        let csr = csr.to_owned();
+        let key = key.map(|k| Secret::new(k.to_owned()));
+        c.spawn(
+            move |c| {
+                c.create_certificate_from_csr(&csr, key.as_ref())
+                    .map(certificate_object)
+            },
+            callback,
+            user,
+        )
+    })
+}
+
+fn register_args(
+    c: &fleetprov_client,
+    template: Option<&str>,
+) -> Result<(String, BTreeMap<String, String>), Error> {
+    let template = template
+        .map(str::to_owned)
+        .or_else(|| c.template.clone())
+        .ok_or_else(|| invalid("no template given and none in the config"))?;
+    validate_template_name(&template).map_err(|e| invalid(e.0))?;
+    Ok((template, c.parameters.clone()))
+}
+
+/// RegisterThing, blocking, for `certificate` (its ownership token) with template
+/// `template_name` (NULL: the config's) and the config's parameters. On success writes a new
+/// registration to `*out` (free with fleetprov_registration_free()).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_client_register_thing(
+    client: *mut fleetprov_client,
+    certificate: *const fleetprov_certificate,
+    template_name: *const c_char,
+    out: *mut *mut fleetprov_registration,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointers per the header.
+        let (c, cert, template) = unsafe {
+            (
+                client_ref(client)?,
+                certificate
+                    .as_ref()
+                    .ok_or_else(|| invalid("certificate is NULL"))?,
+                opt_str_arg(template_name, "template_name")?,
+            )
+        };
+        if out.is_null() {
+            return Err(invalid("output pointer is NULL"));
+        }
+        let (template, params) = register_args(c, template)?;
+        let token = cert.inner.ownership_token.clone();
+        let r = c.blocking(|c| c.register_thing(&template, &token, &params))?;
+        // SAFETY: checked non-NULL; valid for writes per the header.
+        unsafe { write_out(out, Box::into_raw(Box::new(registration_object(r)))) }
+    })
+}
+
+/// RegisterThing on a worker thread (arguments copied); `callback` gets the outcome (see
+/// fleetprov_registration_callback), then `userdata_free` is called on `userdata`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_client_register_thing_async(
+    client: *mut fleetprov_client,
+    certificate: *const fleetprov_certificate,
+    template_name: *const c_char,
+    callback: fleetprov_registration_callback,
+    userdata: *mut c_void,
+    userdata_free: fleetprov_userdata_free,
+) -> fleetprov_result {
+    guard(|| {
+        let user = UserData::new(userdata, userdata_free);
+        // SAFETY: pointers per the header.
+        let (c, cert, template) = unsafe {
+            (
+                client_ref(client)?,
+                certificate
+                    .as_ref()
+                    .ok_or_else(|| invalid("certificate is NULL"))?,
+                opt_str_arg(template_name, "template_name")?,
+            )
+        };
+        let callback = callback.ok_or_else(|| invalid("callback is NULL"))?;
+        let (template, params) = register_args(c, template)?;
+        let token = cert.inner.ownership_token.clone();
+        c.spawn(
+            move |c| {
+                c.register_thing(&template, &token, &params)
+                    .map(registration_object)
+            },
+            callback,
+            user,
+        )
+    })
+}

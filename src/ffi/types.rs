@@ -1,0 +1,783 @@
+//! Result codes, enums, callbacks, result objects and the helpers every export uses.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::ffi::{CStr, CString, c_char, c_void};
+use std::ptr;
+
+use zeroize::Zeroize;
+
+use crate::engine::Step;
+use crate::error::Error;
+
+/// Result of every fallible function. Numbers are never reused.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum fleetprov_result {
+    /// Success.
+    FLEETPROV_OK = 0,
+    /// A NULL pointer, invalid UTF-8, a bad template name, unusable PEM, an unknown enum value...
+    FLEETPROV_INVALID_ARGUMENT = 1,
+    /// TLS could not be set up or the handshake failed.
+    FLEETPROV_TLS = 2,
+    /// The connection could not be made or was lost.
+    FLEETPROV_CONNECTION = 3,
+    /// A step took longer than the per-step timeout.
+    FLEETPROV_TIMEOUT = 4,
+    /// The overall deadline passed.
+    FLEETPROV_DEADLINE = 5,
+    /// The service rejected a request: see the error's status code, error code and message.
+    FLEETPROV_REJECTED = 6,
+    /// A reply did not match the API.
+    FLEETPROV_MALFORMED_REPLY = 7,
+    /// The broker refused a subscription.
+    FLEETPROV_SUBSCRIBE_FAILED = 8,
+    /// The returned certificate does not match the device's key.
+    FLEETPROV_CERTIFICATE_MISMATCH = 9,
+    /// Cancelled by the caller.
+    FLEETPROV_CANCELLED = 10,
+    /// Writing the credentials failed.
+    FLEETPROV_STORAGE = 11,
+    /// Another operation is running on this client.
+    FLEETPROV_BUSY = 12,
+    /// The caller's buffer is too small; the needed size was written.
+    FLEETPROV_BUFFER_TOO_SMALL = 13,
+    /// A bug: the library panicked. The operation did not complete.
+    FLEETPROV_PANIC = 14,
+}
+
+impl fleetprov_result {
+    pub(crate) fn of(e: &Error) -> fleetprov_result {
+        use fleetprov_result::*;
+        match e {
+            Error::InvalidArgument(_) => FLEETPROV_INVALID_ARGUMENT,
+            Error::Tls(_) => FLEETPROV_TLS,
+            Error::Connection(_) => FLEETPROV_CONNECTION,
+            Error::Timeout(_) => FLEETPROV_TIMEOUT,
+            Error::Deadline(_) => FLEETPROV_DEADLINE,
+            Error::Rejected { .. } => FLEETPROV_REJECTED,
+            Error::MalformedReply(_) => FLEETPROV_MALFORMED_REPLY,
+            Error::SubscribeFailed(_) => FLEETPROV_SUBSCRIBE_FAILED,
+            Error::CertificateMismatch => FLEETPROV_CERTIFICATE_MISMATCH,
+            Error::Cancelled => FLEETPROV_CANCELLED,
+            Error::Storage(_) => FLEETPROV_STORAGE,
+            Error::Busy => FLEETPROV_BUSY,
+        }
+    }
+}
+
+/// Payload format of requests and replies.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum fleetprov_format {
+    FLEETPROV_FORMAT_JSON = 0,
+    FLEETPROV_FORMAT_CBOR = 1,
+}
+
+/// How the one-call flow gets the device's certificate.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum fleetprov_method {
+    /// CreateCertificateFromCsr with a key generated on the device (the default).
+    FLEETPROV_METHOD_CSR = 0,
+    /// CreateKeysAndCertificate: the service generates the key.
+    FLEETPROV_METHOD_CREATE_KEYS = 1,
+    /// CreateCertificateFromCsr with the CSR given by fleetprov_config_set_csr_pem().
+    FLEETPROV_METHOD_EXTERNAL_CSR = 2,
+}
+
+/// Key generated on the device for FLEETPROV_METHOD_CSR.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum fleetprov_key_type {
+    FLEETPROV_KEY_P256 = 0,
+    FLEETPROV_KEY_P384 = 1,
+}
+
+/// Steps reported to the progress callback.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum fleetprov_step {
+    FLEETPROV_STEP_CONNECTING = 0,
+    FLEETPROV_STEP_SUBSCRIBING = 1,
+    FLEETPROV_STEP_SUBSCRIBED = 2,
+    FLEETPROV_STEP_CREATING_CERTIFICATE = 3,
+    FLEETPROV_STEP_CERTIFICATE_CREATED = 4,
+    FLEETPROV_STEP_REGISTERING = 5,
+    FLEETPROV_STEP_REGISTERED = 6,
+    FLEETPROV_STEP_VERIFYING = 7,
+    FLEETPROV_STEP_VERIFIED = 8,
+}
+
+impl From<Step> for fleetprov_step {
+    fn from(s: Step) -> Self {
+        use fleetprov_step::*;
+        match s {
+            Step::Connecting => FLEETPROV_STEP_CONNECTING,
+            Step::Subscribing => FLEETPROV_STEP_SUBSCRIBING,
+            Step::Subscribed => FLEETPROV_STEP_SUBSCRIBED,
+            Step::CreatingCertificate => FLEETPROV_STEP_CREATING_CERTIFICATE,
+            Step::CertificateCreated => FLEETPROV_STEP_CERTIFICATE_CREATED,
+            Step::Registering => FLEETPROV_STEP_REGISTERING,
+            Step::Registered => FLEETPROV_STEP_REGISTERED,
+            Step::Verifying => FLEETPROV_STEP_VERIFYING,
+            Step::Verified => FLEETPROV_STEP_VERIFIED,
+        }
+    }
+}
+
+/// Severity of a log line.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum fleetprov_log_level {
+    FLEETPROV_LOG_ERROR = 1,
+    FLEETPROV_LOG_WARN = 2,
+    FLEETPROV_LOG_INFO = 3,
+    FLEETPROV_LOG_DEBUG = 4,
+}
+
+/// Releases a callback's userdata when the library no longer needs it. Called once, from
+/// whichever thread drops the last reference (the caller's, or a worker thread).
+pub type fleetprov_userdata_free = Option<unsafe extern "C" fn(userdata: *mut c_void)>;
+
+/// Receives log lines.
+///
+/// Thread: the thread running the operation (the caller's for blocking calls, a library worker
+/// thread for `_async` calls). `message` is NUL-terminated, `len` bytes without the NUL, valid
+/// only during the call. Lines never contain private keys or ownership tokens. The callback must
+/// not call back into the library with the same client (it may call fleetprov_result_name() and
+/// fleetprov_version()).
+pub type fleetprov_log_callback = Option<
+    unsafe extern "C" fn(
+        userdata: *mut c_void,
+        level: fleetprov_log_level,
+        message: *const c_char,
+        len: usize,
+    ),
+>;
+
+/// Receives each step reached. Same thread and re-entrancy rules as fleetprov_log_callback.
+pub type fleetprov_progress_callback =
+    Option<unsafe extern "C" fn(userdata: *mut c_void, step: fleetprov_step)>;
+
+/// Completion of fleetprov_provision_async().
+///
+/// Thread: a library worker thread. On success `provisioned` is a new object owned by the
+/// callee (free it with fleetprov_provisioned_free()) and `error` is NULL; on failure
+/// `provisioned` is NULL and `error` describes the failure, valid only during the call.
+pub type fleetprov_provision_callback = Option<
+    unsafe extern "C" fn(
+        userdata: *mut c_void,
+        result: fleetprov_result,
+        provisioned: *mut fleetprov_provisioned,
+        error: *const fleetprov_error,
+    ),
+>;
+
+/// Completion of a certificate operation started with an `_async` client function. `certificate`
+/// is owned by the callee (fleetprov_certificate_free()); `error` as in fleetprov_provision_callback.
+pub type fleetprov_certificate_callback = Option<
+    unsafe extern "C" fn(
+        userdata: *mut c_void,
+        result: fleetprov_result,
+        certificate: *mut fleetprov_certificate,
+        error: *const fleetprov_error,
+    ),
+>;
+
+/// Completion of fleetprov_client_register_thing_async(). `registration` is owned by the callee
+/// (fleetprov_registration_free()); `error` as in fleetprov_provision_callback.
+pub type fleetprov_registration_callback = Option<
+    unsafe extern "C" fn(
+        userdata: *mut c_void,
+        result: fleetprov_result,
+        registration: *mut fleetprov_registration,
+        error: *const fleetprov_error,
+    ),
+>;
+
+/// Userdata handed to C callbacks from any thread; freed once through its free function.
+pub(crate) struct UserData {
+    pub(crate) ptr: *mut c_void,
+    free: fleetprov_userdata_free,
+}
+
+// SAFETY: the header requires userdata to be usable from the library's worker threads.
+unsafe impl Send for UserData {}
+// SAFETY: as above; the library never dereferences the pointer, it only hands it back.
+unsafe impl Sync for UserData {}
+
+impl UserData {
+    pub(crate) fn new(ptr: *mut c_void, free: fleetprov_userdata_free) -> UserData {
+        UserData { ptr, free }
+    }
+}
+
+impl Drop for UserData {
+    fn drop(&mut self) {
+        if let Some(free) = self.free {
+            // SAFETY: the caller registered `free` for this pointer and it is called once.
+            unsafe { free(self.ptr) }
+        }
+    }
+}
+
+/// A NUL-terminated secret (private key, token) wiped on drop.
+pub(crate) struct SecretCString(Vec<u8>);
+
+impl SecretCString {
+    pub(crate) fn new(s: &str) -> SecretCString {
+        let mut v = Vec::with_capacity(s.len() + 1);
+        v.extend(s.bytes().filter(|b| *b != 0));
+        v.push(0);
+        SecretCString(v)
+    }
+
+    pub(crate) fn as_ptr(&self) -> *const c_char {
+        self.0.as_ptr().cast()
+    }
+}
+
+impl Drop for SecretCString {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+/// A C string from Rust text (interior NULs cannot occur in our texts; dropped if they do).
+pub(crate) fn cstring(s: &str) -> CString {
+    CString::new(s.replace('\0', "")).unwrap_or_default()
+}
+
+/// A certificate from CreateKeysAndCertificate or CreateCertificateFromCsr.
+pub struct fleetprov_certificate {
+    pub(crate) id: CString,
+    pub(crate) pem: CString,
+    pub(crate) private_key: Option<SecretCString>,
+    pub(crate) token: SecretCString,
+    pub(crate) inner: crate::protocol::CreatedCertificate,
+}
+
+/// The accepted reply of RegisterThing.
+pub struct fleetprov_registration {
+    pub(crate) thing_name: CString,
+    pub(crate) config: Vec<(CString, CString)>,
+}
+
+/// The result of the one-call flow.
+pub struct fleetprov_provisioned {
+    pub(crate) thing_name: CString,
+    pub(crate) certificate_id: CString,
+    pub(crate) certificate_pem: CString,
+    pub(crate) private_key: Option<SecretCString>,
+    pub(crate) config: Vec<(CString, CString)>,
+    pub(crate) output_dir: Option<CString>,
+}
+
+/// A failure: its result code, full text and, for rejections, the service's fields.
+#[derive(Clone)]
+pub struct fleetprov_error {
+    pub(crate) result: fleetprov_result,
+    pub(crate) message: CString,
+    pub(crate) status_code: u16,
+    pub(crate) error_code: CString,
+    pub(crate) error_message: CString,
+    pub(crate) retryable: bool,
+}
+
+impl fleetprov_error {
+    pub(crate) fn new(e: &Error) -> fleetprov_error {
+        let (status, code, msg) = match e {
+            Error::Rejected { error, .. } => (
+                error.status_code,
+                error.error_code.as_str(),
+                error.error_message.as_str(),
+            ),
+            _ => (0, "", ""),
+        };
+        fleetprov_error {
+            result: fleetprov_result::of(e),
+            message: cstring(&e.to_string()),
+            status_code: status,
+            error_code: cstring(code),
+            error_message: cstring(msg),
+            retryable: e.is_retryable(),
+        }
+    }
+
+    pub(crate) fn panic() -> fleetprov_error {
+        fleetprov_error {
+            result: fleetprov_result::FLEETPROV_PANIC,
+            message: cstring("internal error: the library panicked"),
+            status_code: 0,
+            error_code: CString::default(),
+            error_message: CString::default(),
+            retryable: false,
+        }
+    }
+}
+
+pub(crate) fn config_entries(config: &BTreeMap<String, String>) -> Vec<(CString, CString)> {
+    config
+        .iter()
+        .map(|(k, v)| (cstring(k), cstring(v)))
+        .collect()
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<Option<fleetprov_error>> = const { RefCell::new(None) };
+}
+
+/// Records `e` as this thread's last error and returns its code.
+pub(crate) fn fail(e: &Error) -> fleetprov_result {
+    let err = fleetprov_error::new(e);
+    let code = err.result;
+    LAST_ERROR.with(|l| *l.borrow_mut() = Some(err));
+    code
+}
+
+pub(crate) fn set_last_error(err: fleetprov_error) {
+    LAST_ERROR.with(|l| *l.borrow_mut() = Some(err));
+}
+
+pub(crate) fn invalid(message: impl Into<String>) -> Error {
+    Error::InvalidArgument(message.into())
+}
+
+/// Runs an export's body, turning a panic into FLEETPROV_PANIC.
+pub(crate) fn guard(body: impl FnOnce() -> Result<(), Error>) -> fleetprov_result {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        Ok(Ok(())) => fleetprov_result::FLEETPROV_OK,
+        Ok(Err(e)) => fail(&e),
+        Err(_) => {
+            set_last_error(fleetprov_error::panic());
+            fleetprov_result::FLEETPROV_PANIC
+        }
+    }
+}
+
+/// Runs a body that returns a value (getters, `_free`), with `fallback` after a panic.
+pub(crate) fn guard_value<T>(fallback: T, body: impl FnOnce() -> T) -> T {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or(fallback)
+}
+
+/// A borrowed UTF-8 string argument; NULL or invalid UTF-8 is an invalid argument.
+///
+/// # Safety
+/// `p` is NULL or points to a NUL-terminated string valid for the call.
+pub(crate) unsafe fn str_arg<'a>(p: *const c_char, what: &str) -> Result<&'a str, Error> {
+    if p.is_null() {
+        return Err(invalid(format!("{what} is NULL")));
+    }
+    // SAFETY: non-NULL and NUL-terminated per the caller's contract.
+    let c = unsafe { CStr::from_ptr(p) };
+    c.to_str()
+        .map_err(|_| invalid(format!("{what} is not valid UTF-8")))
+}
+
+/// Like `str_arg`, NULL meaning "none".
+///
+/// # Safety
+/// As `str_arg`.
+pub(crate) unsafe fn opt_str_arg<'a>(
+    p: *const c_char,
+    what: &str,
+) -> Result<Option<&'a str>, Error> {
+    if p.is_null() {
+        Ok(None)
+    } else {
+        // SAFETY: forwarded contract.
+        unsafe { str_arg(p, what) }.map(Some)
+    }
+}
+
+/// Writes `value` through an output pointer.
+///
+/// # Safety
+/// `out` is NULL or valid for writes.
+pub(crate) unsafe fn write_out<T>(out: *mut T, value: T) -> Result<(), Error> {
+    if out.is_null() {
+        return Err(invalid("output pointer is NULL"));
+    }
+    // SAFETY: non-NULL and valid for writes per the caller's contract.
+    unsafe { out.write(value) };
+    Ok(())
+}
+
+/// Copies `text` with a NUL into `buf` (`len` bytes) and writes the needed size (with NUL).
+///
+/// # Safety
+/// `buf` is NULL or valid for `len` bytes; `needed` is NULL or valid for writes.
+pub(crate) unsafe fn copy_out(
+    text: &CStr,
+    buf: *mut c_char,
+    len: usize,
+    needed: *mut usize,
+) -> fleetprov_result {
+    let bytes = text.to_bytes_with_nul();
+    if !needed.is_null() {
+        // SAFETY: non-NULL, valid per the contract.
+        unsafe { needed.write(bytes.len()) };
+    }
+    if buf.is_null() || len < bytes.len() {
+        return fleetprov_result::FLEETPROV_BUFFER_TOO_SMALL;
+    }
+    // SAFETY: `buf` holds at least `bytes.len()` bytes and does not overlap our string.
+    unsafe { ptr::copy_nonoverlapping(bytes.as_ptr().cast(), buf, bytes.len()) };
+    fleetprov_result::FLEETPROV_OK
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exports: names, version, errors, result objects.
+
+/// The name of a result code ("FLEETPROV_OK", ...); "FLEETPROV_UNKNOWN" for other values.
+/// The string is static. Thread-safe.
+#[unsafe(no_mangle)]
+pub extern "C" fn fleetprov_result_name(result: i32) -> *const c_char {
+    use fleetprov_result::*;
+    let name: &'static CStr = match result {
+        x if x == FLEETPROV_OK as i32 => c"FLEETPROV_OK",
+        x if x == FLEETPROV_INVALID_ARGUMENT as i32 => c"FLEETPROV_INVALID_ARGUMENT",
+        x if x == FLEETPROV_TLS as i32 => c"FLEETPROV_TLS",
+        x if x == FLEETPROV_CONNECTION as i32 => c"FLEETPROV_CONNECTION",
+        x if x == FLEETPROV_TIMEOUT as i32 => c"FLEETPROV_TIMEOUT",
+        x if x == FLEETPROV_DEADLINE as i32 => c"FLEETPROV_DEADLINE",
+        x if x == FLEETPROV_REJECTED as i32 => c"FLEETPROV_REJECTED",
+        x if x == FLEETPROV_MALFORMED_REPLY as i32 => c"FLEETPROV_MALFORMED_REPLY",
+        x if x == FLEETPROV_SUBSCRIBE_FAILED as i32 => c"FLEETPROV_SUBSCRIBE_FAILED",
+        x if x == FLEETPROV_CERTIFICATE_MISMATCH as i32 => c"FLEETPROV_CERTIFICATE_MISMATCH",
+        x if x == FLEETPROV_CANCELLED as i32 => c"FLEETPROV_CANCELLED",
+        x if x == FLEETPROV_STORAGE as i32 => c"FLEETPROV_STORAGE",
+        x if x == FLEETPROV_BUSY as i32 => c"FLEETPROV_BUSY",
+        x if x == FLEETPROV_BUFFER_TOO_SMALL as i32 => c"FLEETPROV_BUFFER_TOO_SMALL",
+        x if x == FLEETPROV_PANIC as i32 => c"FLEETPROV_PANIC",
+        _ => c"FLEETPROV_UNKNOWN",
+    };
+    name.as_ptr()
+}
+
+/// The library's version, e.g. "0.1.0" (static string; agrees with the FLEETPROV_VERSION_*
+/// macros of the header the program was compiled with when both come from one release).
+#[unsafe(no_mangle)]
+pub extern "C" fn fleetprov_version() -> *const c_char {
+    static VERSION: &CStr =
+        match CStr::from_bytes_with_nul(concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes()) {
+            Ok(v) => v,
+            Err(_) => c"unknown",
+        };
+    VERSION.as_ptr()
+}
+
+/// Copies the full text of the calling thread's last error (set by the last failing call on
+/// this thread) into `buf` of `len` bytes, NUL-terminated, and writes the needed size including
+/// the NUL to `needed` (may be NULL). Returns FLEETPROV_BUFFER_TOO_SMALL if `buf` is NULL or too
+/// small, FLEETPROV_OK otherwise; an empty string when no error happened yet.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_last_error_message(
+    buf: *mut c_char,
+    len: usize,
+    needed: *mut usize,
+) -> fleetprov_result {
+    guard_value(fleetprov_result::FLEETPROV_PANIC, || {
+        let text = LAST_ERROR.with(|l| {
+            l.borrow()
+                .as_ref()
+                .map(|e| e.message.clone())
+                .unwrap_or_default()
+        });
+        // SAFETY: forwarded caller contract.
+        unsafe { copy_out(&text, buf, len, needed) }
+    })
+}
+
+/// A copy of the calling thread's last error, or NULL when there is none. Free it with
+/// fleetprov_error_free().
+#[unsafe(no_mangle)]
+pub extern "C" fn fleetprov_last_error() -> *mut fleetprov_error {
+    guard_value(ptr::null_mut(), || {
+        LAST_ERROR.with(|l| {
+            l.borrow()
+                .as_ref()
+                .map_or(ptr::null_mut(), |e| Box::into_raw(Box::new(e.clone())))
+        })
+    })
+}
+
+/// A borrowed string field of a live object, NULL for a NULL object.
+fn borrowed<T>(object: *const T, field: impl FnOnce(&T) -> *const c_char) -> *const c_char {
+    guard_value(ptr::null(), || {
+        // SAFETY: NULL or a live object from this library, per the header.
+        match unsafe { object.as_ref() } {
+            Some(o) => field(o),
+            None => ptr::null(),
+        }
+    })
+}
+
+/// The result code of an error (FLEETPROV_INVALID_ARGUMENT for NULL).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_error_result(error: *const fleetprov_error) -> fleetprov_result {
+    guard_value(fleetprov_result::FLEETPROV_PANIC, || {
+        // SAFETY: NULL or a live error, per the header.
+        unsafe { error.as_ref() }.map_or(fleetprov_result::FLEETPROV_INVALID_ARGUMENT, |e| e.result)
+    })
+}
+
+/// The full text of an error. Borrowed: valid until the error is freed (or, for an error
+/// passed to a callback, until the callback returns). NULL for NULL.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_error_message(error: *const fleetprov_error) -> *const c_char {
+    borrowed(error, |o| o.message.as_ptr())
+}
+/// For FLEETPROV_REJECTED: the service's errorCode (e.g. "InvalidCertificateOwnershipToken");
+/// "" otherwise. Borrowed like fleetprov_error_message().
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_error_code(error: *const fleetprov_error) -> *const c_char {
+    borrowed(error, |o| o.error_code.as_ptr())
+}
+/// For FLEETPROV_REJECTED: the service's errorMessage; "" otherwise. Borrowed like
+/// fleetprov_error_message().
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_error_service_message(
+    error: *const fleetprov_error,
+) -> *const c_char {
+    borrowed(error, |o| o.error_message.as_ptr())
+}
+
+/// For FLEETPROV_REJECTED: the service's statusCode (400, 403, 404, 429, 500...); 0 otherwise.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_error_status_code(error: *const fleetprov_error) -> u16 {
+    guard_value(0, || {
+        // SAFETY: NULL or a live error, per the header.
+        unsafe { error.as_ref() }.map_or(0, |e| e.status_code)
+    })
+}
+
+/// Whether retrying can help: connection failures, timeouts, and 429 / 5xx rejections.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_error_is_retryable(error: *const fleetprov_error) -> bool {
+    guard_value(false, || {
+        // SAFETY: NULL or a live error, per the header.
+        unsafe { error.as_ref() }.is_some_and(|e| e.retryable)
+    })
+}
+
+/// Frees an error from fleetprov_last_error(). NULL is a no-op.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_error_free(error: *mut fleetprov_error) {
+    guard_value((), || {
+        if !error.is_null() {
+            // SAFETY: created by Box::into_raw in this library and freed once, per the header.
+            drop(unsafe { Box::from_raw(error) });
+        }
+    })
+}
+
+/// certificateId (64 hex characters). Borrowed: valid until the certificate is freed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_certificate_id(
+    certificate: *const fleetprov_certificate,
+) -> *const c_char {
+    borrowed(certificate, |o| o.id.as_ptr())
+}
+/// The certificate PEM. Borrowed like fleetprov_certificate_id().
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_certificate_pem(
+    certificate: *const fleetprov_certificate,
+) -> *const c_char {
+    borrowed(certificate, |o| o.pem.as_ptr())
+}
+/// The ownership token, a secret: needed for RegisterThing, valid one hour. Borrowed like
+/// fleetprov_certificate_id(); wiped when the certificate is freed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_certificate_ownership_token(
+    certificate: *const fleetprov_certificate,
+) -> *const c_char {
+    borrowed(certificate, |o| o.token.as_ptr())
+}
+
+/// The private key PEM returned by CreateKeysAndCertificate (PKCS#1 RSA on AWS); NULL for a
+/// certificate from a CSR. Borrowed like fleetprov_certificate_id(); wiped when freed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_certificate_private_key(
+    certificate: *const fleetprov_certificate,
+) -> *const c_char {
+    guard_value(ptr::null(), || {
+        // SAFETY: NULL or a live certificate, per the header.
+        unsafe { certificate.as_ref() }
+            .and_then(|c| c.private_key.as_ref())
+            .map_or(ptr::null(), SecretCString::as_ptr)
+    })
+}
+
+/// Frees a certificate (wiping its key and token). NULL is a no-op.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_certificate_free(certificate: *mut fleetprov_certificate) {
+    guard_value((), || {
+        if !certificate.is_null() {
+            // SAFETY: created by Box::into_raw in this library and freed once, per the header.
+            drop(unsafe { Box::from_raw(certificate) });
+        }
+    })
+}
+
+/// The thing name ("" when the template creates no thing). Borrowed: valid until the
+/// registration is freed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_registration_thing_name(
+    registration: *const fleetprov_registration,
+) -> *const c_char {
+    borrowed(registration, |o| o.thing_name.as_ptr())
+}
+
+/// Number of deviceConfiguration entries.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_registration_config_count(
+    registration: *const fleetprov_registration,
+) -> usize {
+    guard_value(0, || {
+        // SAFETY: NULL or a live registration, per the header.
+        unsafe { registration.as_ref() }.map_or(0, |r| r.config.len())
+    })
+}
+
+/// deviceConfiguration entry `index` (sorted by key): writes borrowed key and value pointers
+/// (valid until the registration is freed). FLEETPROV_INVALID_ARGUMENT if out of range.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_registration_config_entry(
+    registration: *const fleetprov_registration,
+    index: usize,
+    key: *mut *const c_char,
+    value: *mut *const c_char,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: NULL or a live registration, per the header.
+        let r = unsafe { registration.as_ref() }.ok_or_else(|| invalid("registration is NULL"))?;
+        // SAFETY: forwarded caller contract for the output pointers.
+        unsafe { entry_out(&r.config, index, key, value) }
+    })
+}
+
+/// # Safety
+/// `key` and `value` are NULL or valid for writes.
+unsafe fn entry_out(
+    config: &[(CString, CString)],
+    index: usize,
+    key: *mut *const c_char,
+    value: *mut *const c_char,
+) -> Result<(), Error> {
+    let (k, v) = config.get(index).ok_or_else(|| {
+        invalid(format!(
+            "index {index} is out of range ({} entries)",
+            config.len()
+        ))
+    })?;
+    if key.is_null() || value.is_null() {
+        return Err(invalid("output pointer is NULL"));
+    }
+    // SAFETY: both checked non-NULL; valid for writes per the contract.
+    unsafe {
+        key.write(k.as_ptr());
+        value.write(v.as_ptr());
+    }
+    Ok(())
+}
+
+/// Frees a registration. NULL is a no-op.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_registration_free(registration: *mut fleetprov_registration) {
+    guard_value((), || {
+        if !registration.is_null() {
+            // SAFETY: created by Box::into_raw in this library and freed once, per the header.
+            drop(unsafe { Box::from_raw(registration) });
+        }
+    })
+}
+
+/// The thing name. Borrowed: valid until the result is freed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_provisioned_thing_name(
+    provisioned: *const fleetprov_provisioned,
+) -> *const c_char {
+    borrowed(provisioned, |o| o.thing_name.as_ptr())
+}
+/// The new certificate's id. Borrowed like fleetprov_provisioned_thing_name().
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_provisioned_certificate_id(
+    provisioned: *const fleetprov_provisioned,
+) -> *const c_char {
+    borrowed(provisioned, |o| o.certificate_id.as_ptr())
+}
+/// The new certificate PEM. Borrowed like fleetprov_provisioned_thing_name().
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_provisioned_certificate_pem(
+    provisioned: *const fleetprov_provisioned,
+) -> *const c_char {
+    borrowed(provisioned, |o| o.certificate_pem.as_ptr())
+}
+
+/// The device's private key PEM; NULL with FLEETPROV_METHOD_EXTERNAL_CSR. Borrowed like
+/// fleetprov_provisioned_thing_name(); wiped when the result is freed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_provisioned_private_key(
+    provisioned: *const fleetprov_provisioned,
+) -> *const c_char {
+    guard_value(ptr::null(), || {
+        // SAFETY: NULL or a live result, per the header.
+        unsafe { provisioned.as_ref() }
+            .and_then(|p| p.private_key.as_ref())
+            .map_or(ptr::null(), SecretCString::as_ptr)
+    })
+}
+
+/// The directory the credentials were written to (certificate.pem, private.key, device.json),
+/// or NULL when no output directory was configured. Borrowed like the other getters.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_provisioned_output_dir(
+    provisioned: *const fleetprov_provisioned,
+) -> *const c_char {
+    guard_value(ptr::null(), || {
+        // SAFETY: NULL or a live result, per the header.
+        unsafe { provisioned.as_ref() }
+            .and_then(|p| p.output_dir.as_ref())
+            .map_or(ptr::null(), |d| d.as_ptr())
+    })
+}
+
+/// Number of deviceConfiguration entries.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_provisioned_config_count(
+    provisioned: *const fleetprov_provisioned,
+) -> usize {
+    guard_value(0, || {
+        // SAFETY: NULL or a live result, per the header.
+        unsafe { provisioned.as_ref() }.map_or(0, |p| p.config.len())
+    })
+}
+
+/// deviceConfiguration entry `index` (sorted by key), as fleetprov_registration_config_entry().
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_provisioned_config_entry(
+    provisioned: *const fleetprov_provisioned,
+    index: usize,
+    key: *mut *const c_char,
+    value: *mut *const c_char,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: NULL or a live result, per the header.
+        let p = unsafe { provisioned.as_ref() }.ok_or_else(|| invalid("provisioned is NULL"))?;
+        // SAFETY: forwarded caller contract for the output pointers.
+        unsafe { entry_out(&p.config, index, key, value) }
+    })
+}
+
+/// Frees a provisioning result (wiping the key). NULL is a no-op.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_provisioned_free(provisioned: *mut fleetprov_provisioned) {
+    guard_value((), || {
+        if !provisioned.is_null() {
+            // SAFETY: created by Box::into_raw in this library and freed once, per the header.
+            drop(unsafe { Box::from_raw(provisioned) });
+        }
+    })
+}

@@ -1,0 +1,12 @@
+//! The fleet provisioning MQTT API: topics, payloads in JSON and CBOR, and service errors.
+
+pub mod codec;
+pub mod error;
+pub mod topics;
+
+pub use codec::{
+    CreatedCertificate, DecodeError, Registered, decode_certificate_reply, decode_register_reply,
+    decode_rejection, encode_create_keys_request, encode_csr_request, encode_register_request,
+};
+pub use error::ServiceError;
+pub use topics::{Api, Format, validate_template_name};

@@ -1,0 +1,51 @@
+//! The committed C header is what cbindgen generates from the sources, and the version macros
+//! agree with Cargo.toml and fleetprov_version().
+
+use std::path::Path;
+
+fn generate() -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut config =
+        cbindgen::Config::from_file(root.join("cbindgen.toml")).expect("cbindgen.toml");
+    config.after_includes = Some(format!(
+        "\n#define FLEETPROV_VERSION \"{}\"\n#define FLEETPROV_VERSION_MAJOR {}\n#define FLEETPROV_VERSION_MINOR {}\n#define FLEETPROV_VERSION_PATCH {}\n",
+        env!("CARGO_PKG_VERSION"),
+        env!("CARGO_PKG_VERSION_MAJOR"),
+        env!("CARGO_PKG_VERSION_MINOR"),
+        env!("CARGO_PKG_VERSION_PATCH"),
+    ));
+    let mut out = Vec::new();
+    cbindgen::Builder::new()
+        .with_crate(root)
+        .with_config(config)
+        .generate()
+        .expect("cbindgen generates the header")
+        .write(&mut out);
+    String::from_utf8(out).expect("UTF-8 header")
+}
+
+#[test]
+fn header_is_current() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("include/fleetprov.h");
+    let fresh = generate();
+    if std::env::var_os("UPDATE_HEADER").is_some() {
+        std::fs::write(&path, &fresh).expect("write the header");
+        return;
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == fresh,
+        "include/fleetprov.h is stale: run `UPDATE_HEADER=1 cargo test --test header` and commit it"
+    );
+}
+
+#[test]
+fn version_macros_agree_with_the_library() {
+    let header = generate();
+    let version = env!("CARGO_PKG_VERSION");
+    assert!(header.contains(&format!("#define FLEETPROV_VERSION \"{version}\"")));
+    // SAFETY: fleetprov_version returns a static NUL-terminated string.
+    let runtime = unsafe { std::ffi::CStr::from_ptr(fleetprov::ffi::fleetprov_version()) };
+    assert_eq!(runtime.to_str().unwrap(), version);
+    assert_eq!(fleetprov::version(), version);
+}
