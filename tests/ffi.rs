@@ -828,3 +828,213 @@ fn wrong_server_and_refused_certificate() {
         );
     }
 }
+
+#[test]
+fn alpn_on_request_and_required_by_the_server() {
+    let env = Env::start_with(|c| c.require_alpn = true);
+    let c = env.config("alpn-off");
+    let mut p = ptr::null_mut();
+    // SAFETY: live config, valid output pointer.
+    let r = unsafe { fleetprov_provision(c.0, &mut p) };
+    assert!(
+        matches!(r, FLEETPROV_CONNECTION | FLEETPROV_TLS),
+        "{r:?}: {}",
+        last_error()
+    );
+    let c = env.config("alpn-on");
+    // SAFETY: live config, valid output pointer.
+    unsafe {
+        ok(fleetprov_config_set_alpn(c.0, true));
+        ok(fleetprov_provision(c.0, &mut p));
+        assert_eq!(s(fleetprov_provisioned_thing_name(p)), "demo-alpn-on");
+        fleetprov_provisioned_free(p);
+    }
+}
+
+type CertOutcome = (fleetprov_result, Option<(String, String)>);
+
+extern "C" fn on_certificate(
+    userdata: *mut c_void,
+    result: fleetprov_result,
+    cert: *mut fleetprov_certificate,
+    _e: *const fleetprov_error,
+) {
+    // SAFETY: userdata is the Sender boxed by the test, alive until free_cert_sender.
+    let tx = unsafe { &*(userdata as *const mpsc::Sender<(CertOutcome, usize)>) };
+    // SAFETY: `cert` is ours: read it, then hand its address on (freed by the test thread).
+    let value = unsafe {
+        (!cert.is_null()).then(|| {
+            (
+                s(fleetprov_certificate_id(cert)),
+                s(fleetprov_certificate_ownership_token(cert)),
+            )
+        })
+    };
+    tx.send(((result, value), cert as usize)).unwrap();
+}
+
+extern "C" fn free_cert_sender(userdata: *mut c_void) {
+    // SAFETY: the Box leaked by the test for this userdata, freed once.
+    drop(unsafe { Box::from_raw(userdata as *mut mpsc::Sender<(CertOutcome, usize)>) });
+}
+
+extern "C" fn on_registration(
+    userdata: *mut c_void,
+    result: fleetprov_result,
+    reg: *mut fleetprov_registration,
+    e: *const fleetprov_error,
+) {
+    // SAFETY: userdata is the Sender owned by the test for the duration of the call.
+    let tx = unsafe { &*(userdata as *const mpsc::Sender<(fleetprov_result, String)>) };
+    // SAFETY: `reg` is ours to free; `e` is borrowed for this call.
+    let text = unsafe {
+        let t = if reg.is_null() {
+            s(fleetprov_error_code(e))
+        } else {
+            s(fleetprov_registration_thing_name(reg))
+        };
+        fleetprov_registration_free(reg);
+        t
+    };
+    tx.send((result, text)).unwrap();
+}
+
+#[test]
+fn async_client_operations_and_busy() {
+    let env = Env::start();
+    // Hold the certificate reply so the first operation is still running when the second starts.
+    env.emu.faults().add("delay:1500@keys*1".parse().unwrap());
+    let c = env.config("async-steps");
+    let mut client = ptr::null_mut();
+    // SAFETY: live config, valid output pointer.
+    ok(unsafe { fleetprov_client_new(c.0, &mut client) });
+    let (tx, rx) = mpsc::channel::<(CertOutcome, usize)>();
+    let user = Box::into_raw(Box::new(tx)) as *mut c_void;
+    // SAFETY: live client; userdata freed by the library.
+    ok(unsafe {
+        fleetprov_client_create_keys_and_certificate_async(
+            client,
+            Some(on_certificate),
+            user,
+            Some(free_cert_sender),
+        )
+    });
+    // One operation at a time.
+    let mut cert = ptr::null_mut();
+    // SAFETY: live client, valid output pointer.
+    assert_eq!(
+        unsafe { fleetprov_client_create_keys_and_certificate(client, &mut cert) },
+        FLEETPROV_BUSY
+    );
+    assert!(cert.is_null());
+    let ((result, value), addr) = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!(result, FLEETPROV_OK);
+    let (id, _token) = value.unwrap();
+    assert_eq!(env.cert_status(&id).as_deref(), Some("PENDING_ACTIVATION"));
+    let cert = addr as *mut fleetprov_certificate;
+
+    let (tx, rx) = mpsc::channel::<(fleetprov_result, String)>();
+    // SAFETY: live client and certificate; `tx` outlives the operation (we wait for its result).
+    ok(unsafe {
+        fleetprov_client_register_thing_async(
+            client,
+            cert,
+            ptr::null(),
+            Some(on_registration),
+            &tx as *const _ as *mut c_void,
+            None,
+        )
+    });
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(30)).unwrap(),
+        (FLEETPROV_OK, "demo-async-steps".to_string())
+    );
+    assert_eq!(env.cert_status(&id).as_deref(), Some("ACTIVE"));
+    // Reusing the token: the rejection's errorCode arrives in the callback's error.
+    // SAFETY: as above.
+    ok(unsafe {
+        fleetprov_client_register_thing_async(
+            client,
+            cert,
+            ptr::null(),
+            Some(on_registration),
+            &tx as *const _ as *mut c_void,
+            None,
+        )
+    });
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(30)).unwrap(),
+        (
+            FLEETPROV_REJECTED,
+            "InvalidCertificateOwnershipToken".to_string()
+        )
+    );
+    // SAFETY: freed once each; free waits for the finished worker.
+    unsafe {
+        fleetprov_certificate_free(cert);
+        fleetprov_client_free(client);
+    }
+}
+
+#[test]
+fn secrets_stay_out_of_logs_errors_and_debug() {
+    let env = Env::start();
+    let lines: Mutex<Vec<(fleetprov_log_level, String)>> = Mutex::new(Vec::new());
+    let c = env.config("secrets");
+    set_method(&c, fleetprov_method::FLEETPROV_METHOD_CREATE_KEYS);
+    // SAFETY: `lines` outlives the config.
+    ok(unsafe {
+        fleetprov_config_set_log_callback(
+            c.0,
+            Some(record_log),
+            &lines as *const _ as *mut c_void,
+            None,
+            fleetprov_log_level::FLEETPROV_LOG_DEBUG as i32,
+        )
+    });
+    let mut client = ptr::null_mut();
+    // SAFETY: live config, valid output pointer.
+    ok(unsafe { fleetprov_client_new(c.0, &mut client) });
+    let mut cert = ptr::null_mut();
+    // SAFETY: live client.
+    ok(unsafe { fleetprov_client_create_keys_and_certificate(client, &mut cert) });
+    // SAFETY: live certificate.
+    let (key, token) = unsafe {
+        (
+            s(fleetprov_certificate_private_key(cert)),
+            s(fleetprov_certificate_ownership_token(cert)),
+        )
+    };
+    let mut reg = ptr::null_mut();
+    // SAFETY: as above; then a second (rejected) use of the token produces an error text.
+    unsafe {
+        ok(fleetprov_client_register_thing(
+            client,
+            cert,
+            ptr::null(),
+            &mut reg,
+        ));
+        assert_eq!(
+            fleetprov_client_register_thing(client, cert, ptr::null(), &mut reg),
+            FLEETPROV_REJECTED
+        );
+    }
+    let error_text = last_error();
+    let key_body: String = key.lines().nth(1).unwrap().to_owned();
+    let lines = lines.lock().unwrap();
+    assert!(lines.len() > 5, "debug logging produced lines");
+    for text in lines
+        .iter()
+        .map(|(_, t)| t.as_str())
+        .chain([error_text.as_str()])
+    {
+        assert!(!text.contains(&token), "token leaked: {text}");
+        assert!(!text.contains(&key_body), "key leaked: {text}");
+    }
+    // SAFETY: freed once each.
+    unsafe {
+        fleetprov_registration_free(reg);
+        fleetprov_certificate_free(cert);
+        fleetprov_client_free(client);
+    }
+}

@@ -11,6 +11,13 @@ step "format and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "the library links nothing of the emulator"
+if cargo tree --locked -p fleetprov -e normal,build --prefix none \
+        | grep -E '^(fleetprov-emulator|rusqlite|libsqlite3-sys|rsa|p521|x509-parser) '; then
+    echo "the library's dependency tree contains emulator-only crates" >&2
+    exit 1
+fi
+
 step "Rust tests (library, emulator unit and integration tests)"
 cargo test --workspace --locked
 
