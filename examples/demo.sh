@@ -4,7 +4,7 @@
 #   bash examples/demo.sh [SERIAL]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-serial=${1:-demo-$(date +%s)}
+serial=${1:-SN$(date +%s)}
 cargo build --release --locked -p fleetprov-emulator --bin fleetprov-emulator --example provision -p fleetprov 2>&1 | tail -n 1
 work=$(mktemp -d)
 trap 'kill "$emu" 2>/dev/null || true; wait "$emu" 2>/dev/null || true' EXIT
