@@ -158,10 +158,10 @@ fn run(args: Vec<String>) -> Result<ExitCode, String> {
             let emulator = Emulator::start(config)?;
             let mut out = std::io::stdout().lock();
             let addr = emulator.addr();
-            writeln!(out, "listening on {}:{}", addr.ip(), addr.port())
-                .map_err(|e| e.to_string())?;
+            // SocketAddr's form: `[::1]:PORT` for IPv6, usable as `ctl --control HOST:PORT`.
+            writeln!(out, "listening on {addr}").map_err(|e| e.to_string())?;
             if let Some(c) = emulator.control_addr() {
-                writeln!(out, "control on {}:{}", c.ip(), c.port()).map_err(|e| e.to_string())?;
+                writeln!(out, "control on {c}").map_err(|e| e.to_string())?;
             }
             out.flush().map_err(|e| e.to_string())?;
             drop(out);
