@@ -324,8 +324,9 @@ void fleetprov_operation_free(struct fleetprov_operation *operation);
 enum fleetprov_result fleetprov_client_new(const struct fleetprov_config *config,
                                            struct fleetprov_client **out);
 
-// Cancels a running operation, waits for its callback (unless called from it), disconnects and
-// frees the client. NULL is a no-op.
+// Cancels a running `_async` operation, waits for its callback (unless called from it),
+// disconnects and frees the client. NULL is a no-op. Must not be called while a blocking call on
+// the same client runs in another thread.
 void fleetprov_client_free(struct fleetprov_client *client);
 
 // Asks the running operation of this client to stop with FLEETPROV_CANCELLED. Thread-safe.

@@ -812,8 +812,9 @@ pub unsafe extern "C" fn fleetprov_client_new(
     })
 }
 
-/// Cancels a running operation, waits for its callback (unless called from it), disconnects and
-/// frees the client. NULL is a no-op.
+/// Cancels a running `_async` operation, waits for its callback (unless called from it),
+/// disconnects and frees the client. NULL is a no-op. Must not be called while a blocking call on
+/// the same client runs in another thread.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fleetprov_client_free(client: *mut fleetprov_client) {
     guard_value((), || {
