@@ -32,7 +32,9 @@ const OID_ED448: &[u8] = &[0x2b, 0x65, 0x71];
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Algorithm {
     /// RSA with a modulus of this many bits.
-    Rsa { bits: usize },
+    Rsa {
+        bits: usize,
+    },
     /// ECDSA on this curve.
     Ec(Curve),
     Ed25519,
@@ -90,9 +92,7 @@ fn read(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
         if bytes.first() == Some(&0) {
             return None; // not minimal
         }
-        let len = bytes
-            .iter()
-            .fold(0u64, |acc, &b| (acc << 8) | u64::from(b));
+        let len = bytes.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b));
         if len < 0x80 {
             return None; // not minimal
         }
@@ -117,7 +117,9 @@ fn bit_length(int: &[u8]) -> usize {
     }
     match rest.first() {
         None => 0,
-        Some(&b) => (rest.len() - 1) * 8 + (8 - b.leading_zeros() as usize),
+        Some(&b) => (rest.len() - 1)
+            .saturating_mul(8)
+            .saturating_add(8 - b.leading_zeros() as usize),
     }
 }
 
@@ -208,11 +210,13 @@ pub(super) fn check_csr_outline(der: &[u8]) -> Result<(), &'static str> {
 mod tests {
     use super::*;
 
+    /// (input, tag, expected contents and rest)
+    type ReadRow<'a> = (&'a [u8], u8, Option<(&'a [u8], &'a [u8])>);
+
     #[test]
     fn read_table() {
-        // (input, tag, expected contents and rest)
         let long = [vec![0x04, 0x81, 0x80], vec![7; 0x80]].concat();
-        let rows: Vec<(&[u8], u8, Option<(&[u8], &[u8])>)> = vec![
+        let rows: Vec<ReadRow<'_>> = vec![
             (&[], SEQUENCE, None),
             (&[0x30], SEQUENCE, None),
             (&[0x30, 0x00], SEQUENCE, Some((&[], &[]))),

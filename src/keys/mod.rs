@@ -236,10 +236,11 @@ pub fn check_csr_pem(pem: &str) -> Result<(), KeyError> {
             "the text holds a private key; pass the CSR alone".into(),
         ));
     }
-    let csr = CertificateSigningRequestDer::from_pem_slice(pem.as_bytes()).map_err(|e| match e {
-        pem::Error::NoItemsFound => KeyError::InvalidPem("no CERTIFICATE REQUEST block".into()),
-        e => pem_error(e),
-    })?;
+    let csr =
+        CertificateSigningRequestDer::from_pem_slice(pem.as_bytes()).map_err(|e| match e {
+            pem::Error::NoItemsFound => KeyError::InvalidPem("no CERTIFICATE REQUEST block".into()),
+            e => pem_error(e),
+        })?;
     let blocks = pem
         .lines()
         .filter(|line| line.starts_with("-----BEGIN "))
@@ -343,7 +344,8 @@ fn webpki_reason(e: &rustls::Error) -> String {
 
 /// The first private key block of `pem` (PKCS#1, SEC1 or PKCS#8), held so that it is wiped.
 fn read_private_key(pem: &str) -> Result<Zeroizing<PrivateKeyDer<'static>>, KeyError> {
-    if pem.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") || pem.contains("Proc-Type: 4,ENCRYPTED")
+    if pem.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----")
+        || pem.contains("Proc-Type: 4,ENCRYPTED")
     {
         return Err(KeyError::UnsupportedKey(
             "the private key is encrypted; decrypt it first (openssl pkey)".into(),

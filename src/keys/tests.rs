@@ -33,7 +33,8 @@ const ED448_KEY: &str = include_str!("testdata/ed448.key");
 const ENCRYPTED_PKCS8_KEY: &str = include_str!("testdata/encrypted-pkcs8.key");
 const ENCRYPTED_LEGACY_KEY: &str = include_str!("testdata/encrypted-legacy.key");
 /// What `openssl ecparam -genkey` (without `-noout`) puts before the SEC1 key.
-const EC_PARAMS: &str = "-----BEGIN EC PARAMETERS-----\nBggqhkjOPQMBBw==\n-----END EC PARAMETERS-----\n";
+const EC_PARAMS: &str =
+    "-----BEGIN EC PARAMETERS-----\nBggqhkjOPQMBBw==\n-----END EC PARAMETERS-----\n";
 
 /// `openssl x509 -in X -outform der | sha256sum`, computed once.
 const RSA_CERT_ID: &str = "fa27b7bd9cc86ecae72333e2a8676a6a0c9bd9cef01ef9d680fd624d7b46440f";
@@ -88,7 +89,11 @@ fn pem_block(label: &str, der: &[u8]) -> String {
     const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut body = String::new();
     for chunk in der.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -177,7 +182,10 @@ fn generated_keys_make_csrs_and_match_self_signed_certificates() {
         let csr_der = der_of_csr(&csr);
         assert_eq!(csr_der.first(), Some(&0x30));
         assert!(csr_der.windows(8).any(|w| w == b"device-1"));
-        assert!(!csr_der.windows(5).any(|w| w == b"rcgen"), "rcgen's default name");
+        assert!(
+            !csr_der.windows(5).any(|w| w == b"rcgen"),
+            "rcgen's default name"
+        );
 
         // The CSR carries this key's public key: the one in a certificate for the key.
         let cert = self_signed(pem);
@@ -293,7 +301,10 @@ fn device_key_from_pem_table() {
         if let Ok(key) = &got {
             // Normalised to one PKCS#8 block, and usable.
             let text = key.private_key_pem().expose();
-            assert!(text.starts_with("-----BEGIN PRIVATE KEY-----\n"), "{pem:.40}");
+            assert!(
+                text.starts_with("-----BEGIN PRIVATE KEY-----\n"),
+                "{pem:.40}"
+            );
             assert_eq!(text.matches("-----BEGIN").count(), 1);
             check_csr_pem(&key.csr_pem("x").unwrap()).unwrap();
         }
@@ -316,7 +327,11 @@ fn certificate_pem_table() {
     let truncated = &RSA_CERT[..RSA_CERT.len() / 2];
     let short_der = drop_middle_lines(RSA_CERT);
     let bad_char = RSA_CERT.replacen("MII", "M!I", 1);
-    let bad_begin = RSA_CERT.replacen("-----BEGIN CERTIFICATE-----", "-----BEGIN CERTIFICATE----", 1);
+    let bad_begin = RSA_CERT.replacen(
+        "-----BEGIN CERTIFICATE-----",
+        "-----BEGIN CERTIFICATE----",
+        1,
+    );
     let mut trailing = der_of_cert(RSA_CERT);
     trailing.extend_from_slice(&[0, 0]);
     let trailing = pem_block("CERTIFICATE", &trailing);
@@ -349,7 +364,9 @@ fn certificate_pem_table() {
         ),
         (
             &bad_second,
-            Err(invalid_cert("certificate 2 of 2: not a well-formed X.509 certificate")),
+            Err(invalid_cert(
+                "certificate 2 of 2: not a well-formed X.509 certificate",
+            )),
         ),
     ];
     for (pem, want) in rows {
@@ -389,7 +406,9 @@ fn private_key_pem_table() {
     let unknown_alg = pem_block(
         "PRIVATE KEY",
         // PrivateKeyInfo { 0, { OID 1.2.3 }, OCTET STRING {} }
-        &[0x30, 0x0b, 0x02, 0x01, 0x00, 0x30, 0x04, 0x06, 0x02, 0x2a, 0x03, 0x04, 0x00],
+        &[
+            0x30, 0x0b, 0x02, 0x01, 0x00, 0x30, 0x04, 0x06, 0x02, 0x2a, 0x03, 0x04, 0x00,
+        ],
     );
     let rows: Vec<(&str, Result<&str, KeyError>)> = vec![
         (RSA_KEY, Ok("PKCS#1 RSA")),
@@ -405,7 +424,9 @@ fn private_key_pem_table() {
         (ED25519_KEY, Ok("PKCS#8")),
         (
             EC_P521_KEY,
-            Err(unsupported("P-521 keys are not supported (P-256 and P-384 are)")),
+            Err(unsupported(
+                "P-521 keys are not supported (P-256 and P-384 are)",
+            )),
         ),
         (
             EC_SECP256K1_KEY,
@@ -465,7 +486,11 @@ fn private_key_pem_table() {
         if let Err(e) = &got {
             assert_no_key_material(&format!("{e} {e:?}"));
         }
-        assert_eq!(got.as_ref().map(format_name), want.as_ref().copied(), "{pem:.60}");
+        assert_eq!(
+            got.as_ref().map(format_name),
+            want.as_ref().copied(),
+            "{pem:.60}"
+        );
     }
 }
 
@@ -569,7 +594,11 @@ fn certificate_matches_key_table() {
         (EC_P384_CERT, EC_KEY, Err(KeyError::Mismatch)),
         (&p256_cert, EC_KEY, Err(KeyError::Mismatch)),
         (&p256_cert, EC_PKCS8_KEY, Err(KeyError::Mismatch)),
-        (&p384_cert, p256.private_key_pem().expose(), Err(KeyError::Mismatch)),
+        (
+            &p384_cert,
+            p256.private_key_pem().expose(),
+            Err(KeyError::Mismatch),
+        ),
         (&ed_cert, EC_KEY, Err(KeyError::Mismatch)),
         ("", RSA_KEY, Err(invalid_pem(NO_CERT))),
         (RSA_KEY, RSA_CERT, Err(invalid_pem(NO_CERT_BUT_KEY))),
@@ -616,11 +645,7 @@ fn certificate_id_table() {
         ),
     ];
     for (pem, want) in rows {
-        assert_eq!(
-            certificate_id(pem),
-            want.map(str::to_string),
-            "{pem:.40}"
-        );
+        assert_eq!(certificate_id(pem), want.map(str::to_string), "{pem:.40}");
     }
 }
 
@@ -636,7 +661,10 @@ fn debug_and_errors_never_show_key_material() {
                 }
             }
         }
-        assert_eq!(format!("{key:?}"), format!("DeviceKey({kind:?}, <redacted>)"));
+        assert_eq!(
+            format!("{key:?}"),
+            format!("DeviceKey({kind:?}, <redacted>)")
+        );
     }
     // Every error variant, shown every way.
     for e in [

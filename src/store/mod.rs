@@ -223,9 +223,9 @@ impl Drop for Staged {
 /// Writes `data` to a new temporary file next to `path`, with mode `mode`, and fsyncs it.
 fn stage(path: &Path, data: &[u8], mode: u32) -> io::Result<Staged> {
     let mode = mode & 0o777;
-    let name = path.file_name().ok_or_else(|| {
-        io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name")
-    })?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"))?;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
