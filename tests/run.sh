@@ -31,3 +31,9 @@ fi
 step "interop: the official AWS IoT Device SDK for Python v2 against the emulator"
 cargo build --locked -p fleetprov-emulator --bin fleetprov-emulator
 FLEETPROV_EMULATOR="$root/target/debug/fleetprov-emulator" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/interop
+
+step "Python binding (bindings/python) against the emulator"
+cargo build --locked -p fleetprov --lib
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check ./bindings/python
+FLEETPROV_LIBRARY="$root/target/debug/libfleetprov.so" FLEETPROV_EMULATOR="$root/target/debug/fleetprov-emulator" \
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider bindings/python/tests

@@ -1,0 +1,92 @@
+"""fleetprov: AWS IoT Core fleet provisioning over MQTT, via the libfleetprov C library.
+
+One call::
+
+    result = fleetprov.provision(
+        endpoint="abc123-ats.iot.eu-west-1.amazonaws.com",
+        ca_file="AmazonRootCA1.pem", cert_file="claim.pem", key_file="claim.key",
+        template_name="DemoTemplate", parameters={"SerialNumber": "0001"},
+        output_dir="/var/lib/device",
+    )
+
+Step by step::
+
+    with fleetprov.Client(endpoint=..., cert_file=..., key_file=...,
+                          template_name="DemoTemplate", parameters={...}) as c:
+        cert = c.create_keys_and_certificate()
+        reg = c.register_thing(cert)
+
+Errors are :class:`FleetprovError` subclasses; log lines go to the ``fleetprov`` logger.
+The shared library is found through ``FLEETPROV_LIBRARY``, beside this package, or in the
+source tree's ``target/`` (see :mod:`fleetprov._ffi`).
+"""
+
+from __future__ import annotations
+
+from ._ffi import EXPECTED_VERSION as __version__
+from ._ffi import LIBRARY_PATH, LibraryLoadError, library_version
+from ._api import (
+    Certificate,
+    Client,
+    Format,
+    KeyType,
+    ProvisionOperation,
+    ProvisionResult,
+    Registration,
+    Step,
+    provision,
+    provision_async,
+)
+from .errors import (
+    BufferTooSmallError,
+    BusyError,
+    CancelledError,
+    CertificateMismatchError,
+    ClosedError,
+    DeadlineError,
+    FleetprovConnectionError,
+    FleetprovError,
+    InvalidArgumentError,
+    MalformedReplyError,
+    PanicError,
+    RejectedError,
+    StepTimeoutError,
+    StorageError,
+    SubscribeFailedError,
+    TlsError,
+    result_name,
+)
+
+__all__ = [
+    "__version__",
+    "LIBRARY_PATH",
+    "LibraryLoadError",
+    "library_version",
+    "provision",
+    "provision_async",
+    "Client",
+    "Certificate",
+    "Registration",
+    "ProvisionResult",
+    "ProvisionOperation",
+    "Step",
+    "Format",
+    "KeyType",
+    "FleetprovError",
+    "InvalidArgumentError",
+    "TlsError",
+    "FleetprovConnectionError",
+    "StepTimeoutError",
+    "DeadlineError",
+    "RejectedError",
+    "MalformedReplyError",
+    "SubscribeFailedError",
+    "CertificateMismatchError",
+    "CancelledError",
+    "StorageError",
+    "BusyError",
+    "BufferTooSmallError",
+    "PanicError",
+    "ClosedError",
+    "result_name",
+]

@@ -1,0 +1,794 @@
+"""The Pythonic API: provision(), provision_async(), Client, and their result types."""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import enum
+import os
+import threading
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Union
+
+from . import _callbacks
+from ._callbacks import CallbackSlot
+from ._ffi import lib
+from .errors import (
+    ClosedError,
+    FleetprovError,
+    InvalidArgumentError,
+    check,
+    error_from_handle,
+    last_error,
+)
+
+StrPath = Union[str, "os.PathLike[str]"]
+
+
+class Step(enum.IntEnum):
+    """Steps reported to the progress callback (fleetprov_step)."""
+
+    CONNECTING = 0
+    SUBSCRIBING = 1
+    SUBSCRIBED = 2
+    CREATING_CERTIFICATE = 3
+    CERTIFICATE_CREATED = 4
+    REGISTERING = 5
+    REGISTERED = 6
+    VERIFYING = 7
+    VERIFIED = 8
+
+
+class Format(enum.IntEnum):
+    """Payload format of requests and replies (fleetprov_format)."""
+
+    JSON = 0
+    CBOR = 1
+
+
+class KeyType(enum.IntEnum):
+    """Key generated on the device for the CSR flow (fleetprov_key_type)."""
+
+    P256 = 0
+    P384 = 1
+
+
+class _Method(enum.IntEnum):
+    CSR = 0
+    CREATE_KEYS = 1
+    EXTERNAL_CSR = 2
+
+
+class _LogLevel(enum.IntEnum):
+    ERROR = 1
+    WARN = 2
+    INFO = 3
+    DEBUG = 4
+
+
+ProgressCallback = Callable[[Step], None]
+
+
+# --- results -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProvisionResult:
+    """The outcome of the one-call flow.
+
+    ``private_key_pem`` is None when the CSR was supplied from outside (``csr_pem=``);
+    ``output_dir`` is None unless ``output_dir=`` was given. The key is left out of ``repr``.
+    """
+
+    thing_name: str
+    certificate_id: str
+    device_configuration: dict[str, str]
+    certificate_pem: str = field(repr=False)
+    private_key_pem: Optional[str] = field(repr=False)
+    output_dir: Optional[Path]
+
+
+@dataclass(frozen=True)
+class Registration:
+    """The accepted reply of RegisterThing."""
+
+    thing_name: str
+    device_configuration: dict[str, str]
+
+
+def _s(raw: Optional[bytes]) -> Optional[str]:
+    return None if raw is None else raw.decode("utf-8", "replace")
+
+
+def _entries(entry_fn: Callable[..., int], count_fn: Callable[[Any], int], handle: int) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for i in range(count_fn(handle)):
+        k = ctypes.c_char_p()
+        v = ctypes.c_char_p()
+        check(entry_fn(handle, i, ctypes.byref(k), ctypes.byref(v)))
+        out[_s(k.value) or ""] = _s(v.value) or ""
+    return out
+
+
+def _provisioned_to_result(handle: int) -> ProvisionResult:
+    """Copies everything out of a fleetprov_provisioned (the caller frees it)."""
+    out_dir = _s(lib.fleetprov_provisioned_output_dir(handle))
+    return ProvisionResult(
+        thing_name=_s(lib.fleetprov_provisioned_thing_name(handle)) or "",
+        certificate_id=_s(lib.fleetprov_provisioned_certificate_id(handle)) or "",
+        device_configuration=_entries(
+            lib.fleetprov_provisioned_config_entry, lib.fleetprov_provisioned_config_count, handle
+        ),
+        certificate_pem=_s(lib.fleetprov_provisioned_certificate_pem(handle)) or "",
+        private_key_pem=_s(lib.fleetprov_provisioned_private_key(handle)),
+        output_dir=Path(out_dir) if out_dir is not None else None,
+    )
+
+
+# --- argument conversion ---------------------------------------------------------------------
+
+
+def _cstr(value: Any, name: str) -> bytes:
+    """UTF-8 bytes for a str or path argument; TypeError / InvalidArgumentError otherwise."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, bytes):
+        raise TypeError(f"{name} must be str, not bytes")
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be str, not {type(value).__name__}")
+    if "\0" in value:
+        raise InvalidArgumentError(f"{name} contains a NUL character", code=1)
+    return value.encode("utf-8")
+
+
+def _opt_cstr(value: Any, name: str) -> Optional[bytes]:
+    return None if value is None else _cstr(value, name)
+
+
+def _int_arg(value: Any, name: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be int, not {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise InvalidArgumentError(f"{name} must be between {lo} and {hi}, got {value}", code=1)
+    return value
+
+
+def _ms(value: Any, name: str, allow_none: bool) -> int:
+    if value is None and allow_none:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    ms = round(value * 1000)
+    if value < 0 or ms > 0xFFFFFFFF:
+        raise InvalidArgumentError(f"{name} out of range: {value}", code=1)
+    if value > 0 and ms == 0:
+        ms = 1
+    return ms
+
+
+def _enum_arg(value: Any, enum_cls: type[enum.IntEnum], name: str, aliases: Mapping[str, int]) -> int:
+    if isinstance(value, enum_cls):
+        return int(value)
+    if isinstance(value, str) and value.lower() in aliases:
+        return aliases[value.lower()]
+    choices = ", ".join(repr(a) for a in aliases)
+    if isinstance(value, str):
+        raise InvalidArgumentError(f"{name} must be one of {choices}, got {value!r}", code=1)
+    raise TypeError(f"{name} must be one of {choices} or a {enum_cls.__name__}, not {type(value).__name__}")
+
+
+def _check_callable(value: Any, name: str) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be callable or None")
+
+
+class _Config:
+    """Owns a fleetprov_config for the time it takes to build a client or start a call."""
+
+    def __init__(self) -> None:
+        handle = ctypes.c_void_p()
+        check(lib.fleetprov_config_new(ctypes.byref(handle)))
+        self.handle: Optional[int] = handle.value
+
+    def __enter__(self) -> "_Config":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.free()
+
+    def free(self) -> None:
+        handle, self.handle = self.handle, None
+        if handle:
+            lib.fleetprov_config_free(handle)
+
+
+def _build_config(
+    *,
+    endpoint: str,
+    port: int,
+    ca_file: Optional[StrPath],
+    ca_pem: Optional[str],
+    cert_file: Optional[StrPath],
+    key_file: Optional[StrPath],
+    cert_pem: Optional[str],
+    key_pem: Optional[str],
+    template_name: Optional[str],
+    parameters: Optional[Mapping[str, str]],
+    payload_format: Union[str, Format],
+    timeout: Optional[float],
+    step_timeout: float,
+    client_id: Optional[str],
+    keep_alive: Optional[int],
+    alpn: Optional[bool],
+    on_progress: Optional[ProgressCallback],
+    method: Optional[int] = None,
+    key_type: Union[str, KeyType, None] = None,
+    csr_pem: Optional[str] = None,
+    verify: Optional[bool] = None,
+    output_dir: Optional[StrPath] = None,
+) -> tuple[_Config, CallbackSlot]:
+    """Validates every argument in Python first (TypeError for wrong types), then fills a
+    fleetprov_config (library errors become FleetprovError subclasses)."""
+    host = _cstr(endpoint, "endpoint")
+    port_v = _int_arg(port, "port", 1, 65535)
+    ca_file_b = _opt_cstr(ca_file, "ca_file")
+    ca_pem_b = _opt_cstr(ca_pem, "ca_pem")
+    if ca_file_b is not None and ca_pem_b is not None:
+        raise InvalidArgumentError("give ca_file or ca_pem, not both", code=1)
+    if (cert_file is None) != (key_file is None) or (cert_pem is None) != (key_pem is None):
+        raise InvalidArgumentError("claim credentials need both a certificate and a key", code=1)
+    if cert_file is not None and cert_pem is not None:
+        raise InvalidArgumentError("give cert_file/key_file or cert_pem/key_pem, not both", code=1)
+    if cert_file is None and cert_pem is None:
+        raise InvalidArgumentError("claim credentials are required: cert_file and key_file", code=1)
+    claim = (
+        (_cstr(cert_file, "cert_file"), _cstr(key_file, "key_file"), True)
+        if cert_file is not None
+        else (_cstr(cert_pem, "cert_pem"), _cstr(key_pem, "key_pem"), False)
+    )
+    template_b = _opt_cstr(template_name, "template_name")
+    params: list[tuple[bytes, bytes]] = []
+    if parameters is not None:
+        if not isinstance(parameters, Mapping):
+            raise TypeError(f"parameters must be a mapping of str to str, not {type(parameters).__name__}")
+        for k, v in parameters.items():
+            params.append((_cstr(k, "parameter name"), _cstr(v, f"parameter {k!r}")))
+    fmt = _enum_arg(payload_format, Format, "payload_format", {"json": 0, "cbor": 1})
+    overall_ms = _ms(timeout, "timeout", allow_none=True)
+    step_ms = _ms(step_timeout, "step_timeout", allow_none=False)
+    client_id_b = _opt_cstr(client_id, "client_id")
+    keep_alive_v = None if keep_alive is None else _int_arg(keep_alive, "keep_alive", 0, 65535)
+    if alpn is not None and not isinstance(alpn, bool):
+        raise TypeError("alpn must be bool or None")
+    if verify is not None and not isinstance(verify, bool):
+        raise TypeError("verify must be bool")
+    _check_callable(on_progress, "on_progress")
+    key_type_v = None if key_type is None else _enum_arg(key_type, KeyType, "key_type", {"p256": 0, "p384": 1})
+    csr_b = _opt_cstr(csr_pem, "csr_pem")
+    out_b = _opt_cstr(output_dir, "output_dir")
+
+    config = _Config()
+    try:
+        h = config.handle
+        check(lib.fleetprov_config_set_endpoint(h, host, port_v))
+        if ca_file_b is not None:
+            check(lib.fleetprov_config_set_ca_file(h, ca_file_b))
+        elif ca_pem_b is not None:
+            check(lib.fleetprov_config_set_ca_pem(h, ca_pem_b))
+        if claim[2]:
+            check(lib.fleetprov_config_set_claim_files(h, claim[0], claim[1]))
+        else:
+            check(lib.fleetprov_config_set_claim_pem(h, claim[0], claim[1]))
+        if client_id_b is not None:
+            check(lib.fleetprov_config_set_client_id(h, client_id_b))
+        if keep_alive_v is not None:
+            check(lib.fleetprov_config_set_keep_alive(h, keep_alive_v))
+        if alpn is not None:
+            check(lib.fleetprov_config_set_alpn(h, alpn))
+        check(lib.fleetprov_config_set_format(h, fmt))
+        check(lib.fleetprov_config_set_timeouts(h, step_ms, overall_ms))
+        if template_b is not None:
+            check(lib.fleetprov_config_set_template(h, template_b))
+        for k, v in params:
+            check(lib.fleetprov_config_set_parameter(h, k, v))
+        if method is not None:
+            check(lib.fleetprov_config_set_method(h, method))
+        if key_type_v is not None:
+            check(lib.fleetprov_config_set_key_type(h, key_type_v))
+        if csr_b is not None:
+            check(lib.fleetprov_config_set_csr_pem(h, csr_b))
+        if verify is not None:
+            check(lib.fleetprov_config_set_verify(h, verify))
+        if out_b is not None:
+            check(lib.fleetprov_config_set_output_dir(h, out_b))
+
+        # Callbacks: one registry key per registration (each has its own userdata_free).
+        slot = CallbackSlot(on_progress)
+        log_key = _callbacks.register(slot)
+        check(
+            lib.fleetprov_config_set_log_callback(
+                h, _callbacks.LOG_TRAMPOLINE, log_key, _callbacks.USERDATA_FREE_TRAMPOLINE, int(_LogLevel.DEBUG)
+            )
+        )
+        if on_progress is not None:
+            progress_key = _callbacks.register(slot)
+            check(
+                lib.fleetprov_config_set_progress_callback(
+                    h, _callbacks.PROGRESS_TRAMPOLINE, progress_key, _callbacks.USERDATA_FREE_TRAMPOLINE
+                )
+            )
+        return config, slot
+    except BaseException:
+        config.free()
+        raise
+
+
+def _raise_outcome(slot: CallbackSlot, error: Optional[FleetprovError]) -> None:
+    """Re-raises an exception captured in a callback (chained to the library error, if any),
+    else the library error, else nothing."""
+    cb_exc = slot.take_error()
+    if cb_exc is not None:
+        if error is not None:
+            raise cb_exc from error
+        raise cb_exc
+    if error is not None:
+        raise error
+
+
+# --- one-call flow ---------------------------------------------------------------------------
+
+
+def provision(
+    *,
+    endpoint: str,
+    port: int = 8883,
+    ca_file: Optional[StrPath] = None,
+    cert_file: Optional[StrPath] = None,
+    key_file: Optional[StrPath] = None,
+    template_name: str,
+    parameters: Optional[Mapping[str, str]] = None,
+    use_csr: bool = True,
+    payload_format: Union[str, Format] = "json",
+    output_dir: Optional[StrPath] = None,
+    timeout: Optional[float] = 60.0,
+    step_timeout: float = 10.0,
+    client_id: Optional[str] = None,
+    verify: bool = True,
+    on_progress: Optional[ProgressCallback] = None,
+    ca_pem: Optional[str] = None,
+    cert_pem: Optional[str] = None,
+    key_pem: Optional[str] = None,
+    key_type: Union[str, KeyType] = "p256",
+    csr_pem: Optional[str] = None,
+    keep_alive: Optional[int] = None,
+    alpn: Optional[bool] = None,
+) -> ProvisionResult:
+    """Provisions a device in one blocking call.
+
+    Connects to ``endpoint:port`` over TLS with the claim certificate (``cert_file``/``key_file``,
+    or ``cert_pem``/``key_pem``), trusting ``ca_file`` (or ``ca_pem``; default: system roots);
+    gets a certificate (CreateCertificateFromCsr with a key made on the device when ``use_csr``,
+    of ``key_type`` "p256" or "p384"; with ``csr_pem`` given, that CSR; else
+    CreateKeysAndCertificate); registers the thing with ``template_name`` and ``parameters``;
+    checks the certificate against the key; connects once with the new credentials unless
+    ``verify`` is False; and writes ``certificate.pem``, ``private.key`` and ``device.json`` to
+    ``output_dir`` if given.
+
+    ``timeout`` is the overall deadline in seconds (None or 0: none); ``step_timeout`` bounds
+    each step. ``on_progress(step)`` is called with each :class:`Step` reached, on this thread;
+    an exception it raises is re-raised here once the call returns. Log lines go to the
+    ``fleetprov`` logger.
+
+    Raises :class:`FleetprovError` subclasses (e.g. :class:`RejectedError`,
+    :class:`StepTimeoutError`), :class:`TypeError` for arguments of the wrong type.
+    """
+    if not isinstance(use_csr, bool):
+        raise TypeError("use_csr must be bool")
+    if template_name is None:
+        raise InvalidArgumentError("template_name is required", code=1)
+    method = _Method.CSR if use_csr else _Method.CREATE_KEYS
+    if csr_pem is not None:
+        method = _Method.EXTERNAL_CSR
+    config, slot = _build_config(
+        endpoint=endpoint, port=port, ca_file=ca_file, ca_pem=ca_pem, cert_file=cert_file,
+        key_file=key_file, cert_pem=cert_pem, key_pem=key_pem, template_name=template_name,
+        parameters=parameters, payload_format=payload_format, timeout=timeout,
+        step_timeout=step_timeout, client_id=client_id, keep_alive=keep_alive, alpn=alpn,
+        on_progress=on_progress, method=int(method), key_type=key_type, csr_pem=csr_pem,
+        verify=verify, output_dir=output_dir,
+    )
+    with config:
+        out = ctypes.c_void_p()
+        code = lib.fleetprov_provision(config.handle, ctypes.byref(out))
+        error = last_error(code) if code != 0 else None  # read at once, same thread
+    result: Optional[ProvisionResult] = None
+    if code == 0:
+        try:
+            result = _provisioned_to_result(out.value)
+        finally:
+            lib.fleetprov_provisioned_free(out.value)
+    _raise_outcome(slot, error)
+    assert result is not None
+    return result
+
+
+class ProvisionOperation:
+    """A running :func:`provision_async` call.
+
+    ``result(timeout)`` waits for and returns the :class:`ProvisionResult` (or raises);
+    ``cancel()`` asks it to stop (it then fails with :class:`CancelledError` unless it had
+    finished); ``close()`` (or leaving a ``with`` block) cancels if needed, waits and frees the
+    handle. Callbacks run on a library worker thread.
+    """
+
+    def __init__(self, slot: CallbackSlot) -> None:
+        self._slot = slot
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._handle: Optional[int] = None
+        self._result: Optional[ProvisionResult] = None
+        self._error: Optional[BaseException] = None
+        self._worker_thread: Optional[int] = None
+        slot.on_error = self.cancel
+
+    # called on the worker thread by the completion trampoline
+    def _complete(self, code: int, provisioned: Optional[int], error: Optional[int]) -> None:
+        self._worker_thread = threading.get_ident()
+        try:
+            if code == 0 and provisioned:
+                try:
+                    self._result = _provisioned_to_result(provisioned)
+                finally:
+                    lib.fleetprov_provisioned_free(provisioned)
+            else:
+                self._error = error_from_handle(code, error)
+        except BaseException as e:  # pragma: no cover
+            self._error = e
+        finally:
+            self._done.set()
+
+    def _fail(self, exc: BaseException) -> None:  # pragma: no cover
+        self._error = exc
+        self._done.set()
+
+    def done(self) -> bool:
+        """Whether the operation has finished (its callback ran)."""
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Asks the operation to stop. Safe from any thread, callbacks included."""
+        with self._lock:
+            if self._handle:
+                lib.fleetprov_operation_cancel(self._handle)
+
+    def result(self, timeout: Optional[float] = None) -> ProvisionResult:
+        """Waits up to `timeout` seconds (None: forever) for the outcome and returns it.
+
+        Raises :class:`TimeoutError` (the builtin) if it has not finished in time (the operation
+        keeps running), the operation's :class:`FleetprovError`, or an exception raised by the
+        progress callback.
+        """
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"provisioning did not finish within {timeout} s")
+        self.close()
+        _raise_outcome(self._slot, self._error if isinstance(self._error, FleetprovError) else None)
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def close(self) -> None:
+        """Cancels the operation if still running, waits for its callback and frees the handle.
+        Idempotent."""
+        with self._lock:
+            handle, self._handle = self._handle, None
+        if handle:
+            lib.fleetprov_operation_free(handle)
+
+    def __enter__(self) -> "ProvisionOperation":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        handle = self._handle
+        if not handle:
+            return
+        if threading.get_ident() == self._worker_thread:
+            # Dropped by the library's own worker thread (in userdata_free): operation_free would
+            # wait for that thread, so free from another one.
+            self._handle = None
+            threading.Thread(target=lib.fleetprov_operation_free, args=(handle,), daemon=True).start()
+            return
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def provision_async(**kwargs: Any) -> ProvisionOperation:
+    """Starts :func:`provision` (same keyword arguments) on a library worker thread and returns a
+    :class:`ProvisionOperation` at once. Progress and log callbacks run on the worker thread."""
+    _check_kwargs(kwargs)
+    use_csr = kwargs.pop("use_csr", True)
+    if not isinstance(use_csr, bool):
+        raise TypeError("use_csr must be bool")
+    if kwargs.get("template_name") is None:
+        raise InvalidArgumentError("template_name is required", code=1)
+    method = _Method.CSR if use_csr else _Method.CREATE_KEYS
+    if kwargs.get("csr_pem") is not None:
+        method = _Method.EXTERNAL_CSR
+    args = dict(_PROVISION_DEFAULTS)
+    args.update(kwargs)
+    if "endpoint" not in args:
+        raise TypeError("provision_async() missing required keyword argument: 'endpoint'")
+    config, slot = _build_config(method=int(method), **args)
+    op = ProvisionOperation(slot)
+    _live_operations.add(op)
+    key = _callbacks.register(op)
+    with config:
+        out = ctypes.c_void_p()
+        # The registry lock orders this write before the callback reads _handle via cancel().
+        with op._lock:
+            code = lib.fleetprov_provision_async(
+                config.handle, _callbacks.PROVISION_TRAMPOLINE, key, _callbacks.USERDATA_FREE_TRAMPOLINE, ctypes.byref(out)
+            )
+            if code == 0:
+                op._handle = out.value
+        if code != 0:
+            raise last_error(code)
+    return op
+
+
+# Operations still open at interpreter exit are cancelled and waited for, so no worker thread
+# calls into a finalising interpreter.
+_live_operations: "weakref.WeakSet[ProvisionOperation]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_operations() -> None:
+    for op in list(_live_operations):
+        try:
+            op.close()
+        except Exception:
+            pass
+
+
+_PROVISION_DEFAULTS: dict[str, Any] = dict(
+    port=8883, ca_file=None, ca_pem=None, cert_file=None, key_file=None, cert_pem=None,
+    key_pem=None, template_name=None, parameters=None, payload_format="json", timeout=60.0,
+    step_timeout=10.0, client_id=None, keep_alive=None, alpn=None, on_progress=None,
+    key_type="p256", csr_pem=None, verify=True, output_dir=None,
+)
+
+
+def _check_kwargs(kwargs: Mapping[str, Any]) -> None:
+    allowed = set(_PROVISION_DEFAULTS) | {"endpoint", "use_csr"}
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
+
+
+# --- step-by-step client ---------------------------------------------------------------------
+
+
+class Certificate:
+    """A certificate from :meth:`Client.create_keys_and_certificate` or
+    :meth:`Client.create_certificate_from_csr`, holding the library object that
+    :meth:`Client.register_thing` needs (its ownership token).
+
+    ``certificate_id``, ``certificate_pem`` and ``private_key_pem`` (None for a CSR) are copied
+    out. ``close()`` (or a ``with`` block) frees it and wipes the token; it is also freed when
+    garbage collected.
+    """
+
+    def __init__(self, handle: int) -> None:
+        self._lock = threading.RLock()
+        self._handle: Optional[int] = handle
+        self.certificate_id: str = _s(lib.fleetprov_certificate_id(handle)) or ""
+        self.certificate_pem: str = _s(lib.fleetprov_certificate_pem(handle)) or ""
+        self.private_key_pem: Optional[str] = _s(lib.fleetprov_certificate_private_key(handle))
+
+    @property
+    def ownership_token(self) -> str:
+        """The ownership token (a secret, valid one hour), read from the library on demand."""
+        with self._lock:
+            return _s(lib.fleetprov_certificate_ownership_token(self._use())) or ""
+
+    @property
+    def closed(self) -> bool:
+        return self._handle is None
+
+    def _use(self) -> int:
+        if self._handle is None:
+            raise ClosedError("this Certificate has been closed")
+        return self._handle
+
+    def close(self) -> None:
+        """Frees the library object (idempotent)."""
+        with self._lock:
+            handle, self._handle = self._handle, None
+        if handle:
+            lib.fleetprov_certificate_free(handle)
+
+    def __enter__(self) -> "Certificate":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._handle is None else "open"
+        return f"<fleetprov.Certificate {self.certificate_id[:12]}… {state}>"
+
+
+class Client:
+    """A connection for step-by-step provisioning.
+
+    Takes the connection settings and, because the C API reads RegisterThing's template and
+    parameters from the configuration, also ``template_name`` and ``parameters``: they are fixed
+    for the client's life, and :meth:`register_thing` can only override the template name.
+
+    Use as a context manager (``with Client(...) as c:``); ``close()`` frees the handle exactly
+    once and using a closed client raises :class:`ClosedError`. One operation runs at a time
+    (another thread gets :class:`BusyError`); :meth:`cancel` may be called from any thread.
+    Callbacks run on the thread calling the operation.
+    """
+
+    def __init__(
+        self,
+        *,
+        endpoint: str,
+        port: int = 8883,
+        ca_file: Optional[StrPath] = None,
+        cert_file: Optional[StrPath] = None,
+        key_file: Optional[StrPath] = None,
+        template_name: Optional[str] = None,
+        parameters: Optional[Mapping[str, str]] = None,
+        payload_format: Union[str, Format] = "json",
+        timeout: Optional[float] = 60.0,
+        step_timeout: float = 10.0,
+        client_id: Optional[str] = None,
+        on_progress: Optional[ProgressCallback] = None,
+        ca_pem: Optional[str] = None,
+        cert_pem: Optional[str] = None,
+        key_pem: Optional[str] = None,
+        keep_alive: Optional[int] = None,
+        alpn: Optional[bool] = None,
+    ) -> None:
+        self._handle: Optional[int] = None
+        self._cond = threading.Condition()
+        self._inflight = 0
+        self._inflight_threads: set[int] = set()
+        config, slot = _build_config(
+            endpoint=endpoint, port=port, ca_file=ca_file, ca_pem=ca_pem, cert_file=cert_file,
+            key_file=key_file, cert_pem=cert_pem, key_pem=key_pem, template_name=template_name,
+            parameters=parameters, payload_format=payload_format, timeout=timeout,
+            step_timeout=step_timeout, client_id=client_id, keep_alive=keep_alive, alpn=alpn,
+            on_progress=on_progress,
+        )
+        self._slot = slot
+        with config:
+            out = ctypes.c_void_p()
+            check(lib.fleetprov_client_new(config.handle, ctypes.byref(out)))
+            self._handle = out.value
+        slot.on_error = self.cancel
+
+    # -- lifetime --
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._handle is None
+
+    def close(self) -> None:
+        """Cancels a running operation, waits for it, disconnects and frees the client.
+        Idempotent; safe from any thread."""
+        with self._cond:
+            handle, self._handle = self._handle, None
+            if not handle:
+                return
+            if threading.get_ident() in self._inflight_threads:
+                self._handle = handle
+                raise RuntimeError("a Client cannot be closed from its own callback")
+            while self._inflight:
+                lib.fleetprov_client_cancel(handle)
+                self._cond.wait(0.2)  # re-cancel in case the call had not started yet
+        lib.fleetprov_client_free(handle)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def cancel(self) -> None:
+        """Asks the running operation to stop with :class:`CancelledError`. Any thread; a no-op
+        when the client is closed or idle."""
+        with self._cond:
+            if self._handle:
+                lib.fleetprov_client_cancel(self._handle)
+
+    def _call(self, fn: Callable[..., int], *args: Any) -> None:
+        with self._cond:
+            if self._handle is None:
+                raise ClosedError("this Client has been closed")
+            handle = self._handle
+            self._inflight += 1
+            self._inflight_threads.add(threading.get_ident())
+        try:
+            code = fn(handle, *args)
+            error = last_error(code) if code != 0 else None  # same thread, right after
+        finally:
+            with self._cond:
+                self._inflight -= 1
+                self._inflight_threads.discard(threading.get_ident())
+                self._cond.notify_all()
+        _raise_outcome(self._slot, error)
+
+    # -- operations --
+    def connect(self) -> None:
+        """Connects now (operations also connect when needed)."""
+        self._call(lib.fleetprov_client_connect)
+
+    def create_keys_and_certificate(self) -> Certificate:
+        """CreateKeysAndCertificate: the service makes the key (``private_key_pem``)."""
+        out = ctypes.c_void_p()
+        try:
+            self._call(lib.fleetprov_client_create_keys_and_certificate, ctypes.byref(out))
+        except BaseException:
+            lib.fleetprov_certificate_free(out.value)  # written only on success; NULL is a no-op
+            raise
+        return Certificate(out.value)
+
+    def create_certificate_from_csr(self, csr_pem: str, key_pem: Optional[str] = None) -> Certificate:
+        """CreateCertificateFromCsr with `csr_pem`. When `key_pem` (the CSR's key) is given the
+        returned certificate is checked against it (:class:`CertificateMismatchError`)."""
+        csr_b = _cstr(csr_pem, "csr_pem")
+        key_b = _opt_cstr(key_pem, "key_pem")
+        out = ctypes.c_void_p()
+        try:
+            self._call(lib.fleetprov_client_create_certificate_from_csr, csr_b, key_b, ctypes.byref(out))
+        except BaseException:
+            lib.fleetprov_certificate_free(out.value)
+            raise
+        return Certificate(out.value)
+
+    def register_thing(self, certificate: Certificate, template_name: Optional[str] = None) -> Registration:
+        """RegisterThing with `certificate`'s ownership token, the template given at construction
+        (or `template_name`, overriding it for this call) and the construction's ``parameters``
+        (the C API takes them from the configuration only)."""
+        if not isinstance(certificate, Certificate):
+            raise TypeError(f"certificate must be a fleetprov.Certificate, not {type(certificate).__name__}")
+        template_b = _opt_cstr(template_name, "template_name")
+        out = ctypes.c_void_p()
+        with certificate._lock:
+            cert_handle = certificate._use()
+            try:
+                self._call(lib.fleetprov_client_register_thing, cert_handle, template_b, ctypes.byref(out))
+            except BaseException:
+                lib.fleetprov_registration_free(out.value)
+                raise
+        try:
+            return Registration(
+                thing_name=_s(lib.fleetprov_registration_thing_name(out.value)) or "",
+                device_configuration=_entries(
+                    lib.fleetprov_registration_config_entry, lib.fleetprov_registration_config_count, out.value
+                ),
+            )
+        finally:
+            lib.fleetprov_registration_free(out.value)

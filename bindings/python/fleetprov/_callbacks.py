@@ -1,0 +1,148 @@
+"""Module-level ctypes trampolines and the thread-safe registry they look callables up in.
+
+The C library only ever sees an integer key as userdata, never a pointer to a Python object.
+Each registration gets its own key; the library's ``userdata_free`` removes it from the
+registry, so a key lives exactly as long as the library may call back with it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import logging
+import threading
+from typing import Any, Callable, Optional
+
+from . import _ffi
+
+logger = logging.getLogger("fleetprov")
+# A library does not print on its own: without configured logging, records are dropped.
+logger.addHandler(logging.NullHandler())
+
+_LEVELS = {
+    1: logging.ERROR,
+    2: logging.WARNING,
+    3: logging.INFO,
+    4: logging.DEBUG,
+}
+
+_registry: dict[int, Any] = {}
+_registry_lock = threading.Lock()
+_keys = itertools.count(1)  # 0 would arrive as NULL / None
+
+
+def register(obj: Any) -> int:
+    """Stores `obj` under a new key and returns the key (to pass as userdata)."""
+    with _registry_lock:
+        key = next(_keys)
+        _registry[key] = obj
+        return key
+
+
+def lookup(key: Optional[int]) -> Any:
+    """The object stored under `key`, or None."""
+    if not key:
+        return None
+    with _registry_lock:
+        return _registry.get(key)
+
+
+def unregister(key: Optional[int]) -> None:
+    """Forgets `key` (idempotent)."""
+    if not key:
+        return
+    with _registry_lock:
+        _registry.pop(key, None)
+
+
+def registry_size() -> int:
+    """Number of live registrations (for tests: proves userdata_free ran)."""
+    with _registry_lock:
+        return len(_registry)
+
+
+class CallbackSlot:
+    """What the log and progress trampolines need for one config (and the clients and
+    operations made from it): the Python progress callable and the exceptions it raised."""
+
+    def __init__(self, on_progress: Optional[Callable[[Any], None]]) -> None:
+        self.on_progress = on_progress
+        self._errors: list[BaseException] = []
+        self._lock = threading.Lock()
+        #: Called (from the callback's thread) after the first exception; e.g. cancels.
+        self.on_error: Optional[Callable[[], None]] = None
+
+    def record(self, exc: BaseException) -> None:
+        with self._lock:
+            first = not self._errors
+            self._errors.append(exc)
+            hook = self.on_error
+        if first and hook is not None:
+            try:
+                hook()
+            except Exception:  # pragma: no cover - cancelling must not raise into C
+                pass
+
+    def take_error(self) -> Optional[BaseException]:
+        """The first captured exception (clearing the list), or None."""
+        with self._lock:
+            errors, self._errors = self._errors, []
+        return errors[0] if errors else None
+
+
+def _log(userdata: Optional[int], level: int, message: Optional[int], length: int) -> None:
+    slot = lookup(userdata)
+    try:
+        text = ctypes.string_at(message, length).decode("utf-8", "replace") if message else ""
+        py_level = _LEVELS.get(level, logging.DEBUG)
+        if logger.isEnabledFor(py_level):
+            logger.log(py_level, "%s", text)
+    except BaseException as e:  # never let an exception unwind into C
+        if slot is not None:
+            slot.record(e)
+
+
+def _progress(userdata: Optional[int], step: int) -> None:
+    slot = lookup(userdata)
+    if slot is None or slot.on_progress is None:
+        return
+    try:
+        from ._api import Step  # local import: _api imports this module
+
+        try:
+            value: Any = Step(step)
+        except ValueError:
+            value = step
+        slot.on_progress(value)
+    except BaseException as e:
+        slot.record(e)
+
+
+def _userdata_free(userdata: Optional[int]) -> None:
+    try:
+        unregister(userdata)
+    except BaseException:  # pragma: no cover
+        pass
+
+
+def _provision_done(userdata: Optional[int], result: int, provisioned: Optional[int], error: Optional[int]) -> None:
+    op = lookup(userdata)
+    try:
+        if op is None:
+            # Nobody to hand it to: free what we own.
+            if provisioned:
+                _ffi.lib.fleetprov_provisioned_free(provisioned)
+            return
+        op._complete(result, provisioned, error)
+    except BaseException as e:  # pragma: no cover - _complete guards itself
+        try:
+            op._fail(e)
+        except BaseException:
+            pass
+
+
+# Module-level so they live as long as the library can call them.
+LOG_TRAMPOLINE = _ffi.LOG_CALLBACK(_log)
+PROGRESS_TRAMPOLINE = _ffi.PROGRESS_CALLBACK(_progress)
+USERDATA_FREE_TRAMPOLINE = _ffi.USERDATA_FREE(_userdata_free)
+PROVISION_TRAMPOLINE = _ffi.PROVISION_CALLBACK(_provision_done)

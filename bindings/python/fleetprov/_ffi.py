@@ -1,0 +1,193 @@
+"""Loading of libfleetprov and the ctypes declarations of every C function used.
+
+The library is loaded by explicit path, in this order:
+
+1. the ``FLEETPROV_LIBRARY`` environment variable (path to ``libfleetprov.so``);
+2. a ``libfleetprov.so`` packaged beside this module;
+3. ``<repo>/target/release/libfleetprov.so`` then ``<repo>/target/debug/libfleetprov.so``
+   when running from the source tree.
+
+``fleetprov_version()`` is then checked against the package version.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from ctypes import (
+    CFUNCTYPE,
+    POINTER,
+    c_bool,
+    c_char_p,
+    c_int,
+    c_int32,
+    c_size_t,
+    c_uint16,
+    c_uint32,
+    c_void_p,
+)
+from pathlib import Path
+
+__all__ = ["lib", "LIBRARY_PATH", "EXPECTED_VERSION", "LibraryLoadError"]
+
+#: The library version this package is written for (agrees with pyproject.toml).
+EXPECTED_VERSION = "0.1.0"
+_LIB_NAME = "libfleetprov.so"
+
+
+class LibraryLoadError(ImportError):
+    """libfleetprov could not be found, loaded, or is the wrong version."""
+
+
+def _candidates() -> list[Path]:
+    env = os.environ.get("FLEETPROV_LIBRARY")
+    if env:
+        # An explicit choice is never second-guessed: it is the only candidate.
+        return [Path(env)]
+    here = Path(__file__).resolve().parent
+    paths = [here / _LIB_NAME]
+    # bindings/python/fleetprov/_ffi.py -> repo root is three levels above the package.
+    if len(here.parents) >= 3:
+        repo = here.parents[2]
+        if (repo / "Cargo.toml").is_file():
+            paths.append(repo / "target" / "release" / _LIB_NAME)
+            paths.append(repo / "target" / "debug" / _LIB_NAME)
+    return paths
+
+
+def _load() -> tuple[ctypes.CDLL, Path]:
+    tried = []
+    for path in _candidates():
+        tried.append(str(path))
+        if not path.is_file():
+            continue
+        try:
+            return ctypes.CDLL(str(path)), path
+        except OSError as e:
+            raise LibraryLoadError(f"cannot load {path}: {e}") from e
+    raise LibraryLoadError(
+        "libfleetprov.so not found; set FLEETPROV_LIBRARY to its path (tried: "
+        + ", ".join(tried)
+        + ")"
+    )
+
+
+lib, LIBRARY_PATH = _load()
+
+# Opaque handles are c_void_p throughout: Python never looks inside them.
+_H = c_void_p
+_PH = POINTER(c_void_p)
+_RES = c_int  # enum fleetprov_result
+
+# --- callback types (enums arrive as plain ints) ---------------------------------------------
+LOG_CALLBACK = CFUNCTYPE(None, c_void_p, c_int, c_void_p, c_size_t)
+USERDATA_FREE = CFUNCTYPE(None, c_void_p)
+PROGRESS_CALLBACK = CFUNCTYPE(None, c_void_p, c_int)
+PROVISION_CALLBACK = CFUNCTYPE(None, c_void_p, c_int, c_void_p, c_void_p)
+CERTIFICATE_CALLBACK = CFUNCTYPE(None, c_void_p, c_int, c_void_p, c_void_p)
+REGISTRATION_CALLBACK = CFUNCTYPE(None, c_void_p, c_int, c_void_p, c_void_p)
+
+
+def _declare(name: str, restype, *argtypes) -> None:
+    fn = getattr(lib, name)
+    fn.restype = restype
+    fn.argtypes = list(argtypes)
+
+
+_SIGNATURES = [
+    # config
+    ("fleetprov_config_new", _RES, _PH),
+    ("fleetprov_config_free", None, _H),
+    ("fleetprov_config_set_endpoint", _RES, _H, c_char_p, c_uint16),
+    ("fleetprov_config_set_ca_file", _RES, _H, c_char_p),
+    ("fleetprov_config_set_ca_pem", _RES, _H, c_char_p),
+    ("fleetprov_config_use_system_roots", _RES, _H),
+    ("fleetprov_config_set_claim_files", _RES, _H, c_char_p, c_char_p),
+    ("fleetprov_config_set_claim_pem", _RES, _H, c_char_p, c_char_p),
+    ("fleetprov_config_set_client_id", _RES, _H, c_char_p),
+    ("fleetprov_config_set_keep_alive", _RES, _H, c_uint16),
+    ("fleetprov_config_set_alpn", _RES, _H, c_bool),
+    ("fleetprov_config_set_format", _RES, _H, c_int32),
+    ("fleetprov_config_set_timeouts", _RES, _H, c_uint32, c_uint32),
+    ("fleetprov_config_set_template", _RES, _H, c_char_p),
+    ("fleetprov_config_set_parameter", _RES, _H, c_char_p, c_char_p),
+    ("fleetprov_config_clear_parameters", _RES, _H),
+    ("fleetprov_config_set_method", _RES, _H, c_int32),
+    ("fleetprov_config_set_key_type", _RES, _H, c_int32),
+    ("fleetprov_config_set_csr_pem", _RES, _H, c_char_p),
+    ("fleetprov_config_set_verify", _RES, _H, c_bool),
+    ("fleetprov_config_set_output_dir", _RES, _H, c_char_p),
+    ("fleetprov_config_set_log_callback", _RES, _H, LOG_CALLBACK, c_void_p, USERDATA_FREE, c_int32),
+    ("fleetprov_config_set_progress_callback", _RES, _H, PROGRESS_CALLBACK, c_void_p, USERDATA_FREE),
+    # one-call flow
+    ("fleetprov_provision", _RES, _H, _PH),
+    ("fleetprov_provision_async", _RES, _H, PROVISION_CALLBACK, c_void_p, USERDATA_FREE, _PH),
+    ("fleetprov_operation_cancel", _RES, _H),
+    ("fleetprov_operation_wait", _RES, _H),
+    ("fleetprov_operation_free", None, _H),
+    # client
+    ("fleetprov_client_new", _RES, _H, _PH),
+    ("fleetprov_client_free", None, _H),
+    ("fleetprov_client_cancel", _RES, _H),
+    ("fleetprov_client_connect", _RES, _H),
+    ("fleetprov_client_create_keys_and_certificate", _RES, _H, _PH),
+    ("fleetprov_client_create_certificate_from_csr", _RES, _H, c_char_p, c_char_p, _PH),
+    ("fleetprov_client_register_thing", _RES, _H, _H, c_char_p, _PH),
+    # errors and misc
+    ("fleetprov_result_name", c_char_p, c_int32),
+    ("fleetprov_version", c_char_p),
+    ("fleetprov_last_error_message", _RES, c_char_p, c_size_t, POINTER(c_size_t)),
+    ("fleetprov_last_error", _H),
+    ("fleetprov_error_result", _RES, _H),
+    ("fleetprov_error_message", c_char_p, _H),
+    ("fleetprov_error_code", c_char_p, _H),
+    ("fleetprov_error_service_message", c_char_p, _H),
+    ("fleetprov_error_status_code", c_uint16, _H),
+    ("fleetprov_error_is_retryable", c_bool, _H),
+    ("fleetprov_error_free", None, _H),
+    # certificate
+    ("fleetprov_certificate_id", c_char_p, _H),
+    ("fleetprov_certificate_pem", c_char_p, _H),
+    ("fleetprov_certificate_ownership_token", c_char_p, _H),
+    ("fleetprov_certificate_private_key", c_char_p, _H),
+    ("fleetprov_certificate_free", None, _H),
+    # registration
+    ("fleetprov_registration_thing_name", c_char_p, _H),
+    ("fleetprov_registration_config_count", c_size_t, _H),
+    ("fleetprov_registration_config_entry", _RES, _H, c_size_t, POINTER(c_char_p), POINTER(c_char_p)),
+    ("fleetprov_registration_free", None, _H),
+    # provisioned
+    ("fleetprov_provisioned_thing_name", c_char_p, _H),
+    ("fleetprov_provisioned_certificate_id", c_char_p, _H),
+    ("fleetprov_provisioned_certificate_pem", c_char_p, _H),
+    ("fleetprov_provisioned_private_key", c_char_p, _H),
+    ("fleetprov_provisioned_output_dir", c_char_p, _H),
+    ("fleetprov_provisioned_config_count", c_size_t, _H),
+    ("fleetprov_provisioned_config_entry", _RES, _H, c_size_t, POINTER(c_char_p), POINTER(c_char_p)),
+    ("fleetprov_provisioned_free", None, _H),
+]
+
+for _sig in _SIGNATURES:
+    _declare(*_sig)
+del _sig
+
+# Note on borrowed strings: getters declared with restype c_char_p return a Python bytes copy
+# made by ctypes at the moment of the call, so borrowed pointers never outlive their owner.
+
+
+def library_version() -> str:
+    """The version string reported by the loaded library."""
+    raw = lib.fleetprov_version()
+    return raw.decode("utf-8") if raw else ""
+
+
+def check_version(actual: str, expected: str = EXPECTED_VERSION) -> None:
+    """Raises LibraryLoadError unless the library's version is the one this package wraps."""
+    if actual != expected:
+        raise LibraryLoadError(
+            f"{LIBRARY_PATH} is libfleetprov {actual!r} but the fleetprov Python package "
+            f"{expected!r} needs exactly that version; point FLEETPROV_LIBRARY at a matching library"
+        )
+
+
+check_version(library_version())

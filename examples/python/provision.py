@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Provision a device with AWS IoT Core fleet provisioning (or the fleetprov emulator).
+
+    python examples/python/provision.py --endpoint localhost --port 8883 \
+        --ca DIR/ca.pem --cert DIR/claim.pem --key DIR/claim.key \
+        --template DemoTemplate --param SerialNumber=0001 --out ./device
+
+Needs the fleetprov package (pip install ./bindings/python) and libfleetprov.so (set
+FLEETPROV_LIBRARY=/path/to/libfleetprov.so unless it is packaged or in the source tree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import fleetprov
+
+
+def parse_param(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--endpoint", required=True, help="AWS IoT data endpoint (host name)")
+    p.add_argument("--port", type=int, default=8883, help="MQTT over TLS port (default 8883)")
+    p.add_argument("--ca", help="CA certificates PEM file (default: system roots)")
+    p.add_argument("--cert", required=True, help="claim certificate PEM file")
+    p.add_argument("--key", required=True, help="claim private key PEM file")
+    p.add_argument("--template", required=True, help="provisioning template name")
+    p.add_argument("--param", action="append", type=parse_param, default=[], metavar="KEY=VALUE",
+                   help="template parameter (repeatable)")
+    p.add_argument("--format", choices=["json", "cbor"], default="json", help="payload format")
+    p.add_argument("--keys", action="store_true",
+                   help="use CreateKeysAndCertificate instead of a CSR with a key made here")
+    p.add_argument("--out", metavar="DIR", help="write certificate.pem, private.key, device.json here")
+    p.add_argument("--client-id", help="MQTT client id")
+    p.add_argument("--timeout", type=float, default=60.0, help="overall timeout, seconds")
+    p.add_argument("--no-verify", action="store_true", help="skip the test connection with the new certificate")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="-v: info logs, -vv: debug logs")
+    args = p.parse_args(argv)
+
+    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def progress(step: fleetprov.Step) -> None:
+        if args.verbose:
+            print(f"  .. {step.name.lower().replace('_', ' ')}", file=sys.stderr)
+
+    try:
+        result = fleetprov.provision(
+            endpoint=args.endpoint,
+            port=args.port,
+            ca_file=args.ca,
+            cert_file=args.cert,
+            key_file=args.key,
+            template_name=args.template,
+            parameters=dict(args.param),
+            use_csr=not args.keys,
+            payload_format=args.format,
+            output_dir=args.out,
+            timeout=args.timeout,
+            client_id=args.client_id,
+            verify=not args.no_verify,
+            on_progress=progress,
+        )
+    except fleetprov.RejectedError as e:
+        print(f"rejected: {e.status_code} {e.error_code}: {e.error_message}", file=sys.stderr)
+        return 2
+    except fleetprov.FleetprovError as e:
+        print(f"error ({e.code_name}): {e}", file=sys.stderr)
+        return 1
+
+    print(f"thing name: {result.thing_name}")
+    print(f"certificate id: {result.certificate_id}")
+    if result.output_dir is not None:
+        print(f"credentials written to: {result.output_dir}")
+    else:
+        print("credentials not written (use --out DIR to save them)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
