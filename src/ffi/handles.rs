@@ -379,10 +379,9 @@ pub unsafe extern "C" fn fleetprov_config_set_format(
     guard(|| {
         // SAFETY: pointer per the header.
         let config = unsafe { config_mut(config)? };
-        config.format = match format {
-            x if x == fleetprov_format::FLEETPROV_FORMAT_JSON as i32 => Format::Json,
-            x if x == fleetprov_format::FLEETPROV_FORMAT_CBOR as i32 => Format::Cbor,
-            other => return Err(invalid(format!("unknown format {other}"))),
+        config.format = match fleetprov_format::from_c(format)? {
+            fleetprov_format::FLEETPROV_FORMAT_JSON => Format::Json,
+            fleetprov_format::FLEETPROV_FORMAT_CBOR => Format::Cbor,
         };
         Ok(())
     })
@@ -469,13 +468,7 @@ pub unsafe extern "C" fn fleetprov_config_set_method(
     guard(|| {
         // SAFETY: pointer per the header.
         let config = unsafe { config_mut(config)? };
-        use fleetprov_method::*;
-        config.method = match method {
-            x if x == FLEETPROV_METHOD_CSR as i32 => FLEETPROV_METHOD_CSR,
-            x if x == FLEETPROV_METHOD_CREATE_KEYS as i32 => FLEETPROV_METHOD_CREATE_KEYS,
-            x if x == FLEETPROV_METHOD_EXTERNAL_CSR as i32 => FLEETPROV_METHOD_EXTERNAL_CSR,
-            other => return Err(invalid(format!("unknown method {other}"))),
-        };
+        config.method = fleetprov_method::from_c(method)?;
         Ok(())
     })
 }
@@ -489,10 +482,9 @@ pub unsafe extern "C" fn fleetprov_config_set_key_type(
     guard(|| {
         // SAFETY: pointer per the header.
         let config = unsafe { config_mut(config)? };
-        config.key_type = match key_type {
-            x if x == fleetprov_key_type::FLEETPROV_KEY_P256 as i32 => KeyType::P256,
-            x if x == fleetprov_key_type::FLEETPROV_KEY_P384 as i32 => KeyType::P384,
-            other => return Err(invalid(format!("unknown key type {other}"))),
+        config.key_type = match fleetprov_key_type::from_c(key_type)? {
+            fleetprov_key_type::FLEETPROV_KEY_P256 => KeyType::P256,
+            fleetprov_key_type::FLEETPROV_KEY_P384 => KeyType::P384,
         };
         Ok(())
     })
@@ -562,14 +554,7 @@ pub unsafe extern "C" fn fleetprov_config_set_log_callback(
         let user = UserData::new(userdata, userdata_free);
         // SAFETY: pointer per the header.
         let config = unsafe { config_mut(config)? };
-        use fleetprov_log_level::*;
-        let max = match max_level {
-            1 => FLEETPROV_LOG_ERROR,
-            2 => FLEETPROV_LOG_WARN,
-            3 => FLEETPROV_LOG_INFO,
-            4 => FLEETPROV_LOG_DEBUG,
-            other => return Err(invalid(format!("unknown log level {other}"))),
-        };
+        let max = fleetprov_log_level::from_c(max_level)?;
         config.log = callback.map(|cb| Arc::new(LogCallback { cb, user, max }));
         Ok(())
     })

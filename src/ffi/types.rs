@@ -136,6 +136,74 @@ pub enum fleetprov_log_level {
     FLEETPROV_LOG_DEBUG = 4,
 }
 
+/// `int32_t` values from C into the enums above: an unknown value is an invalid argument (an
+/// out-of-range value in a Rust enum would be undefined behaviour, so C passes plain integers).
+macro_rules! from_c {
+    ($ty:ident, $what:literal, [$($variant:ident),+ $(,)?]) => {
+        impl $ty {
+            pub(crate) fn from_c(value: i32) -> Result<$ty, Error> {
+                $(
+                    if value == $ty::$variant as i32 {
+                        return Ok($ty::$variant);
+                    }
+                )+
+                Err(invalid(format!(concat!("unknown ", $what, " {}"), value)))
+            }
+        }
+    };
+}
+
+from_c!(
+    fleetprov_format,
+    "format",
+    [FLEETPROV_FORMAT_JSON, FLEETPROV_FORMAT_CBOR]
+);
+from_c!(
+    fleetprov_method,
+    "method",
+    [
+        FLEETPROV_METHOD_CSR,
+        FLEETPROV_METHOD_CREATE_KEYS,
+        FLEETPROV_METHOD_EXTERNAL_CSR
+    ]
+);
+from_c!(
+    fleetprov_key_type,
+    "key type",
+    [FLEETPROV_KEY_P256, FLEETPROV_KEY_P384]
+);
+from_c!(
+    fleetprov_log_level,
+    "log level",
+    [
+        FLEETPROV_LOG_ERROR,
+        FLEETPROV_LOG_WARN,
+        FLEETPROV_LOG_INFO,
+        FLEETPROV_LOG_DEBUG
+    ]
+);
+from_c!(
+    fleetprov_result,
+    "result",
+    [
+        FLEETPROV_OK,
+        FLEETPROV_INVALID_ARGUMENT,
+        FLEETPROV_TLS,
+        FLEETPROV_CONNECTION,
+        FLEETPROV_TIMEOUT,
+        FLEETPROV_DEADLINE,
+        FLEETPROV_REJECTED,
+        FLEETPROV_MALFORMED_REPLY,
+        FLEETPROV_SUBSCRIBE_FAILED,
+        FLEETPROV_CERTIFICATE_MISMATCH,
+        FLEETPROV_CANCELLED,
+        FLEETPROV_STORAGE,
+        FLEETPROV_BUSY,
+        FLEETPROV_BUFFER_TOO_SMALL,
+        FLEETPROV_PANIC,
+    ]
+);
+
 /// Releases a callback's userdata when the library no longer needs it. Called once, from
 /// whichever thread drops the last reference (the caller's, or a worker thread).
 pub type fleetprov_userdata_free = Option<unsafe extern "C" fn(userdata: *mut c_void)>;
@@ -435,23 +503,23 @@ pub(crate) unsafe fn copy_out(
 #[unsafe(no_mangle)]
 pub extern "C" fn fleetprov_result_name(result: i32) -> *const c_char {
     use fleetprov_result::*;
-    let name: &'static CStr = match result {
-        x if x == FLEETPROV_OK as i32 => c"FLEETPROV_OK",
-        x if x == FLEETPROV_INVALID_ARGUMENT as i32 => c"FLEETPROV_INVALID_ARGUMENT",
-        x if x == FLEETPROV_TLS as i32 => c"FLEETPROV_TLS",
-        x if x == FLEETPROV_CONNECTION as i32 => c"FLEETPROV_CONNECTION",
-        x if x == FLEETPROV_TIMEOUT as i32 => c"FLEETPROV_TIMEOUT",
-        x if x == FLEETPROV_DEADLINE as i32 => c"FLEETPROV_DEADLINE",
-        x if x == FLEETPROV_REJECTED as i32 => c"FLEETPROV_REJECTED",
-        x if x == FLEETPROV_MALFORMED_REPLY as i32 => c"FLEETPROV_MALFORMED_REPLY",
-        x if x == FLEETPROV_SUBSCRIBE_FAILED as i32 => c"FLEETPROV_SUBSCRIBE_FAILED",
-        x if x == FLEETPROV_CERTIFICATE_MISMATCH as i32 => c"FLEETPROV_CERTIFICATE_MISMATCH",
-        x if x == FLEETPROV_CANCELLED as i32 => c"FLEETPROV_CANCELLED",
-        x if x == FLEETPROV_STORAGE as i32 => c"FLEETPROV_STORAGE",
-        x if x == FLEETPROV_BUSY as i32 => c"FLEETPROV_BUSY",
-        x if x == FLEETPROV_BUFFER_TOO_SMALL as i32 => c"FLEETPROV_BUFFER_TOO_SMALL",
-        x if x == FLEETPROV_PANIC as i32 => c"FLEETPROV_PANIC",
-        _ => c"FLEETPROV_UNKNOWN",
+    let name: &'static CStr = match fleetprov_result::from_c(result) {
+        Ok(FLEETPROV_OK) => c"FLEETPROV_OK",
+        Ok(FLEETPROV_INVALID_ARGUMENT) => c"FLEETPROV_INVALID_ARGUMENT",
+        Ok(FLEETPROV_TLS) => c"FLEETPROV_TLS",
+        Ok(FLEETPROV_CONNECTION) => c"FLEETPROV_CONNECTION",
+        Ok(FLEETPROV_TIMEOUT) => c"FLEETPROV_TIMEOUT",
+        Ok(FLEETPROV_DEADLINE) => c"FLEETPROV_DEADLINE",
+        Ok(FLEETPROV_REJECTED) => c"FLEETPROV_REJECTED",
+        Ok(FLEETPROV_MALFORMED_REPLY) => c"FLEETPROV_MALFORMED_REPLY",
+        Ok(FLEETPROV_SUBSCRIBE_FAILED) => c"FLEETPROV_SUBSCRIBE_FAILED",
+        Ok(FLEETPROV_CERTIFICATE_MISMATCH) => c"FLEETPROV_CERTIFICATE_MISMATCH",
+        Ok(FLEETPROV_CANCELLED) => c"FLEETPROV_CANCELLED",
+        Ok(FLEETPROV_STORAGE) => c"FLEETPROV_STORAGE",
+        Ok(FLEETPROV_BUSY) => c"FLEETPROV_BUSY",
+        Ok(FLEETPROV_BUFFER_TOO_SMALL) => c"FLEETPROV_BUFFER_TOO_SMALL",
+        Ok(FLEETPROV_PANIC) => c"FLEETPROV_PANIC",
+        Err(_) => c"FLEETPROV_UNKNOWN",
     };
     name.as_ptr()
 }
