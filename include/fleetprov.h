@@ -147,8 +147,10 @@ typedef void (*fleetprov_log_callback)(void *userdata,
                                        const char *message,
                                        size_t len);
 
-// Releases a callback's userdata when the library no longer needs it. Called once, from
-// whichever thread drops the last reference (the caller's, or a worker thread).
+// Releases a callback's userdata when the library no longer needs it. Called exactly once, from
+// whichever thread drops the last reference (the caller's, or a worker thread) — also when the
+// function that was given it fails (FLEETPROV_BUSY, a NULL argument, ...): the caller never
+// frees userdata it handed over together with a free function.
 typedef void (*fleetprov_userdata_free)(void *userdata);
 
 // Receives each step reached. Same thread and re-entrancy rules as fleetprov_log_callback.

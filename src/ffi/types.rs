@@ -204,8 +204,10 @@ from_c!(
     ]
 );
 
-/// Releases a callback's userdata when the library no longer needs it. Called once, from
-/// whichever thread drops the last reference (the caller's, or a worker thread).
+/// Releases a callback's userdata when the library no longer needs it. Called exactly once, from
+/// whichever thread drops the last reference (the caller's, or a worker thread) — also when the
+/// function that was given it fails (FLEETPROV_BUSY, a NULL argument, ...): the caller never
+/// frees userdata it handed over together with a free function.
 pub type fleetprov_userdata_free = Option<unsafe extern "C" fn(userdata: *mut c_void)>;
 
 /// Receives log lines.
