@@ -1,13 +1,36 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: build, start the bundled emulator, provision a demo device
-# against it, print the thing name and where the credentials went.
+# The main job on a fresh machine: build the library with CMake (which drives cargo), install it
+# to build/prefix, build the C example `provision` against that installed package
+# (find_package(fleetprov)), start the bundled emulator, provision a demo device, and print the
+# thing name and where the credentials went.
 #   bash examples/demo.sh [SERIAL]
+# CMake comes from PyPI into .venv (created if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+root=$PWD
 serial=${1:-SN$(date +%s)}
-cargo build --release --locked -p fleetprov-emulator --bin fleetprov-emulator --example provision -p fleetprov 2>&1 | tail -n 1
+venv=$root/.venv
+if [ ! -x "$venv/bin/cmake" ]; then
+    [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check 'cmake>=3.20,<5'
+fi
+cmake=$venv/bin/cmake
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}
+
+echo "== building the library (cmake -> cargo, release) and installing it to build/prefix"
+"$cmake" -S . -B build/lib -DCMAKE_BUILD_TYPE=Release >/dev/null
+"$cmake" --build build/lib >/dev/null
+"$cmake" --install build/lib --prefix build/prefix >/dev/null
+echo "== building the C example against the installed package"
+"$cmake" -S examples/c -B build/examples -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_PREFIX_PATH="$root/build/prefix" >/dev/null
+"$cmake" --build build/examples --target provision >/dev/null
+echo "== building and starting the emulator"
+cargo build --release --locked -p fleetprov-emulator --bin fleetprov-emulator 2>&1 | tail -n 1
+
 work=$(mktemp -d)
-trap 'kill "$emu" 2>/dev/null || true; wait "$emu" 2>/dev/null || true' EXIT
+emu=
+trap 'if [ -n "$emu" ]; then kill "$emu" 2>/dev/null || true; wait "$emu" 2>/dev/null || true; fi' EXIT
 target/release/fleetprov-emulator --data-dir "$work/emulator" --port 0 --key-type ec > "$work/emulator.out" &
 emu=$!
 for _ in $(seq 1 300); do
@@ -17,8 +40,8 @@ for _ in $(seq 1 300); do
 done
 port=$(sed -n 's/^listening on .*:\([0-9]*\)$/\1/p' "$work/emulator.out")
 [ -n "$port" ] || { echo "the emulator did not report its port" >&2; exit 1; }
-echo "emulator listening on localhost:$port (data in $work/emulator)"
-target/release/examples/provision --endpoint localhost --port "$port" \
+echo "== emulator listening on localhost:$port (data in $work/emulator)"
+build/examples/provision --endpoint localhost --port "$port" \
     --ca "$work/emulator/ca.pem" --cert "$work/emulator/claim.pem" --key "$work/emulator/claim.key" \
     --template DemoTemplate --param "SerialNumber=$serial" --out "$work/device"
 ls -l "$work/device"

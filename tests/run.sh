@@ -37,3 +37,6 @@ cargo build --locked -p fleetprov --lib
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check ./bindings/python
 FLEETPROV_LIBRARY="$root/target/debug/libfleetprov.so" FLEETPROV_EMULATOR="$root/target/debug/fleetprov-emulator" \
     "$venv/bin/python" -m pytest -q -p no:cacheprovider bindings/python/tests
+
+step "C: CMake install, find_package examples, ctest plain / ASan+UBSan / valgrind"
+bash examples/c/run-tests.sh "$venv"

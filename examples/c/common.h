@@ -1,0 +1,69 @@
+/* Shared helpers of the fleetprov C examples: command line, error reporting, credential files. */
+#ifndef FLEETPROV_EXAMPLES_COMMON_H
+#define FLEETPROV_EXAMPLES_COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "fleetprov.h"
+
+#define EXAMPLE_MAX_PARAMS 16
+
+/* Command line shared by the examples:
+ *   --endpoint HOST [--port N] --ca CA.pem --cert claim.pem --key claim.key --template NAME
+ *   [--param K=V]... [--out DIR] [--format json|cbor] [--method csr|keys] [--timeout MS]
+ *   [--client-id ID] [--no-verify] [--wait MS]
+ * Strings point into argv. */
+struct example_args {
+    const char *endpoint;
+    uint16_t port;
+    const char *ca;
+    const char *cert;
+    const char *key;
+    const char *template_name;
+    const char *param_keys[EXAMPLE_MAX_PARAMS];
+    const char *param_values[EXAMPLE_MAX_PARAMS];
+    char param_buf[EXAMPLE_MAX_PARAMS][256];
+    size_t param_count;
+    const char *out_dir;
+    int format; /* a fleetprov_format */
+    int method; /* a fleetprov_method (provision only) */
+    uint32_t timeout_ms;
+    uint32_t wait_ms; /* provision_steps: bound on each completion wait (then cancel) */
+    const char *client_id;
+    int verify;
+};
+
+/* Parses argv; on error prints a message and the usage to stderr and returns -1. */
+int example_parse_args(int argc, char **argv, struct example_args *args, int require_out);
+
+/* Builds a config from the arguments (endpoint, CA, claim files, template, parameters, format,
+ * timeouts, client id). On failure reports the error (see example_report_failure) and returns
+ * NULL. */
+fleetprov_config *example_config(const struct example_args *args);
+
+/* Prints "result=NAME", the thread's last error text and, for FLEETPROV_REJECTED, statusCode,
+ * errorCode and errorMessage (stdout), after "what failed" on stderr. */
+void example_report_failure(const char *what, fleetprov_result r);
+
+/* Same from an error object handed to a completion callback (or copied by the caller). */
+struct example_error {
+    fleetprov_result result;
+    uint16_t status_code;
+    int retryable;
+    char message[1024];
+    char error_code[128];
+    char service_message[512];
+};
+void example_copy_error(struct example_error *dst, fleetprov_result r, const fleetprov_error *e);
+void example_print_error(const char *what, const struct example_error *e);
+
+/* Creates `dir` with mode 0700 (or tightens an existing directory to 0700). 0 or -1 (errno). */
+int example_make_private_dir(const char *dir);
+
+/* Writes `len` bytes to dir/name atomically (temporary file in dir, fsync, rename, fsync of the
+ * directory), with exactly `mode`. 0 or -1 (message printed). */
+int example_write_file(const char *dir, const char *name, const void *data, size_t len,
+                       unsigned mode);
+
+#endif

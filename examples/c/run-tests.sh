@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The C side of fleetprov, end to end: builds the library through CMake (Debug), installs it to a
+# temporary prefix, builds the C examples against that prefix with find_package(fleetprov) and
+# runs their ctest suite against fleetprov-emulator three times: plain, with ASan+UBSan (and
+# LeakSanitizer), and under valgrind memcheck. Also checks the pkg-config file.
+#
+#   bash examples/c/run-tests.sh [VENV]      # from anywhere; VENV defaults to <repo>/.venv
+#
+# FLEETPROV_RELEASE_VALGRIND=1 adds a fourth pass: the release library (cargo --release, LTO:
+# slow from cold) with RelWithDebInfo examples under valgrind.
+#
+# CMake comes from PyPI (`pip install cmake` into VENV, created if missing). Debian packages it
+# needs besides Rust and Python 3 (with venv): gcc g++ make libssl-dev valgrind pkg-config
+# (install: apt-get install -y gcc g++ make libssl-dev valgrind pkg-config).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+root=$PWD
+venv=${1:-${VENV:-$root/.venv}}
+started=$(date +%s)
+step() { printf '\n==> %s (%ss)\n' "$*" "$(( $(date +%s) - started ))"; }
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}
+jobs=$CMAKE_BUILD_PARALLEL_LEVEL
+
+missing=()
+for tool in cc c++ make valgrind pkg-config python3 cargo; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+[ -e /usr/include/openssl/evp.h ] || missing+=("openssl headers (libssl-dev)")
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "missing: ${missing[*]} (Debian: apt-get install -y gcc g++ make libssl-dev valgrind pkg-config)" >&2
+    exit 1
+fi
+
+step "cmake from PyPI in $venv"
+if [ ! -x "$venv/bin/cmake" ]; then
+    [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check 'cmake>=3.20,<5'
+fi
+cmake=$venv/bin/cmake
+ctest=$venv/bin/ctest
+"$cmake" --version | head -n 1
+
+target_dir=${CARGO_TARGET_DIR:-$root/target}
+step "fleetprov-emulator (cargo, debug)"
+cargo build --locked -p fleetprov-emulator --bin fleetprov-emulator
+emulator=$target_dir/debug/fleetprov-emulator
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/fleetprov-c.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+prefix=$work/prefix
+
+step "library: configure, build (cargo, debug) and install to $prefix"
+"$cmake" -S "$root" -B "$work/lib" -DCMAKE_BUILD_TYPE=Debug \
+    -DFLEETPROV_CARGO_TARGET_DIR="$target_dir" >/dev/null
+"$cmake" --build "$work/lib"
+"$cmake" --install "$work/lib" --prefix "$prefix"
+
+step "pkg-config: fleetprov.pc, shared and static"
+export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
+pkg-config --exists --print-errors 'fleetprov >= 0.1'
+echo "pkg-config fleetprov: $(pkg-config --modversion fleetprov): $(pkg-config --cflags --libs fleetprov)"
+# shellcheck disable=SC2046
+cc -std=c11 -Wall -Wextra -Werror -pedantic examples/c/header_test.c -o "$work/pc_shared" \
+    $(pkg-config --cflags --libs fleetprov) -Wl,-rpath,"$prefix/lib"
+# shellcheck disable=SC2046
+cc -std=c11 -Wall -Wextra -Werror -pedantic examples/c/header_test.c -o "$work/pc_static" \
+    $(pkg-config --cflags fleetprov) "$prefix/lib/libfleetprov.a" \
+    $(pkg-config --libs-only-other --libs-only-l --static fleetprov | sed 's/-lfleetprov//')
+"$work/pc_shared"
+"$work/pc_static"
+
+# configure+build+test one flavour of the examples: NAME [cmake options...]
+examples() {
+    local name=$1
+    shift
+    step "examples ($name): configure and build"
+    "$cmake" -S examples/c -B "$work/$name" -DCMAKE_PREFIX_PATH="$prefix" \
+        -DCMAKE_BUILD_TYPE=Debug -DFLEETPROV_EMULATOR="$emulator" -DFLEETPROV_REQUIRE_OPENSSL=ON "$@" >/dev/null
+    "$cmake" --build "$work/$name"
+    step "examples ($name): ctest"
+}
+
+examples plain
+"$ctest" --test-dir "$work/plain" --output-on-failure -j "$jobs"
+
+examples sanitize -DFLEETPROV_SANITIZE=ON
+"$ctest" --test-dir "$work/sanitize" --output-on-failure -j "$jobs"
+
+examples valgrind -DFLEETPROV_VALGRIND=ON
+status=0
+"$ctest" --test-dir "$work/valgrind" --output-on-failure -j "$jobs" -V \
+    > "$work/valgrind.log" 2>&1 || status=$?
+grep -E '^[0-9]+/[0-9]+ Test|tests passed|FAILED' "$work/valgrind.log" || true
+echo "valgrind runs: $(grep -c 'ERROR SUMMARY' "$work/valgrind.log")"
+echo "  error summaries:"
+grep -o 'ERROR SUMMARY: .*' "$work/valgrind.log" | sort | uniq -c | sed 's/^/    /'
+echo "  leak summaries (per run):"
+grep -oE '(definitely|indirectly|possibly) lost: .*|still reachable: .*' "$work/valgrind.log" \
+    | sort | uniq -c | sed 's/^/    /'
+if [ "$status" -ne 0 ]; then
+    echo "valgrind run failed; its log:" >&2
+    cat "$work/valgrind.log" >&2
+    exit "$status"
+fi
+
+if [ "${FLEETPROV_RELEASE_VALGRIND:-0}" = 1 ]; then
+    step "release library: build and install to $work/prefix-release"
+    "$cmake" -S "$root" -B "$work/lib-release" -DCMAKE_BUILD_TYPE=Release \
+        -DFLEETPROV_CARGO_TARGET_DIR="$target_dir" >/dev/null
+    "$cmake" --build "$work/lib-release"
+    "$cmake" --install "$work/lib-release" --prefix "$work/prefix-release" >/dev/null
+    step "examples (release, valgrind): configure, build and ctest"
+    "$cmake" -S examples/c -B "$work/release-valgrind" -DCMAKE_PREFIX_PATH="$work/prefix-release" \
+        -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFLEETPROV_EMULATOR="$emulator" \
+        -DFLEETPROV_VALGRIND=ON -DFLEETPROV_REQUIRE_OPENSSL=ON >/dev/null
+    "$cmake" --build "$work/release-valgrind"
+    "$ctest" --test-dir "$work/release-valgrind" --output-on-failure -j "$jobs"
+fi
+
+step "C side: all passed"
