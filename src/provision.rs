@@ -71,7 +71,7 @@ pub fn provision(request: &Request, hooks: &Hooks) -> Result<Provisioned, Error>
     let deadline = request
         .connection
         .overall_timeout
-        .map(|d| client::clock_ms().saturating_add(d.as_millis() as u64));
+        .map(client::deadline_after);
     let (source, device_key) = match &request.method {
         Method::CreateKeys => (CertificateSource::CreateKeys, None),
         Method::Csr(kind) => {

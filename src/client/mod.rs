@@ -149,6 +149,11 @@ impl Cancel {
     }
 }
 
+/// The engine-clock time `d` from now.
+pub(crate) fn deadline_after(d: Duration) -> u64 {
+    now_ms().saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Milliseconds on the engine's clock.
 fn now_ms() -> u64 {
     static ORIGIN: Lazy<Instant> = Lazy::new(Instant::now);
@@ -268,10 +273,7 @@ impl Client {
 
     /// Connects now (operations connect on their own when needed).
     pub fn connect(&mut self) -> Result<(), Error> {
-        let deadline = self
-            .config
-            .overall_timeout
-            .map(|d| now_ms().saturating_add(d.as_millis() as u64));
+        let deadline = self.config.overall_timeout.map(deadline_after);
         self.ensure_connected(deadline)
     }
 
@@ -322,7 +324,7 @@ impl Client {
         let mut network = rumqttc::NetworkOptions::new();
         network.set_connection_timeout(self.config.step_timeout.as_secs().max(1));
         events.set_network_options(network);
-        let step_deadline = now_ms().saturating_add(self.config.step_timeout.as_millis() as u64);
+        let step_deadline = deadline_after(self.config.step_timeout);
         let limit = deadline.map_or(step_deadline, |d| d.min(step_deadline));
         let cancel = self.cancel.clone();
         let result = self.runtime.block_on(async {
@@ -367,11 +369,7 @@ impl Client {
         if self.cancel.is_cancelled() {
             return Err(Error::Cancelled);
         }
-        let deadline = deadline.or_else(|| {
-            self.config
-                .overall_timeout
-                .map(|d| now_ms().saturating_add(d.as_millis() as u64))
-        });
+        let deadline = deadline.or_else(|| self.config.overall_timeout.map(deadline_after));
         self.ensure_connected(deadline)?;
         let settings = Settings {
             format: self.config.format,
@@ -601,6 +599,6 @@ pub(crate) fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     // RandomState is seeded from the OS; good enough for a client id, not for secrets.
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.write_u32(std::process::id());
     h.finish()
 }
