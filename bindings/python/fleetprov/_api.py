@@ -10,7 +10,7 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Self, Union
 
 from . import _callbacks
 from ._callbacks import CallbackSlot
@@ -177,6 +177,26 @@ def _enum_arg(value: Any, enum_cls: type[enum.IntEnum], name: str, aliases: Mapp
     if isinstance(value, str):
         raise InvalidArgumentError(f"{name} must be one of {choices}, got {value!r}", code=1)
     raise TypeError(f"{name} must be one of {choices} or a {enum_cls.__name__}, not {type(value).__name__}")
+
+
+class _Closeable:
+    """Context-manager lifetime for objects owning a library handle: ``with`` and garbage
+    collection both call ``close()``, which subclasses make idempotent."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 def _check_callable(value: Any, name: str) -> None:
@@ -414,7 +434,7 @@ def provision(
     return result
 
 
-class ProvisionOperation:
+class ProvisionOperation(_Closeable):
     """A running :func:`provision_async` call.
 
     ``result(timeout)`` waits for and returns the :class:`ProvisionResult` (or raises);
@@ -487,12 +507,6 @@ class ProvisionOperation:
         if handle:
             lib.fleetprov_operation_free(handle)
 
-    def __enter__(self) -> "ProvisionOperation":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
     def __del__(self) -> None:
         handle = self._handle
         if not handle:
@@ -503,10 +517,7 @@ class ProvisionOperation:
             self._handle = None
             threading.Thread(target=lib.fleetprov_operation_free, args=(handle,), daemon=True).start()
             return
-        try:
-            self.close()
-        except Exception:
-            pass
+        super().__del__()
 
 
 def provision_async(**kwargs: Any) -> ProvisionOperation:
@@ -575,7 +586,7 @@ def _check_kwargs(kwargs: Mapping[str, Any]) -> None:
 # --- step-by-step client ---------------------------------------------------------------------
 
 
-class Certificate:
+class Certificate(_Closeable):
     """A certificate from :meth:`Client.create_keys_and_certificate` or
     :meth:`Client.create_certificate_from_csr`, holding the library object that
     :meth:`Client.register_thing` needs (its ownership token).
@@ -614,24 +625,12 @@ class Certificate:
         if handle:
             lib.fleetprov_certificate_free(handle)
 
-    def __enter__(self) -> "Certificate":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
-
     def __repr__(self) -> str:
         state = "closed" if self._handle is None else "open"
         return f"<fleetprov.Certificate {self.certificate_id[:12]}… {state}>"
 
 
-class Client:
+class Client(_Closeable):
     """A connection for step-by-step provisioning.
 
     Takes the connection settings and, because the C API reads RegisterThing's template and
@@ -703,18 +702,6 @@ class Client:
                 lib.fleetprov_client_cancel(handle)
                 self._cond.wait(0.2)  # re-cancel in case the call had not started yet
         lib.fleetprov_client_free(handle)
-
-    def __enter__(self) -> "Client":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def cancel(self) -> None:
         """Asks the running operation to stop with :class:`CancelledError`. Any thread; a no-op
