@@ -90,12 +90,27 @@ fn published(actions: &[Action]) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-fn csr_accepted(m: &Material, format: Format, cert_pem: &str) -> Vec<u8> {
-    let _ = m;
+fn csr_accepted(format: Format, cert_pem: &str) -> Vec<u8> {
     enc(
         format,
         &json!({"certificateId": "abc123", "certificatePem": cert_pem, "certificateOwnershipToken": "token-1"}),
     )
+}
+
+/// A provision flow (JSON) fed CONNACK, a full SUBACK and a CreateCertificateFromCsr reply
+/// carrying `cert_pem`: the engine and the actions that reply produced.
+fn after_csr_reply(m: &Material, cert_pem: &str) -> (Engine, Vec<Action>) {
+    let mut e = Engine::new(provision_op(m), settings(Format::Json), 0, &HashSet::new());
+    e.handle(Event::Connected, 0);
+    e.handle(Event::SubAck(&[true; 4]), 0);
+    let actions = e.handle(
+        Event::Message {
+            topic: "$aws/certificates/create-from-csr/json/accepted",
+            payload: &csr_accepted(Format::Json, cert_pem),
+        },
+        0,
+    );
+    (e, actions)
 }
 
 /// Runs a provision flow up to the RegisterThing request; returns the engine.
@@ -138,7 +153,7 @@ fn to_register(m: &Material, format: Format) -> Engine {
                 "$aws/certificates/create-from-csr/{}/accepted",
                 format.as_str()
             ),
-            payload: &csr_accepted(m, format, &m.cert_pem),
+            payload: &csr_accepted(format, &m.cert_pem),
         },
         30,
     );
@@ -196,16 +211,7 @@ fn provision_happy_path_both_formats() {
 #[test]
 fn register_payload_carries_token_and_parameters() {
     let m = material();
-    let mut e = Engine::new(provision_op(&m), settings(Format::Json), 0, &HashSet::new());
-    e.handle(Event::Connected, 0);
-    e.handle(Event::SubAck(&[true; 4]), 0);
-    let a = e.handle(
-        Event::Message {
-            topic: "$aws/certificates/create-from-csr/json/accepted",
-            payload: &csr_accepted(&m, Format::Json, &m.cert_pem),
-        },
-        0,
-    );
+    let (_, a) = after_csr_reply(&m, &m.cert_pem);
     let body: Value = serde_json::from_slice(&published(&a)[0].1).unwrap();
     assert_eq!(
         body,
@@ -293,7 +299,7 @@ fn timeouts_per_step_and_overall() {
     let a = e.handle(
         Event::Message {
             topic: "$aws/certificates/create-from-csr/json/accepted",
-            payload: &csr_accepted(&m, Format::Json, &m.cert_pem),
+            payload: &csr_accepted(Format::Json, &m.cert_pem),
         },
         40,
     );
@@ -311,7 +317,7 @@ fn unrelated_duplicate_and_wrong_format_messages_are_ignored() {
         // A duplicate of the certificate reply, now stale.
         (
             "$aws/certificates/create-from-csr/json/accepted",
-            csr_accepted(&m, Format::Json, &m.cert_pem),
+            csr_accepted(Format::Json, &m.cert_pem),
         ),
         // Unrelated topics.
         ("devices/x/cmd", b"garbage".to_vec()),
@@ -398,16 +404,7 @@ fn rejections_and_malformed_replies() {
 #[test]
 fn certificate_for_another_key_is_refused() {
     let m = material();
-    let mut e = Engine::new(provision_op(&m), settings(Format::Json), 0, &HashSet::new());
-    e.handle(Event::Connected, 0);
-    e.handle(Event::SubAck(&[true; 4]), 0);
-    let a = e.handle(
-        Event::Message {
-            topic: "$aws/certificates/create-from-csr/json/accepted",
-            payload: &csr_accepted(&m, Format::Json, &m.other_cert_pem),
-        },
-        0,
-    );
+    let (_, a) = after_csr_reply(&m, &m.other_cert_pem);
     assert!(matches!(done(&a), Some(Err(Error::CertificateMismatch))));
     assert!(
         published(&a).is_empty(),
@@ -480,21 +477,7 @@ fn debug_output_never_shows_the_token() {
     let m = material();
     let e = to_register(&m, Format::Json);
     let m2 = material();
-    let mut e2 = Engine::new(
-        provision_op(&m2),
-        settings(Format::Json),
-        0,
-        &HashSet::new(),
-    );
-    e2.handle(Event::Connected, 0);
-    e2.handle(Event::SubAck(&[true; 4]), 0);
-    let actions = e2.handle(
-        Event::Message {
-            topic: "$aws/certificates/create-from-csr/json/accepted",
-            payload: &csr_accepted(&m2, Format::Json, &m2.cert_pem),
-        },
-        0,
-    );
+    let (e2, actions) = after_csr_reply(&m2, &m2.cert_pem);
     assert!(!published(&actions).is_empty());
     let text = format!("{e:?} {e2:?} {actions:?}");
     assert!(!text.contains("token-1"), "{text}");
