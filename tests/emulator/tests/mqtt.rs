@@ -96,18 +96,6 @@ fn closing(version: Version, reason: u8) -> Option<u8> {
     (version == Version::V5).then_some(reason)
 }
 
-fn publish(topic: &str, payload: impl Into<Bytes>, qos: u8, pkid: u16) -> Packet {
-    Packet::Publish {
-        topic: topic.into(),
-        qos,
-        pkid,
-        retain: false,
-        dup: false,
-        payload: payload.into(),
-        topic_alias: None,
-    }
-}
-
 /// The failure code a SUBACK carries: MQTT 3.1.1 has only 0x80, MQTT 5 says 0x8F (filter invalid).
 fn sub_failure(version: Version) -> u8 {
     match version {
@@ -244,7 +232,7 @@ async fn qos_is_the_lower_of_publish_and_granted_and_puback_echoes_pkid() {
         ];
         for (i, (topic, qos, pkid, delivered)) in rows.iter().enumerate() {
             let ctx = format!("{topic} at QoS {qos} ({pub_version:?} -> {sub_version:?})");
-            publ.send(&publish(topic, format!("p{i}"), *qos, *pkid))
+            publ.send(&publish_packet(topic, format!("p{i}"), *qos, *pkid))
                 .await;
             // PUBACK for QoS 1 with the same pkid; for QoS 0 none: the PINGRESP comes first.
             publ.send(&Packet::PingReq).await;
@@ -463,7 +451,8 @@ async fn aws_limits() {
                     if matches!(want, Want::PubAck) {
                         assert_eq!(c.subscribe(&[(topic, 1)]).await, vec![Ok(1)], "{ctx}");
                     }
-                    c.send(&publish(topic, vec![b'x'; *len], *qos, 31)).await;
+                    c.send(&publish_packet(topic, vec![b'x'; *len], *qos, 31))
+                        .await;
                 }
                 Act::Subscribe(filters) => {
                     c.send(&Packet::Subscribe {

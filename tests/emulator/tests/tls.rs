@@ -7,8 +7,7 @@ use bytes::BytesMut;
 use fleetprov_emulator::Format;
 use fleetprov_emulator::wire::{self, Packet, Version, WireError};
 use rustls::ProtocolVersion;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -38,29 +37,6 @@ fn with_alpn(opts: TlsOpts, alpn: &[u8]) -> TlsOpts {
         alpn: Some(alpn.to_vec()),
         ..opts
     }
-}
-
-/// A client configuration that presents no client certificate at all.
-fn no_client_cert_config(ca_pem: &str, opts: &TlsOpts) -> rustls::ClientConfig {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let versions: &[&rustls::SupportedProtocolVersion] = if opts.tls12_only {
-        &[&rustls::version::TLS12]
-    } else {
-        &[&rustls::version::TLS13]
-    };
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(versions)
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    if let Some(alpn) = &opts.alpn {
-        cfg.alpn_protocols = vec![alpn.clone()];
-    }
-    cfg
 }
 
 /// How a connection attempt ended.
@@ -265,10 +241,7 @@ async fn only_certificates_active_in_the_registry_connect() {
     for (what, creds, connects) in &rows {
         for opts in [tls12(), tls13()] {
             for version in [Version::V4, Version::V5] {
-                let cfg = match creds {
-                    Some((cert, key)) => client_config(&env.ca_pem(), cert, key, &opts),
-                    None => no_client_cert_config(&env.ca_pem(), &opts),
-                };
+                let cfg = client_config_for(&env.ca_pem(), *creds, &opts);
                 let got = attempt(&env, cfg, version).await;
                 let tls = if opts.tls12_only {
                     "TLS 1.2"

@@ -119,6 +119,19 @@ impl Env {
     }
 }
 
+/// A plain PUBLISH packet (no retain, dup or alias).
+pub fn publish_packet(topic: &str, payload: impl Into<Bytes>, qos: u8, pkid: u16) -> Packet {
+    Packet::Publish {
+        topic: topic.into(),
+        qos,
+        pkid,
+        retain: false,
+        dup: false,
+        payload: payload.into(),
+        topic_alias: None,
+    }
+}
+
 /// TLS options for a test connection.
 #[derive(Default, Clone)]
 pub struct TlsOpts {
@@ -133,6 +146,16 @@ pub fn client_config(
     key_pem: &str,
     opts: &TlsOpts,
 ) -> rustls::ClientConfig {
+    client_config_for(ca_pem, Some((cert_pem, key_pem)), opts)
+}
+
+/// A client configuration trusting `ca_pem`, presenting `identity` (certificate and key PEM)
+/// or no client certificate at all.
+pub fn client_config_for(
+    ca_pem: &str,
+    identity: Option<(&str, &str)>,
+    opts: &TlsOpts,
+) -> rustls::ClientConfig {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -145,16 +168,21 @@ pub fn client_config(
     } else {
         &[&rustls::version::TLS13, &rustls::version::TLS12]
     };
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)
         .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(certs, key)
-        .unwrap();
+        .with_root_certificates(roots);
+    let mut cfg = match identity {
+        Some((cert_pem, key_pem)) => {
+            let certs: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+            let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+            builder.with_client_auth_cert(certs, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
     if let Some(alpn) = &opts.alpn {
         cfg.alpn_protocols = vec![alpn.clone()];
     }
@@ -312,16 +340,7 @@ impl Client {
 
     pub async fn publish(&mut self, topic: &str, payload: impl Into<Bytes>, qos: u8) {
         let pkid = if qos > 0 { self.pkid() } else { 0 };
-        self.send(&Packet::Publish {
-            topic: topic.into(),
-            qos,
-            pkid,
-            retain: false,
-            dup: false,
-            payload: payload.into(),
-            topic_alias: None,
-        })
-        .await;
+        self.send(&publish_packet(topic, payload, qos, pkid)).await;
     }
 
     /// The next PUBLISH: (topic, payload).
