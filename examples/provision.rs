@@ -82,14 +82,13 @@ fn run() -> Result<(), String> {
     if ca.is_some() {
         connection.roots = Roots::Pem(read(ca, "--ca")?);
     }
-    let request = Request {
+    let mut request = Request::new(
         connection,
-        template: template.ok_or("--template is required")?,
-        parameters: params,
+        template.ok_or("--template is required")?,
         method,
-        verify: true,
-        output_dir: out,
-    };
+    );
+    request.parameters = params;
+    request.output_dir = out;
     let hooks = Hooks {
         progress: Some(Arc::new(|step| eprintln!("  .. {}", step.doing()))),
         ..Hooks::default()

@@ -5,8 +5,10 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::client::{self, Cancel, Client, Config, LogFn, ProgressFn};
+use crate::engine::retry::RetryPolicy;
 use crate::engine::{CertificateSource, Step};
 use crate::error::Error;
 use crate::keys::{self, DeviceKey, KeyType};
@@ -36,6 +38,33 @@ pub struct Request {
     pub verify: bool,
     /// Write `certificate.pem`, `private.key` and `device.json` there (0700 directory).
     pub output_dir: Option<PathBuf>,
+    /// Where the resume journal lives (0700 directory). With it, a certificate that was created
+    /// but not yet registered survives a crash or power loss and is reused by the next call
+    /// instead of a new one being minted.
+    pub state_dir: Option<PathBuf>,
+    /// How failed attempts are retried.
+    pub retry: RetryPolicy,
+    /// How long an ownership token stays valid after its certificate was created (AWS: one
+    /// hour). A journal older than this starts over.
+    pub token_lifetime: Duration,
+}
+
+impl Request {
+    /// A request with the defaults: verify, no output or state directory, no parameters,
+    /// [`RetryPolicy::default`], a one-hour token lifetime.
+    pub fn new(connection: Config, template: impl Into<String>, method: Method) -> Request {
+        Request {
+            connection,
+            template: template.into(),
+            parameters: BTreeMap::new(),
+            method,
+            verify: true,
+            output_dir: None,
+            state_dir: None,
+            retry: RetryPolicy::default(),
+            token_lifetime: Duration::from_secs(3600),
+        }
+    }
 }
 
 /// A provisioned device.

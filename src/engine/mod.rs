@@ -5,6 +5,8 @@
 //! any monotonic origin, performs the [`Action`]s returned, and calls again with [`Event::Tick`]
 //! no later than [`Engine::wake_at`].
 
+pub mod retry;
+
 use std::collections::{BTreeMap, HashSet};
 
 use zeroize::Zeroizing;

@@ -147,14 +147,11 @@ impl fleetprov_config {
                     .ok_or_else(|| invalid("no CSR: call fleetprov_config_set_csr_pem"))?,
             ),
         };
-        Ok(Request {
-            connection: self.connection()?,
-            template,
-            parameters: self.parameters.clone(),
-            method,
-            verify: self.verify,
-            output_dir: self.output_dir.clone(),
-        })
+        let mut request = Request::new(self.connection()?, template, method);
+        request.parameters = self.parameters.clone();
+        request.verify = self.verify;
+        request.output_dir = self.output_dir.clone();
+        Ok(request)
     }
 }
 
