@@ -60,7 +60,7 @@ impl Jitter {
         Jitter(seed | 1)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn draw(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x << 13;
         x ^= x >> 7;
@@ -84,7 +84,7 @@ mod tests {
         let mut j = Jitter::new(42);
         for (attempt, step) in [(1, 100), (2, 200), (3, 400), (4, 800), (5, 1000), (9, 1000)] {
             for _ in 0..200 {
-                let d = p.backoff_ms(attempt, j.next());
+                let d = p.backoff_ms(attempt, j.draw());
                 assert!(
                     d >= step / 2 && d <= step,
                     "attempt {attempt}: {d} not in [{}, {step}]",
@@ -119,7 +119,7 @@ mod tests {
         let mut j = Jitter::new(7);
         let p = RetryPolicy::default();
         let a: std::collections::HashSet<u64> =
-            (0..50).map(|_| p.backoff_ms(3, j.next())).collect();
+            (0..50).map(|_| p.backoff_ms(3, j.draw())).collect();
         assert!(a.len() > 25, "only {} distinct pauses", a.len());
     }
 }
