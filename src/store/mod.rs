@@ -7,6 +7,8 @@
 #[cfg(test)]
 mod tests;
 
+pub mod journal;
+
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
@@ -290,7 +292,7 @@ fn create_temp(dir: &Path, name: &std::ffi::OsStr, mode: u32) -> io::Result<(Pat
 
 /// fsyncs a directory, so that renames and removals in it are durable. File systems that
 /// cannot sync a directory (EINVAL) are accepted as they are.
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     fault("sync", dir)?;
     match File::open(dir)?.sync_all() {
         Err(e) if e.kind() == io::ErrorKind::InvalidInput => Ok(()),
