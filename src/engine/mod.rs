@@ -5,6 +5,7 @@
 //! any monotonic origin, performs the [`Action`]s returned, and calls again with [`Event::Tick`]
 //! no later than [`Engine::wake_at`].
 
+pub mod flow;
 pub mod retry;
 
 use std::collections::{BTreeMap, HashSet};
@@ -32,6 +33,14 @@ pub enum Step {
     Registered = 6,
     Verifying = 7,
     Verified = 8,
+    /// A certificate from the resume journal is taken up.
+    Resuming = 9,
+    /// The journal's certificate cannot be used (token expired, refused): a new one is made.
+    Restarting = 10,
+    /// An attempt failed; the next starts after a pause.
+    Retrying = 11,
+    /// The credentials are written and the journal removed.
+    Committed = 12,
 }
 
 impl Step {
@@ -47,6 +56,10 @@ impl Step {
             Step::Registered => "registered",
             Step::Verifying => "connecting with the new certificate",
             Step::Verified => "verified",
+            Step::Resuming => "resuming from the journal",
+            Step::Restarting => "starting over with a new certificate",
+            Step::Retrying => "waiting to retry",
+            Step::Committed => "committed the credentials",
         }
     }
 }
@@ -209,6 +222,20 @@ impl Engine {
             step: Step::Connecting,
             step_deadline: now.saturating_add(settings.step_timeout_ms),
             certificate: None,
+        }
+    }
+
+    /// Adds the reply filters of `apis` (those not in `subscribed`) to this operation's one
+    /// SUBSCRIBE, so that a later operation on the same connection needs none. Call before the
+    /// first event.
+    pub fn also_subscribe(&mut self, apis: &[Api], subscribed: &HashSet<String>) {
+        let format = self.settings.format;
+        for api in apis {
+            for f in [api.accepted_topic(format), api.rejected_topic(format)] {
+                if !subscribed.contains(&f) && !self.filters.contains(&f) {
+                    self.filters.push(f);
+                }
+            }
         }
     }
 

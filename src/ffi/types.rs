@@ -107,6 +107,15 @@ pub enum fleetprov_step {
     FLEETPROV_STEP_REGISTERED = 6,
     FLEETPROV_STEP_VERIFYING = 7,
     FLEETPROV_STEP_VERIFIED = 8,
+    /// A certificate from the resume journal in the state directory is taken up.
+    FLEETPROV_STEP_RESUMING = 9,
+    /// The journal's certificate cannot be used (its token expired or was refused and the
+    /// certificate is not active): a new certificate is made.
+    FLEETPROV_STEP_RESTARTING = 10,
+    /// An attempt failed with a retryable error; the next starts after a pause.
+    FLEETPROV_STEP_RETRYING = 11,
+    /// The credentials are written and the journal removed.
+    FLEETPROV_STEP_COMMITTED = 12,
 }
 
 impl From<Step> for fleetprov_step {
@@ -122,6 +131,10 @@ impl From<Step> for fleetprov_step {
             Step::Registered => FLEETPROV_STEP_REGISTERED,
             Step::Verifying => FLEETPROV_STEP_VERIFYING,
             Step::Verified => FLEETPROV_STEP_VERIFIED,
+            Step::Resuming => FLEETPROV_STEP_RESUMING,
+            Step::Restarting => FLEETPROV_STEP_RESTARTING,
+            Step::Retrying => FLEETPROV_STEP_RETRYING,
+            Step::Committed => FLEETPROV_STEP_COMMITTED,
         }
     }
 }

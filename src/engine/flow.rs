@@ -1,0 +1,792 @@
+//! The whole provisioning, sans network IO: certificate, RegisterThing, a connection with the
+//! new certificate, the commit of the credentials; with retries, backoff, and the resume
+//! journal.
+//!
+//! The driver (the built-in client, or firmware with its own MQTT stack) performs the
+//! [`FlowAction`]s, reports [`FlowEvent`]s with the current time in ms from any monotonic
+//! origin, and calls [`Flow::handle`] with [`FlowEvent::Tick`] no later than
+//! [`Flow::wake_at`]. The flow writes the journal and the credential files itself.
+//!
+//! What it guarantees:
+//! - A certificate is persisted in the journal before RegisterThing is sent. While its ownership
+//!   token is valid, no further certificate is created: retries, and later calls that find the
+//!   journal, resume at RegisterThing.
+//! - If RegisterThing refuses the token, an earlier attempt may have registered the certificate
+//!   and lost the reply; the flow connects with the certificate to find out, and only starts
+//!   over with a new certificate if the service refuses it.
+//! - Credentials are committed (atomically) only after RegisterThing was accepted and, with
+//!   `verify`, the new certificate connected; the journal is removed after that.
+//! - Retryable failures (connection trouble, timeouts, 429, 5xx) are retried with exponential
+//!   backoff and jitter, up to [`RetryPolicy::max_attempts`] and the deadline; no others.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+
+use zeroize::Zeroizing;
+
+use crate::client::LogLevel;
+use crate::engine::retry::{Jitter, RetryPolicy};
+use crate::engine::{Action, CertificateSource, Engine, Event, Operation, Outcome, Settings, Step};
+use crate::error::Error;
+use crate::protocol::{Api, CreatedCertificate, Registered};
+use crate::secret::Secret;
+use crate::store::journal::{Entry, Journal, unix_now};
+use crate::store::{self, Credentials, StoredPaths};
+
+/// The error code with which RegisterThing refuses an unknown, used or expired token.
+const TOKEN_REFUSED: &str = "InvalidCertificateOwnershipToken";
+
+/// A provisioned device.
+#[derive(Debug, Clone)]
+pub struct Provisioned {
+    /// Empty if the template creates no thing, or if RegisterThing's reply was lost and the
+    /// registration was confirmed by connecting with the certificate (see [`Flow`]).
+    pub thing_name: String,
+    pub certificate_id: String,
+    pub certificate_pem: String,
+    /// `None` when the key stays where the CSR came from.
+    pub private_key_pem: Option<Secret>,
+    pub device_configuration: BTreeMap<String, String>,
+    /// Where the credentials were written, if they were.
+    pub stored: Option<StoredPaths>,
+    /// Attempts used (1 when nothing had to be retried).
+    pub attempts: u32,
+    /// Whether the certificate came from the resume journal.
+    pub resumed: bool,
+}
+
+/// Credentials for a connection.
+pub enum Identity {
+    /// The claim certificate of the configuration.
+    Claim,
+    /// The new certificate: to check that it works, or whether it was registered.
+    Device {
+        certificate_pem: String,
+        private_key: Secret,
+        /// The thing name if known (AWS policies often expect it), else empty.
+        client_id: String,
+    },
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Identity::Claim => f.write_str("Claim"),
+            Identity::Device { client_id, .. } => f
+                .debug_struct("Device")
+                .field("client_id", client_id)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+/// A step reached, with the attempt it belongs to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    pub step: Step,
+    /// 1-based; grows with each retry.
+    pub attempt: u32,
+    /// With [`Step::Retrying`]: the pause before the next attempt, in ms.
+    pub retry_in_ms: u64,
+    /// With [`Step::Retrying`]: why the attempt failed.
+    pub error: Option<Error>,
+}
+
+impl Progress {
+    pub fn step(step: Step, attempt: u32) -> Progress {
+        Progress {
+            step,
+            attempt,
+            retry_in_ms: 0,
+            error: None,
+        }
+    }
+}
+
+/// Something the driver must do.
+#[derive(Debug)]
+pub enum FlowAction {
+    /// Open a connection with these credentials (after closing any other); report
+    /// [`FlowEvent::Connected`] or [`FlowEvent::ConnectFailed`].
+    Connect(Identity),
+    /// Close the connection; no event is expected.
+    Disconnect,
+    /// As [`Action::Subscribe`].
+    Subscribe(Vec<String>),
+    /// As [`Action::Publish`].
+    Publish {
+        topic: String,
+        payload: Zeroizing<Vec<u8>>,
+    },
+    Progress(Progress),
+    /// A line for the log; never holds a key or a token.
+    Log(LogLevel, String),
+    /// Finished; no more actions will come.
+    Done(Result<Provisioned, Error>),
+}
+
+/// Something that happened.
+#[derive(Debug, Clone)]
+pub enum FlowEvent<'a> {
+    /// The connection asked for is up (CONNACK accepted).
+    Connected,
+    /// The connection asked for could not be made.
+    ConnectFailed(Error),
+    /// As [`Event::SubAck`].
+    SubAck(&'a [bool]),
+    /// As [`Event::Message`].
+    Message { topic: &'a str, payload: &'a [u8] },
+    /// The connection broke.
+    Disconnected(Error),
+    /// Time passed.
+    Tick,
+}
+
+/// What the flow is asked to do.
+#[derive(Debug, Clone)]
+pub struct FlowSpec {
+    /// The endpoint; recorded in the journal, which is only resumed on the same endpoint.
+    pub host: String,
+    pub source: CertificateSource,
+    /// The key the CSR was made from, when the library holds it.
+    pub device_key: Option<Secret>,
+    pub template: String,
+    pub parameters: BTreeMap<String, String>,
+    pub settings: Settings,
+    pub retry: RetryPolicy,
+    /// Connect with the new certificate before committing.
+    pub verify: bool,
+    /// How long a token is good after its certificate was created, in seconds.
+    pub token_lifetime_s: u64,
+    /// Where to commit the credentials.
+    pub output_dir: Option<PathBuf>,
+    /// Seeds the backoff jitter.
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Create,
+    Register,
+    /// Connect with the new certificate; `probe`: to learn whether it was registered.
+    Verify {
+        probe: bool,
+    },
+    Finished,
+}
+
+#[derive(Debug)]
+enum Link {
+    Down,
+    Connecting {
+        deadline: u64,
+    },
+    Up {
+        subscribed: HashSet<String>,
+        pending: Option<Vec<String>>,
+    },
+}
+
+/// The certificate in hand.
+#[derive(Debug)]
+struct Held {
+    entry: Entry,
+    resumed: bool,
+}
+
+/// The provisioning state machine.
+#[derive(Debug)]
+pub struct Flow {
+    spec: FlowSpec,
+    journal: Option<Journal>,
+    jitter: Jitter,
+    attempt: u32,
+    phase: Phase,
+    link: Link,
+    engine: Option<Engine>,
+    held: Option<Held>,
+    wait_until: Option<u64>,
+    step: Step,
+    restarted: bool,
+}
+
+impl Flow {
+    /// A flow for `spec`; with `journal`, the certificate in hand is persisted there.
+    pub fn new(spec: FlowSpec, journal: Option<Journal>) -> Flow {
+        let jitter = Jitter::new(spec.seed);
+        Flow {
+            spec,
+            journal,
+            jitter,
+            attempt: 1,
+            phase: Phase::Create,
+            link: Link::Down,
+            engine: None,
+            held: None,
+            wait_until: None,
+            step: Step::Connecting,
+            restarted: false,
+        }
+    }
+
+    /// Starts: reads the journal, then asks for the first connection.
+    pub fn start(&mut self, now: u64) -> Vec<FlowAction> {
+        let mut out = Vec::new();
+        let loaded = match &self.journal {
+            Some(j) => j.load(),
+            None => Ok(None),
+        };
+        match loaded {
+            Err(e) => self.finish(Err(Error::Storage(e.to_string())), &mut out),
+            Ok(Some(entry)) => self.resume(entry, &mut out),
+            Ok(None) => {}
+        }
+        if self.phase != Phase::Finished {
+            self.connect(now, &mut out);
+        }
+        out
+    }
+
+    /// Whether the flow is over.
+    pub fn is_finished(&self) -> bool {
+        self.phase == Phase::Finished
+    }
+
+    /// When the driver must call with [`FlowEvent::Tick`] at the latest; `None` once finished.
+    pub fn wake_at(&self) -> Option<u64> {
+        if self.is_finished() {
+            return None;
+        }
+        [
+            self.spec.settings.deadline_ms,
+            self.wait_until,
+            match self.link {
+                Link::Connecting { deadline } => Some(deadline),
+                _ => None,
+            },
+            self.engine.as_ref().and_then(Engine::wake_at),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// The step the flow is in.
+    pub fn step(&self) -> Step {
+        self.step
+    }
+
+    /// Feeds one event; returns what to do.
+    pub fn handle(&mut self, event: FlowEvent<'_>, now: u64) -> Vec<FlowAction> {
+        let mut out = Vec::new();
+        if self.is_finished() {
+            return out;
+        }
+        if let Some(deadline) = self.spec.settings.deadline_ms
+            && now >= deadline
+        {
+            self.drop_link(&mut out);
+            self.finish(Err(Error::Deadline(self.step)), &mut out);
+            return out;
+        }
+        match event {
+            FlowEvent::Tick => {
+                if self.wait_until.is_some_and(|w| now >= w) {
+                    self.wait_until = None;
+                    self.connect(now, &mut out);
+                } else if let Link::Connecting { deadline } = self.link
+                    && now >= deadline
+                {
+                    self.fail(Error::Timeout(self.step), now, &mut out);
+                } else if self.engine.is_some() {
+                    self.forward(Event::Tick, now, &mut out);
+                }
+            }
+            FlowEvent::Connected => {
+                if matches!(self.link, Link::Connecting { .. }) {
+                    match self.phase {
+                        Phase::Verify { probe } => self.verified(probe, now, &mut out),
+                        _ => {
+                            self.link = Link::Up {
+                                subscribed: HashSet::new(),
+                                pending: None,
+                            };
+                            self.start_engine(now, &mut out);
+                        }
+                    }
+                }
+            }
+            FlowEvent::ConnectFailed(e) => {
+                if matches!(self.link, Link::Connecting { .. }) {
+                    self.link = Link::Down;
+                    self.connect_failed(e, now, &mut out);
+                }
+            }
+            FlowEvent::Disconnected(e) => {
+                if matches!(self.link, Link::Up { .. }) {
+                    self.link = Link::Down;
+                    self.engine = None;
+                    self.fail(e, now, &mut out);
+                }
+            }
+            FlowEvent::SubAck(granted) => {
+                if let Link::Up {
+                    subscribed,
+                    pending,
+                } = &mut self.link
+                    && let Some(filters) = pending.take()
+                {
+                    for (f, ok) in filters.into_iter().zip(granted) {
+                        if *ok {
+                            subscribed.insert(f);
+                        }
+                    }
+                    self.forward(Event::SubAck(granted), now, &mut out);
+                }
+            }
+            FlowEvent::Message { topic, payload } => {
+                if matches!(self.link, Link::Up { .. }) {
+                    self.forward(Event::Message { topic, payload }, now, &mut out);
+                }
+            }
+        }
+        out
+    }
+
+    fn progress(&mut self, step: Step, out: &mut Vec<FlowAction>) {
+        self.step = step;
+        out.push(FlowAction::Progress(Progress::step(step, self.attempt)));
+    }
+
+    fn log(&self, level: LogLevel, line: String, out: &mut Vec<FlowAction>) {
+        out.push(FlowAction::Log(level, line));
+    }
+
+    fn finish(&mut self, result: Result<Provisioned, Error>, out: &mut Vec<FlowAction>) {
+        self.phase = Phase::Finished;
+        self.engine = None;
+        out.push(FlowAction::Done(result));
+    }
+
+    fn drop_link(&mut self, out: &mut Vec<FlowAction>) {
+        if !matches!(self.link, Link::Down) {
+            out.push(FlowAction::Disconnect);
+        }
+        self.link = Link::Down;
+        self.engine = None;
+    }
+
+    fn key(&self) -> Option<&Secret> {
+        self.held
+            .as_ref()
+            .and_then(|h| h.entry.private_key.as_ref())
+    }
+
+    /// Takes up a journal found at the start.
+    fn resume(&mut self, entry: Entry, out: &mut Vec<FlowAction>) {
+        let id = entry.certificate.certificate_id.clone();
+        let margin = (self.spec.token_lifetime_s / 60).min(60);
+        let reason = if entry.registered.is_some() {
+            None
+        } else if entry.host != self.spec.host {
+            Some(format!(
+                "the resume journal's certificate {id} is for endpoint {}, not {}",
+                entry.host, self.spec.host
+            ))
+        } else if !entry.token_valid(unix_now(), margin) {
+            Some(format!(
+                "the ownership token of certificate {id} in the resume journal has expired"
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            self.log(
+                LogLevel::Warn,
+                format!("{reason}: starting over with a new certificate"),
+                out,
+            );
+            self.forget_certificate(out);
+            self.progress(Step::Restarting, out);
+            return;
+        }
+        self.phase = if entry.registered.is_some() {
+            self.log(
+                LogLevel::Info,
+                format!("resuming: certificate {id} was registered; committing it"),
+                out,
+            );
+            Phase::Verify { probe: false }
+        } else {
+            self.log(
+                LogLevel::Info,
+                format!("resuming: certificate {id} from the resume journal; registering it"),
+                out,
+            );
+            Phase::Register
+        };
+        self.held = Some(Held {
+            entry,
+            resumed: true,
+        });
+        self.progress(Step::Resuming, out);
+        if self.phase == (Phase::Verify { probe: false }) && !self.wants_verify() {
+            self.commit(out);
+        }
+    }
+
+    fn wants_verify(&self) -> bool {
+        self.spec.verify && self.key().is_some()
+    }
+
+    /// Drops the certificate in hand and its journal.
+    fn forget_certificate(&mut self, out: &mut Vec<FlowAction>) {
+        self.held = None;
+        self.phase = Phase::Create;
+        if let Some(j) = &self.journal
+            && let Err(e) = j.remove()
+        {
+            let line = format!("could not remove the resume journal: {e}");
+            self.log(LogLevel::Warn, line, out);
+        }
+    }
+
+    /// Asks for the connection the phase needs.
+    fn connect(&mut self, now: u64, out: &mut Vec<FlowAction>) {
+        let identity = match (self.phase, &self.held) {
+            (Phase::Verify { .. }, Some(held)) => {
+                let Some(key) = held.entry.private_key.clone() else {
+                    return self.finish(Err(Error::InvalidArgument("no private key".into())), out);
+                };
+                Identity::Device {
+                    certificate_pem: held.entry.certificate.certificate_pem.clone(),
+                    private_key: key,
+                    client_id: held
+                        .entry
+                        .registered
+                        .as_ref()
+                        .and_then(|r| r.thing_name.clone())
+                        .unwrap_or_default(),
+                }
+            }
+            _ => Identity::Claim,
+        };
+        let step = match identity {
+            Identity::Claim => Step::Connecting,
+            Identity::Device { .. } => Step::Verifying,
+        };
+        self.link = Link::Connecting {
+            deadline: now.saturating_add(self.spec.settings.step_timeout_ms),
+        };
+        out.push(FlowAction::Connect(identity));
+        self.progress(step, out);
+    }
+
+    fn start_engine(&mut self, now: u64, out: &mut Vec<FlowAction>) {
+        let Link::Up { subscribed, .. } = &self.link else {
+            return;
+        };
+        let register = Api::RegisterThing {
+            template: self.spec.template.clone(),
+        };
+        let engine = match (self.phase, &self.held) {
+            (Phase::Create, _) => {
+                let op = Operation::CreateCertificate(self.spec.source.clone());
+                let mut e = Engine::new(op, self.spec.settings, now, subscribed);
+                // One SUBSCRIBE for both requests.
+                e.also_subscribe(&[register], subscribed);
+                e
+            }
+            (Phase::Register, Some(held)) => {
+                let op = Operation::RegisterThing {
+                    template: self.spec.template.clone(),
+                    token: held.entry.certificate.ownership_token.clone(),
+                    parameters: self.spec.parameters.clone(),
+                };
+                Engine::new(op, self.spec.settings, now, subscribed)
+            }
+            _ => return,
+        };
+        self.engine = Some(engine);
+        self.forward(Event::Connected, now, out);
+    }
+
+    fn forward(&mut self, event: Event<'_>, now: u64, out: &mut Vec<FlowAction>) {
+        let Some(engine) = &mut self.engine else {
+            return;
+        };
+        for action in engine.handle(event, now) {
+            match action {
+                Action::Subscribe(filters) => {
+                    if let Link::Up { pending, .. } = &mut self.link {
+                        *pending = Some(filters.clone());
+                    }
+                    out.push(FlowAction::Subscribe(filters));
+                }
+                Action::Publish { topic, payload } => {
+                    out.push(FlowAction::Publish { topic, payload })
+                }
+                // Reported by the flow once the result is persisted.
+                Action::Progress(Step::CertificateCreated | Step::Registered) => {}
+                Action::Progress(step) => self.progress(step, out),
+                Action::Done(result) => {
+                    self.engine = None;
+                    self.engine_done(result, now, out);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn save(&mut self, out: &mut Vec<FlowAction>) -> bool {
+        if let (Some(j), Some(held)) = (&self.journal, &self.held)
+            && let Err(e) = j.save(&held.entry)
+        {
+            self.drop_link(out);
+            self.finish(
+                Err(Error::Storage(format!("writing the resume journal: {e}"))),
+                out,
+            );
+            return false;
+        }
+        true
+    }
+
+    fn engine_done(&mut self, result: Result<Outcome, Error>, now: u64, out: &mut Vec<FlowAction>) {
+        match (self.phase, result) {
+            (Phase::Create, Ok(Outcome::Certificate(certificate))) => {
+                self.took_certificate(certificate);
+                if !self.save(out) {
+                    return;
+                }
+                self.progress(Step::CertificateCreated, out);
+                self.phase = Phase::Register;
+                self.start_engine(now, out);
+            }
+            (Phase::Register, Ok(Outcome::Registered(registered))) => {
+                if let Some(held) = &mut self.held {
+                    held.entry.registered = Some(registered);
+                }
+                if !self.save(out) {
+                    return;
+                }
+                self.progress(Step::Registered, out);
+                self.drop_link(out);
+                if self.wants_verify() {
+                    self.phase = Phase::Verify { probe: false };
+                    self.connect(now, out);
+                } else {
+                    self.commit(out);
+                }
+            }
+            (Phase::Register, Err(Error::Rejected { api, error }))
+                if error.status_code == 400 && error.error_code == TOKEN_REFUSED =>
+            {
+                self.token_refused(Error::Rejected { api, error }, now, out)
+            }
+            (_, Err(e)) => self.fail(e, now, out),
+            (_, Ok(_)) => {
+                self.drop_link(out);
+                self.finish(Err(Error::Connection("unexpected outcome".into())), out);
+            }
+        }
+    }
+
+    fn took_certificate(&mut self, mut certificate: CreatedCertificate) {
+        let private_key = self
+            .spec
+            .device_key
+            .clone()
+            .or_else(|| certificate.private_key.take());
+        let created = unix_now();
+        self.held = Some(Held {
+            entry: Entry {
+                host: self.spec.host.clone(),
+                certificate,
+                private_key,
+                created_unix: created,
+                token_expires_unix: created.saturating_add(self.spec.token_lifetime_s),
+                registered: None,
+            },
+            resumed: false,
+        });
+    }
+
+    /// RegisterThing refused our token: unknown, used or expired. Used could mean that an
+    /// earlier attempt was accepted and its reply lost; connecting with the certificate tells.
+    fn token_refused(&mut self, e: Error, now: u64, out: &mut Vec<FlowAction>) {
+        self.drop_link(out);
+        let id = self
+            .held
+            .as_ref()
+            .map(|h| h.entry.certificate.certificate_id.clone())
+            .unwrap_or_default();
+        if self.key().is_none() {
+            // Nothing to probe with; the journal holds no key, so dropping it loses nothing.
+            self.forget_certificate(out);
+            return self.finish(Err(e), out);
+        }
+        self.log(
+            LogLevel::Warn,
+            format!(
+                "RegisterThing refused the ownership token of certificate {id}; \
+                 connecting with the certificate to see whether an earlier attempt registered it"
+            ),
+            out,
+        );
+        self.phase = Phase::Verify { probe: true };
+        self.connect(now, out);
+    }
+
+    fn connect_failed(&mut self, e: Error, now: u64, out: &mut Vec<FlowAction>) {
+        match (self.phase, e) {
+            (Phase::Verify { probe: true }, Error::Tls(m)) if !self.restarted => {
+                let id = self
+                    .held
+                    .as_ref()
+                    .map(|h| h.entry.certificate.certificate_id.clone())
+                    .unwrap_or_default();
+                self.log(
+                    LogLevel::Warn,
+                    format!(
+                        "certificate {id} was refused ({m}): it was never registered; \
+                         starting over with a new certificate"
+                    ),
+                    out,
+                );
+                self.restarted = true;
+                self.forget_certificate(out);
+                self.progress(Step::Restarting, out);
+                self.connect(now, out);
+            }
+            (Phase::Verify { .. }, Error::Tls(m)) => self.fail(
+                Error::Connection(format!("the new certificate could not connect: {m}")),
+                now,
+                out,
+            ),
+            (_, e) => self.fail(e, now, out),
+        }
+    }
+
+    /// The new certificate connected.
+    fn verified(&mut self, probe: bool, _now: u64, out: &mut Vec<FlowAction>) {
+        self.link = Link::Down;
+        out.push(FlowAction::Disconnect);
+        if probe {
+            let id = self
+                .held
+                .as_ref()
+                .map(|h| h.entry.certificate.certificate_id.clone())
+                .unwrap_or_default();
+            self.log(
+                LogLevel::Warn,
+                format!(
+                    "certificate {id} is active: an earlier RegisterThing was accepted but its \
+                     reply was lost; the thing name and device configuration are unknown"
+                ),
+                out,
+            );
+            if let Some(held) = &mut self.held {
+                held.entry.registered = Some(Registered::default());
+            }
+            if !self.save(out) {
+                return;
+            }
+        }
+        self.progress(Step::Verified, out);
+        self.commit(out);
+    }
+
+    /// Writes the credentials, removes the journal, reports success.
+    fn commit(&mut self, out: &mut Vec<FlowAction>) {
+        let Some(held) = self.held.take() else {
+            return self.finish(Err(Error::Connection("no certificate".into())), out);
+        };
+        let Held { entry, resumed } = held;
+        let registered = entry.registered.clone().unwrap_or_default();
+        let thing_name = registered.thing_name.clone().unwrap_or_default();
+        let stored = match (&self.spec.output_dir, &entry.private_key) {
+            (Some(dir), Some(key)) => {
+                let written = store::write_credentials(
+                    dir,
+                    &Credentials {
+                        thing_name: &thing_name,
+                        certificate_id: &entry.certificate.certificate_id,
+                        certificate_pem: &entry.certificate.certificate_pem,
+                        private_key_pem: key,
+                        device_configuration: &registered.device_configuration,
+                    },
+                );
+                match written {
+                    Ok(paths) => Some(paths),
+                    Err(e) => {
+                        // The journal keeps everything for the next call.
+                        return self.finish(Err(Error::Storage(e.to_string())), out);
+                    }
+                }
+            }
+            _ => None,
+        };
+        if let Some(j) = &self.journal
+            && let Err(e) = j.remove()
+        {
+            let line = format!("could not remove the resume journal: {e}");
+            self.log(LogLevel::Warn, line, out);
+        }
+        self.progress(Step::Committed, out);
+        let provisioned = Provisioned {
+            thing_name,
+            certificate_id: entry.certificate.certificate_id,
+            certificate_pem: entry.certificate.certificate_pem,
+            private_key_pem: entry.private_key,
+            device_configuration: registered.device_configuration,
+            stored,
+            attempts: self.attempt,
+            resumed,
+        };
+        self.finish(Ok(provisioned), out);
+    }
+
+    /// An attempt failed: retry after a pause if the failure is retryable and attempts and
+    /// time are left; else give up with this error.
+    fn fail(&mut self, e: Error, now: u64, out: &mut Vec<FlowAction>) {
+        self.drop_link(out);
+        if !e.is_retryable() {
+            return self.finish(Err(e), out);
+        }
+        if self.attempt >= self.spec.retry.max_attempts {
+            let line = format!("giving up after {} attempts: {e}", self.attempt);
+            self.log(LogLevel::Warn, line, out);
+            return self.finish(Err(e), out);
+        }
+        let pause = self.spec.retry.backoff_ms(self.attempt, self.jitter.draw());
+        let resume_at = now.saturating_add(pause);
+        if let Some(deadline) = self.spec.settings.deadline_ms
+            && resume_at >= deadline
+        {
+            let line = format!("no time left for another attempt: {e}");
+            self.log(LogLevel::Warn, line, out);
+            return self.finish(Err(e), out);
+        }
+        self.log(
+            LogLevel::Warn,
+            format!(
+                "attempt {} failed ({e}); retrying in {pause} ms",
+                self.attempt
+            ),
+            out,
+        );
+        self.step = Step::Retrying;
+        out.push(FlowAction::Progress(Progress {
+            step: Step::Retrying,
+            attempt: self.attempt,
+            retry_in_ms: pause,
+            error: Some(e),
+        }));
+        self.attempt += 1;
+        self.wait_until = Some(resume_at);
+    }
+}
+
+#[cfg(test)]
+mod tests;
