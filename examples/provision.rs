@@ -90,7 +90,13 @@ fn run() -> Result<(), String> {
     request.parameters = params;
     request.output_dir = out;
     let hooks = Hooks {
-        progress: Some(Arc::new(|step| eprintln!("  .. {}", step.doing()))),
+        progress: Some(Arc::new(|p| match &p.error {
+            Some(e) => eprintln!(
+                "  .. attempt {} failed ({e}); retrying in {} ms",
+                p.attempt, p.retry_in_ms
+            ),
+            None => eprintln!("  .. {}", p.step.doing()),
+        })),
         ..Hooks::default()
     };
     let p = fleetprov::provision(&request, &hooks).map_err(|e| e.to_string())?;

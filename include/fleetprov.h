@@ -86,6 +86,15 @@ typedef enum fleetprov_step {
   FLEETPROV_STEP_REGISTERED = 6,
   FLEETPROV_STEP_VERIFYING = 7,
   FLEETPROV_STEP_VERIFIED = 8,
+  // A certificate from the resume journal in the state directory is taken up.
+  FLEETPROV_STEP_RESUMING = 9,
+  // The journal's certificate cannot be used (its token expired or was refused and the
+  // certificate is not active): a new certificate is made.
+  FLEETPROV_STEP_RESTARTING = 10,
+  // An attempt failed with a retryable error; the next starts after a pause.
+  FLEETPROV_STEP_RETRYING = 11,
+  // The credentials are written and the journal removed.
+  FLEETPROV_STEP_COMMITTED = 12,
 } fleetprov_step;
 
 // Payload format of requests and replies.
@@ -153,8 +162,22 @@ typedef void (*fleetprov_log_callback)(void *userdata,
 // frees userdata it handed over together with a free function.
 typedef void (*fleetprov_userdata_free)(void *userdata);
 
-// Receives each step reached. Same thread and re-entrancy rules as fleetprov_log_callback.
-typedef void (*fleetprov_progress_callback)(void *userdata, enum fleetprov_step step);
+// A step reached, as given to fleetprov_progress_callback.
+typedef struct fleetprov_progress {
+  enum fleetprov_step step;
+  // The attempt the step belongs to, from 1; it grows with each retry.
+  uint32_t attempt;
+  // With FLEETPROV_STEP_RETRYING: the pause before the next attempt, in ms; otherwise 0.
+  uint64_t retry_in_ms;
+  // With FLEETPROV_STEP_RETRYING: why the attempt failed (read it with the fleetprov_error_
+  // functions; do not free it); otherwise NULL. Valid only during the callback.
+  const struct fleetprov_error *error;
+} fleetprov_progress;
+
+// Receives each step reached. `progress` is valid only during the call. Same thread and
+// re-entrancy rules as fleetprov_log_callback.
+typedef void (*fleetprov_progress_callback)(void *userdata,
+                                            const struct fleetprov_progress *progress);
 
 // Completion of fleetprov_provision_async().
 //
@@ -275,6 +298,32 @@ enum fleetprov_result fleetprov_config_set_verify(struct fleetprov_config *confi
 // `path` (created 0700), each atomically. NULL: do not write (the default).
 enum fleetprov_result fleetprov_config_set_output_dir(struct fleetprov_config *config,
                                                       const char *path);
+
+// Keeps the resume journal in `path` (created 0700): a certificate created by the one-call
+// flow is written there (journal.json, 0600, atomically) before RegisterThing, so that a
+// call after a crash, power loss or failure resumes with it instead of creating another while
+// its ownership token is valid. The journal is removed once the credentials are committed.
+// One flow at a time may use a state directory (FLEETPROV_BUSY otherwise). NULL: no journal
+// (the default).
+enum fleetprov_result fleetprov_config_set_state_dir(struct fleetprov_config *config,
+                                                     const char *path);
+
+// How the one-call flow retries connection failures, timeouts and 429/5xx rejections (never
+// other rejections): at most `max_attempts` attempts in all (1 = no retries), pausing
+// `initial_backoff_ms` after the first failure, doubling up to `max_backoff_ms`, each pause
+// drawn between half and all of that (jitter), never under 25 ms, and never past the overall
+// timeout. Defaults: 5, 1000, 30000. `max_attempts` 0 or `max_backoff_ms` below
+// `initial_backoff_ms` is FLEETPROV_INVALID_ARGUMENT.
+enum fleetprov_result fleetprov_config_set_retry(struct fleetprov_config *config,
+                                                 uint32_t max_attempts,
+                                                 uint32_t initial_backoff_ms,
+                                                 uint32_t max_backoff_ms);
+
+// How long an ownership token stays valid after its certificate is created, in seconds
+// (AWS: 3600, the default). A journal older than this is not resumed: the flow starts over
+// and reports FLEETPROV_STEP_RESTARTING.
+enum fleetprov_result fleetprov_config_set_token_lifetime(struct fleetprov_config *config,
+                                                          uint32_t seconds);
 
 // Registers the log callback (NULL to remove) receiving lines up to `max_level` (a
 // fleetprov_log_level value). `userdata_free` (may be NULL) is called once on `userdata` when
@@ -445,6 +494,13 @@ void fleetprov_certificate_free(struct fleetprov_certificate *certificate);
 // The thing name ("" when the template creates no thing). Borrowed: valid until the
 // registration is freed.
 const char *fleetprov_registration_thing_name(const struct fleetprov_registration *registration);
+
+// Attempts the provisioning took (1 when nothing was retried); 0 for NULL.
+uint32_t fleetprov_provisioned_attempts(const struct fleetprov_provisioned *provisioned);
+
+// Whether the certificate came from the resume journal (an earlier call created it); false
+// for NULL.
+bool fleetprov_provisioned_resumed(const struct fleetprov_provisioned *provisioned);
 
 // Number of deviceConfiguration entries.
 size_t fleetprov_registration_config_count(const struct fleetprov_registration *registration);

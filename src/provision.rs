@@ -7,13 +7,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::client::{self, Cancel, Client, Config, LogFn, ProgressFn};
+use crate::client::{self, Cancel, Config, LogFn, ProgressFn};
+use crate::engine::flow::{Flow, FlowSpec};
 use crate::engine::retry::RetryPolicy;
-use crate::engine::{CertificateSource, Step};
+use crate::engine::{CertificateSource, Settings};
 use crate::error::Error;
 use crate::keys::{self, DeviceKey, KeyType};
-use crate::secret::Secret;
-use crate::store::{self, Credentials, StoredPaths};
+use crate::store::journal::Journal;
 
 /// How the device gets its certificate.
 #[derive(Debug, Clone)]
@@ -67,18 +67,7 @@ impl Request {
     }
 }
 
-/// A provisioned device.
-#[derive(Debug, Clone)]
-pub struct Provisioned {
-    pub thing_name: String,
-    pub certificate_id: String,
-    pub certificate_pem: String,
-    /// `None` with [`Method::ExternalCsr`]: the key stays where the CSR came from.
-    pub private_key_pem: Option<Secret>,
-    pub device_configuration: BTreeMap<String, String>,
-    /// Where the credentials were written, if they were.
-    pub stored: Option<StoredPaths>,
-}
+pub use crate::engine::flow::Provisioned;
 
 /// Callbacks and cancellation for [`provision`].
 #[derive(Clone, Default)]
@@ -126,94 +115,44 @@ pub fn provision(request: &Request, hooks: &Hooks) -> Result<Provisioned, Error>
             )
         }
     };
-    let mut claim = Client::new(request.connection.clone())?;
-    claim.set_progress(hooks.progress.clone());
-    claim.set_log(hooks.log.clone());
-    if let Some(cancel) = &hooks.cancel {
-        claim.set_cancel(cancel.clone());
-    }
-    let (certificate, registered) =
-        claim.provision_steps(source, &request.template, &request.parameters, deadline)?;
-    drop(claim);
-    let private_key = device_key.or_else(|| certificate.private_key.clone());
-    let thing_name = registered.thing_name.clone().unwrap_or_default();
-
-    if request.verify
-        && let Some(key) = &private_key
-    {
-        verify(
-            request,
-            hooks,
-            &certificate.certificate_pem,
-            key,
-            &thing_name,
-            deadline,
-        )?;
-    }
-
-    let stored = match (&request.output_dir, &private_key) {
-        (Some(dir), Some(key)) => Some(
-            store::write_credentials(
-                dir,
-                &Credentials {
-                    thing_name: &thing_name,
-                    certificate_id: &certificate.certificate_id,
-                    certificate_pem: &certificate.certificate_pem,
-                    private_key_pem: key,
-                    device_configuration: &registered.device_configuration,
-                },
-            )
-            .map_err(|e| Error::Storage(e.to_string()))?,
-        ),
-        _ => None,
+    request.connection.validate()?;
+    let journal = match &request.state_dir {
+        Some(dir) => Some(Journal::open(dir).map_err(|e| {
+            if e.source.kind() == std::io::ErrorKind::WouldBlock {
+                Error::Busy
+            } else {
+                Error::Storage(format!("opening the state directory: {e}"))
+            }
+        })?),
+        None => None,
     };
-    Ok(Provisioned {
-        thing_name,
-        certificate_id: certificate.certificate_id,
-        certificate_pem: certificate.certificate_pem,
-        private_key_pem: private_key,
-        device_configuration: registered.device_configuration,
-        stored,
-    })
-}
-
-/// Connects once with the new credentials (client id: the thing name, as AWS policies expect).
-fn verify(
-    request: &Request,
-    hooks: &Hooks,
-    cert_pem: &str,
-    key: &Secret,
-    thing_name: &str,
-    deadline: Option<u64>,
-) -> Result<(), Error> {
-    let progress = |s: Step| {
-        if let Some(p) = &hooks.progress {
-            p(s);
-        }
+    let connection = &request.connection;
+    let spec = FlowSpec {
+        host: connection.host.clone(),
+        source,
+        device_key,
+        template: request.template.clone(),
+        parameters: request.parameters.clone(),
+        settings: Settings {
+            format: connection.format,
+            step_timeout_ms: u64::try_from(connection.step_timeout.as_millis()).unwrap_or(u64::MAX),
+            deadline_ms: deadline,
+        },
+        retry: request.retry,
+        verify: request.verify,
+        token_lifetime_s: request.token_lifetime.as_secs(),
+        output_dir: request.output_dir.clone(),
+        seed: client::random_u64(),
     };
-    progress(Step::Verifying);
-    let mut config = request.connection.clone();
-    config.cert_pem = cert_pem.to_owned();
-    config.key_pem = key.clone();
-    if !thing_name.is_empty() {
-        config.client_id = thing_name.to_owned();
+    let cancel = hooks.cancel.clone().unwrap_or_default();
+    if cancel.is_cancelled() {
+        return Err(Error::Cancelled);
     }
-    if let Some(d) = deadline {
-        let left = d.saturating_sub(client::clock_ms());
-        config.overall_timeout = Some(std::time::Duration::from_millis(left.max(1)));
-    }
-    let mut device = Client::new(config)?;
-    device.set_log(hooks.log.clone());
-    if let Some(cancel) = &hooks.cancel {
-        device.set_cancel(cancel.clone());
-    }
-    device.connect().map_err(|e| match e {
-        Error::Tls(m) | Error::Connection(m) => {
-            Error::Connection(format!("the new certificate could not connect: {m}"))
-        }
-        other => other,
-    })?;
-    device.disconnect();
-    progress(Step::Verified);
-    Ok(())
+    client::run_flow(
+        Flow::new(spec, journal),
+        connection,
+        hooks.progress.as_ref(),
+        hooks.log.as_ref(),
+        &cancel,
+    )
 }

@@ -175,10 +175,21 @@ fn set_method(c: &Config, method: fleetprov_method) {
     ok(unsafe { fleetprov_config_set_method(c.0, method as i32) });
 }
 
-extern "C" fn record_step(userdata: *mut c_void, step: fleetprov_step) {
-    // SAFETY: userdata is the Mutex<Vec> the test registered, alive for the config's lifetime.
-    let steps = unsafe { &*(userdata as *const Mutex<Vec<fleetprov_step>>) };
-    steps.lock().unwrap().push(step);
+extern "C" fn record_step(userdata: *mut c_void, progress: *const fleetprov_progress) {
+    // SAFETY: userdata is the Mutex<Vec> the test registered, alive for the config's lifetime;
+    // `progress` is valid during the call.
+    let (steps, progress) = unsafe {
+        (
+            &*(userdata as *const Mutex<Vec<fleetprov_step>>),
+            &*progress,
+        )
+    };
+    assert!(progress.attempt >= 1);
+    assert_eq!(
+        progress.error.is_null(),
+        progress.step != fleetprov_step::FLEETPROV_STEP_RETRYING
+    );
+    steps.lock().unwrap().push(progress.step);
 }
 
 extern "C" fn record_log(
@@ -283,6 +294,7 @@ fn one_call_both_methods_both_formats() {
                     FLEETPROV_STEP_REGISTERED,
                     FLEETPROV_STEP_VERIFYING,
                     FLEETPROV_STEP_VERIFIED,
+                    FLEETPROV_STEP_COMMITTED,
                 ]
             );
             let lines = lines.lock().unwrap();

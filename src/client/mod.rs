@@ -3,6 +3,7 @@
 //! Every operation runs on a current-thread tokio runtime owned by the [`Client`], in the
 //! calling thread; the callback flavours in the C API run it on a worker thread.
 
+mod driver;
 pub mod tls;
 
 use std::collections::{BTreeMap, HashSet};
@@ -15,10 +16,12 @@ use rumqttc::{
     AsyncClient, ConnectionError, Event as MqttEvent, EventLoop, MqttOptions, Outgoing, Packet, QoS,
 };
 
+use crate::engine::flow::Progress;
 use crate::engine::{Action, CertificateSource, Engine, Event, Operation, Outcome, Settings, Step};
 use crate::error::Error;
 use crate::protocol::{CreatedCertificate, Format, Registered, validate_template_name};
 use crate::secret::Secret;
+pub(crate) use driver::run_flow;
 pub use tls::Roots;
 
 /// Largest packet sent or received: AWS IoT's 128 KB payload plus headers.
@@ -36,8 +39,8 @@ pub enum LogLevel {
 
 /// Receives log lines. Lines never contain private keys or ownership tokens.
 pub type LogFn = Arc<dyn Fn(LogLevel, &str) + Send + Sync>;
-/// Receives each step reached.
-pub type ProgressFn = Arc<dyn Fn(Step) + Send + Sync>;
+/// Receives each step reached, with its attempt (and, when retrying, the pause and the cause).
+pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
 
 /// Connection settings.
 #[derive(Clone)]
@@ -91,7 +94,7 @@ impl Config {
         }
     }
 
-    fn validate(&self) -> Result<(), Error> {
+    pub(crate) fn validate(&self) -> Result<(), Error> {
         if self.host.is_empty() {
             return Err(Error::InvalidArgument("the endpoint host is empty".into()));
         }
@@ -138,7 +141,7 @@ impl Cancel {
         self.flag.load(Ordering::SeqCst)
     }
 
-    async fn wait(&self) {
+    pub(crate) async fn wait(&self) {
         loop {
             let notified = self.notify.notified();
             if self.is_cancelled() {
@@ -154,13 +157,40 @@ pub(crate) fn deadline_after(d: Duration) -> u64 {
     now_ms().saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// A rumqttc client and event loop for `config`'s endpoint with credentials `tls`; not yet
+/// connected (the first poll connects). An empty `client_id` gets a random one.
+pub(crate) fn open_connection(
+    config: &Config,
+    tls: Arc<rustls::ClientConfig>,
+    client_id: &str,
+) -> (AsyncClient, EventLoop) {
+    let client_id = if client_id.is_empty() {
+        format!("fleetprov-{:016x}", random_u64())
+    } else {
+        client_id.to_owned()
+    };
+    let mut options = MqttOptions::new(client_id, config.host.clone(), config.port);
+    options
+        .set_keep_alive(config.keep_alive)
+        .set_clean_session(true)
+        .set_max_packet_size(MAX_PACKET, MAX_PACKET)
+        .set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
+            tls,
+        )));
+    let (client, mut events) = AsyncClient::new(options, 16);
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_connection_timeout(config.step_timeout.as_secs().max(1));
+    events.set_network_options(network);
+    (client, events)
+}
+
 /// Milliseconds on the engine's clock.
 fn now_ms() -> u64 {
     static ORIGIN: Lazy<Instant> = Lazy::new(Instant::now);
     u64::try_from(ORIGIN.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
-fn at_ms(ms: u64) -> tokio::time::Instant {
+pub(crate) fn at_ms(ms: u64) -> tokio::time::Instant {
     let now = now_ms();
     tokio::time::Instant::now() + Duration::from_millis(ms.saturating_sub(now))
 }
@@ -191,7 +221,7 @@ impl std::fmt::Debug for Client {
     }
 }
 
-fn connection_error(e: ConnectionError) -> Error {
+pub(crate) fn connection_error(e: ConnectionError) -> Error {
     match e {
         ConnectionError::Tls(e) => Error::Tls(e.to_string()),
         ConnectionError::ConnectionRefused(code) => {
@@ -267,7 +297,7 @@ impl Client {
     fn progress(&self, step: Step) {
         self.log(LogLevel::Debug, || format!("step: {}", step.doing()));
         if let Some(p) = &self.progress {
-            p(step);
+            p(&Progress::step(step, 1));
         }
     }
 
@@ -307,23 +337,8 @@ impl Client {
         self.log(LogLevel::Info, || {
             format!("connecting to {}:{}", self.config.host, self.config.port)
         });
-        let client_id = if self.config.client_id.is_empty() {
-            format!("fleetprov-{:016x}", random_u64())
-        } else {
-            self.config.client_id.clone()
-        };
-        let mut options = MqttOptions::new(client_id, self.config.host.clone(), self.config.port);
-        options
-            .set_keep_alive(self.config.keep_alive)
-            .set_clean_session(true)
-            .set_max_packet_size(MAX_PACKET, MAX_PACKET)
-            .set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
-                self.tls.clone(),
-            )));
-        let (client, mut events) = AsyncClient::new(options, 16);
-        let mut network = rumqttc::NetworkOptions::new();
-        network.set_connection_timeout(self.config.step_timeout.as_secs().max(1));
-        events.set_network_options(network);
+        let (client, mut events) =
+            open_connection(&self.config, self.tls.clone(), &self.config.client_id);
         let step_deadline = deadline_after(self.config.step_timeout);
         let limit = deadline.map_or(step_deadline, |d| d.min(step_deadline));
         let cancel = self.cancel.clone();
@@ -422,7 +437,7 @@ impl Client {
                         Action::Progress(step) => {
                             say(LogLevel::Debug, format!("step: {}", step.doing()));
                             if let Some(p) = &progress {
-                                p(step);
+                                p(&Progress::step(step, 1));
                             }
                         }
                         Action::Done(result) => {
@@ -558,40 +573,12 @@ impl Client {
             _ => Err(Error::Connection("unexpected outcome".into())),
         }
     }
-
-    /// Certificate, then RegisterThing, over this connection, before `deadline` (engine ms).
-    pub(crate) fn provision_steps(
-        &mut self,
-        source: CertificateSource,
-        template: &str,
-        parameters: &BTreeMap<String, String>,
-        deadline: Option<u64>,
-    ) -> Result<(CreatedCertificate, Registered), Error> {
-        validate_template_name(template).map_err(|e| Error::InvalidArgument(e.0))?;
-        let op = Operation::Provision {
-            source,
-            template: template.to_owned(),
-            parameters: parameters.clone(),
-        };
-        match self.run(op, deadline)? {
-            Outcome::Provisioned {
-                certificate,
-                registered,
-            } => Ok((certificate, registered)),
-            _ => Err(Error::Connection("unexpected outcome".into())),
-        }
-    }
 }
 
 impl Drop for Client {
     fn drop(&mut self) {
         self.disconnect();
     }
-}
-
-/// The engine clock, for callers computing deadlines.
-pub(crate) fn clock_ms() -> u64 {
-    now_ms()
 }
 
 /// A random u64 for client ids.

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use super::types::*;
 use crate::client::{Cancel, Client, Config, LogFn, LogLevel, ProgressFn, Roots};
+use crate::engine::flow::Progress;
+use crate::engine::retry::RetryPolicy;
 use crate::error::Error;
 use crate::keys::{self, KeyType};
 use crate::protocol::{Format, validate_template_name};
@@ -24,7 +26,7 @@ struct LogCallback {
 }
 
 struct ProgressCallback {
-    cb: unsafe extern "C" fn(*mut c_void, fleetprov_step),
+    cb: unsafe extern "C" fn(*mut c_void, *const fleetprov_progress),
     user: UserData,
 }
 
@@ -50,6 +52,9 @@ pub struct fleetprov_config {
     csr_pem: Option<String>,
     verify: bool,
     output_dir: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    retry: RetryPolicy,
+    token_lifetime_s: u64,
     log: Option<Arc<LogCallback>>,
     progress: Option<Arc<ProgressCallback>>,
 }
@@ -75,6 +80,9 @@ impl Default for fleetprov_config {
             csr_pem: None,
             verify: true,
             output_dir: None,
+            state_dir: None,
+            retry: RetryPolicy::default(),
+            token_lifetime_s: 3600,
             log: None,
             progress: None,
         }
@@ -107,10 +115,17 @@ impl fleetprov_config {
     fn hooks(&self) -> Hooks {
         Hooks {
             progress: self.progress.clone().map(|p| -> ProgressFn {
-                Arc::new(move |step| {
+                Arc::new(move |progress: &Progress| {
+                    let error = progress.error.as_ref().map(fleetprov_error::new);
+                    let view = fleetprov_progress {
+                        step: progress.step.into(),
+                        attempt: progress.attempt,
+                        retry_in_ms: progress.retry_in_ms,
+                        error: error.as_ref().map_or(ptr::null(), |e| e as *const _),
+                    };
                     // SAFETY: the callback and userdata were registered together; the header
-                    // states the threads it may be called on.
-                    unsafe { (p.cb)(p.user.ptr, step.into()) }
+                    // states the threads it may be called on; `view` and `error` outlive the call.
+                    unsafe { (p.cb)(p.user.ptr, &view) }
                 })
             }),
             log: self.log.clone().map(|l| -> LogFn {
@@ -151,6 +166,9 @@ impl fleetprov_config {
         request.parameters = self.parameters.clone();
         request.verify = self.verify;
         request.output_dir = self.output_dir.clone();
+        request.state_dir = self.state_dir.clone();
+        request.retry = self.retry;
+        request.token_lifetime = Duration::from_secs(self.token_lifetime_s);
         Ok(request)
     }
 }
@@ -536,6 +554,75 @@ pub unsafe extern "C" fn fleetprov_config_set_output_dir(
     })
 }
 
+/// Keeps the resume journal in `path` (created 0700): a certificate created by the one-call
+/// flow is written there (journal.json, 0600, atomically) before RegisterThing, so that a
+/// call after a crash, power loss or failure resumes with it instead of creating another while
+/// its ownership token is valid. The journal is removed once the credentials are committed.
+/// One flow at a time may use a state directory (FLEETPROV_BUSY otherwise). NULL: no journal
+/// (the default).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_set_state_dir(
+    config: *mut fleetprov_config,
+    path: *const c_char,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointers per the header.
+        let (config, path) = unsafe { (config_mut(config)?, opt_str_arg(path, "path")?) };
+        if path == Some("") {
+            return Err(invalid("path is empty"));
+        }
+        config.state_dir = path.map(PathBuf::from);
+        Ok(())
+    })
+}
+
+/// How the one-call flow retries connection failures, timeouts and 429/5xx rejections (never
+/// other rejections): at most `max_attempts` attempts in all (1 = no retries), pausing
+/// `initial_backoff_ms` after the first failure, doubling up to `max_backoff_ms`, each pause
+/// drawn between half and all of that (jitter), never under 25 ms, and never past the overall
+/// timeout. Defaults: 5, 1000, 30000. `max_attempts` 0 or `max_backoff_ms` below
+/// `initial_backoff_ms` is FLEETPROV_INVALID_ARGUMENT.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_set_retry(
+    config: *mut fleetprov_config,
+    max_attempts: u32,
+    initial_backoff_ms: u32,
+    max_backoff_ms: u32,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointer per the header.
+        let config = unsafe { config_mut(config)? };
+        if max_attempts == 0 {
+            return Err(invalid("max_attempts is 0"));
+        }
+        if max_backoff_ms < initial_backoff_ms {
+            return Err(invalid("max_backoff_ms is below initial_backoff_ms"));
+        }
+        config.retry = RetryPolicy {
+            max_attempts,
+            initial_backoff: Duration::from_millis(u64::from(initial_backoff_ms)),
+            max_backoff: Duration::from_millis(u64::from(max_backoff_ms)),
+        };
+        Ok(())
+    })
+}
+
+/// How long an ownership token stays valid after its certificate is created, in seconds
+/// (AWS: 3600, the default). A journal older than this is not resumed: the flow starts over
+/// and reports FLEETPROV_STEP_RESTARTING.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_set_token_lifetime(
+    config: *mut fleetprov_config,
+    seconds: u32,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointer per the header.
+        let config = unsafe { config_mut(config)? };
+        config.token_lifetime_s = u64::from(seconds);
+        Ok(())
+    })
+}
+
 /// Registers the log callback (NULL to remove) receiving lines up to `max_level` (a
 /// fleetprov_log_level value). `userdata_free` (may be NULL) is called once on `userdata` when
 /// the callback is replaced or the last config, client or operation using it is freed.
@@ -585,6 +672,8 @@ fn provisioned_object(p: Provisioned) -> fleetprov_provisioned {
             .map(|k| SecretCString::new(k.expose())),
         config: config_entries(&p.device_configuration),
         output_dir: p.stored.map(|s| cstring(&s.dir.to_string_lossy())),
+        attempts: p.attempts,
+        resumed: p.resumed,
     }
 }
 

@@ -239,9 +239,24 @@ pub type fleetprov_log_callback = Option<
     ),
 >;
 
-/// Receives each step reached. Same thread and re-entrancy rules as fleetprov_log_callback.
+/// A step reached, as given to fleetprov_progress_callback.
+#[repr(C)]
+#[derive(Debug)]
+pub struct fleetprov_progress {
+    pub step: fleetprov_step,
+    /// The attempt the step belongs to, from 1; it grows with each retry.
+    pub attempt: u32,
+    /// With FLEETPROV_STEP_RETRYING: the pause before the next attempt, in ms; otherwise 0.
+    pub retry_in_ms: u64,
+    /// With FLEETPROV_STEP_RETRYING: why the attempt failed (read it with the fleetprov_error_
+    /// functions; do not free it); otherwise NULL. Valid only during the callback.
+    pub error: *const fleetprov_error,
+}
+
+/// Receives each step reached. `progress` is valid only during the call. Same thread and
+/// re-entrancy rules as fleetprov_log_callback.
 pub type fleetprov_progress_callback =
-    Option<unsafe extern "C" fn(userdata: *mut c_void, step: fleetprov_step)>;
+    Option<unsafe extern "C" fn(userdata: *mut c_void, progress: *const fleetprov_progress)>;
 
 /// Completion of fleetprov_provision_async().
 ///
@@ -355,6 +370,8 @@ pub struct fleetprov_provisioned {
     pub(crate) private_key: Option<SecretCString>,
     pub(crate) config: Vec<(CString, CString)>,
     pub(crate) output_dir: Option<CString>,
+    pub(crate) attempts: u32,
+    pub(crate) resumed: bool,
 }
 
 /// A failure: its result code, full text and, for rejections, the service's fields.
@@ -711,6 +728,29 @@ pub unsafe extern "C" fn fleetprov_registration_thing_name(
     registration: *const fleetprov_registration,
 ) -> *const c_char {
     borrowed(registration, |o| o.thing_name.as_ptr())
+}
+
+/// Attempts the provisioning took (1 when nothing was retried); 0 for NULL.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_provisioned_attempts(
+    provisioned: *const fleetprov_provisioned,
+) -> u32 {
+    guard_value(0, || {
+        // SAFETY: NULL or a live result, per the header.
+        unsafe { provisioned.as_ref() }.map_or(0, |p| p.attempts)
+    })
+}
+
+/// Whether the certificate came from the resume journal (an earlier call created it); false
+/// for NULL.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_provisioned_resumed(
+    provisioned: *const fleetprov_provisioned,
+) -> bool {
+    guard_value(false, || {
+        // SAFETY: NULL or a live result, per the header.
+        unsafe { provisioned.as_ref() }.is_some_and(|p| p.resumed)
+    })
 }
 
 /// Number of deviceConfiguration entries.

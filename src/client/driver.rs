@@ -1,0 +1,236 @@
+//! Runs a [`Flow`] over the built-in transport: rumqttc over rustls, on a current-thread tokio
+//! runtime in the calling thread.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, Outgoing, Packet, QoS};
+
+use super::{
+    Cancel, Config, LogFn, LogLevel, ProgressFn, at_ms, connection_error, now_ms, open_connection,
+    tls,
+};
+use crate::engine::flow::{Flow, FlowAction, FlowEvent, Identity, Provisioned};
+use crate::error::Error;
+
+/// One connection the flow asked for.
+struct Live {
+    client: AsyncClient,
+    events: EventLoop,
+    /// Until CONNACK.
+    connecting: bool,
+    /// The SUBSCRIBE in flight: its filters, and its packet id once rumqttc assigns it.
+    pending: Option<(Vec<String>, Option<u16>)>,
+}
+
+impl Live {
+    fn close(self) {
+        // Best effort: the DISCONNECT is queued; dropping the event loop closes the socket.
+        let _ = self.client.try_disconnect();
+    }
+}
+
+/// Performs the flow's actions and feeds it the connection's events until it is done.
+pub(crate) fn run_flow(
+    mut flow: Flow,
+    config: &Config,
+    progress: Option<&ProgressFn>,
+    log: Option<&LogFn>,
+    cancel: &Arc<Cancel>,
+) -> Result<Provisioned, Error> {
+    let say = |level: LogLevel, line: &str| {
+        if let Some(log) = log {
+            log(level, line);
+        }
+    };
+    let alpn = config.alpn.unwrap_or(config.port == 443);
+    let claim_tls = tls::client_config(&config.roots, &config.cert_pem, &config.key_pem, alpn)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Connection(format!("cannot start the I/O runtime: {e}")))?;
+    let mut actions: VecDeque<FlowAction> = flow.start(now_ms()).into();
+    let mut conn: Option<Live> = None;
+    let result = runtime.block_on(async {
+        loop {
+            while let Some(action) = actions.pop_front() {
+                match action {
+                    FlowAction::Connect(identity) => {
+                        if let Some(old) = conn.take() {
+                            old.close();
+                        }
+                        let (tls, client_id) = match identity {
+                            Identity::Claim => (claim_tls.clone(), config.client_id.clone()),
+                            Identity::Device {
+                                certificate_pem,
+                                private_key,
+                                client_id,
+                            } => {
+                                let tls = tls::client_config(
+                                    &config.roots,
+                                    &certificate_pem,
+                                    &private_key,
+                                    alpn,
+                                );
+                                match tls {
+                                    Ok(tls) => (tls, client_id),
+                                    Err(e) => {
+                                        actions.extend(
+                                            flow.handle(FlowEvent::ConnectFailed(e), now_ms()),
+                                        );
+                                        continue;
+                                    }
+                                }
+                            }
+                        };
+                        say(
+                            LogLevel::Info,
+                            &format!("connecting to {}:{}", config.host, config.port),
+                        );
+                        let (client, events) = open_connection(config, tls, &client_id);
+                        conn = Some(Live {
+                            client,
+                            events,
+                            connecting: true,
+                            pending: None,
+                        });
+                    }
+                    FlowAction::Disconnect => {
+                        if let Some(old) = conn.take() {
+                            old.close();
+                        }
+                    }
+                    FlowAction::Subscribe(filters) => {
+                        say(LogLevel::Debug, &format!("subscribing to {filters:?}"));
+                        if let Some(c) = &mut conn {
+                            let subs = filters.iter().map(|f| {
+                                rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)
+                            });
+                            if let Err(e) = c.client.try_subscribe_many(subs) {
+                                conn = None;
+                                let e = Error::Connection(e.to_string());
+                                actions.extend(flow.handle(FlowEvent::Disconnected(e), now_ms()));
+                                continue;
+                            }
+                            c.pending = Some((filters, None));
+                        }
+                    }
+                    FlowAction::Publish { topic, payload } => {
+                        say(
+                            LogLevel::Debug,
+                            &format!("publishing to {topic} ({} bytes)", payload.len()),
+                        );
+                        if let Some(c) = &mut conn
+                            && let Err(e) = c.client.try_publish(
+                                topic,
+                                QoS::AtLeastOnce,
+                                false,
+                                payload.to_vec(),
+                            )
+                        {
+                            conn = None;
+                            let e = Error::Connection(e.to_string());
+                            actions.extend(flow.handle(FlowEvent::Disconnected(e), now_ms()));
+                        }
+                    }
+                    FlowAction::Progress(p) => {
+                        say(LogLevel::Debug, &format!("step: {}", p.step.doing()));
+                        if let Some(cb) = progress {
+                            cb(&p);
+                        }
+                    }
+                    FlowAction::Log(level, line) => say(level, &line),
+                    FlowAction::Done(result) => return result,
+                }
+            }
+            // Bounded by the flow: every wait ends at its wake time at the latest.
+            let wake = flow
+                .wake_at()
+                .unwrap_or_else(|| now_ms().saturating_add(1000));
+            let event = match &mut conn {
+                Some(c) => tokio::select! {
+                    ev = c.events.poll() => Some(ev),
+                    _ = tokio::time::sleep_until(at_ms(wake)) => None,
+                    _ = cancel.wait() => return Err(Error::Cancelled),
+                },
+                None => tokio::select! {
+                    _ = tokio::time::sleep_until(at_ms(wake)) => None,
+                    _ = cancel.wait() => return Err(Error::Cancelled),
+                },
+            };
+            let now = now_ms();
+            let produced = match (event, &mut conn) {
+                (None, _) | (Some(_), None) => flow.handle(FlowEvent::Tick, now),
+                (Some(Ok(MqttEvent::Incoming(Packet::ConnAck(_)))), Some(c)) if c.connecting => {
+                    c.connecting = false;
+                    say(LogLevel::Info, "connected");
+                    flow.handle(FlowEvent::Connected, now)
+                }
+                (Some(Ok(MqttEvent::Outgoing(Outgoing::Subscribe(pkid)))), Some(c)) => {
+                    if let Some((_, id @ None)) = &mut c.pending {
+                        *id = Some(pkid);
+                    }
+                    Vec::new()
+                }
+                (Some(Ok(MqttEvent::Incoming(Packet::SubAck(ack)))), Some(c)) => match &c.pending {
+                    Some((_, Some(pkid))) if *pkid == ack.pkid => {
+                        c.pending = None;
+                        let granted: Vec<bool> = ack
+                            .return_codes
+                            .iter()
+                            .map(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                            .collect();
+                        flow.handle(FlowEvent::SubAck(&granted), now)
+                    }
+                    _ => Vec::new(),
+                },
+                (Some(Ok(MqttEvent::Incoming(Packet::Publish(p)))), Some(_)) => {
+                    say(
+                        LogLevel::Debug,
+                        &format!("received on {} ({} bytes)", p.topic, p.payload.len()),
+                    );
+                    flow.handle(
+                        FlowEvent::Message {
+                            topic: &p.topic,
+                            payload: &p.payload,
+                        },
+                        now,
+                    )
+                }
+                (Some(Ok(_)), Some(_)) => flow.handle(FlowEvent::Tick, now),
+                (Some(Err(e)), Some(c)) => {
+                    let connecting = c.connecting;
+                    conn = None;
+                    let err = connection_error(e);
+                    if connecting {
+                        say(LogLevel::Warn, &format!("connection failed: {err}"));
+                        flow.handle(FlowEvent::ConnectFailed(err), now)
+                    } else {
+                        say(LogLevel::Warn, &format!("connection lost: {err}"));
+                        flow.handle(FlowEvent::Disconnected(err), now)
+                    }
+                }
+            };
+            actions.extend(produced);
+        }
+    });
+    if let Some(c) = conn.take() {
+        // Let the DISCONNECT go out, briefly.
+        let Live {
+            client, mut events, ..
+        } = c;
+        let _ = client.try_disconnect();
+        runtime.block_on(async {
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(200), async {
+                loop {
+                    match events.poll().await {
+                        Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await;
+        });
+    }
+    result
+}
