@@ -7,8 +7,8 @@ use std::sync::Arc;
 use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, Outgoing, Packet, QoS};
 
 use super::{
-    Cancel, Config, LogFn, LogLevel, ProgressFn, at_ms, connection_error, now_ms, open_connection,
-    tls,
+    Cancel, Config, LogFn, LogLevel, ProgressFn, at_ms, connection_error, leftover_publishes,
+    now_ms, open_connection, tls,
 };
 use crate::engine::flow::{Flow, FlowAction, FlowEvent, Identity, Provisioned};
 use crate::error::Error;
@@ -200,15 +200,27 @@ pub(crate) fn run_flow(
                 (Some(Ok(_)), Some(_)) => flow.handle(FlowEvent::Tick, now),
                 (Some(Err(e)), Some(c)) => {
                     let connecting = c.connecting;
+                    // Replies read in the same read as the close are still worth having.
+                    let mut produced = Vec::new();
+                    for p in leftover_publishes(&mut c.events) {
+                        produced.extend(flow.handle(
+                            FlowEvent::Message {
+                                topic: &p.topic,
+                                payload: &p.payload,
+                            },
+                            now,
+                        ));
+                    }
                     conn = None;
                     let err = connection_error(e);
                     if connecting {
                         say(LogLevel::Warn, &format!("connection failed: {err}"));
-                        flow.handle(FlowEvent::ConnectFailed(err), now)
+                        produced.extend(flow.handle(FlowEvent::ConnectFailed(err), now));
                     } else {
                         say(LogLevel::Warn, &format!("connection lost: {err}"));
-                        flow.handle(FlowEvent::Disconnected(err), now)
+                        produced.extend(flow.handle(FlowEvent::Disconnected(err), now));
                     }
+                    produced
                 }
             };
             actions.extend(produced);

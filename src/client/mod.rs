@@ -184,6 +184,21 @@ pub(crate) fn open_connection(
     (client, events)
 }
 
+/// PUBLISHes rumqttc read but had not handed out when the connection failed: a reply followed
+/// at once by the close arrives in one read, and rumqttc reports the close (failing to send the
+/// PUBACK) before the reply, which stays queued in its state.
+pub(crate) fn leftover_publishes(events: &mut EventLoop) -> Vec<rumqttc::Publish> {
+    events
+        .state
+        .events
+        .drain(..)
+        .filter_map(|e| match e {
+            MqttEvent::Incoming(Packet::Publish(p)) => Some(p),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Milliseconds on the engine's clock.
 fn now_ms() -> u64 {
     static ORIGIN: Lazy<Instant> = Lazy::new(Instant::now);
@@ -407,6 +422,8 @@ impl Client {
         let (result, healthy) = self.runtime.block_on(async {
             // The SUBSCRIBE in flight: its filters, and its packet id once rumqttc assigns it.
             let mut pending: Option<(Vec<String>, Option<u16>)> = None;
+            // The connection failed after a reply that completed the operation.
+            let mut broken = false;
             loop {
                 for action in actions.drain(..) {
                     match action {
@@ -441,10 +458,13 @@ impl Client {
                             }
                         }
                         Action::Done(result) => {
-                            let healthy = !matches!(
-                                result,
-                                Err(Error::Connection(_) | Error::Timeout(_) | Error::Deadline(_))
-                            );
+                            let healthy = !broken
+                                && !matches!(
+                                    result,
+                                    Err(Error::Connection(_)
+                                        | Error::Timeout(_)
+                                        | Error::Deadline(_))
+                                );
                             return (result, healthy);
                         }
                     }
@@ -500,7 +520,23 @@ impl Client {
                     Err(e) => {
                         let err = connection_error(e);
                         say(LogLevel::Warn, format!("connection lost: {err}"));
-                        let mut a = engine.handle(Event::Disconnected, now);
+                        let mut a = Vec::new();
+                        for p in leftover_publishes(&mut conn.events) {
+                            a.extend(engine.handle(
+                                Event::Message {
+                                    topic: &p.topic,
+                                    payload: &p.payload,
+                                },
+                                now,
+                            ));
+                        }
+                        if a.iter().any(|x| matches!(x, Action::Done(_))) {
+                            // The reply completed the operation; the connection is gone.
+                            broken = true;
+                            actions = a;
+                            continue;
+                        }
+                        a.extend(engine.handle(Event::Disconnected, now));
                         // Keep the precise cause rather than the engine's generic text.
                         if let Some(Action::Done(Err(Error::Connection(_)))) = a.last() {
                             a.pop();

@@ -1,0 +1,429 @@
+//! The fault matrix (issue 5): the one-call flow against the emulator's fault switches, over
+//! real TLS on loopback. Every case must end with the device provisioned, exactly one ACTIVE
+//! certificate for it, no certificate minted by a retry while a token was in hand, and the key
+//! on disk matching the certificate (checked by connecting with the stored credentials).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleetprov::engine::Step;
+use fleetprov::engine::flow::Progress;
+use fleetprov::engine::retry::RetryPolicy;
+use fleetprov::keys::KeyType;
+use fleetprov::protocol::Format;
+use fleetprov::provision::Hooks;
+use fleetprov::{Client, Config, Error, Method, Request, Roots, Secret};
+use fleetprov_emulator::{Config as EmuConfig, Emulator, KeyKind};
+use serde_json::Value;
+
+const STEP_TIMEOUT: Duration = Duration::from_millis(1500);
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Api {
+    Keys,
+    Csr,
+}
+
+impl Api {
+    fn rule(self) -> &'static str {
+        match self {
+            Api::Keys => "keys",
+            Api::Csr => "csr",
+        }
+    }
+
+    fn method(self) -> Method {
+        match self {
+            Api::Keys => Method::CreateKeys,
+            Api::Csr => Method::Csr(KeyType::P256),
+        }
+    }
+}
+
+struct Case {
+    /// Fault rule; `{api}` is replaced by the certificate API's filter.
+    rule: &'static str,
+    /// How many certificates may exist at the end: 1, or 2 when the first certificate's reply
+    /// never reached the device (so it never had its token).
+    certificates: usize,
+    /// Whether the thing name may be unknown (RegisterThing's reply was lost after it was
+    /// processed; the flow confirmed the registration by connecting).
+    name_may_be_lost: bool,
+}
+
+const fn case(rule: &'static str, certificates: usize, name_may_be_lost: bool) -> Case {
+    Case {
+        rule,
+        certificates,
+        name_may_be_lost,
+    }
+}
+
+/// The connection cut at each step; "after the request" both before and after the service
+/// processed it.
+const CUTS: &[Case] = &[
+    case("close:connect*1", 1, false),
+    case("close:suback*1", 1, false),
+    case("close:request@{api}*1", 1, false),
+    case("close:processed@{api}*1", 2, false),
+    case("close:reply@{api}*1", 1, false),
+    case("close:request@register*1", 1, false),
+    case("close:processed@register*1", 1, true),
+    case("close:reply@register*1", 1, false),
+];
+
+/// Throttling and server errors, replies delayed past the step timeout, duplicates.
+const OTHERS: &[Case] = &[
+    case("reject:429@{api}*3", 1, false),
+    case("reject:500@{api}*2", 1, false),
+    case("reject:429@register*2", 1, false),
+    case("reject:500@register*3", 1, false),
+    case("reject:503*2", 1, false),
+    case("delay:2000@{api}*1", 2, false),
+    case("delay:2000@register*1", 1, true),
+    case("duplicate@{api}", 1, false),
+    case("duplicate@register", 1, false),
+];
+
+struct Run {
+    result: Result<fleetprov::Provisioned, Error>,
+    progress: Vec<Progress>,
+    logs: Vec<String>,
+    registry: Value,
+    out: PathBuf,
+    state: PathBuf,
+    emu: Emulator,
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "fleetprov-resilience-{}-{name}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn connection(emu: &Emulator, format: Format) -> Config {
+    let paths = emu.paths();
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+    let mut c = Config::new(
+        "localhost",
+        read(&paths.claim_cert),
+        Secret::new(read(&paths.claim_key)),
+    );
+    c.port = emu.port();
+    c.roots = Roots::Pem(read(&paths.ca_cert));
+    c.format = format;
+    c.step_timeout = STEP_TIMEOUT;
+    c.overall_timeout = Some(Duration::from_secs(60));
+    c
+}
+
+fn run(name: &str, api: Api, format: Format, rule: Option<&str>) -> Run {
+    let dir = scratch(name);
+    let mut config = EmuConfig::new(dir.join("emulator"));
+    config.key_kind = KeyKind::EcP256;
+    if let Some(rule) = rule {
+        config.faults = vec![rule.parse().expect("fault rule")];
+    }
+    let emu = Emulator::start(config).expect("emulator starts");
+    let mut request = Request::new(connection(&emu, format), "DemoTemplate", api.method());
+    request
+        .parameters
+        .insert("SerialNumber".into(), name.replace(['*', ':', '@'], "-"));
+    request.output_dir = Some(dir.join("out"));
+    request.state_dir = Some(dir.join("state"));
+    request.retry = RetryPolicy {
+        max_attempts: 6,
+        initial_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(200),
+    };
+    let progress = Arc::new(Mutex::new(Vec::new()));
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let (p, l) = (progress.clone(), logs.clone());
+    let hooks = Hooks {
+        progress: Some(Arc::new(move |x: &Progress| {
+            p.lock().unwrap().push(x.clone())
+        })),
+        log: Some(Arc::new(move |_, line: &str| {
+            l.lock().unwrap().push(line.to_owned())
+        })),
+        cancel: None,
+    };
+    let result = fleetprov::provision(&request, &hooks);
+    let registry = emu.registry().expect("registry");
+    let progress = progress.lock().unwrap().clone();
+    let logs = logs.lock().unwrap().clone();
+    Run {
+        result,
+        progress,
+        logs,
+        registry,
+        out: dir.join("out"),
+        state: dir.join("state"),
+        emu,
+    }
+}
+
+fn certificates(registry: &Value) -> Vec<(String, String)> {
+    registry["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["id"].as_str().unwrap().to_owned(),
+                c["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Everything a finished case must show.
+fn check(what: &str, r: &Run, case: &Case) {
+    let p = match &r.result {
+        Ok(p) => p,
+        Err(e) => panic!("{what}: not provisioned: {e}\nlogs: {:#?}", r.logs),
+    };
+    let all = certificates(&r.registry);
+    // The claim certificate is in the registry as ACTIVE too.
+    let claim_id = fleetprov::keys::certificate_id(
+        &std::fs::read_to_string(&r.emu.paths().claim_cert).unwrap(),
+    )
+    .unwrap();
+    let device: Vec<_> = all.iter().filter(|(id, _)| *id != claim_id).collect();
+    let active: Vec<_> = device.iter().filter(|(_, s)| s == "ACTIVE").collect();
+    assert_eq!(
+        active.len(),
+        1,
+        "{what}: one ACTIVE certificate: {device:?}"
+    );
+    assert_eq!(active[0].0, p.certificate_id, "{what}");
+    assert!(
+        device.len() <= case.certificates,
+        "{what}: {} certificates, at most {} expected: {device:?}\nlogs: {:#?}",
+        device.len(),
+        case.certificates,
+        r.logs
+    );
+    for (id, status) in &device {
+        if *id != p.certificate_id {
+            assert_eq!(status, "PENDING_ACTIVATION", "{what}: {id}");
+        }
+    }
+    // The thing holds exactly that certificate.
+    let things = r.registry["things"].as_array().unwrap();
+    assert_eq!(things.len(), 1, "{what}: {things:?}");
+    assert_eq!(
+        things[0]["certificates"],
+        serde_json::json!([p.certificate_id]),
+        "{what}"
+    );
+    let thing = things[0]["name"].as_str().unwrap();
+    if !(case.name_may_be_lost && p.thing_name.is_empty()) {
+        assert_eq!(p.thing_name, thing, "{what}");
+    }
+    // Stored, and the key on disk goes with the certificate: the emulator admits a TLS client
+    // only if it proves possession of the key of an ACTIVE certificate.
+    let stored = p.stored.as_ref().expect("stored");
+    let cert = std::fs::read_to_string(&stored.certificate).unwrap();
+    let key = std::fs::read_to_string(&stored.private_key).unwrap();
+    assert_eq!(cert, p.certificate_pem, "{what}");
+    fleetprov::keys::certificate_matches_key(&cert, &key).expect("key matches");
+    let mut c = connection(&r.emu, Format::Json);
+    c.cert_pem = cert;
+    c.key_pem = Secret::new(key);
+    let mut client = Client::new(c).unwrap();
+    client
+        .connect()
+        .unwrap_or_else(|e| panic!("{what}: stored credentials connect: {e}"));
+    client.disconnect();
+    assert!(
+        !r.state.join("journal.json").exists(),
+        "{what}: journal removed after the commit"
+    );
+}
+
+fn matrix(api: Api, format: Format, cases: &[Case]) {
+    for case in cases {
+        let rule = case.rule.replace("{api}", api.rule());
+        let name = format!("{api:?}-{format:?}-{rule}");
+        let r = run(&name, api, format, Some(&rule));
+        check(&name, &r, case);
+        let p = r.result.as_ref().unwrap();
+        // Every case here needs a second attempt and says so, except duplicates and cuts
+        // after the last reply (the next step opens a new connection anyway).
+        if !rule.starts_with("duplicate") && rule != "close:reply@register*1" {
+            assert!(p.attempts >= 2, "{name}: {} attempts", p.attempts);
+            let retry = r
+                .progress
+                .iter()
+                .find(|x| x.step == Step::Retrying)
+                .unwrap_or_else(|| panic!("{name}: no Retrying progress"));
+            assert!(retry.error.as_ref().unwrap().is_retryable(), "{name}");
+            assert!((25..=200).contains(&retry.retry_in_ms), "{name}");
+        }
+        let _ = std::fs::remove_dir_all(r.out.parent().unwrap());
+    }
+}
+
+#[test]
+fn cuts_keys_json() {
+    matrix(Api::Keys, Format::Json, CUTS);
+}
+
+#[test]
+fn cuts_keys_cbor() {
+    matrix(Api::Keys, Format::Cbor, CUTS);
+}
+
+#[test]
+fn cuts_csr_json() {
+    matrix(Api::Csr, Format::Json, CUTS);
+}
+
+#[test]
+fn cuts_csr_cbor() {
+    matrix(Api::Csr, Format::Cbor, CUTS);
+}
+
+#[test]
+fn throttling_errors_delays_and_duplicates_keys() {
+    matrix(Api::Keys, Format::Json, OTHERS);
+}
+
+#[test]
+fn throttling_errors_delays_and_duplicates_csr() {
+    matrix(Api::Csr, Format::Cbor, OTHERS);
+}
+
+#[test]
+fn non_retryable_rejections_are_not_retried_and_leave_no_files() {
+    for (rule, status) in [
+        ("reject:400@register", 400),
+        ("reject:403@csr", 403),
+        ("reject:404@register", 404),
+    ] {
+        let r = run(rule, Api::Csr, Format::Json, Some(rule));
+        match &r.result {
+            Err(Error::Rejected { error, .. }) => assert_eq!(error.status_code, status, "{rule}"),
+            other => panic!("{rule}: {other:?}"),
+        }
+        assert!(
+            r.progress.iter().all(|p| p.step != Step::Retrying),
+            "{rule}"
+        );
+        assert!(!r.out.exists(), "{rule}: nothing committed");
+    }
+}
+
+#[test]
+fn a_failed_run_resumes_from_the_journal_without_a_second_certificate() {
+    let dir = scratch("resume");
+    let mut config = EmuConfig::new(dir.join("emulator"));
+    config.key_kind = KeyKind::EcP256;
+    config.faults = vec!["close:request@register*1".parse().unwrap()];
+    let emu = Emulator::start(config).unwrap();
+    let mut request = Request::new(
+        connection(&emu, Format::Json),
+        "DemoTemplate",
+        Method::CreateKeys,
+    );
+    request
+        .parameters
+        .insert("SerialNumber".into(), "resume".into());
+    request.output_dir = Some(dir.join("out"));
+    request.state_dir = Some(dir.join("state"));
+    request.retry = RetryPolicy::none();
+    let first = fleetprov::provision(&request, &Hooks::default());
+    assert!(matches!(first, Err(Error::Connection(_))), "{first:?}");
+    assert!(dir.join("state/journal.json").exists());
+    assert!(!dir.join("out").exists());
+    let pending = certificates(&emu.registry().unwrap());
+    assert!(pending.iter().any(|(_, s)| s == "PENDING_ACTIVATION"));
+
+    let steps = Arc::new(Mutex::new(Vec::new()));
+    let s = steps.clone();
+    let hooks = Hooks {
+        progress: Some(Arc::new(move |p: &Progress| s.lock().unwrap().push(p.step))),
+        ..Hooks::default()
+    };
+    let p = fleetprov::provision(&request, &hooks).unwrap();
+    assert!(p.resumed);
+    assert_eq!(p.thing_name, "demo-resume");
+    let steps = steps.lock().unwrap().clone();
+    assert_eq!(steps[0], Step::Resuming);
+    assert!(!steps.contains(&Step::CreatingCertificate), "{steps:?}");
+    let all = certificates(&emu.registry().unwrap());
+    assert_eq!(all.len(), pending.len(), "no new certificate: {all:?}");
+    assert!(!dir.join("state/journal.json").exists());
+}
+
+#[test]
+fn an_expired_journal_starts_over_and_says_so() {
+    let dir = scratch("expired");
+    let mut config = EmuConfig::new(dir.join("emulator"));
+    config.key_kind = KeyKind::EcP256;
+    config.faults = vec!["close:request@register*1".parse().unwrap()];
+    let emu = Emulator::start(config).unwrap();
+    let mut request = Request::new(
+        connection(&emu, Format::Cbor),
+        "DemoTemplate",
+        Method::Csr(KeyType::P256),
+    );
+    request
+        .parameters
+        .insert("SerialNumber".into(), "expired".into());
+    request.output_dir = Some(dir.join("out"));
+    request.state_dir = Some(dir.join("state"));
+    request.retry = RetryPolicy::none();
+    request.token_lifetime = Duration::ZERO;
+    assert!(fleetprov::provision(&request, &Hooks::default()).is_err());
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let l = logs.clone();
+    let steps = Arc::new(Mutex::new(Vec::new()));
+    let s = steps.clone();
+    let hooks = Hooks {
+        progress: Some(Arc::new(move |p: &Progress| s.lock().unwrap().push(p.step))),
+        log: Some(Arc::new(move |_, line: &str| {
+            l.lock().unwrap().push(line.to_owned())
+        })),
+        cancel: None,
+    };
+    let p = fleetprov::provision(&request, &hooks).unwrap();
+    assert!(!p.resumed);
+    assert_eq!(steps.lock().unwrap()[0], Step::Restarting);
+    assert!(
+        logs.lock().unwrap().iter().any(|l| l.contains("expired")),
+        "the log says why"
+    );
+}
+
+#[test]
+fn a_state_directory_in_use_is_busy() {
+    let dir = scratch("busy");
+    let held = fleetprov::store::journal::Journal::open(&dir.join("state")).unwrap();
+    let emu = Emulator::start({
+        let mut c = EmuConfig::new(dir.join("emulator"));
+        c.key_kind = KeyKind::EcP256;
+        c
+    })
+    .unwrap();
+    let mut request = Request::new(
+        connection(&emu, Format::Json),
+        "DemoTemplate",
+        Method::CreateKeys,
+    );
+    request
+        .parameters
+        .insert("SerialNumber".into(), "busy".into());
+    request.state_dir = Some(dir.join("state"));
+    assert_eq!(
+        fleetprov::provision(&request, &Hooks::default()).unwrap_err(),
+        Error::Busy
+    );
+    drop(held);
+    fleetprov::provision(&request, &Hooks::default()).unwrap();
+}
