@@ -432,7 +432,9 @@ impl Conn {
                     }
                     Some(Out::TakenOver) => return self.close(&mut w, 0x8E, End::TakenOver).await,
                     Some(Out::Close(step)) => {
-                        return self.close(&mut w, 0x80, End::Fault(step)).await;
+                        let end = self.close(&mut w, 0x80, End::Fault(step)).await;
+                        linger(&mut r).await;
+                        return end;
                     }
                     None => {}
                 },
@@ -664,7 +666,31 @@ impl Conn {
                 1
             };
             let reply_topic = Request::reply_topic(&topic, reply.is_accepted());
-            let body = Bytes::from(reply.encode(request.format));
+            let mangle = match &reply {
+                Reply::Accepted(value) => match faults.fire(
+                    Some(api),
+                    |a| matches!(a, Action::Mangle(m) if m.applies_to(api)),
+                ) {
+                    Some(Action::Mangle(kind)) => Some((kind, value.clone())),
+                    _ => None,
+                },
+                Reply::Rejected { .. } => None,
+            };
+            let body = match mangle {
+                Some((kind, value)) => {
+                    log!("{addr} [{}]: reply mangled: {kind}", caller.client_id);
+                    // A 10 MiB reply or a new key is work for a blocking thread.
+                    let (ca, api, format) =
+                        (broker.service.ca.clone(), api.clone(), request.format);
+                    match tokio::task::spawn_blocking(move || kind.apply(&api, format, &value, &ca))
+                        .await
+                    {
+                        Ok(bytes) => Bytes::from(bytes),
+                        Err(_) => return,
+                    }
+                }
+                None => Bytes::from(reply.encode(request.format)),
+            };
             for _ in 0..times {
                 let _ = tx
                     .send(Out::Reply {
@@ -678,4 +704,21 @@ impl Conn {
             }
         });
     }
+}
+
+/// After a fault closed our side, reads until the client closes too (for at most a second), so
+/// that what was sent before the close arrives: closing a socket with unread input (the
+/// client's PUBACK for the last reply, say) makes the kernel send a reset, which can destroy
+/// data the client has not read yet. A fault at "reply" means the reply arrived, then the cut.
+async fn linger<R: AsyncRead + Unpin>(r: &mut R) {
+    let mut sink = [0u8; 1024];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        // Each read either makes progress or ends the loop; the timeout bounds it.
+        while let Ok(n) = r.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }

@@ -1,5 +1,5 @@
-//! Fault injection: every action (delay, reject, drop, duplicate, close at each step), API
-//! filters, counts that are consumed, `clear`, and the line-based control interface.
+//! Fault injection: every action (delay, reject, drop, duplicate, close at each step, mangle),
+//! API filters, counts that are consumed, `clear`, and the line-based control interface.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -336,6 +336,75 @@ async fn drop_processes_but_sends_no_reply() {
     assert!(!ok);
     assert_eq!(v["errorCode"], "InvalidCertificateOwnershipToken");
     assert_eq!(v["statusCode"], 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mangle_spoils_the_accepted_reply_of_a_processed_request() {
+    let env = Env::start();
+    let mut c = env.claim_client(Version::V4, "mangle").await;
+
+    // truncate: the accepted topic, half the payload, and the certificate exists.
+    let keys = keys_topic(JSON);
+    subscribe_replies(&mut c, &keys).await;
+    add_rule(&env, "mangle:truncate@keys*1");
+    let before = cert_ids(&env);
+    c.publish(&keys, Vec::new(), 1).await;
+    let (topic, body) = c.next_publish().await;
+    assert_eq!(topic, format!("{keys}/accepted"));
+    assert!(fleetprov_emulator::decode(JSON, &body).is_err());
+    assert!(body.starts_with(b"{\""), "a prefix of the real reply");
+    assert_eq!(cert_ids(&env).len(), before.len() + 1, "processed");
+    assert!(rules(&env).is_empty());
+
+    // huge: 10 MiB of padding in a CBOR reply that still decodes, with the real certificate.
+    let csr = csr_topic(CBOR);
+    subscribe_replies(&mut c, &csr).await;
+    add_rule(&env, "mangle:huge@csr*1");
+    c.publish(&csr, csr_payload(CBOR), 1).await;
+    let (topic, body) = c.next_publish().await;
+    assert_eq!(topic, format!("{csr}/accepted"));
+    assert!(body.len() > 10 * 1024 * 1024, "{} bytes", body.len());
+    let v = fleetprov_emulator::decode(CBOR, &body).unwrap();
+    let id = v["certificateId"].as_str().unwrap();
+    assert_eq!(env.certificate(id).unwrap()["status"], "PENDING_ACTIVATION");
+    let (_, _, _, token) = create_certificate(&mut c, CertApi::Keys, JSON).await;
+
+    // A rejection passes untouched and leaves the rule in force; the accepted reply that follows
+    // is spoiled, though the thing is registered.
+    let register = register_topic("DemoTemplate", JSON);
+    subscribe_replies(&mut c, &register).await;
+    add_rule(&env, "mangle:garbage@register*1");
+    let (ok, v) = c
+        .request_subscribed(&register, JSON, &register_payload(JSON, "unknown", "m1"))
+        .await;
+    assert!(!ok);
+    assert_eq!(v["errorCode"], "InvalidCertificateOwnershipToken");
+    assert_eq!(rules(&env), vec!["mangle:garbage@register*1"]);
+    c.publish(&register, register_payload(JSON, &token, "m1"), 1)
+        .await;
+    let (topic, body) = c.next_publish().await;
+    assert_eq!(topic, format!("{register}/accepted"));
+    assert_eq!(&body[..], fleetprov_emulator::faults::GARBAGE);
+    assert!(env.thing("demo-m1").is_some());
+    assert!(rules(&env).is_empty());
+
+    // A kind that does not apply to the API neither fires nor is consumed: foreign-cert leaves
+    // RegisterThing alone and spoils the next certificate reply.
+    let (_, _, _, token) = create_certificate(&mut c, CertApi::Keys, JSON).await;
+    add_rule(&env, "mangle:foreign-cert*1");
+    let (ok, v) = c
+        .request_subscribed(&register, JSON, &register_payload(JSON, &token, "m2"))
+        .await;
+    assert!(ok, "{v}");
+    assert_eq!(v["thingName"], "demo-m2");
+    assert_eq!(rules(&env), vec!["mangle:foreign-cert*1"]);
+    let before = cert_ids(&env);
+    let (id, _, _, _) = create_certificate(&mut c, CertApi::Keys, JSON).await;
+    assert!(rules(&env).is_empty());
+    let made: Vec<_> = cert_ids(&env).difference(&before).cloned().collect();
+    assert_eq!(made.len(), 1, "the real certificate was made");
+    assert_ne!(made[0], id, "but another one was sent");
+    assert!(env.certificate(&id).is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
