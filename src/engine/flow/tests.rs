@@ -408,6 +408,11 @@ fn a_journal_with_a_valid_token_resumes_at_register_thing() {
     spec.retry = RetryPolicy::none();
     let mut flow = Flow::new(spec, Some(journal(&dir)));
     assert!(matches!(sim.run(&mut flow), Err(Error::Connection(_))));
+    // The flow holds the certificate, its key and token: its Debug shows neither.
+    let shown = format!("{flow:?}");
+    assert!(shown.contains("cert1"), "{shown}");
+    let key_line = sim.key_pem.lines().nth(1).unwrap();
+    assert!(!shown.contains(key_line) && !shown.contains("token-cert1"), "{shown}");
     drop(flow);
     assert!(dir.join("state/journal.json").exists());
     assert!(!dir.join("out").exists(), "nothing committed");
