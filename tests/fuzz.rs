@@ -1,16 +1,21 @@
 //! Property tests (stable-Rust fuzzing) of what comes from the network or the caller: reply
-//! decoding, topic classification, template names, PEM handling and the engine fed arbitrary
-//! event sequences. Nothing may panic; what is valid must stay valid.
+//! decoding, topic classification, template names, PEM handling, the resume journal's parser, and
+//! the engine and the whole flow fed arbitrary event sequences. Nothing may panic; what is valid
+//! must stay valid.
 //!
 //! The test command runs a bounded number of cases; a longer run:
 //! `PROPTEST_CASES=100000 cargo test --release --test fuzz`.
 
 use std::collections::{BTreeMap, HashSet};
 
+use fleetprov::engine::flow::{Flow, FlowAction, FlowEvent, FlowSpec};
+use fleetprov::engine::retry::RetryPolicy;
 use fleetprov::engine::{Action, CertificateSource, Engine, Event, Operation, Settings};
+use fleetprov::error::Error;
 use fleetprov::keys;
 use fleetprov::protocol::{self, Api, Format, validate_template_name};
 use fleetprov::secret::Secret;
+use fleetprov::store::journal;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
@@ -218,5 +223,102 @@ proptest! {
             prop_assert!(done <= 1, "Done at most once");
             prop_assert_eq!(done == 1, engine.is_finished());
         }
+    }
+
+    #[test]
+    fn journal_parser_never_panics_and_never_shows_content(
+        bytes in prop::collection::vec(any::<u8>(), 0..400),
+        value in json_value(),
+    ) {
+        let _ = journal::parse(&bytes);
+        let text = serde_json::to_vec(&value).unwrap();
+        if let Err(reason) = journal::parse(&text) {
+            // Reasons name what is wrong, never quote the file.
+            if let Value::String(s) = &value {
+                prop_assume!(s.len() > 3);
+                prop_assert!(!reason.contains(s.as_str()), "{reason}");
+            }
+        }
+    }
+
+    #[test]
+    fn journal_fields_of_any_type_are_rejected_not_trusted(
+        field in prop_oneof![Just("version"), Just("host"), Just("certificate_id"), Just("certificate_pem"),
+            Just("private_key_pem"), Just("ownership_token"), Just("created_unix"), Just("token_expires_unix"), Just("registered")],
+        value in json_value(),
+    ) {
+        let mut good = json!({
+            "version": 1, "host": "h", "certificate_id": "ab",
+            "certificate_pem": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+            "private_key_pem": null, "ownership_token": "t", "created_unix": 1,
+            "token_expires_unix": 2, "registered": null,
+        });
+        prop_assert!(journal::parse(&serde_json::to_vec(&good).unwrap()).is_ok());
+        good[field] = value;
+        // Whatever it parses to, it must not panic; a parsed journal has a certificate and a token.
+        if let Ok(entry) = journal::parse(&serde_json::to_vec(&good).unwrap()) {
+            prop_assert!(!entry.certificate.ownership_token.is_empty());
+            prop_assert!(entry.certificate.certificate_pem.contains("BEGIN CERTIFICATE"));
+        }
+    }
+
+    #[test]
+    fn flow_survives_any_event_sequence_and_finishes_once(
+        format in format(),
+        events in prop::collection::vec((0u8..7, 0u64..3_000, prop::collection::vec(any::<bool>(), 0..6), json_value(), 0usize..6), 0..60),
+    ) {
+        let topics = [
+            "$aws/certificates/create/json/accepted",
+            "$aws/certificates/create/cbor/accepted",
+            "$aws/certificates/create/json/rejected",
+            "$aws/provisioning-templates/T/provision/json/accepted",
+            "$aws/provisioning-templates/T/provision/cbor/rejected",
+            "devices/x",
+        ];
+        let spec = FlowSpec {
+            host: "h".into(),
+            source: CertificateSource::CreateKeys,
+            device_key: None,
+            template: "T".into(),
+            parameters: BTreeMap::new(),
+            settings: Settings { format, step_timeout_ms: 1_000, deadline_ms: Some(60_000) },
+            retry: RetryPolicy { max_attempts: 4, ..RetryPolicy::default() },
+            verify: true,
+            token_lifetime_s: 3600,
+            output_dir: None,
+            seed: 7,
+        };
+        let mut flow = Flow::new(spec, None);
+        let mut done = 0;
+        let mut count = |actions: Vec<FlowAction>| {
+            for a in actions {
+                if matches!(a, FlowAction::Done(_)) {
+                    done += 1;
+                }
+            }
+        };
+        count(flow.start(0));
+        let mut now = 0u64;
+        for (kind, dt, granted, value, topic) in &events {
+            now += dt;
+            let payload = encode(format, value);
+            let event = match kind {
+                0 => FlowEvent::Connected,
+                1 => FlowEvent::ConnectFailed(Error::Connection("x".into())),
+                2 => FlowEvent::SubAck(granted),
+                3 | 4 => FlowEvent::Message { topic: topics[*topic], payload: &payload },
+                5 => FlowEvent::Disconnected(Error::Connection("y".into())),
+                _ => FlowEvent::Tick,
+            };
+            count(flow.handle(event, now));
+        }
+        // Whatever happened, ticking to each wake time ends it within the deadline.
+        for _ in 0..100 {
+            let Some(w) = flow.wake_at() else { break };
+            now = now.max(w);
+            count(flow.handle(FlowEvent::Tick, now));
+        }
+        prop_assert!(flow.is_finished(), "finished after ticking past the deadline");
+        prop_assert_eq!(done, 1, "Done exactly once");
     }
 }
