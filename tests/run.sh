@@ -18,6 +18,21 @@ if cargo tree --locked -p fleetprov -e normal,build --prefix none \
     exit 1
 fi
 
+step "advisories: rustls-webpki 0.102.8 (RUSTSEC-2026-0049/-0098/-0099/-0104) reaches only rumqttc's error type"
+# The reasoning is next to rumqttc in Cargo.toml. This fails when anything else starts to depend
+# on the vulnerable version, or when certificate verification (rustls) stops using 0.103+.
+users=$(cargo tree --locked -p fleetprov -e normal -i rustls-webpki@0.102.8 --prefix none --depth 1 \
+        | sed 1d | awk '{print $1}' | sort -u | tr '\n' ' ')
+if [ "$users" != "rumqttc " ]; then
+    echo "rustls-webpki 0.102.8 is used by: $users(expected only rumqttc)" >&2
+    exit 1
+fi
+if ! cargo tree --locked -p fleetprov -e normal -i rustls --prefix none --depth 0 >/dev/null \
+    || ! cargo tree --locked -p fleetprov -e normal --prefix none | grep -qE '^rustls-webpki v0\.10[3-9]'; then
+    echo "rustls no longer verifies with rustls-webpki 0.103 or later" >&2
+    exit 1
+fi
+
 step "Rust tests (library, emulator unit and integration tests)"
 cargo test --workspace --locked
 
