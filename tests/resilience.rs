@@ -427,3 +427,46 @@ fn a_state_directory_in_use_is_busy() {
     drop(held);
     fleetprov::provision(&request, &Hooks::default()).unwrap();
 }
+
+/// The step-by-step client keeps its connection between calls; one that dropped while idle is
+/// noticed and replaced by the next call instead of failing it.
+#[test]
+fn a_step_by_step_client_reconnects_after_an_idle_drop() {
+    let dir = scratch("idle-drop");
+    let mut config = EmuConfig::new(dir.join("emulator"));
+    config.key_kind = KeyKind::EcP256;
+    config.faults = vec!["close:connect*1".parse().unwrap()];
+    let emu = Emulator::start(config).unwrap();
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let l = logs.clone();
+    let mut client = Client::new(connection(&emu, Format::Json)).unwrap();
+    client.set_log(Some(Arc::new(move |_, line: &str| {
+        l.lock().unwrap().push(line.to_owned())
+    })));
+    // CONNACK arrives, then the emulator closes the connection.
+    client.connect().unwrap();
+    let created = client.create_keys_and_certificate().unwrap();
+    let params = [("SerialNumber".to_string(), "idle".to_string())].into();
+    let registered = client
+        .register_thing("DemoTemplate", &created.ownership_token, &params)
+        .unwrap();
+    assert_eq!(registered.thing_name.as_deref(), Some("demo-idle"));
+    assert!(
+        logs.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("reconnecting")),
+        "{:?}",
+        logs.lock().unwrap()
+    );
+    // One certificate: the dead connection's request never reached the service.
+    let registry = emu.registry().unwrap();
+    let claim =
+        fleetprov::keys::certificate_id(&std::fs::read_to_string(&emu.paths().claim_cert).unwrap())
+            .unwrap();
+    let device: Vec<_> = certificates(&registry)
+        .into_iter()
+        .filter(|(id, _)| *id != claim)
+        .collect();
+    assert_eq!(device.len(), 1, "{device:?}");
+}

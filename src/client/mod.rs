@@ -400,6 +400,26 @@ impl Client {
             return Err(Error::Cancelled);
         }
         let deadline = deadline.or_else(|| self.config.overall_timeout.map(deadline_after));
+        let reused = self.conn.is_some();
+        let (result, stale) = self.run_once(op.clone(), deadline)?;
+        if reused && stale {
+            // The connection kept from an earlier operation had dropped while idle (nothing
+            // came from the broker this time): reconnect and try once more.
+            self.log(LogLevel::Info, || {
+                "the connection had dropped since the last operation; reconnecting".into()
+            });
+            return self.run_once(op, deadline).map(|(r, _)| r)?;
+        }
+        result
+    }
+
+    /// One try of `run`: the outcome, and whether the connection failed before the broker sent
+    /// anything in this try (so it was likely dead before we started).
+    fn run_once(
+        &mut self,
+        op: Operation,
+        deadline: Option<u64>,
+    ) -> Result<(Result<Outcome, Error>, bool), Error> {
         self.ensure_connected(deadline)?;
         let settings = Settings {
             format: self.config.format,
@@ -419,6 +439,7 @@ impl Client {
                 log(level, &line);
             }
         };
+        let mut heard = false;
         let (result, healthy) = self.runtime.block_on(async {
             // The SUBSCRIBE in flight: its filters, and its packet id once rumqttc assigns it.
             let mut pending: Option<(Vec<String>, Option<u16>)> = None;
@@ -479,6 +500,9 @@ impl Client {
                     _ = cancel.wait() => return (Err(Error::Cancelled), false),
                 };
                 let now = now_ms();
+                if let Ok(MqttEvent::Incoming(_)) = &event {
+                    heard = true;
+                }
                 actions = match event {
                     Ok(MqttEvent::Outgoing(Outgoing::Subscribe(pkid))) => {
                         if let Some((_, id @ None)) = &mut pending {
@@ -550,10 +574,13 @@ impl Client {
         if healthy {
             self.conn = Some(conn);
         }
-        if let Err(e) = &result {
+        let stale = !heard && matches!(result, Err(Error::Connection(_)));
+        if let Err(e) = &result
+            && !stale
+        {
             self.log(LogLevel::Warn, || format!("operation failed: {e}"));
         }
-        result
+        Ok((result, stale))
     }
 
     /// CreateKeysAndCertificate.
