@@ -448,6 +448,8 @@ fn step_timeout_and_overall_deadline() {
     let env = Env::start();
     env.emu.faults().add("delay:3000@register".parse().unwrap());
     let c = env.config("slow");
+    // SAFETY: live config. One attempt: a timeout is retryable and would be retried.
+    ok(unsafe { fleetprov_config_set_retry(c.0, 1, 100, 100) });
     // SAFETY: live config.
     ok(unsafe { fleetprov_config_set_timeouts(c.0, 500, 20_000) });
     let mut p = ptr::null_mut();
@@ -631,6 +633,30 @@ fn bad_arguments_table() {
             (
                 "set_ca_pem(\"\")",
                 fleetprov_config_set_ca_pem(good.0, empty.as_ptr()),
+            ),
+            (
+                "set_retry(0 attempts)",
+                fleetprov_config_set_retry(good.0, 0, 100, 1000),
+            ),
+            (
+                "set_retry(max < initial)",
+                fleetprov_config_set_retry(good.0, 3, 1000, 100),
+            ),
+            (
+                "set_retry(NULL cfg)",
+                fleetprov_config_set_retry(ptr::null_mut(), 3, 100, 1000),
+            ),
+            (
+                "set_state_dir(\"\")",
+                fleetprov_config_set_state_dir(good.0, empty.as_ptr()),
+            ),
+            (
+                "set_state_dir(bad UTF-8)",
+                fleetprov_config_set_state_dir(good.0, bad_utf8),
+            ),
+            (
+                "set_token_lifetime(NULL cfg)",
+                fleetprov_config_set_token_lifetime(ptr::null_mut(), 10),
             ),
             (
                 "set_ca_pem(garbage)",
