@@ -412,7 +412,10 @@ fn a_journal_with_a_valid_token_resumes_at_register_thing() {
     let shown = format!("{flow:?}");
     assert!(shown.contains("cert1"), "{shown}");
     let key_line = sim.key_pem.lines().nth(1).unwrap();
-    assert!(!shown.contains(key_line) && !shown.contains("token-cert1"), "{shown}");
+    assert!(
+        !shown.contains(key_line) && !shown.contains("token-cert1"),
+        "{shown}"
+    );
     drop(flow);
     assert!(dir.join("state/journal.json").exists());
     assert!(!dir.join("out").exists(), "nothing committed");
