@@ -79,6 +79,27 @@ pub struct Hooks {
 
 /// Provisions a device in one call.
 pub fn provision(request: &Request, hooks: &Hooks) -> Result<Provisioned, Error> {
+    let (mut spec, journal) = prepare(request)?;
+    spec.settings.deadline_ms = request
+        .connection
+        .overall_timeout
+        .map(client::deadline_after);
+    let cancel = hooks.cancel.clone().unwrap_or_default();
+    if cancel.is_cancelled() {
+        return Err(Error::Cancelled);
+    }
+    client::run_flow(
+        Flow::new(spec, journal),
+        &request.connection,
+        hooks.progress.as_ref(),
+        hooks.log.as_ref(),
+        &cancel,
+    )
+}
+
+/// Checks `request`, makes the device key and CSR if the method needs them, and opens (locks)
+/// the state directory: what a [`Flow`] for the request needs, with no deadline set yet.
+pub fn prepare(request: &Request) -> Result<(FlowSpec, Option<Journal>), Error> {
     if request.output_dir.is_some() && matches!(request.method, Method::ExternalCsr(_)) {
         return Err(Error::InvalidArgument(
             "output_dir needs the private key, which an external CSR keeps elsewhere".into(),
@@ -86,10 +107,6 @@ pub fn provision(request: &Request, hooks: &Hooks) -> Result<Provisioned, Error>
     }
     crate::protocol::validate_template_name(&request.template)
         .map_err(|e| Error::InvalidArgument(e.0))?;
-    let deadline = request
-        .connection
-        .overall_timeout
-        .map(client::deadline_after);
     let (source, device_key) = match &request.method {
         Method::CreateKeys => (CertificateSource::CreateKeys, None),
         Method::Csr(kind) => {
@@ -136,7 +153,7 @@ pub fn provision(request: &Request, hooks: &Hooks) -> Result<Provisioned, Error>
         settings: Settings {
             format: connection.format,
             step_timeout_ms: u64::try_from(connection.step_timeout.as_millis()).unwrap_or(u64::MAX),
-            deadline_ms: deadline,
+            deadline_ms: None,
         },
         retry: request.retry,
         verify: request.verify,
@@ -144,15 +161,5 @@ pub fn provision(request: &Request, hooks: &Hooks) -> Result<Provisioned, Error>
         output_dir: request.output_dir.clone(),
         seed: client::random_u64(),
     };
-    let cancel = hooks.cancel.clone().unwrap_or_default();
-    if cancel.is_cancelled() {
-        return Err(Error::Cancelled);
-    }
-    client::run_flow(
-        Flow::new(spec, journal),
-        connection,
-        hooks.progress.as_ref(),
-        hooks.log.as_ref(),
-        &cancel,
-    )
+    Ok((spec, journal))
 }
