@@ -157,6 +157,7 @@ pub fn prepare(request: &Request) -> Result<(FlowSpec, Option<Journal>), Error> 
         },
         retry: request.retry,
         verify: request.verify,
+        external_key_connects: false,
         token_lifetime_s: request.token_lifetime.as_secs(),
         output_dir: request.output_dir.clone(),
         seed: client::random_u64(),

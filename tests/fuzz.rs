@@ -284,6 +284,7 @@ proptest! {
             settings: Settings { format, step_timeout_ms: 1_000, deadline_ms: Some(60_000) },
             retry: RetryPolicy { max_attempts: 4, ..RetryPolicy::default() },
             verify: true,
+            external_key_connects: false,
             token_lifetime_s: 3600,
             output_dir: None,
             seed: 7,

@@ -66,12 +66,17 @@ pub(crate) fn run_flow(
                                 private_key,
                                 client_id,
                             } => {
-                                let tls = tls::client_config(
-                                    &config.roots,
-                                    &certificate_pem,
-                                    &private_key,
-                                    alpn,
-                                );
+                                let tls = match &private_key {
+                                    Some(key) => tls::client_config(
+                                        &config.roots,
+                                        &certificate_pem,
+                                        key,
+                                        alpn,
+                                    ),
+                                    None => Err(Error::InvalidArgument(
+                                        "the built-in transport needs the private key".into(),
+                                    )),
+                                };
                                 match tls {
                                     Ok(tls) => (tls, client_id),
                                     Err(e) => {

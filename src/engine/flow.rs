@@ -62,7 +62,9 @@ pub enum Identity {
     /// The new certificate: to check that it works, or whether it was registered.
     Device {
         certificate_pem: String,
-        private_key: Secret,
+        /// `None` when the key is not the library's (a secure element): the driver connects
+        /// with its own.
+        private_key: Option<Secret>,
         /// The thing name if known (AWS policies often expect it), else empty.
         client_id: String,
     },
@@ -156,6 +158,9 @@ pub struct FlowSpec {
     pub retry: RetryPolicy,
     /// Connect with the new certificate before committing.
     pub verify: bool,
+    /// The driver can connect with a certificate whose private key the library does not hold
+    /// (a host transport with a secure element), so such certificates are verified too.
+    pub external_key_connects: bool,
     /// How long a token is good after its certificate was created, in seconds.
     pub token_lifetime_s: u64,
     /// Where to commit the credentials.
@@ -436,7 +441,11 @@ impl Flow {
     }
 
     fn wants_verify(&self) -> bool {
-        self.spec.verify && self.key().is_some()
+        self.spec.verify && (self.key().is_some() || self.spec.external_key_connects)
+    }
+
+    fn can_probe(&self) -> bool {
+        self.key().is_some() || self.spec.external_key_connects
     }
 
     /// Drops the certificate in hand and its journal.
@@ -455,9 +464,10 @@ impl Flow {
     fn connect(&mut self, now: u64, out: &mut Vec<FlowAction>) {
         let identity = match (self.phase, &self.held) {
             (Phase::Verify { .. }, Some(held)) => {
-                let Some(key) = held.entry.private_key.clone() else {
+                let key = held.entry.private_key.clone();
+                if key.is_none() && !self.spec.external_key_connects {
                     return self.finish(Err(Error::InvalidArgument("no private key".into())), out);
-                };
+                }
                 Identity::Device {
                     certificate_pem: held.entry.certificate.certificate_pem.clone(),
                     private_key: key,
@@ -621,7 +631,7 @@ impl Flow {
             .as_ref()
             .map(|h| h.entry.certificate.certificate_id.clone())
             .unwrap_or_default();
-        if self.key().is_none() {
+        if !self.can_probe() {
             // Nothing to probe with; the journal holds no key, so dropping it loses nothing.
             self.forget_certificate(out);
             return self.finish(Err(e), out);

@@ -109,6 +109,7 @@ impl Sim {
                 max_backoff: std::time::Duration::from_millis(400),
             },
             verify: true,
+            external_key_connects: false,
             token_lifetime_s: 3600,
             output_dir: dir.map(|d| d.join("out")),
             seed: 1,
