@@ -65,6 +65,8 @@ typedef enum fleetprov_result {
   FLEETPROV_BUFFER_TOO_SMALL = 13,
   // A bug: the library panicked. The operation did not complete.
   FLEETPROV_PANIC = 14,
+  // Not finished yet (fleetprov_host_result()).
+  FLEETPROV_IN_PROGRESS = 15,
 } fleetprov_result;
 
 // Severity of a log line.
@@ -135,6 +137,11 @@ typedef struct fleetprov_config fleetprov_config;
 // A failure: its result code, full text and, for rejections, the service's fields.
 typedef struct fleetprov_error fleetprov_error;
 
+// A provisioning flow driven by the host's MQTT connection. Create with fleetprov_host_new(),
+// feed it events, free with fleetprov_host_free(). Not tied to a thread, but its functions must
+// not run concurrently on two threads (re-entry from inside a callback is fine).
+typedef struct fleetprov_host fleetprov_host;
+
 // A running asynchronous operation: cancel it, wait for it, free it.
 typedef struct fleetprov_operation fleetprov_operation;
 
@@ -202,6 +209,43 @@ typedef void (*fleetprov_registration_callback)(void *userdata,
                                                 enum fleetprov_result result,
                                                 struct fleetprov_registration *registration,
                                                 const struct fleetprov_error *error);
+
+// Credentials the host must connect with, as given to fleetprov_host_callbacks.connect.
+typedef struct fleetprov_identity {
+  // true: connect with the host's claim certificate (certificate_pem and private_key_pem are
+  // NULL). false: connect with the new device certificate below, to check it works or to learn
+  // whether it was registered.
+  bool claim;
+  // The new certificate, PEM; NULL with `claim`.
+  const char *certificate_pem;
+  // Its private key, PEM; NULL with `claim`, and when the key is the host's own (an external
+  // CSR or signer: connect with the key in the secure element).
+  const char *private_key_pem;
+  // The MQTT client id to use (the thing name when known); "" lets the host choose.
+  const char *client_id;
+} fleetprov_identity;
+
+// What the library asks of the host's MQTT stack. All are required. Those returning int
+// return 0 when the operation was started and anything else when it could not be. Each is called from
+// inside a fleetprov_host_* function, on the thread that called it; each must return promptly
+// without waiting for the network: start the operation and report its outcome later through
+// the fleetprov_host_* event functions (calling them from inside a callback is allowed; the
+// event is queued and handled before the outer call returns). A callback must not free the
+// host object. Pointers passed to a callback are valid only during the call.
+typedef struct fleetprov_host_callbacks {
+  // Drop any current connection and open one with `identity` (MQTT clean session).
+  // Report fleetprov_host_connected() on CONNACK, or fleetprov_host_connect_failed().
+  // A non-zero return counts as a failed connection attempt.
+  int32_t (*connect)(void *userdata, const struct fleetprov_identity *identity);
+  // Close the current connection (no event expected afterwards for it).
+  void (*disconnect)(void *userdata);
+  // Send one SUBSCRIBE with these `count` filters at QoS 1; report the SUBACK with
+  // fleetprov_host_suback(). A non-zero return counts as a lost connection.
+  int32_t (*subscribe)(void *userdata, const char *const *filters, size_t count);
+  // Publish `len` bytes at QoS 1 (not retained). A non-zero return counts as a lost connection.
+  // The payload may hold an ownership token: do not log it.
+  int32_t (*publish)(void *userdata, const char *topic, const uint8_t *payload, size_t len);
+} fleetprov_host_callbacks;
 
 #ifdef __cplusplus
 extern "C" {
@@ -431,6 +475,72 @@ enum fleetprov_result fleetprov_client_register_thing_async(struct fleetprov_cli
                                                             fleetprov_registration_callback callback,
                                                             void *userdata,
                                                             fleetprov_userdata_free userdata_free);
+
+// Creates a host-transport flow from `config` (template, parameters, method, key type or CSR,
+// verify, output and state directories, format, timeouts, retries, callbacks; the claim
+// credentials and port are the host's business and are not needed; the endpoint, if set,
+// names the endpoint the resume journal belongs to). `callbacks` is copied; `userdata` is
+// passed to each callback and released with `userdata_free` (may be NULL) when the host object
+// is freed, or at once if this function fails. Nothing is sent before fleetprov_host_start().
+enum fleetprov_result fleetprov_host_new(const struct fleetprov_config *config,
+                                         const struct fleetprov_host_callbacks *callbacks,
+                                         void *userdata,
+                                         fleetprov_userdata_free userdata_free,
+                                         struct fleetprov_host **out);
+
+// Frees the host object (NULL is a no-op): closes nothing (the connection is the host's), but
+// drops the flow; a journal it wrote stays for the next attempt. Must not be called from
+// inside one of its callbacks.
+void fleetprov_host_free(struct fleetprov_host *host);
+
+// Starts the flow at `now_ms` (milliseconds from any monotonic origin, the same in every call):
+// reads the journal, then asks for the first connection through the connect callback.
+enum fleetprov_result fleetprov_host_start(const struct fleetprov_host *host, uint64_t now_ms);
+
+// The connection asked for by the last connect callback is up (CONNACK accepted).
+enum fleetprov_result fleetprov_host_connected(const struct fleetprov_host *host, uint64_t now_ms);
+
+// The connection asked for could not be made. `tls` true when the TLS handshake failed (the
+// server refused the certificate, or it could not be verified): for a new certificate this
+// tells the flow it is not active.
+enum fleetprov_result fleetprov_host_connect_failed(const struct fleetprov_host *host,
+                                                    bool tls,
+                                                    uint64_t now_ms);
+
+// The SUBACK for the last subscribe callback: `count` entries, one per filter in order, true
+// where the subscription was granted (return code below 0x80). Copied.
+enum fleetprov_result fleetprov_host_suback(const struct fleetprov_host *host,
+                                            const bool *granted,
+                                            size_t count,
+                                            uint64_t now_ms);
+
+// An incoming PUBLISH (any topic: the flow ignores what is not for it). `topic` is
+// NUL-terminated UTF-8; `payload` is `len` bytes (NULL with len 0 is empty). Both are copied.
+enum fleetprov_result fleetprov_host_message(const struct fleetprov_host *host,
+                                             const char *topic,
+                                             const uint8_t *payload,
+                                             size_t len,
+                                             uint64_t now_ms);
+
+// The connection dropped.
+enum fleetprov_result fleetprov_host_disconnected(const struct fleetprov_host *host,
+                                                  uint64_t now_ms);
+
+// Time passed: call at fleetprov_host_wake_at() at the latest (more often is fine).
+enum fleetprov_result fleetprov_host_tick(const struct fleetprov_host *host, uint64_t now_ms);
+
+// When the host must call fleetprov_host_tick() at the latest (same clock as `now_ms`);
+// UINT64_MAX when no timer is pending (not started, or finished). 0 ("tick now") for NULL and
+// while events are being handled (called from inside a callback).
+uint64_t fleetprov_host_wake_at(const struct fleetprov_host *host);
+
+// The outcome: FLEETPROV_IN_PROGRESS until the flow finished (and while events are being
+// handled, when called from inside a callback); then FLEETPROV_OK with a new
+// result in `*out` (free with fleetprov_provisioned_free(); it can be taken once, later calls
+// give FLEETPROV_INVALID_ARGUMENT), or the failure's code with the details in the thread's last
+// error (every call).
+enum fleetprov_result fleetprov_host_result(const struct fleetprov_host *host,
+                                            struct fleetprov_provisioned **out);
 
 // The name of a result code ("FLEETPROV_OK", ...); "FLEETPROV_UNKNOWN" for other values.
 // The string is static. Thread-safe.

@@ -99,6 +99,11 @@ impl fleetprov_config {
             .key_pem
             .clone()
             .ok_or_else(|| invalid("no private key: call fleetprov_config_set_claim_*"))?;
+        Ok(self.connection_with(cert, key))
+    }
+
+    /// The connection settings with these client credentials.
+    fn connection_with(&self, cert: String, key: Secret) -> Config {
         let mut c = Config::new(self.host.clone(), cert, key);
         c.port = self.port;
         c.roots = self.roots.clone();
@@ -109,10 +114,10 @@ impl fleetprov_config {
         c.step_timeout = Duration::from_millis(self.step_timeout_ms);
         c.overall_timeout =
             (self.overall_timeout_ms > 0).then(|| Duration::from_millis(self.overall_timeout_ms));
-        Ok(c)
+        c
     }
 
-    fn hooks(&self) -> Hooks {
+    pub(crate) fn hooks(&self) -> Hooks {
         Hooks {
             progress: self.progress.clone().map(|p| -> ProgressFn {
                 Arc::new(move |progress: &Progress| {
@@ -148,7 +153,21 @@ impl fleetprov_config {
         }
     }
 
+    /// The one-call request for a host transport: the host holds the claim credentials and the
+    /// connection, so none are needed here; the endpoint (if set) names the journal's endpoint.
+    pub(crate) fn host_request(&self) -> Result<Request, Error> {
+        let mut connection = self.connection_with(String::new(), Secret::new(String::new()));
+        if connection.host.is_empty() {
+            connection.host = "host-transport".into();
+        }
+        self.request_with(connection)
+    }
+
     fn request(&self) -> Result<Request, Error> {
+        self.request_with(self.connection()?)
+    }
+
+    fn request_with(&self, connection: Config) -> Result<Request, Error> {
         let template = self
             .template
             .clone()
@@ -162,7 +181,7 @@ impl fleetprov_config {
                     .ok_or_else(|| invalid("no CSR: call fleetprov_config_set_csr_pem"))?,
             ),
         };
-        let mut request = Request::new(self.connection()?, template, method);
+        let mut request = Request::new(connection, template, method);
         request.parameters = self.parameters.clone();
         request.verify = self.verify;
         request.output_dir = self.output_dir.clone();
@@ -182,7 +201,9 @@ unsafe fn config_mut<'a>(config: *mut fleetprov_config) -> Result<&'a mut fleetp
 
 /// # Safety
 /// `config` is NULL or a live config.
-unsafe fn config_ref<'a>(config: *const fleetprov_config) -> Result<&'a fleetprov_config, Error> {
+pub(crate) unsafe fn config_ref<'a>(
+    config: *const fleetprov_config,
+) -> Result<&'a fleetprov_config, Error> {
     // SAFETY: per the contract above.
     unsafe { config.as_ref() }.ok_or_else(|| invalid("config is NULL"))
 }
@@ -661,7 +682,7 @@ pub unsafe extern "C" fn fleetprov_config_set_progress_callback(
     })
 }
 
-fn provisioned_object(p: Provisioned) -> fleetprov_provisioned {
+pub(crate) fn provisioned_object(p: Provisioned) -> fleetprov_provisioned {
     fleetprov_provisioned {
         thing_name: cstring(&p.thing_name),
         certificate_id: cstring(&p.certificate_id),

@@ -8,7 +8,9 @@
 #![allow(clippy::missing_safety_doc)]
 
 mod handles;
+mod host;
 mod types;
 
 pub use handles::*;
+pub use host::*;
 pub use types::*;

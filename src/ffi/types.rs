@@ -44,6 +44,8 @@ pub enum fleetprov_result {
     FLEETPROV_BUFFER_TOO_SMALL = 13,
     /// A bug: the library panicked. The operation did not complete.
     FLEETPROV_PANIC = 14,
+    /// Not finished yet (fleetprov_host_result()).
+    FLEETPROV_IN_PROGRESS = 15,
 }
 
 impl fleetprov_result {
@@ -214,6 +216,7 @@ from_c!(
         FLEETPROV_BUSY,
         FLEETPROV_BUFFER_TOO_SMALL,
         FLEETPROV_PANIC,
+        FLEETPROV_IN_PROGRESS,
     ]
 );
 
@@ -551,6 +554,7 @@ pub extern "C" fn fleetprov_result_name(result: i32) -> *const c_char {
         Ok(FLEETPROV_BUSY) => c"FLEETPROV_BUSY",
         Ok(FLEETPROV_BUFFER_TOO_SMALL) => c"FLEETPROV_BUFFER_TOO_SMALL",
         Ok(FLEETPROV_PANIC) => c"FLEETPROV_PANIC",
+        Ok(FLEETPROV_IN_PROGRESS) => c"FLEETPROV_IN_PROGRESS",
         Err(_) => c"FLEETPROV_UNKNOWN",
     };
     name.as_ptr()

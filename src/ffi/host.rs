@@ -1,0 +1,513 @@
+//! The host-transport API: firmware that owns its MQTT connection (coreMQTT, Paho, libmosquitto)
+//! drives the same provisioning flow as fleetprov_provision() — timeouts, retries, the resume
+//! journal, the commit — through callbacks, without the library opening a socket.
+
+use std::collections::VecDeque;
+use std::ffi::{CString, c_char, c_void};
+use std::ptr;
+use std::sync::Mutex;
+
+use super::handles::{config_ref, fleetprov_config, provisioned_object};
+use super::types::*;
+use crate::client::LogLevel;
+use crate::engine::flow::{Flow, FlowAction, FlowEvent, FlowSpec, Identity, Provisioned};
+use crate::error::Error;
+use crate::provision::{self, Hooks};
+use crate::store::journal::Journal;
+
+/// Credentials the host must connect with, as given to fleetprov_host_callbacks.connect.
+#[repr(C)]
+#[derive(Debug)]
+pub struct fleetprov_identity {
+    /// true: connect with the host's claim certificate (certificate_pem and private_key_pem are
+    /// NULL). false: connect with the new device certificate below, to check it works or to learn
+    /// whether it was registered.
+    pub claim: bool,
+    /// The new certificate, PEM; NULL with `claim`.
+    pub certificate_pem: *const c_char,
+    /// Its private key, PEM; NULL with `claim`, and when the key is the host's own (an external
+    /// CSR or signer: connect with the key in the secure element).
+    pub private_key_pem: *const c_char,
+    /// The MQTT client id to use (the thing name when known); "" lets the host choose.
+    pub client_id: *const c_char,
+}
+
+/// What the library asks of the host's MQTT stack. All are required. Those returning int
+/// return 0 when the operation was started and anything else when it could not be. Each is called from
+/// inside a fleetprov_host_* function, on the thread that called it; each must return promptly
+/// without waiting for the network: start the operation and report its outcome later through
+/// the fleetprov_host_* event functions (calling them from inside a callback is allowed; the
+/// event is queued and handled before the outer call returns). A callback must not free the
+/// host object. Pointers passed to a callback are valid only during the call.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct fleetprov_host_callbacks {
+    /// Drop any current connection and open one with `identity` (MQTT clean session).
+    /// Report fleetprov_host_connected() on CONNACK, or fleetprov_host_connect_failed().
+    /// A non-zero return counts as a failed connection attempt.
+    pub connect: Option<
+        unsafe extern "C" fn(userdata: *mut c_void, identity: *const fleetprov_identity) -> i32,
+    >,
+    /// Close the current connection (no event expected afterwards for it).
+    pub disconnect: Option<unsafe extern "C" fn(userdata: *mut c_void)>,
+    /// Send one SUBSCRIBE with these `count` filters at QoS 1; report the SUBACK with
+    /// fleetprov_host_suback(). A non-zero return counts as a lost connection.
+    pub subscribe: Option<
+        unsafe extern "C" fn(
+            userdata: *mut c_void,
+            filters: *const *const c_char,
+            count: usize,
+        ) -> i32,
+    >,
+    /// Publish `len` bytes at QoS 1 (not retained). A non-zero return counts as a lost connection.
+    /// The payload may hold an ownership token: do not log it.
+    pub publish: Option<
+        unsafe extern "C" fn(
+            userdata: *mut c_void,
+            topic: *const c_char,
+            payload: *const u8,
+            len: usize,
+        ) -> i32,
+    >,
+}
+
+/// Something the host reported, queued until the flow takes it.
+enum HostEvent {
+    Start,
+    Connected,
+    ConnectFailed(Error),
+    SubAck(Vec<bool>),
+    Message(String, Vec<u8>),
+    Disconnected,
+    Tick,
+}
+
+struct Inner {
+    /// Until fleetprov_host_start().
+    prepared: Option<(FlowSpec, Option<Journal>)>,
+    overall_ms: Option<u64>,
+    flow: Option<Flow>,
+    result: Option<Result<Provisioned, Error>>,
+    hooks: Hooks,
+}
+
+/// A provisioning flow driven by the host's MQTT connection. Create with fleetprov_host_new(),
+/// feed it events, free with fleetprov_host_free(). Not tied to a thread, but its functions must
+/// not run concurrently on two threads (re-entry from inside a callback is fine).
+pub struct fleetprov_host {
+    callbacks: fleetprov_host_callbacks,
+    user: UserData,
+    queue: Mutex<VecDeque<(HostEvent, u64)>>,
+    inner: Mutex<Inner>,
+}
+
+/// Creates a host-transport flow from `config` (template, parameters, method, key type or CSR,
+/// verify, output and state directories, format, timeouts, retries, callbacks; the claim
+/// credentials and port are the host's business and are not needed; the endpoint, if set,
+/// names the endpoint the resume journal belongs to). `callbacks` is copied; `userdata` is
+/// passed to each callback and released with `userdata_free` (may be NULL) when the host object
+/// is freed, or at once if this function fails. Nothing is sent before fleetprov_host_start().
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_host_new(
+    config: *const fleetprov_config,
+    callbacks: *const fleetprov_host_callbacks,
+    userdata: *mut c_void,
+    userdata_free: fleetprov_userdata_free,
+    out: *mut *mut fleetprov_host,
+) -> fleetprov_result {
+    guard(|| {
+        let user = UserData::new(userdata, userdata_free);
+        // SAFETY: pointers per the header.
+        let (config, callbacks) = unsafe { (config_ref(config)?, callbacks.as_ref()) };
+        let callbacks = *callbacks.ok_or_else(|| invalid("callbacks is NULL"))?;
+        if callbacks.connect.is_none()
+            || callbacks.disconnect.is_none()
+            || callbacks.subscribe.is_none()
+            || callbacks.publish.is_none()
+        {
+            return Err(invalid("every host callback is required"));
+        }
+        if out.is_null() {
+            return Err(invalid("output pointer is NULL"));
+        }
+        let request = config.host_request()?;
+        let (mut spec, journal) = provision::prepare(&request)?;
+        spec.external_key_connects = true;
+        let overall_ms = request
+            .connection
+            .overall_timeout
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let host = fleetprov_host {
+            callbacks,
+            user,
+            queue: Mutex::new(VecDeque::new()),
+            inner: Mutex::new(Inner {
+                prepared: Some((spec, journal)),
+                overall_ms,
+                flow: None,
+                result: None,
+                hooks: config.hooks(),
+            }),
+        };
+        // SAFETY: checked non-NULL above; valid for writes per the header.
+        unsafe { write_out(out, Box::into_raw(Box::new(host))) }
+    })
+}
+
+/// Frees the host object (NULL is a no-op): closes nothing (the connection is the host's), but
+/// drops the flow; a journal it wrote stays for the next attempt. Must not be called from
+/// inside one of its callbacks.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_host_free(host: *mut fleetprov_host) {
+    guard_value((), || {
+        if !host.is_null() {
+            // SAFETY: a pointer from fleetprov_host_new(), freed once, per the header.
+            drop(unsafe { Box::from_raw(host) });
+        }
+    })
+}
+
+/// # Safety
+/// `host` is NULL or a live host object.
+unsafe fn host_ref<'a>(host: *const fleetprov_host) -> Result<&'a fleetprov_host, Error> {
+    // SAFETY: per the contract above.
+    unsafe { host.as_ref() }.ok_or_else(|| invalid("host is NULL"))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock was caught at the boundary; the data stays usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl fleetprov_host {
+    /// Queues `event` and, unless a call on this host is already handling events (re-entry
+    /// from a callback), handles the queue.
+    fn feed(&self, event: HostEvent, now: u64) {
+        lock(&self.queue).push_back((event, now));
+        loop {
+            let Ok(mut inner) = self.inner.try_lock() else {
+                // Re-entered from a callback: the outer call takes the event.
+                return;
+            };
+            // Bounded: each turn takes one queued event; callbacks add at most a few.
+            for _ in 0..10_000 {
+                let Some((event, now)) = lock(&self.queue).pop_front() else {
+                    break;
+                };
+                self.handle(&mut inner, event, now);
+            }
+            drop(inner);
+            // An event queued between the last pop and the unlock must not be stranded.
+            if lock(&self.queue).is_empty() {
+                return;
+            }
+        }
+    }
+
+    fn handle(&self, inner: &mut Inner, event: HostEvent, now: u64) {
+        let actions = match (&mut inner.flow, event) {
+            (None, HostEvent::Start) => {
+                let Some((mut spec, journal)) = inner.prepared.take() else {
+                    return;
+                };
+                spec.settings.deadline_ms = inner.overall_ms.map(|d| now.saturating_add(d));
+                let mut flow = Flow::new(spec, journal);
+                let actions = flow.start(now);
+                inner.flow = Some(flow);
+                actions
+            }
+            (None, _) | (Some(_), HostEvent::Start) => return,
+            (Some(flow), event) => {
+                let event = match &event {
+                    HostEvent::Connected => FlowEvent::Connected,
+                    HostEvent::ConnectFailed(e) => FlowEvent::ConnectFailed(e.clone()),
+                    HostEvent::SubAck(granted) => FlowEvent::SubAck(granted),
+                    HostEvent::Message(topic, payload) => FlowEvent::Message { topic, payload },
+                    HostEvent::Disconnected => FlowEvent::Disconnected(Error::Connection(
+                        "the host reported the connection lost".into(),
+                    )),
+                    HostEvent::Tick | HostEvent::Start => FlowEvent::Tick,
+                };
+                flow.handle(event, now)
+            }
+        };
+        for action in actions {
+            self.perform(inner, action, now);
+        }
+    }
+
+    fn perform(&self, inner: &mut Inner, action: FlowAction, now: u64) {
+        let user = self.user.ptr;
+        match action {
+            FlowAction::Connect(identity) => {
+                let (claim, cert, key, client_id) = match &identity {
+                    Identity::Claim => (true, None, None, String::new()),
+                    Identity::Device {
+                        certificate_pem,
+                        private_key,
+                        client_id,
+                    } => (
+                        false,
+                        Some(cstring(certificate_pem)),
+                        private_key.as_ref().map(|k| SecretCString::new(k.expose())),
+                        client_id.clone(),
+                    ),
+                };
+                let client_id = cstring(&client_id);
+                let view = fleetprov_identity {
+                    claim,
+                    certificate_pem: cert.as_ref().map_or(ptr::null(), |c| c.as_ptr()),
+                    private_key_pem: key.as_ref().map_or(ptr::null(), |k| k.as_ptr()),
+                    client_id: client_id.as_ptr(),
+                };
+                let Some(connect) = self.callbacks.connect else {
+                    return;
+                };
+                // SAFETY: a callback the host registered; `view` and the strings it points to
+                // outlive the call.
+                let r = unsafe { connect(user, &view) };
+                if r != 0 {
+                    let e = Error::Connection(format!(
+                        "the host's connect callback failed ({})",
+                        result_name(r)
+                    ));
+                    lock(&self.queue).push_back((HostEvent::ConnectFailed(e), now));
+                }
+            }
+            FlowAction::Disconnect => {
+                if let Some(disconnect) = self.callbacks.disconnect {
+                    // SAFETY: a callback the host registered.
+                    unsafe { disconnect(user) }
+                }
+            }
+            FlowAction::Subscribe(filters) => {
+                let owned: Vec<CString> = filters.iter().map(|f| cstring(f)).collect();
+                let ptrs: Vec<*const c_char> = owned.iter().map(|c| c.as_ptr()).collect();
+                let Some(subscribe) = self.callbacks.subscribe else {
+                    return;
+                };
+                // SAFETY: a callback the host registered; `ptrs` and `owned` outlive the call.
+                let r = unsafe { subscribe(user, ptrs.as_ptr(), ptrs.len()) };
+                if r != 0 {
+                    lock(&self.queue).push_back((HostEvent::Disconnected, now));
+                }
+            }
+            FlowAction::Publish { topic, payload } => {
+                let topic = cstring(&topic);
+                let Some(publish) = self.callbacks.publish else {
+                    return;
+                };
+                // SAFETY: a callback the host registered; `topic` and `payload` outlive the call.
+                let r = unsafe { publish(user, topic.as_ptr(), payload.as_ptr(), payload.len()) };
+                if r != 0 {
+                    lock(&self.queue).push_back((HostEvent::Disconnected, now));
+                }
+            }
+            FlowAction::Progress(p) => {
+                if let Some(cb) = &inner.hooks.progress {
+                    cb(&p);
+                }
+            }
+            FlowAction::Log(level, line) => {
+                if let Some(log) = &inner.hooks.log {
+                    log(level, &line);
+                }
+            }
+            FlowAction::Done(result) => {
+                if let (Err(e), Some(log)) = (&result, &inner.hooks.log) {
+                    log(LogLevel::Warn, &format!("provisioning failed: {e}"));
+                }
+                inner.result = Some(result);
+            }
+        }
+    }
+}
+
+fn result_name(r: i32) -> String {
+    format!("{r}")
+}
+
+/// Checks `host`, builds the event and feeds it.
+fn feed(
+    host: *const fleetprov_host,
+    now_ms: u64,
+    event: impl FnOnce() -> Result<HostEvent, Error>,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointer per the header.
+        let h = unsafe { host_ref(host)? };
+        h.feed(event()?, now_ms);
+        Ok(())
+    })
+}
+
+/// Starts the flow at `now_ms` (milliseconds from any monotonic origin, the same in every call):
+/// reads the journal, then asks for the first connection through the connect callback.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_host_start(
+    host: *const fleetprov_host,
+    now_ms: u64,
+) -> fleetprov_result {
+    feed(host, now_ms, || Ok(HostEvent::Start))
+}
+
+/// The connection asked for by the last connect callback is up (CONNACK accepted).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_host_connected(
+    host: *const fleetprov_host,
+    now_ms: u64,
+) -> fleetprov_result {
+    feed(host, now_ms, || Ok(HostEvent::Connected))
+}
+
+/// The connection asked for could not be made. `tls` true when the TLS handshake failed (the
+/// server refused the certificate, or it could not be verified): for a new certificate this
+/// tells the flow it is not active.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_host_connect_failed(
+    host: *const fleetprov_host,
+    tls: bool,
+    now_ms: u64,
+) -> fleetprov_result {
+    feed(host, now_ms, || {
+        Ok(HostEvent::ConnectFailed(if tls {
+            Error::Tls("the host's TLS handshake failed".into())
+        } else {
+            Error::Connection("the host could not connect".into())
+        }))
+    })
+}
+
+/// The SUBACK for the last subscribe callback: `count` entries, one per filter in order, true
+/// where the subscription was granted (return code below 0x80). Copied.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_host_suback(
+    host: *const fleetprov_host,
+    granted: *const bool,
+    count: usize,
+    now_ms: u64,
+) -> fleetprov_result {
+    feed(host, now_ms, || {
+        if granted.is_null() && count > 0 {
+            return Err(invalid("granted is NULL"));
+        }
+        let list = if count == 0 {
+            Vec::new()
+        } else {
+            // SAFETY: `count` readable bools, per the header.
+            unsafe { std::slice::from_raw_parts(granted, count) }.to_vec()
+        };
+        Ok(HostEvent::SubAck(list))
+    })
+}
+
+/// An incoming PUBLISH (any topic: the flow ignores what is not for it). `topic` is
+/// NUL-terminated UTF-8; `payload` is `len` bytes (NULL with len 0 is empty). Both are copied.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_host_message(
+    host: *const fleetprov_host,
+    topic: *const c_char,
+    payload: *const u8,
+    len: usize,
+    now_ms: u64,
+) -> fleetprov_result {
+    feed(host, now_ms, || {
+        // SAFETY: pointers per the header.
+        let topic = unsafe { str_arg(topic, "topic")? }.to_owned();
+        if payload.is_null() && len > 0 {
+            return Err(invalid("payload is NULL"));
+        }
+        let bytes = if len == 0 {
+            Vec::new()
+        } else {
+            // SAFETY: `len` readable bytes, per the header.
+            unsafe { std::slice::from_raw_parts(payload, len) }.to_vec()
+        };
+        Ok(HostEvent::Message(topic, bytes))
+    })
+}
+
+/// The connection dropped.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_host_disconnected(
+    host: *const fleetprov_host,
+    now_ms: u64,
+) -> fleetprov_result {
+    feed(host, now_ms, || Ok(HostEvent::Disconnected))
+}
+
+/// Time passed: call at fleetprov_host_wake_at() at the latest (more often is fine).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_host_tick(
+    host: *const fleetprov_host,
+    now_ms: u64,
+) -> fleetprov_result {
+    feed(host, now_ms, || Ok(HostEvent::Tick))
+}
+
+/// When the host must call fleetprov_host_tick() at the latest (same clock as `now_ms`);
+/// UINT64_MAX when no timer is pending (not started, or finished). 0 ("tick now") for NULL and
+/// while events are being handled (called from inside a callback).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_host_wake_at(host: *const fleetprov_host) -> u64 {
+    guard_value(0, || {
+        // SAFETY: pointer per the header.
+        let Ok(h) = (unsafe { host_ref(host) }) else {
+            return 0;
+        };
+        let Ok(inner) = h.inner.try_lock() else {
+            return 0;
+        };
+        inner
+            .flow
+            .as_ref()
+            .and_then(Flow::wake_at)
+            .unwrap_or(u64::MAX)
+    })
+}
+
+/// The outcome: FLEETPROV_IN_PROGRESS until the flow finished (and while events are being
+/// handled, when called from inside a callback); then FLEETPROV_OK with a new
+/// result in `*out` (free with fleetprov_provisioned_free(); it can be taken once, later calls
+/// give FLEETPROV_INVALID_ARGUMENT), or the failure's code with the details in the thread's last
+/// error (every call).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_host_result(
+    host: *const fleetprov_host,
+    out: *mut *mut fleetprov_provisioned,
+) -> fleetprov_result {
+    let mut pending = false;
+    let r = guard(|| {
+        // SAFETY: pointer per the header.
+        let h = unsafe { host_ref(host)? };
+        if out.is_null() {
+            return Err(invalid("output pointer is NULL"));
+        }
+        let Ok(mut inner) = h.inner.try_lock() else {
+            pending = true;
+            return Ok(());
+        };
+        match inner.result.take() {
+            None if inner.flow.as_ref().is_some_and(Flow::is_finished) => {
+                Err(invalid("the result was already taken"))
+            }
+            None => {
+                pending = true;
+                Ok(())
+            }
+            Some(Ok(p)) => {
+                // SAFETY: checked non-NULL above; valid for writes per the header.
+                unsafe { write_out(out, Box::into_raw(Box::new(provisioned_object(p)))) }
+            }
+            Some(Err(e)) => {
+                inner.result = Some(Err(e.clone()));
+                Err(e)
+            }
+        }
+    });
+    if pending {
+        fleetprov_result::FLEETPROV_IN_PROGRESS
+    } else {
+        r
+    }
+}
