@@ -152,6 +152,25 @@ pub(super) fn sec1_curve(der: &[u8]) -> Option<Curve> {
     }
 }
 
+/// X.509 `SubjectPublicKeyInfo ::= SEQUENCE { AlgorithmIdentifier, BIT STRING }` of an EC key:
+/// its curve and its uncompressed point (`04 || X || Y`).
+pub(super) fn ec_spki(der: &[u8]) -> Option<(Curve, &[u8])> {
+    let body = only(der, SEQUENCE)?;
+    let (algorithm_id, rest) = read(body, SEQUENCE)?;
+    let (key_bits, []) = read(rest, BIT_STRING)? else {
+        return None;
+    };
+    let (oid, params) = read(algorithm_id, OID)?;
+    if oid != OID_EC_PUBLIC_KEY {
+        return None;
+    }
+    let named = only(params, OID).map_or(Curve::Unnamed, curve);
+    match key_bits {
+        [0, point @ ..] => Some((named, point)),
+        _ => None,
+    }
+}
+
 /// PKCS#8 `PrivateKeyInfo ::= SEQUENCE { version, AlgorithmIdentifier, privateKey, ... }`:
 /// the algorithm (and for RSA the modulus size, read from the wrapped PKCS#1 key).
 pub(super) fn pkcs8_algorithm(der: &[u8]) -> Option<Algorithm> {

@@ -9,6 +9,7 @@
 //! limits of that).
 
 mod der;
+pub mod signer;
 #[cfg(test)]
 mod tests;
 
@@ -157,17 +158,7 @@ impl DeviceKey {
     /// A PEM CSR (`BEGIN CERTIFICATE REQUEST`) for this key, with the subject's common name
     /// `common_name`: 1 to 64 characters (X.520's upper bound), no NUL.
     pub fn csr_pem(&self, common_name: &str) -> Result<String, KeyError> {
-        let chars = common_name.chars().count();
-        if chars == 0 || chars > 64 {
-            return Err(KeyError::InvalidArgument(format!(
-                "the CSR's common name must be 1 to 64 characters, not {chars}"
-            )));
-        }
-        if common_name.contains('\0') {
-            return Err(KeyError::InvalidArgument(
-                "the CSR's common name must not contain NUL".into(),
-            ));
-        }
+        check_common_name(common_name)?;
         let pkcs8 = PrivatePkcs8KeyDer::from_pem_slice(self.pem.expose().as_bytes())
             .map(Zeroizing::new)
             .map_err(|_| KeyError::Generation("the device key could not be read back".into()))?;
@@ -184,6 +175,22 @@ impl DeviceKey {
             .and_then(|csr| csr.pem())
             .map_err(|e| KeyError::Generation(format!("signing the CSR: {e}")))
     }
+}
+
+/// A CSR subject's common name: 1 to 64 characters (X.520's upper bound), no NUL.
+pub(crate) fn check_common_name(common_name: &str) -> Result<(), KeyError> {
+    let chars = common_name.chars().count();
+    if chars == 0 || chars > 64 {
+        return Err(KeyError::InvalidArgument(format!(
+            "the CSR's common name must be 1 to 64 characters, not {chars}"
+        )));
+    }
+    if common_name.contains('\0') {
+        return Err(KeyError::InvalidArgument(
+            "the CSR's common name must not contain NUL".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Parses a PEM certificate chain: at least one CERTIFICATE block, each a well-formed X.509
