@@ -9,11 +9,29 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+/* Parses a decimal uint32_t from `s` up to `stop` (a character that must follow it, or '\0'),
+ * setting *end past it. 0 or -1. */
+static int parse_u32(const char *s, char stop, const char **end, uint32_t *out) {
+    char *e = NULL;
+    if (*s < '0' || *s > '9') {
+        return -1; /* strtoul would accept blanks and a sign */
+    }
+    errno = 0;
+    unsigned long v = strtoul(s, &e, 10);
+    if (errno != 0 || e == s || *e != stop || v > UINT32_MAX) {
+        return -1;
+    }
+    *out = (uint32_t)v;
+    *end = e;
+    return 0;
+}
+
 static void usage(const char *prog) {
     fprintf(stderr,
             "usage: %s --endpoint HOST [--port N] [--ca CA.pem] --cert CLAIM.pem --key CLAIM.key\n"
             "       --template NAME [--param KEY=VALUE]... [--out DIR] [--format json|cbor]\n"
-            "       [--method csr|keys] [--timeout MS] [--client-id ID] [--no-verify] [--wait MS]\n",
+            "       [--method csr|keys] [--timeout MS] [--client-id ID] [--no-verify] [--wait MS]\n"
+            "       [--state-dir DIR] [--retry MAX_ATTEMPTS,INITIAL_MS,MAX_MS]\n",
             prog);
 }
 
@@ -109,6 +127,19 @@ int example_parse_args(int argc, char **argv, struct example_args *a, int requir
             }
         } else if (strcmp(flag, "--client-id") == 0) {
             a->client_id = v;
+        } else if (strcmp(flag, "--state-dir") == 0) {
+            a->state_dir = v;
+        } else if (strcmp(flag, "--retry") == 0) {
+            /* MAX_ATTEMPTS,INITIAL_MS,MAX_MS; the library checks the values themselves. */
+            const char *p = v;
+            if (parse_u32(p, ',', &p, &a->retry_max_attempts) != 0 ||
+                parse_u32(p + 1, ',', &p, &a->retry_initial_ms) != 0 ||
+                parse_u32(p + 1, '\0', &p, &a->retry_max_ms) != 0) {
+                fprintf(stderr, "%s: --retry wants MAX_ATTEMPTS,INITIAL_MS,MAX_MS, got %s\n",
+                        argv[0], v);
+                return -1;
+            }
+            a->have_retry = 1;
         } else {
             fprintf(stderr, "%s: unknown argument %s\n", argv[0], flag);
             usage(argv[0]);
@@ -166,12 +197,55 @@ fleetprov_config *example_config(const struct example_args *a) {
         what = "fleetprov_config_set_client_id";
         r = fleetprov_config_set_client_id(cfg, a->client_id);
     }
+    if (r == FLEETPROV_OK && a->state_dir) {
+        what = "fleetprov_config_set_state_dir";
+        r = fleetprov_config_set_state_dir(cfg, a->state_dir);
+    }
+    if (r == FLEETPROV_OK && a->have_retry) {
+        what = "fleetprov_config_set_retry";
+        r = fleetprov_config_set_retry(cfg, a->retry_max_attempts, a->retry_initial_ms,
+                                       a->retry_max_ms);
+    }
     if (r != FLEETPROV_OK) {
         example_report_failure(what, r);
         fleetprov_config_free(cfg);
         return NULL;
     }
     return cfg;
+}
+
+const char *example_step_name(fleetprov_step step) {
+    switch (step) {
+    case FLEETPROV_STEP_CONNECTING: return "connecting";
+    case FLEETPROV_STEP_SUBSCRIBING: return "subscribing";
+    case FLEETPROV_STEP_SUBSCRIBED: return "subscribed";
+    case FLEETPROV_STEP_CREATING_CERTIFICATE: return "creating_certificate";
+    case FLEETPROV_STEP_CERTIFICATE_CREATED: return "certificate_created";
+    case FLEETPROV_STEP_REGISTERING: return "registering";
+    case FLEETPROV_STEP_REGISTERED: return "registered";
+    case FLEETPROV_STEP_VERIFYING: return "verifying";
+    case FLEETPROV_STEP_VERIFIED: return "verified";
+    case FLEETPROV_STEP_RESUMING: return "resuming";
+    case FLEETPROV_STEP_RESTARTING: return "restarting";
+    case FLEETPROV_STEP_RETRYING: return "retrying";
+    case FLEETPROV_STEP_COMMITTED: return "committed";
+    }
+    return "unknown"; /* a step added by a newer library */
+}
+
+void example_print_progress(const char *prefix, const fleetprov_progress *p) {
+    const char *name = example_step_name(p->step);
+    if (p->step == FLEETPROV_STEP_RETRYING) {
+        /* The error is borrowed for the duration of the callback: print it now. */
+        const fleetprov_error *e = p->error;
+        const char *msg = e ? fleetprov_error_message(e) : NULL;
+        const char *code = e ? fleetprov_result_name((int32_t)fleetprov_error_result(e)) : "?";
+        fprintf(stderr, "%s step: %s (attempt %u failed, next in %llu ms): %s: %s\n", prefix, name,
+                (unsigned)p->attempt, (unsigned long long)p->retry_in_ms, code,
+                msg ? msg : "(no error)");
+    } else {
+        fprintf(stderr, "%s step: %s (attempt %u)\n", prefix, name, (unsigned)p->attempt);
+    }
 }
 
 static void copy_str(char *dst, size_t cap, const char *src) {

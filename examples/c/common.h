@@ -12,7 +12,9 @@
 /* Command line shared by the examples:
  *   --endpoint HOST [--port N] --ca CA.pem --cert claim.pem --key claim.key --template NAME
  *   [--param K=V]... [--out DIR] [--format json|cbor] [--method csr|keys] [--timeout MS]
- *   [--client-id ID] [--no-verify] [--wait MS]
+ *   [--client-id ID] [--no-verify] [--wait MS] [--state-dir DIR]
+ *   [--retry MAX_ATTEMPTS,INITIAL_MS,MAX_MS]
+ * --state-dir and --retry apply to the one-call flow (provision, provision_with_csr).
  * Strings point into argv. */
 struct example_args {
     const char *endpoint;
@@ -32,15 +34,29 @@ struct example_args {
     uint32_t wait_ms; /* provision_steps: bound on each completion wait (then cancel) */
     const char *client_id;
     int verify;
+    const char *state_dir; /* resume journal directory (fleetprov_config_set_state_dir) */
+    int have_retry;        /* --retry given: the three fields below are set */
+    uint32_t retry_max_attempts;
+    uint32_t retry_initial_ms;
+    uint32_t retry_max_ms;
 };
 
 /* Parses argv; on error prints a message and the usage to stderr and returns -1. */
 int example_parse_args(int argc, char **argv, struct example_args *args, int require_out);
 
 /* Builds a config from the arguments (endpoint, CA, claim files, template, parameters, format,
- * timeouts, client id). On failure reports the error (see example_report_failure) and returns
- * NULL. */
+ * timeouts, client id, state directory, retry policy). On failure reports the error (see
+ * example_report_failure) and returns NULL. */
 fleetprov_config *example_config(const struct example_args *args);
+
+/* The name of a step as the examples print it and FLEETPROV_EXAMPLE_STOP_AT names it:
+ * "connecting", "creating_certificate", ..., "committed"; "unknown" for other values. */
+const char *example_step_name(fleetprov_step step);
+
+/* Prints one progress report to stderr: "<prefix> step: NAME (attempt N)", and for
+ * FLEETPROV_STEP_RETRYING the pause and the failed attempt's error text. `progress` is the
+ * callback's argument (valid only during the callback; nothing is kept). */
+void example_print_progress(const char *prefix, const fleetprov_progress *progress);
 
 /* Prints "result=NAME", the thread's last error text and, for FLEETPROV_REJECTED, statusCode,
  * errorCode and errorMessage (stdout), after "what failed" on stderr. */

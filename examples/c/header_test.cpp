@@ -36,5 +36,23 @@ int main() {
     std::printf("fleetprov %s (C++17): %s\n", fleetprov_version(),
                 err ? fleetprov_error_message(err) : "(no error)");
     fleetprov_error_free(err);
+
+    // The progress callback's signature, from a captureless lambda, and the retry, journal and
+    // token settings: values the library refuses, and the NULL rules of the new getters.
+    fleetprov_progress_callback on_progress = [](void *, const fleetprov_progress *p) {
+        std::printf("step %d attempt %u\n", static_cast<int>(p->step), p->attempt);
+    };
+    ok = ok &&
+         fleetprov_config_set_progress_callback(cfg.get(), on_progress, nullptr, nullptr) ==
+             FLEETPROV_OK &&
+         fleetprov_config_set_retry(cfg.get(), 3, 100, 1000) == FLEETPROV_OK &&
+         fleetprov_config_set_retry(cfg.get(), 0, 100, 1000) == FLEETPROV_INVALID_ARGUMENT &&
+         fleetprov_config_set_retry(cfg.get(), 3, 1000, 100) == FLEETPROV_INVALID_ARGUMENT &&
+         fleetprov_config_set_token_lifetime(cfg.get(), 600) == FLEETPROV_OK &&
+         fleetprov_config_set_state_dir(cfg.get(), nullptr) == FLEETPROV_OK &&
+         fleetprov_provisioned_attempts(nullptr) == 0 && !fleetprov_provisioned_resumed(nullptr);
+    if (!ok) {
+        std::fprintf(stderr, "unexpected results\n");
+    }
     return ok ? 0 : 1;
 }

@@ -2,44 +2,104 @@
  *
  *   provision --endpoint HOST --port N --ca ca.pem --cert claim.pem --key claim.key \
  *       --template DemoTemplate --param SerialNumber=ABC123 [--out DIR] [--format json|cbor] \
- *       [--method csr|keys] [--no-verify]
+ *       [--method csr|keys] [--no-verify] [--state-dir DIR] [--retry MAX,INITIAL_MS,MAX_MS]
  *
- * Prints thing_name=, certificate_id= and output_dir= on success (exit 0); the result name,
- * the error text and a rejection's fields on failure (exit 1). Steps and log lines go to stderr.
+ * Prints thing_name=, certificate_id=, output_dir=, attempts= and resumed=0|1 on success
+ * (exit 0); the result name, the error text and a rejection's fields on failure (exit 1).
+ * Steps (with the attempt, and for a retry the pause and the error) and log lines go to stderr.
+ *
+ * --state-dir DIR keeps the library's resume journal: run again after a crash or a failure,
+ * provision takes up the certificate an earlier run created (resumed=1) instead of making
+ * another. With --state-dir and --out, a device already provisioned by an earlier run (DIR of
+ * --out holds device.json, which the library commits last, and the state directory holds no
+ * journal) is not provisioned again: provision prints already_provisioned=1 and output_dir=
+ * and exits 0 without connecting, as firmware would at boot.
+ *
+ * Test aid: with FLEETPROV_EXAMPLE_STOP_AT=STEP in the environment (a step name as printed:
+ * connecting, subscribing, subscribed, creating_certificate, certificate_created,
+ * registering, registered, verifying, verified, resuming, restarting, retrying, committed),
+ * the progress callback, on reaching that step, prints "stopped_at=STEP" to stdout, flushes,
+ * and blocks there, inside the library's flow, so that a test can kill the process at exactly
+ * that point (examples/c/emu_test.py --case crash). Not killed within 120 s, it exits with 3.
  */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "common.h"
 
-static const char *step_name(fleetprov_step step) {
-    switch (step) {
-    case FLEETPROV_STEP_CONNECTING: return "connecting";
-    case FLEETPROV_STEP_SUBSCRIBING: return "subscribing";
-    case FLEETPROV_STEP_SUBSCRIBED: return "subscribed";
-    case FLEETPROV_STEP_CREATING_CERTIFICATE: return "creating certificate";
-    case FLEETPROV_STEP_CERTIFICATE_CREATED: return "certificate created";
-    case FLEETPROV_STEP_REGISTERING: return "registering";
-    case FLEETPROV_STEP_REGISTERED: return "registered";
-    case FLEETPROV_STEP_VERIFYING: return "verifying";
-    case FLEETPROV_STEP_VERIFIED: return "verified";
-    }
-    return "?";
-}
+#define STOP_LIMIT_S 120
 
 /* Userdata of the callbacks: a heap object released by the library through userdata_free,
  * to show the ownership rule (called once, when the last config using it is freed). */
 struct reporter {
     const char *prefix;
+    const char *stop_at; /* FLEETPROV_EXAMPLE_STOP_AT, or NULL */
     unsigned steps;
     unsigned lines;
 };
 
-/* Runs on the calling thread (blocking fleetprov_provision). */
-static void on_progress(void *userdata, fleetprov_step step) {
+/* The test aid: freeze the process inside the library's flow until it is killed. */
+static void stop_here(const char *step) {
+    printf("stopped_at=%s\n", step);
+    fflush(stdout);
+    fprintf(stderr, "provision: stopped at %s (FLEETPROV_EXAMPLE_STOP_AT), waiting to be killed\n",
+            step);
+    for (int i = 0; i < STOP_LIMIT_S; i++) {
+        struct timespec second = {1, 0};
+        nanosleep(&second, NULL); /* a signal cutting it short only shortens the bound */
+    }
+    fprintf(stderr, "provision: not killed within %d s at %s, exiting\n", STOP_LIMIT_S, step);
+    _exit(3);
+}
+
+/* Runs on the calling thread (blocking fleetprov_provision). `progress` and the error it may
+ * point to are valid only during the call. */
+static void on_progress(void *userdata, const fleetprov_progress *progress) {
     struct reporter *rep = userdata;
     rep->steps++;
-    fprintf(stderr, "%s step: %s\n", rep->prefix, step_name(step));
+    example_print_progress(rep->prefix, progress);
+    const char *name = example_step_name(progress->step);
+    if (rep->stop_at != NULL && strcmp(rep->stop_at, name) == 0) {
+        stop_here(name);
+    }
+}
+
+/* FLEETPROV_EXAMPLE_STOP_AT if set: it must name a step (a typo would never stop). */
+static int stop_at_from_env(const char **out) {
+    const char *v = getenv("FLEETPROV_EXAMPLE_STOP_AT");
+    *out = NULL;
+    if (v == NULL || *v == '\0') {
+        return 0;
+    }
+    for (int s = FLEETPROV_STEP_CONNECTING; s <= FLEETPROV_STEP_COMMITTED; s++) {
+        if (strcmp(v, example_step_name((fleetprov_step)s)) == 0) {
+            *out = v;
+            return 0;
+        }
+    }
+    fprintf(stderr, "provision: FLEETPROV_EXAMPLE_STOP_AT=%s names no step\n", v);
+    return -1;
+}
+
+static int exists(const char *dir, const char *name) {
+    char path[4096];
+    struct stat st;
+    if (snprintf(path, sizeof path, "%s/%s", dir, name) >= (int)sizeof path) {
+        return 0;
+    }
+    return stat(path, &st) == 0;
+}
+
+/* A complete credential set from an earlier run and nothing pending: device.json is committed
+ * last, and a journal in the state directory means the library has a certificate to finish. */
+static int already_provisioned(const struct example_args *args) {
+    return args->state_dir != NULL && args->out_dir != NULL &&
+           exists(args->out_dir, "device.json") && exists(args->out_dir, "certificate.pem") &&
+           exists(args->out_dir, "private.key") && !exists(args->state_dir, "journal.json");
 }
 
 static void on_log(void *userdata, fleetprov_log_level level, const char *message, size_t len) {
@@ -56,8 +116,16 @@ static void free_reporter(void *userdata) {
 
 int main(int argc, char **argv) {
     struct example_args args;
-    if (example_parse_args(argc, argv, &args, 0) != 0) {
+    const char *stop_at = NULL;
+    if (example_parse_args(argc, argv, &args, 0) != 0 || stop_at_from_env(&stop_at) != 0) {
         return 1;
+    }
+    if (already_provisioned(&args)) {
+        fprintf(stderr, "provision: %s holds the credentials of an earlier run; nothing to do\n",
+                args.out_dir);
+        printf("already_provisioned=1\n");
+        printf("output_dir=%s\n", args.out_dir);
+        return 0;
     }
     fleetprov_config *cfg = example_config(&args);
     if (cfg == NULL) {
@@ -83,6 +151,7 @@ int main(int argc, char **argv) {
         goto out;
     }
     rep->prefix = "provision:";
+    rep->stop_at = stop_at;
     if (r == FLEETPROV_OK) {
         what = "fleetprov_config_set_progress_callback";
         r = fleetprov_config_set_progress_callback(cfg, on_progress, rep, free_reporter);
@@ -106,6 +175,8 @@ int main(int argc, char **argv) {
     printf("certificate_id=%s\n", fleetprov_provisioned_certificate_id(p));
     const char *dir = fleetprov_provisioned_output_dir(p);
     printf("output_dir=%s\n", dir ? dir : "");
+    printf("attempts=%u\n", (unsigned)fleetprov_provisioned_attempts(p));
+    printf("resumed=%d\n", fleetprov_provisioned_resumed(p) ? 1 : 0);
     size_t n = fleetprov_provisioned_config_count(p);
     for (size_t i = 0; i < n; i++) {
         const char *k = NULL, *v = NULL;

@@ -127,6 +127,12 @@ int main(int argc, char **argv) {
     if (example_parse_args(argc, argv, &args, 1) != 0) {
         return 1;
     }
+    if (args.state_dir != NULL || args.have_retry) {
+        /* The resume journal and retries belong to the one-call flow; step by step, the caller
+         * keeps the certificate and decides what to retry. */
+        fprintf(stderr, "%s: --state-dir and --retry apply to the one-call flow only\n", argv[0]);
+        return 1;
+    }
     fleetprov_config *cfg = example_config(&args);
     if (cfg == NULL) {
         return 1;
