@@ -113,6 +113,9 @@ typedef enum fleetprov_method {
   FLEETPROV_METHOD_CREATE_KEYS = 1,
   // CreateCertificateFromCsr with the CSR given by fleetprov_config_set_csr_pem().
   FLEETPROV_METHOD_EXTERNAL_CSR = 2,
+  // CreateCertificateFromCsr with a CSR the library builds and has signed through the
+  // callback given by fleetprov_config_set_signer() (the key stays in the secure element).
+  FLEETPROV_METHOD_EXTERNAL_SIGNER = 3,
 } fleetprov_method;
 
 // Key generated on the device for FLEETPROV_METHOD_CSR.
@@ -151,6 +154,30 @@ typedef struct fleetprov_provisioned fleetprov_provisioned;
 // The accepted reply of RegisterThing.
 typedef struct fleetprov_registration fleetprov_registration;
 
+// Signs for fleetprov_config_set_signer(): ECDSA over `message` (`message_len` bytes) with
+// SHA-256 (P-256) or SHA-384 (P-384); `digest` (`digest_len` bytes) is that hash of the
+// message, for signers that take a digest. Write the signature, DER (ECDSA-Sig-Value) or raw
+// r||s, to `signature` (room for `*signature_len` bytes, at least 104) and its length to
+// `*signature_len`; return 0, or anything else on failure. The library checks the signature
+// against the public key before using it.
+//
+// Thread: the one preparing the provisioning: the caller of fleetprov_provision() or
+// fleetprov_host_new(), or the worker thread of fleetprov_provision_async(). All pointers are
+// valid only during the call.
+typedef int32_t (*fleetprov_sign_callback)(void *userdata,
+                                           const uint8_t *message,
+                                           size_t message_len,
+                                           const uint8_t *digest,
+                                           size_t digest_len,
+                                           uint8_t *signature,
+                                           size_t *signature_len);
+
+// Releases a callback's userdata when the library no longer needs it. Called exactly once, from
+// whichever thread drops the last reference (the caller's, or a worker thread) — also when the
+// function that was given it fails (FLEETPROV_BUSY, a NULL argument, ...): the caller never
+// frees userdata it handed over together with a free function.
+typedef void (*fleetprov_userdata_free)(void *userdata);
+
 // Receives log lines.
 //
 // Thread: the thread running the operation (the caller's for blocking calls, a library worker
@@ -162,12 +189,6 @@ typedef void (*fleetprov_log_callback)(void *userdata,
                                        enum fleetprov_log_level level,
                                        const char *message,
                                        size_t len);
-
-// Releases a callback's userdata when the library no longer needs it. Called exactly once, from
-// whichever thread drops the last reference (the caller's, or a worker thread) — also when the
-// function that was given it fails (FLEETPROV_BUSY, a NULL argument, ...): the caller never
-// frees userdata it handed over together with a free function.
-typedef void (*fleetprov_userdata_free)(void *userdata);
 
 // A step reached, as given to fleetprov_progress_callback.
 typedef struct fleetprov_progress {
@@ -333,6 +354,19 @@ enum fleetprov_result fleetprov_config_set_key_type(struct fleetprov_config *con
 // and selects that method.
 enum fleetprov_result fleetprov_config_set_csr_pem(struct fleetprov_config *config,
                                                    const char *csr_pem);
+
+// Selects FLEETPROV_METHOD_EXTERNAL_SIGNER: the library builds the CSR for the key whose public
+// half is `public_key` (`len` bytes: a SubjectPublicKeyInfo in DER, as OpenSSL's i2d_PUBKEY()
+// writes, or an uncompressed point; P-256 or P-384) and has it signed by `sign`, so the private
+// key never leaves the secure element. `userdata_free` as for the log callback. The built-in
+// transport cannot connect with a key it does not hold, so it skips the verification connection
+// (a host transport makes it with its own key), and an output directory is refused.
+enum fleetprov_result fleetprov_config_set_signer(struct fleetprov_config *config,
+                                                  const uint8_t *public_key,
+                                                  size_t len,
+                                                  fleetprov_sign_callback sign,
+                                                  void *userdata,
+                                                  fleetprov_userdata_free userdata_free);
 
 // Whether the one-call flow connects once with the new credentials before succeeding
 // (default true).

@@ -12,6 +12,7 @@ use crate::engine::flow::{Flow, FlowSpec};
 use crate::engine::retry::RetryPolicy;
 use crate::engine::{CertificateSource, Settings};
 use crate::error::Error;
+use crate::keys::signer::ExternalKey;
 use crate::keys::{self, DeviceKey, KeyType};
 use crate::store::journal::Journal;
 
@@ -24,6 +25,9 @@ pub enum Method {
     Csr(KeyType),
     /// CreateCertificateFromCsr with a CSR the caller made (e.g. in a secure element).
     ExternalCsr(String),
+    /// CreateCertificateFromCsr with a CSR the library builds and has signed by a key it never
+    /// sees (a secure element's signing function).
+    ExternalKey(ExternalKey),
 }
 
 /// Everything the one-call flow needs.
@@ -100,7 +104,12 @@ pub fn provision(request: &Request, hooks: &Hooks) -> Result<Provisioned, Error>
 /// Checks `request`, makes the device key and CSR if the method needs them, and opens (locks)
 /// the state directory: what a [`Flow`] for the request needs, with no deadline set yet.
 pub fn prepare(request: &Request) -> Result<(FlowSpec, Option<Journal>), Error> {
-    if request.output_dir.is_some() && matches!(request.method, Method::ExternalCsr(_)) {
+    if request.output_dir.is_some()
+        && matches!(
+            request.method,
+            Method::ExternalCsr(_) | Method::ExternalKey(_)
+        )
+    {
         return Err(Error::InvalidArgument(
             "output_dir needs the private key, which an external CSR keeps elsewhere".into(),
         ));
@@ -121,6 +130,13 @@ pub fn prepare(request: &Request) -> Result<(FlowSpec, Option<Journal>), Error> 
                 Some(secret),
             )
         }
+        Method::ExternalKey(key) => (
+            CertificateSource::Csr {
+                csr_pem: key.csr_pem("fleetprov device")?,
+                key: None,
+            },
+            None,
+        ),
         Method::ExternalCsr(csr) => {
             keys::check_csr_pem(csr).map_err(|e| Error::InvalidArgument(format!("CSR: {e}")))?;
             (

@@ -162,6 +162,7 @@ struct Link {
 fn drive(
     env: &Env,
     config: *const fleetprov_config,
+    own_key: Option<String>,
 ) -> (fleetprov_result, *mut fleetprov_provisioned, Vec<String>) {
     let host = Host::default();
     let mut h = ptr::null_mut();
@@ -211,7 +212,11 @@ fn drive(
                     let (cert, key) = if claim {
                         (claim_cert.clone(), claim_key.clone())
                     } else {
-                        (cert.unwrap(), key.expect("the library holds this key"))
+                        // No key from the library: the host's own (its "secure element").
+                        (
+                            cert.unwrap(),
+                            key.or_else(|| own_key.clone()).expect("a key"),
+                        )
                     };
                     let tls =
                         client_config(&Roots::Pem(ca.clone()), &cert, &Secret::new(key), false)
@@ -359,7 +364,7 @@ fn a_host_stack_provisions_with_both_methods_and_formats() {
     {
         let env = env(&format!("ok-{i}"), &[]);
         let c = host_config(&env, &format!("host{i}"), method, cbor);
-        let (r, p, seen) = drive(&env, c);
+        let (r, p, seen) = drive(&env, c, None);
         assert_eq!(r, FLEETPROV_OK, "{seen:#?}");
         // SAFETY: a live result, freed once.
         unsafe {
@@ -409,7 +414,7 @@ fn a_host_stack_gets_retries_and_the_lost_reply_probe() {
         ],
     );
     let c = host_config(&env, "hostf", fleetprov_method::FLEETPROV_METHOD_CSR, false);
-    let (r, p, seen) = drive(&env, c);
+    let (r, p, seen) = drive(&env, c, None);
     assert_eq!(r, FLEETPROV_OK, "{seen:#?}");
     // SAFETY: a live result and config, freed once.
     unsafe {
@@ -502,4 +507,151 @@ fn host_api_arguments_are_checked() {
         fleetprov_host_free(ptr::null_mut());
         fleetprov_config_free(c);
     }
+}
+
+/// The "secure element" of the signer test: a ring P-256 key the library never sees.
+struct Element {
+    pair: ring::signature::EcdsaKeyPair,
+    signed: Mutex<u32>,
+}
+
+extern "C" fn element_sign(
+    userdata: *mut c_void,
+    message: *const u8,
+    message_len: usize,
+    digest: *const u8,
+    digest_len: usize,
+    signature: *mut u8,
+    signature_len: *mut usize,
+) -> i32 {
+    // SAFETY: userdata is the test's Element; the buffers are valid during the call.
+    let (el, message, sig_room) = unsafe {
+        (
+            &*(userdata as *const Element),
+            std::slice::from_raw_parts(message, message_len),
+            *signature_len,
+        )
+    };
+    assert_eq!(digest_len, 32);
+    assert!(!digest.is_null());
+    let sig = el
+        .pair
+        .sign(&ring::rand::SystemRandom::new(), message)
+        .unwrap();
+    let sig = sig.as_ref();
+    assert!(sig.len() <= sig_room);
+    // SAFETY: `signature` has `sig_room` writable bytes.
+    unsafe {
+        ptr::copy_nonoverlapping(sig.as_ptr(), signature, sig.len());
+        *signature_len = sig.len();
+    }
+    *el.signed.lock().unwrap() += 1;
+    0
+}
+
+#[test]
+fn an_external_signer_with_a_host_stack_keeps_the_key_in_the_element() {
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+    let env = env("signer", &[]);
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+    let pair =
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+    let point = pair.public_key().as_ref().to_vec();
+    let own_pem = pem_of(pkcs8.as_ref());
+    let el = Element {
+        pair,
+        signed: Mutex::new(0),
+    };
+    let c = host_config(
+        &env,
+        "signer",
+        fleetprov_method::FLEETPROV_METHOD_CSR,
+        false,
+    );
+    // SAFETY: live config; `el` outlives the flow; the output directory must go (no key).
+    unsafe {
+        ok(fleetprov_config_set_output_dir(c, ptr::null()));
+        ok(fleetprov_config_set_signer(
+            c,
+            point.as_ptr(),
+            point.len(),
+            Some(element_sign),
+            &el as *const Element as *mut c_void,
+            None,
+        ));
+        // A public key that is not one.
+        assert_eq!(
+            fleetprov_config_set_signer(
+                c,
+                point.as_ptr(),
+                10,
+                Some(element_sign),
+                ptr::null_mut(),
+                None
+            ),
+            FLEETPROV_INVALID_ARGUMENT
+        );
+        assert_eq!(
+            fleetprov_config_set_signer(
+                c,
+                point.as_ptr(),
+                point.len(),
+                None,
+                ptr::null_mut(),
+                None
+            ),
+            FLEETPROV_INVALID_ARGUMENT
+        );
+    }
+    let (r, p, seen) = drive(&env, c, Some(own_pem));
+    assert_eq!(r, FLEETPROV_OK, "{seen:#?}");
+    assert_eq!(*el.signed.lock().unwrap(), 1, "one CSR signature");
+    // The new certificate connected with the element's key (the library had none to give).
+    assert!(
+        seen.contains(&"connect claim=false".to_string()),
+        "{seen:#?}"
+    );
+    // SAFETY: live result and config, freed once.
+    unsafe {
+        assert!(fleetprov_provisioned_private_key(p).is_null());
+        let cert = CStr::from_ptr(fleetprov_provisioned_certificate_pem(p))
+            .to_str()
+            .unwrap();
+        // The certificate holds the element's public key.
+        let der: Vec<u8> = rustls::pki_types::pem::PemObject::from_pem_slice(cert.as_bytes())
+            .map(|c: rustls::pki_types::CertificateDer<'static>| c.to_vec())
+            .unwrap();
+        assert!(der.windows(point.len()).any(|w| w == point.as_slice()));
+        fleetprov_provisioned_free(p);
+        fleetprov_config_free(c);
+    }
+}
+
+/// PKCS#8 DER as PEM.
+fn pem_of(der: &[u8]) -> String {
+    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = String::new();
+    for chunk in der.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                b64.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                b64.push('=');
+            }
+        }
+    }
+    let body: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+        body.join("\n")
+    )
 }

@@ -14,6 +14,7 @@ use crate::client::{Cancel, Client, Config, LogFn, LogLevel, ProgressFn, Roots};
 use crate::engine::flow::Progress;
 use crate::engine::retry::RetryPolicy;
 use crate::error::Error;
+use crate::keys::signer::{ExternalKey, Signer};
 use crate::keys::{self, KeyType};
 use crate::protocol::{Format, validate_template_name};
 use crate::provision::{self, Hooks, Method, Provisioned, Request};
@@ -50,6 +51,7 @@ pub struct fleetprov_config {
     method: fleetprov_method,
     key_type: KeyType,
     csr_pem: Option<String>,
+    signer: Option<ExternalKey>,
     verify: bool,
     output_dir: Option<PathBuf>,
     state_dir: Option<PathBuf>,
@@ -78,6 +80,7 @@ impl Default for fleetprov_config {
             method: fleetprov_method::FLEETPROV_METHOD_CSR,
             key_type: KeyType::P256,
             csr_pem: None,
+            signer: None,
             verify: true,
             output_dir: None,
             state_dir: None,
@@ -179,6 +182,11 @@ impl fleetprov_config {
                 self.csr_pem
                     .clone()
                     .ok_or_else(|| invalid("no CSR: call fleetprov_config_set_csr_pem"))?,
+            ),
+            fleetprov_method::FLEETPROV_METHOD_EXTERNAL_SIGNER => Method::ExternalKey(
+                self.signer
+                    .clone()
+                    .ok_or_else(|| invalid("no signer: call fleetprov_config_set_signer"))?,
             ),
         };
         let mut request = Request::new(connection, template, method);
@@ -539,6 +547,79 @@ pub unsafe extern "C" fn fleetprov_config_set_csr_pem(
         keys::check_csr_pem(csr).map_err(|e| invalid(format!("CSR: {e}")))?;
         config.csr_pem = Some(csr.to_owned());
         config.method = fleetprov_method::FLEETPROV_METHOD_EXTERNAL_CSR;
+        Ok(())
+    })
+}
+
+/// The C signing callback behind an [`ExternalKey`].
+struct SignCallback {
+    cb: unsafe extern "C" fn(
+        *mut c_void,
+        *const u8,
+        usize,
+        *const u8,
+        usize,
+        *mut u8,
+        *mut usize,
+    ) -> i32,
+    user: UserData,
+}
+
+impl Signer for SignCallback {
+    fn sign(&self, message: &[u8], digest: &[u8]) -> Result<Vec<u8>, String> {
+        let mut buf = [0u8; 144];
+        let mut len = buf.len();
+        // SAFETY: the callback and userdata were registered together; every pointer is valid
+        // for the call and `buf` has `len` writable bytes.
+        let r = unsafe {
+            (self.cb)(
+                self.user.ptr,
+                message.as_ptr(),
+                message.len(),
+                digest.as_ptr(),
+                digest.len(),
+                buf.as_mut_ptr(),
+                &mut len,
+            )
+        };
+        if r != 0 {
+            return Err(format!("the signing callback returned {r}"));
+        }
+        buf.get(..len)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| format!("the signing callback wrote a length of {len}"))
+    }
+}
+
+/// Selects FLEETPROV_METHOD_EXTERNAL_SIGNER: the library builds the CSR for the key whose public
+/// half is `public_key` (`len` bytes: a SubjectPublicKeyInfo in DER, as OpenSSL's i2d_PUBKEY()
+/// writes, or an uncompressed point; P-256 or P-384) and has it signed by `sign`, so the private
+/// key never leaves the secure element. `userdata_free` as for the log callback. The built-in
+/// transport cannot connect with a key it does not hold, so it skips the verification connection
+/// (a host transport makes it with its own key), and an output directory is refused.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_set_signer(
+    config: *mut fleetprov_config,
+    public_key: *const u8,
+    len: usize,
+    sign: fleetprov_sign_callback,
+    userdata: *mut c_void,
+    userdata_free: fleetprov_userdata_free,
+) -> fleetprov_result {
+    guard(|| {
+        let user = UserData::new(userdata, userdata_free);
+        // SAFETY: pointer per the header.
+        let config = unsafe { config_mut(config)? };
+        let cb = sign.ok_or_else(|| invalid("sign is NULL"))?;
+        if public_key.is_null() {
+            return Err(invalid("public_key is NULL"));
+        }
+        // SAFETY: `len` readable bytes, per the header.
+        let public = unsafe { std::slice::from_raw_parts(public_key, len) };
+        let key = ExternalKey::new(public, Arc::new(SignCallback { cb, user }))
+            .map_err(|e| invalid(format!("public key: {e}")))?;
+        config.signer = Some(key);
+        config.method = fleetprov_method::FLEETPROV_METHOD_EXTERNAL_SIGNER;
         Ok(())
     })
 }

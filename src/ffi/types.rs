@@ -86,6 +86,9 @@ pub enum fleetprov_method {
     FLEETPROV_METHOD_CREATE_KEYS = 1,
     /// CreateCertificateFromCsr with the CSR given by fleetprov_config_set_csr_pem().
     FLEETPROV_METHOD_EXTERNAL_CSR = 2,
+    /// CreateCertificateFromCsr with a CSR the library builds and has signed through the
+    /// callback given by fleetprov_config_set_signer() (the key stays in the secure element).
+    FLEETPROV_METHOD_EXTERNAL_SIGNER = 3,
 }
 
 /// Key generated on the device for FLEETPROV_METHOD_CSR.
@@ -179,7 +182,8 @@ from_c!(
     [
         FLEETPROV_METHOD_CSR,
         FLEETPROV_METHOD_CREATE_KEYS,
-        FLEETPROV_METHOD_EXTERNAL_CSR
+        FLEETPROV_METHOD_EXTERNAL_CSR,
+        FLEETPROV_METHOD_EXTERNAL_SIGNER
     ]
 );
 from_c!(
@@ -225,6 +229,28 @@ from_c!(
 /// function that was given it fails (FLEETPROV_BUSY, a NULL argument, ...): the caller never
 /// frees userdata it handed over together with a free function.
 pub type fleetprov_userdata_free = Option<unsafe extern "C" fn(userdata: *mut c_void)>;
+
+/// Signs for fleetprov_config_set_signer(): ECDSA over `message` (`message_len` bytes) with
+/// SHA-256 (P-256) or SHA-384 (P-384); `digest` (`digest_len` bytes) is that hash of the
+/// message, for signers that take a digest. Write the signature, DER (ECDSA-Sig-Value) or raw
+/// r||s, to `signature` (room for `*signature_len` bytes, at least 104) and its length to
+/// `*signature_len`; return 0, or anything else on failure. The library checks the signature
+/// against the public key before using it.
+///
+/// Thread: the one preparing the provisioning: the caller of fleetprov_provision() or
+/// fleetprov_host_new(), or the worker thread of fleetprov_provision_async(). All pointers are
+/// valid only during the call.
+pub type fleetprov_sign_callback = Option<
+    unsafe extern "C" fn(
+        userdata: *mut c_void,
+        message: *const u8,
+        message_len: usize,
+        digest: *const u8,
+        digest_len: usize,
+        signature: *mut u8,
+        signature_len: *mut usize,
+    ) -> i32,
+>;
 
 /// Receives log lines.
 ///
