@@ -418,6 +418,20 @@ enum fleetprov_result fleetprov_config_set_progress_callback(struct fleetprov_co
                                                              void *userdata,
                                                              fleetprov_userdata_free userdata_free);
 
+// Rotates the certificate of a provisioned device, blocking: connects with the credentials in
+// `credentials_dir` (certificate.pem, private.key and device.json, as fleetprov_provision()
+// wrote them; the thing name is the client id unless the config sets one) instead of a claim
+// certificate, which the config need not have; creates a new certificate (the config's method,
+// normally FLEETPROV_METHOD_CSR) and registers it through the config's template (a rotation
+// template); connects with it; and only then replaces the credentials in `credentials_dir`
+// (or the output directory, if one is set), atomically. Until that moment the old credentials
+// stay as they were. Unless the config sets a state directory, the resume journal lives in
+// `credentials_dir`/rotation-journal. The old certificate stays active in AWS IoT. On success
+// writes a new result to `*out` (free with fleetprov_provisioned_free()).
+enum fleetprov_result fleetprov_rotate(const struct fleetprov_config *config,
+                                       const char *credentials_dir,
+                                       struct fleetprov_provisioned **out);
+
 // Provisions a device in one call, blocking: connects with the claim certificate, creates the
 // certificate, registers the thing, checks the certificate against the key, connects once with
 // the new credentials (unless verification is off) and writes them to the output directory if

@@ -3,7 +3,7 @@
 //! optionally store them.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use crate::engine::{CertificateSource, Settings};
 use crate::error::Error;
 use crate::keys::signer::ExternalKey;
 use crate::keys::{self, DeviceKey, KeyType};
-use crate::store::journal::Journal;
+use crate::store::{self, journal::Journal};
 
 /// How the device gets its certificate.
 #[derive(Debug, Clone)]
@@ -99,6 +99,36 @@ pub fn provision(request: &Request, hooks: &Hooks) -> Result<Provisioned, Error>
         hooks.log.as_ref(),
         &cancel,
     )
+}
+
+/// Certificate rotation: a provisioned device gets a new certificate with its current one.
+///
+/// The credentials in `current` (as an earlier provisioning wrote them) take the place of the
+/// claim certificate, with the thing name as client id unless the request sets one; the request's
+/// method (normally [`Method::Csr`]) and template (a rotation template) make and register the new
+/// certificate; the new credentials replace those in `current` only after they connected. Until
+/// then the old ones stay untouched and usable. Unless the request names a state directory, the
+/// resume journal goes to `current/rotation-journal`, so an interrupted rotation resumes
+/// instead of minting another certificate. The old certificate stays ACTIVE in AWS IoT: retiring
+/// it is the fleet backend's decision.
+pub fn rotate(request: &Request, current: &Path, hooks: &Hooks) -> Result<Provisioned, Error> {
+    let stored = store::read_credentials(current)
+        .map_err(|e| Error::Storage(format!("reading the current credentials: {e}")))?;
+    let mut r = request.clone();
+    r.connection.cert_pem = stored.certificate_pem;
+    r.connection.key_pem = stored.private_key_pem;
+    if r.connection.client_id.is_empty() {
+        r.connection.client_id = stored.thing_name;
+    }
+    if r.output_dir.is_none() {
+        r.output_dir = Some(current.to_path_buf());
+    }
+    if r.state_dir.is_none() {
+        r.state_dir = Some(current.join("rotation-journal"));
+    }
+    // Never replace working credentials with ones that were not seen to work.
+    r.verify = true;
+    provision(&r, hooks)
 }
 
 /// Checks `request`, makes the device key and CSR if the method needs them, and opens (locks)

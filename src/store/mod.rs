@@ -94,6 +94,44 @@ struct Metadata<'a> {
     device_configuration: &'a BTreeMap<String, String>,
 }
 
+/// A credential set read back from a directory [`write_credentials`] wrote.
+#[derive(Debug)]
+pub struct Stored {
+    pub thing_name: String,
+    pub certificate_id: String,
+    pub certificate_pem: String,
+    pub private_key_pem: Secret,
+}
+
+/// Reads the credential set in `dir`. Without `device.json` the set is incomplete (a write was
+/// interrupted) and this is an error of kind `NotFound` for `device.json`.
+pub fn read_credentials(dir: &Path) -> Result<Stored, StoreError> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Meta {
+        thing_name: String,
+        certificate_id: String,
+    }
+    let meta_path = dir.join(METADATA_FILE);
+    let meta = fs::read(&meta_path).map_err(at(&meta_path))?;
+    let meta: Meta = serde_json::from_slice(&meta)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+        .map_err(at(&meta_path))?;
+    let cert_path = dir.join(CERTIFICATE_FILE);
+    let certificate_pem = fs::read_to_string(&cert_path).map_err(at(&cert_path))?;
+    let key_path = dir.join(PRIVATE_KEY_FILE);
+    let key = fs::read(&key_path).map_err(at(&key_path))?;
+    let key = String::from_utf8(key)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not UTF-8"))
+        .map_err(at(&key_path))?;
+    Ok(Stored {
+        thing_name: meta.thing_name,
+        certificate_id: meta.certificate_id,
+        certificate_pem,
+        private_key_pem: Secret::new(key),
+    })
+}
+
 /// Writes a credential set into `dir`: `private.key` (0600), `certificate.pem` (0644) and
 /// `device.json` (0644: thingName, certificateId and deviceConfiguration, never the key).
 ///

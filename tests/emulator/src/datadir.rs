@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use crate::pki::{self, Ca};
 use crate::store::{ACTIVE, Store};
-use crate::template::DEMO_TEMPLATE;
+use crate::template::{DEMO_TEMPLATE, ROTATION_TEMPLATE};
 
 /// Where each file of a data directory lives.
 #[derive(Debug, Clone)]
@@ -152,10 +152,14 @@ pub fn prepare(paths: &DataPaths) -> Result<Prepared, String> {
         }
     }
     make_dir(&paths.templates).map_err(|e| err("templates", e))?;
-    let demo = paths.templates.join("DemoTemplate.json");
-    if !demo.exists() {
-        write_atomic(&demo, DEMO_TEMPLATE.as_bytes(), 0o644)
-            .map_err(|e| err("DemoTemplate.json", e))?;
+    for (name, text) in [
+        ("DemoTemplate.json", DEMO_TEMPLATE),
+        ("RotationTemplate.json", ROTATION_TEMPLATE),
+    ] {
+        let path = paths.templates.join(name);
+        if !path.exists() {
+            write_atomic(&path, text.as_bytes(), 0o644).map_err(|e| err(name, e))?;
+        }
     }
     Ok(Prepared {
         ca,

@@ -30,6 +30,9 @@ use serde_json::{Map, Value};
 
 /// The demo template shipped with the emulator.
 pub const DEMO_TEMPLATE: &str = include_str!("../templates/DemoTemplate.json");
+/// A certificate rotation template: the thing named by the `ThingName` parameter gets the new
+/// certificate, next to the one it has.
+pub const ROTATION_TEMPLATE: &str = include_str!("../templates/RotationTemplate.json");
 
 /// How deeply values and intrinsic functions may nest inside a template
 /// property before evaluation is refused.
