@@ -91,9 +91,26 @@ struct Inner {
     hooks: Hooks,
 }
 
-/// A provisioning flow driven by the host's MQTT connection. Create with fleetprov_host_new(),
-/// feed it events, free with fleetprov_host_free(). Not tied to a thread, but its functions must
-/// not run concurrently on two threads (re-entry from inside a callback is fine).
+/// A provisioning flow driven by the host's own MQTT connection (coreMQTT, Paho, libmosquitto):
+/// the same flow as fleetprov_provision() (step timeouts, overall deadline, retries with backoff,
+/// the resume journal, the lost-reply probe, the commit), with no socket of the library's.
+///
+/// The event-loop contract:
+/// 1. fleetprov_host_new() with the callbacks, then fleetprov_host_start(now_ms).
+/// 2. The library asks through the callbacks: connect (with the claim or the new certificate),
+///    disconnect, subscribe, publish. Start each in your MQTT stack and return at once.
+/// 3. Report what your stack sees: fleetprov_host_connected() / _connect_failed() for a connect,
+///    fleetprov_host_suback() for a subscribe, fleetprov_host_message() for every incoming
+///    PUBLISH, fleetprov_host_disconnected() when the connection drops.
+/// 4. Call fleetprov_host_tick(now_ms) no later than fleetprov_host_wake_at() (that is how
+///    timeouts and retry pauses happen; the library has no timer of its own).
+/// 5. After any call, fleetprov_host_result() says FLEETPROV_IN_PROGRESS or gives the outcome.
+///
+/// Time is one monotonic clock in milliseconds, the same origin in every call. The library never
+/// blocks: no call waits for the network (writing the journal and the credentials does fsync).
+/// Calls on one host object must not run on two threads at once; calling the event functions
+/// from inside a callback is allowed (the event is queued and handled before the outer call
+/// returns). Create with fleetprov_host_new(), free with fleetprov_host_free().
 pub struct fleetprov_host {
     callbacks: fleetprov_host_callbacks,
     user: UserData,
