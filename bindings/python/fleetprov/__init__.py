@@ -7,6 +7,9 @@ One call::
         ca_file="AmazonRootCA1.pem", cert_file="claim.pem", key_file="claim.key",
         template_name="DemoTemplate", parameters={"SerialNumber": "0001"},
         output_dir="/var/lib/device",
+        state_dir="/var/lib/device/provisioning",  # resume after a crash or a lost connection
+        retry=fleetprov.Retry(max_attempts=5, initial_backoff=1.0, max_backoff=30.0),
+        on_progress=lambda p: print(p.step.name, p.attempt, p.retry_in, p.error),
     )
 
 Step by step::
@@ -30,9 +33,11 @@ from ._api import (
     Client,
     Format,
     KeyType,
+    Progress,
     ProvisionOperation,
     ProvisionResult,
     Registration,
+    Retry,
     Step,
     provision,
     provision_async,
@@ -69,6 +74,8 @@ __all__ = [
     "Registration",
     "ProvisionResult",
     "ProvisionOperation",
+    "Progress",
+    "Retry",
     "Step",
     "Format",
     "KeyType",

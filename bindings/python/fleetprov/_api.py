@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Optional, Self, Union
 
 from . import _callbacks
 from ._callbacks import CallbackSlot
-from ._ffi import lib
+from ._ffi import ProgressStruct, lib
 from .errors import (
     ClosedError,
     FleetprovError,
@@ -39,6 +39,15 @@ class Step(enum.IntEnum):
     REGISTERED = 6
     VERIFYING = 7
     VERIFIED = 8
+    #: A certificate from the resume journal in ``state_dir`` is taken up (first step reported).
+    RESUMING = 9
+    #: The journal's certificate cannot be used (its ownership token expired, or it was refused
+    #: and the certificate is not active): a new certificate is made.
+    RESTARTING = 10
+    #: An attempt failed with a retryable error; the next starts after ``Progress.retry_in``.
+    RETRYING = 11
+    #: The credentials are written and the journal removed.
+    COMMITTED = 12
 
 
 class Format(enum.IntEnum):
@@ -68,7 +77,39 @@ class _LogLevel(enum.IntEnum):
     DEBUG = 4
 
 
-ProgressCallback = Callable[[Step], None]
+@dataclass(frozen=True)
+class Progress:
+    """A step reached, as given to ``on_progress``.
+
+    ``step`` is the :class:`Step` (a plain int for a value this binding does not know);
+    ``attempt`` the attempt it belongs to, from 1, growing with each retry. With
+    :attr:`Step.RETRYING`, ``retry_in`` is the pause in seconds before the next attempt and
+    ``error`` why the attempt failed: the :class:`FleetprovError` subclass the binding raises for
+    that result code, with all its fields (e.g. a :class:`RejectedError` with ``status_code``
+    429). Both are None for every other step.
+    """
+
+    step: Step
+    attempt: int
+    retry_in: Optional[float] = None
+    error: Optional[FleetprovError] = None
+
+    @classmethod
+    def _from_c(cls, raw: ProgressStruct) -> "Progress":
+        """Copies a borrowed struct fleetprov_progress (its error included) during the callback."""
+        step: Any
+        try:
+            step = Step(raw.step)
+        except ValueError:
+            step = int(raw.step)
+        error = None
+        if raw.error:
+            error = error_from_handle(int(lib.fleetprov_error_result(raw.error)), raw.error)
+        retry_in = raw.retry_in_ms / 1000.0 if step == Step.RETRYING else None
+        return cls(step=step, attempt=int(raw.attempt), retry_in=retry_in, error=error)
+
+
+ProgressCallback = Callable[[Progress], None]
 
 
 # --- results -------------------------------------------------------------------------------
@@ -80,6 +121,9 @@ class ProvisionResult:
 
     ``private_key_pem`` is None when the CSR was supplied from outside (``csr_pem=``);
     ``output_dir`` is None unless ``output_dir=`` was given. The key is left out of ``repr``.
+    ``attempts`` is how many attempts it took (1 when nothing was retried); ``resumed`` is True
+    when the certificate came from the resume journal in ``state_dir`` (an earlier call created
+    it).
     """
 
     thing_name: str
@@ -88,6 +132,8 @@ class ProvisionResult:
     certificate_pem: str = field(repr=False)
     private_key_pem: Optional[str] = field(repr=False)
     output_dir: Optional[Path]
+    attempts: int = 1
+    resumed: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,6 +170,8 @@ def _provisioned_to_result(handle: int) -> ProvisionResult:
         certificate_pem=_s(lib.fleetprov_provisioned_certificate_pem(handle)) or "",
         private_key_pem=_s(lib.fleetprov_provisioned_private_key(handle)),
         output_dir=Path(out_dir) if out_dir is not None else None,
+        attempts=int(lib.fleetprov_provisioned_attempts(handle)),
+        resumed=bool(lib.fleetprov_provisioned_resumed(handle)),
     )
 
 
@@ -177,6 +225,54 @@ def _enum_arg(value: Any, enum_cls: type[enum.IntEnum], name: str, aliases: Mapp
     if isinstance(value, str):
         raise InvalidArgumentError(f"{name} must be one of {choices}, got {value!r}", code=1)
     raise TypeError(f"{name} must be one of {choices} or a {enum_cls.__name__}, not {type(value).__name__}")
+
+
+# --- retry policy ----------------------------------------------------------------------------
+
+
+def _u32_ms(value: Any, name: str) -> int:
+    """Milliseconds (a C uint32) for a non-negative number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not value >= 0:  # also NaN
+        raise InvalidArgumentError(f"{name} must not be negative, got {value}", code=1)
+    if value * 1000 > 0xFFFFFFFF:  # also infinity
+        raise InvalidArgumentError(f"{name} too large: {value}", code=1)
+    return round(value * 1000)
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How the one-call flow retries retryable failures (connection trouble, timeouts, 429 and
+    5xx rejections; never other rejections).
+
+    At most ``max_attempts`` attempts in all (1: no retries); the pause after the first failure
+    is ``initial_backoff`` seconds, doubling up to ``max_backoff``, each drawn between half and
+    all of that (jitter), never under 25 ms and never past the overall ``timeout``.
+    ``Retry()`` is the library's default. Checked on construction: ``max_attempts`` below 1 or
+    ``max_backoff`` below ``initial_backoff`` raise :class:`InvalidArgumentError`.
+    """
+
+    max_attempts: int = 5
+    initial_backoff: float = 1.0
+    max_backoff: float = 30.0
+
+    def __post_init__(self) -> None:
+        _int_arg(self.max_attempts, "max_attempts", 1, 0xFFFFFFFF)
+        initial = _u32_ms(self.initial_backoff, "initial_backoff")
+        maximum = _u32_ms(self.max_backoff, "max_backoff")
+        if maximum < initial:
+            raise InvalidArgumentError(
+                f"max_backoff ({self.max_backoff}) is below initial_backoff ({self.initial_backoff})", code=1
+            )
+
+    def _c_args(self) -> tuple[int, int, int]:
+        """(max_attempts, initial_backoff_ms, max_backoff_ms) for fleetprov_config_set_retry."""
+        return (
+            self.max_attempts,
+            _u32_ms(self.initial_backoff, "initial_backoff"),
+            _u32_ms(self.max_backoff, "max_backoff"),
+        )
 
 
 class _Closeable:
@@ -248,6 +344,9 @@ def _build_config(
     csr_pem: Optional[str] = None,
     verify: Optional[bool] = None,
     output_dir: Optional[StrPath] = None,
+    state_dir: Optional[StrPath] = None,
+    retry: Optional[Retry] = None,
+    token_lifetime: Optional[int] = None,
 ) -> tuple[_Config, CallbackSlot]:
     """Validates every argument in Python first (TypeError for wrong types), then fills a
     fleetprov_config (library errors become FleetprovError subclasses)."""
@@ -288,6 +387,10 @@ def _build_config(
     key_type_v = None if key_type is None else _enum_arg(key_type, KeyType, "key_type", {"p256": 0, "p384": 1})
     csr_b = _opt_cstr(csr_pem, "csr_pem")
     out_b = _opt_cstr(output_dir, "output_dir")
+    state_b = _opt_cstr(state_dir, "state_dir")
+    if retry is not None and not isinstance(retry, Retry):
+        raise TypeError(f"retry must be a fleetprov.Retry or None, not {type(retry).__name__}")
+    lifetime_v = None if token_lifetime is None else _int_arg(token_lifetime, "token_lifetime", 0, 0xFFFFFFFF)
 
     config = _Config()
     try:
@@ -323,6 +426,12 @@ def _build_config(
             check(lib.fleetprov_config_set_verify(h, verify))
         if out_b is not None:
             check(lib.fleetprov_config_set_output_dir(h, out_b))
+        if state_b is not None:
+            check(lib.fleetprov_config_set_state_dir(h, state_b))
+        if retry is not None:
+            check(lib.fleetprov_config_set_retry(h, *retry._c_args()))
+        if lifetime_v is not None:
+            check(lib.fleetprov_config_set_token_lifetime(h, lifetime_v))
 
         # Callbacks: one registry key per registration (each has its own userdata_free).
         slot = CallbackSlot(on_progress)
@@ -384,6 +493,9 @@ def provision(
     csr_pem: Optional[str] = None,
     keep_alive: Optional[int] = None,
     alpn: Optional[bool] = None,
+    state_dir: Optional[StrPath] = None,
+    retry: Optional[Retry] = None,
+    token_lifetime: Optional[int] = None,
 ) -> ProvisionResult:
     """Provisions a device in one blocking call.
 
@@ -396,10 +508,24 @@ def provision(
     ``verify`` is False; and writes ``certificate.pem``, ``private.key`` and ``device.json`` to
     ``output_dir`` if given.
 
+    With ``state_dir`` (created 0700), a certificate the service returns is first written to
+    ``state_dir/journal.json`` (0600, atomically) with its key and ownership token, before
+    RegisterThing; a later call that finds that journal, while the token is younger than
+    ``token_lifetime`` seconds (default 3600, as on AWS), resumes with that certificate instead
+    of creating another (:attr:`Step.RESUMING`, ``resumed`` True in the result); with an expired
+    token it starts over (:attr:`Step.RESTARTING`). The credentials reach ``output_dir`` only
+    after the new certificate connected, then the journal is removed (:attr:`Step.COMMITTED`).
+    One flow at a time may use a state directory: another gets :class:`BusyError`.
+
+    Retryable failures (connection trouble, timeouts, 429 and 5xx rejections) are retried as
+    ``retry`` (a :class:`Retry`; default ``Retry()``: 5 attempts, 1 s doubling up to 30 s)
+    says, each reported as :attr:`Step.RETRYING` with the pause and the error; other rejections
+    are not retried.
+
     ``timeout`` is the overall deadline in seconds (None or 0: none); ``step_timeout`` bounds
-    each step. ``on_progress(step)`` is called with each :class:`Step` reached, on this thread;
-    an exception it raises is re-raised here once the call returns. Log lines go to the
-    ``fleetprov`` logger.
+    each step. ``on_progress(progress)`` is called with a :class:`Progress` for each step
+    reached, on this thread; an exception it raises is re-raised here once the call returns.
+    Log lines go to the ``fleetprov`` logger.
 
     Raises :class:`FleetprovError` subclasses (e.g. :class:`RejectedError`,
     :class:`StepTimeoutError`), :class:`TypeError` for arguments of the wrong type.
@@ -417,7 +543,8 @@ def provision(
         parameters=parameters, payload_format=payload_format, timeout=timeout,
         step_timeout=step_timeout, client_id=client_id, keep_alive=keep_alive, alpn=alpn,
         on_progress=on_progress, method=int(method), key_type=key_type, csr_pem=csr_pem,
-        verify=verify, output_dir=output_dir,
+        verify=verify, output_dir=output_dir, state_dir=state_dir, retry=retry,
+        token_lifetime=token_lifetime,
     )
     with config:
         out = ctypes.c_void_p()
@@ -521,8 +648,11 @@ class ProvisionOperation(_Closeable):
 
 
 def provision_async(**kwargs: Any) -> ProvisionOperation:
-    """Starts :func:`provision` (same keyword arguments) on a library worker thread and returns a
-    :class:`ProvisionOperation` at once. Progress and log callbacks run on the worker thread."""
+    """Starts :func:`provision` (same keyword arguments, ``state_dir``, ``retry`` and
+    ``token_lifetime`` included) on a library worker thread and returns a
+    :class:`ProvisionOperation` at once. Progress and log callbacks run on the worker thread;
+    an exception raised by ``on_progress`` cancels the operation and is re-raised by
+    :meth:`ProvisionOperation.result`."""
     _check_kwargs(kwargs)
     use_csr = kwargs.pop("use_csr", True)
     if not isinstance(use_csr, bool):
@@ -572,7 +702,8 @@ _PROVISION_DEFAULTS: dict[str, Any] = dict(
     port=8883, ca_file=None, ca_pem=None, cert_file=None, key_file=None, cert_pem=None,
     key_pem=None, template_name=None, parameters=None, payload_format="json", timeout=60.0,
     step_timeout=10.0, client_id=None, keep_alive=None, alpn=None, on_progress=None,
-    key_type="p256", csr_pem=None, verify=True, output_dir=None,
+    key_type="p256", csr_pem=None, verify=True, output_dir=None, state_dir=None, retry=None,
+    token_lifetime=None,
 )
 
 
@@ -640,7 +771,10 @@ class Client(_Closeable):
     Use as a context manager (``with Client(...) as c:``); ``close()`` frees the handle exactly
     once and using a closed client raises :class:`ClosedError`. One operation runs at a time
     (another thread gets :class:`BusyError`); :meth:`cancel` may be called from any thread.
-    Callbacks run on the thread calling the operation.
+    Callbacks run on the thread calling the operation; ``on_progress`` receives a
+    :class:`Progress` for each step, and an exception it raises is re-raised by the operation.
+    The resume journal and retries (``state_dir``, ``retry``, ``token_lifetime``) belong to the
+    one-call flow and are not taken here.
     """
 
     def __init__(

@@ -102,18 +102,16 @@ def _log(userdata: Optional[int], level: int, message: Optional[int], length: in
             slot.record(e)
 
 
-def _progress(userdata: Optional[int], step: int) -> None:
+def _progress(userdata: Optional[int], progress: Any) -> None:
+    """``progress`` is a borrowed ``POINTER(ProgressStruct)``: everything is copied out of it
+    (the error included) before the Python callable runs."""
     slot = lookup(userdata)
-    if slot is None or slot.on_progress is None:
+    if slot is None or slot.on_progress is None or not progress:
         return
     try:
-        from ._api import Step  # local import: _api imports this module
+        from ._api import Progress  # local import: _api imports this module
 
-        try:
-            value: Any = Step(step)
-        except ValueError:
-            value = step
-        slot.on_progress(value)
+        slot.on_progress(Progress._from_c(progress.contents))
     except BaseException as e:
         slot.record(e)
 

@@ -24,11 +24,12 @@ from ctypes import (
     c_size_t,
     c_uint16,
     c_uint32,
+    c_uint64,
     c_void_p,
 )
 from pathlib import Path
 
-__all__ = ["lib", "LIBRARY_PATH", "EXPECTED_VERSION", "LibraryLoadError"]
+__all__ = ["lib", "LIBRARY_PATH", "EXPECTED_VERSION", "LibraryLoadError", "ProgressStruct"]
 
 #: The library version this package is written for (agrees with pyproject.toml).
 EXPECTED_VERSION = "0.1.0"
@@ -79,10 +80,22 @@ _H = c_void_p
 _PH = POINTER(c_void_p)
 _RES = c_int  # enum fleetprov_result
 
+
+class ProgressStruct(ctypes.Structure):
+    """struct fleetprov_progress, borrowed by the progress callback for the call only."""
+
+    _fields_ = [
+        ("step", c_int),  # enum fleetprov_step
+        ("attempt", c_uint32),
+        ("retry_in_ms", c_uint64),
+        ("error", c_void_p),  # const fleetprov_error *, NULL unless retrying
+    ]
+
+
 # --- callback types (enums arrive as plain ints) ---------------------------------------------
 LOG_CALLBACK = CFUNCTYPE(None, c_void_p, c_int, c_void_p, c_size_t)
 USERDATA_FREE = CFUNCTYPE(None, c_void_p)
-PROGRESS_CALLBACK = CFUNCTYPE(None, c_void_p, c_int)
+PROGRESS_CALLBACK = CFUNCTYPE(None, c_void_p, POINTER(ProgressStruct))
 PROVISION_CALLBACK = CFUNCTYPE(None, c_void_p, c_int, c_void_p, c_void_p)
 CERTIFICATE_CALLBACK = CFUNCTYPE(None, c_void_p, c_int, c_void_p, c_void_p)
 REGISTRATION_CALLBACK = CFUNCTYPE(None, c_void_p, c_int, c_void_p, c_void_p)
@@ -117,6 +130,9 @@ _SIGNATURES = [
     ("fleetprov_config_set_csr_pem", _RES, _H, c_char_p),
     ("fleetprov_config_set_verify", _RES, _H, c_bool),
     ("fleetprov_config_set_output_dir", _RES, _H, c_char_p),
+    ("fleetprov_config_set_state_dir", _RES, _H, c_char_p),
+    ("fleetprov_config_set_retry", _RES, _H, c_uint32, c_uint32, c_uint32),
+    ("fleetprov_config_set_token_lifetime", _RES, _H, c_uint32),
     ("fleetprov_config_set_log_callback", _RES, _H, LOG_CALLBACK, c_void_p, USERDATA_FREE, c_int32),
     ("fleetprov_config_set_progress_callback", _RES, _H, PROGRESS_CALLBACK, c_void_p, USERDATA_FREE),
     # one-call flow
@@ -162,6 +178,8 @@ _SIGNATURES = [
     ("fleetprov_provisioned_certificate_pem", c_char_p, _H),
     ("fleetprov_provisioned_private_key", c_char_p, _H),
     ("fleetprov_provisioned_output_dir", c_char_p, _H),
+    ("fleetprov_provisioned_attempts", c_uint32, _H),
+    ("fleetprov_provisioned_resumed", c_bool, _H),
     ("fleetprov_provisioned_config_count", c_size_t, _H),
     ("fleetprov_provisioned_config_entry", _RES, _H, c_size_t, POINTER(c_char_p), POINTER(c_char_p)),
     ("fleetprov_provisioned_free", None, _H),

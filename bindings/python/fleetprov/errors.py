@@ -137,7 +137,8 @@ class StorageError(FleetprovError):
 
 
 class BusyError(FleetprovError):
-    """FLEETPROV_BUSY: another operation is running on this client."""
+    """FLEETPROV_BUSY: another operation is running on this client, or another provisioning
+    flow is using the same ``state_dir``."""
 
     result_code = 12
 

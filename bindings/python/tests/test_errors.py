@@ -44,7 +44,9 @@ def test_missing_parameter_rejected(emulator):
 def test_throttling_is_retryable(emulator_factory):
     emu = emulator_factory("reject:429@register")
     with pytest.raises(fleetprov.RejectedError) as info:
-        fleetprov.provision(**emu.kwargs(template_name="DemoTemplate", parameters={"SerialNumber": "t"}))
+        fleetprov.provision(
+            **emu.kwargs(template_name="DemoTemplate", parameters={"SerialNumber": "t"}, retry=fleetprov.Retry(max_attempts=1))
+        )
     assert info.value.status_code == 429
     assert info.value.error_code == "Throttling"
     assert info.value.retryable
@@ -86,6 +88,14 @@ BAD_ARGUMENTS = [
     ("use_csr int", dict(use_csr=1), TypeError, "use_csr must be bool"),
     ("progress not callable", dict(on_progress=5), TypeError, "on_progress must be callable"),
     ("cert_file int", dict(cert_file=3), TypeError, "cert_file must be str"),
+    ("state_dir empty", dict(state_dir=""), fleetprov.InvalidArgumentError, "path is empty"),
+    ("state_dir NUL", dict(state_dir="a\0b"), fleetprov.InvalidArgumentError, "state_dir contains a NUL"),
+    ("state_dir int", dict(state_dir=3), TypeError, "state_dir must be str"),
+    ("retry int", dict(retry=3), TypeError, "retry must be a fleetprov.Retry"),
+    ("retry tuple", dict(retry=(1, 0.1, 0.2)), TypeError, "retry must be a fleetprov.Retry"),
+    ("negative token lifetime", dict(token_lifetime=-1), fleetprov.InvalidArgumentError, "token_lifetime must be between"),
+    ("token lifetime over u32", dict(token_lifetime=2**32), fleetprov.InvalidArgumentError, "token_lifetime must be between"),
+    ("token lifetime float", dict(token_lifetime=60.0), TypeError, "token_lifetime must be int"),
 ]
 
 
@@ -125,9 +135,17 @@ def test_wrong_ca_is_tls_error(emulator):
 
 
 def test_connection_refused(emulator):
+    seen: list[fleetprov.Progress] = []
+    retry = fleetprov.Retry(max_attempts=2, initial_backoff=0.05, max_backoff=0.05)
     with pytest.raises(fleetprov.FleetprovConnectionError) as info:
-        fleetprov.provision(**emulator.kwargs(template_name="DemoTemplate", port=_free_port()))
+        fleetprov.provision(
+            **emulator.kwargs(template_name="DemoTemplate", port=_free_port(), retry=retry, on_progress=seen.append)
+        )
     assert info.value.retryable
+    retrying = [p for p in seen if p.step == fleetprov.Step.RETRYING]
+    assert len(retrying) == 1 and retrying[0].attempt == 1
+    assert isinstance(retrying[0].error, fleetprov.FleetprovConnectionError)
+    assert max(p.attempt for p in seen) == 2
 
 
 def test_step_timeout(emulator_factory):
@@ -135,7 +153,10 @@ def test_step_timeout(emulator_factory):
     start = time.monotonic()
     with pytest.raises(fleetprov.StepTimeoutError):
         fleetprov.provision(
-            **emu.kwargs(template_name="DemoTemplate", parameters={"SerialNumber": "slow"}, step_timeout=0.5)
+            **emu.kwargs(
+                template_name="DemoTemplate", parameters={"SerialNumber": "slow"}, step_timeout=0.5,
+                retry=fleetprov.Retry(max_attempts=1),
+            )
         )
     assert time.monotonic() - start < 3.0
 
@@ -152,8 +173,8 @@ def _client_registering(emu, serial):
     """A client whose register_thing runs in a thread; returns (client, thread, outcome, registering-event)."""
     registering = threading.Event()
 
-    def progress(step):
-        if step == fleetprov.Step.REGISTERING:
+    def progress(p):
+        if p.step == fleetprov.Step.REGISTERING:
             registering.set()
 
     client = fleetprov.Client(
@@ -210,7 +231,7 @@ def test_unwritable_output_dir_is_storage_error(emulator, tmp_path):
 def test_close_from_own_callback_is_refused(emulator):
     holder = {}
 
-    def progress(step):
+    def progress(p):
         holder["client"].close()
 
     client = fleetprov.Client(**emulator.kwargs(template_name="DemoTemplate", on_progress=progress))

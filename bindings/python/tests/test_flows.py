@@ -26,7 +26,7 @@ def _thing(emulator, name: str) -> dict:
 def test_provision_one_call(emulator, tmp_path, use_csr, payload_format):
     serial = f"one-{int(use_csr)}-{payload_format}"
     out = tmp_path / "creds"
-    steps: list[fleetprov.Step] = []
+    seen: list[fleetprov.Progress] = []
     result = fleetprov.provision(
         **emulator.kwargs(
             template_name="DemoTemplate",
@@ -34,7 +34,7 @@ def test_provision_one_call(emulator, tmp_path, use_csr, payload_format):
             use_csr=use_csr,
             payload_format=payload_format,
             output_dir=out,
-            on_progress=steps.append,
+            on_progress=seen.append,
         )
     )
     assert isinstance(result, fleetprov.ProvisionResult)
@@ -47,8 +47,12 @@ def test_provision_one_call(emulator, tmp_path, use_csr, payload_format):
     assert (out / "certificate.pem").read_text() == result.certificate_pem
     assert stat.S_IMODE((out / "private.key").stat().st_mode) == 0o600
     assert (out / "device.json").is_file()
-    assert steps[0] == fleetprov.Step.CONNECTING and steps[-1] == fleetprov.Step.VERIFIED
+    steps = [p.step for p in seen]
+    assert steps[0] == fleetprov.Step.CONNECTING, steps
+    assert steps[-2:] == [fleetprov.Step.VERIFIED, fleetprov.Step.COMMITTED], steps
     assert all(isinstance(s, fleetprov.Step) for s in steps)
+    assert all(p.attempt == 1 and p.retry_in is None and p.error is None for p in seen), seen
+    assert result.attempts == 1 and not result.resumed
     assert "PRIVATE KEY" not in repr(result)
     assert _cert_status(emulator, result.certificate_id) == "ACTIVE"
     assert result.certificate_id in _thing(emulator, result.thing_name)["certificates"]
