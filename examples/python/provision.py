@@ -3,7 +3,12 @@
 
     python examples/python/provision.py --endpoint localhost --port 8883 \
         --ca DIR/ca.pem --cert DIR/claim.pem --key DIR/claim.key \
-        --template DemoTemplate --param SerialNumber=0001 --out ./device
+        --template DemoTemplate --param SerialNumber=0001 --out ./device \
+        --state-dir ./device/provisioning --retry 5:1:30
+
+With --state-dir, a run that fails after the certificate was created (lost connection, crash,
+power loss) leaves a resume journal there; the next run picks that certificate up instead of
+creating another, as long as its ownership token is valid.
 
 Needs the fleetprov package (pip install ./bindings/python) and libfleetprov.so (set
 FLEETPROV_LIBRARY=/path/to/libfleetprov.so unless it is packaged or in the source tree).
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import fleetprov
 
@@ -23,6 +29,33 @@ def parse_param(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, value
+
+
+def parse_retry(text: str) -> fleetprov.Retry:
+    """ATTEMPTS[:INITIAL[:MAX]] (seconds) -> fleetprov.Retry; unset parts keep their defaults."""
+    parts = text.split(":")
+    if len(parts) > 3 or not all(parts):
+        raise argparse.ArgumentTypeError(f"expected ATTEMPTS[:INITIAL[:MAX]], got {text!r}")
+    try:
+        attempts = int(parts[0])
+        backoffs = [float(x) for x in parts[1:]]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ATTEMPTS[:INITIAL[:MAX]] with numbers, got {text!r}") from None
+    defaults = fleetprov.Retry()
+    initial = backoffs[0] if backoffs else defaults.initial_backoff
+    maximum = backoffs[1] if len(backoffs) > 1 else max(defaults.max_backoff, initial)
+    try:
+        return fleetprov.Retry(max_attempts=attempts, initial_backoff=initial, max_backoff=maximum)
+    except fleetprov.InvalidArgumentError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def describe(p: fleetprov.Progress) -> str:
+    """One line for a progress report, e.g. "registering" or "attempt 1 failed (...); ..."."""
+    if p.step == fleetprov.Step.RETRYING:
+        return f"attempt {p.attempt} failed ({p.error}); retrying in {p.retry_in:.2f} s"
+    step = p.step.name.lower().replace("_", " ") if isinstance(p.step, fleetprov.Step) else str(p.step)
+    return f"{step} (attempt {p.attempt})" if p.attempt > 1 else step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keys", action="store_true",
                    help="use CreateKeysAndCertificate instead of a CSR with a key made here")
     p.add_argument("--out", metavar="DIR", help="write certificate.pem, private.key, device.json here")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="keep the resume journal here, so that a failed run can be resumed")
+    p.add_argument("--retry", type=parse_retry, metavar="ATTEMPTS[:INITIAL[:MAX]]",
+                   help="attempts in all (1: no retries) and the backoff in seconds, "
+                        "doubling from INITIAL up to MAX (default 5:1:30)")
     p.add_argument("--client-id", help="MQTT client id")
     p.add_argument("--timeout", type=float, default=60.0, help="overall timeout, seconds")
     p.add_argument("--no-verify", action="store_true", help="skip the test connection with the new certificate")
@@ -48,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    def progress(step: fleetprov.Step) -> None:
-        if args.verbose:
-            print(f"  .. {step.name.lower().replace('_', ' ')}", file=sys.stderr)
+    def progress(report: fleetprov.Progress) -> None:
+        if args.verbose or report.step == fleetprov.Step.RETRYING:
+            print(f"  .. {describe(report)}", file=sys.stderr)
 
     try:
         result = fleetprov.provision(
@@ -67,17 +105,28 @@ def main(argv: list[str] | None = None) -> int:
             timeout=args.timeout,
             client_id=args.client_id,
             verify=not args.no_verify,
+            state_dir=args.state_dir,
+            retry=args.retry,
             on_progress=progress,
         )
-    except fleetprov.RejectedError as e:
-        print(f"rejected: {e.status_code} {e.error_code}: {e.error_message}", file=sys.stderr)
-        return 2
-    except fleetprov.FleetprovError as e:
-        print(f"error ({e.code_name}): {e}", file=sys.stderr)
+    except fleetprov.BusyError as e:
+        print(f"busy: another provisioning run uses {args.state_dir}: {e}", file=sys.stderr)
         return 1
+    except fleetprov.FleetprovError as e:
+        if isinstance(e, fleetprov.RejectedError):
+            print(f"rejected: {e.status_code} {e.error_code}: {e.error_message}", file=sys.stderr)
+        else:
+            print(f"error ({e.code_name}): {e}", file=sys.stderr)
+        if args.state_dir and (Path(args.state_dir) / "journal.json").is_file():
+            print(f"the new certificate is kept in {args.state_dir}: run again to resume", file=sys.stderr)
+        return 2 if isinstance(e, fleetprov.RejectedError) else 1
 
     print(f"thing name: {result.thing_name}")
     print(f"certificate id: {result.certificate_id}")
+    if result.resumed:
+        print(f"resumed the certificate from the journal in {args.state_dir}")
+    if result.attempts > 1:
+        print(f"attempts: {result.attempts}")
     if result.output_dir is not None:
         print(f"credentials written to: {result.output_dir}")
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 EXAMPLE = REPO / "examples" / "python" / "provision.py"
@@ -40,3 +41,47 @@ def test_example_bad_param():
     r = _run("--endpoint", "x", "--cert", "c", "--key", "k", "--template", "T", "--param", "novalue")
     assert r.returncode == 2
     assert "KEY=VALUE" in r.stderr
+
+
+def test_example_resume_with_state_dir(emulator_factory, tmp_path):
+    emu = emulator_factory("close:request@register*1")
+    state = tmp_path / "state"
+    out = tmp_path / "dev"
+    args = [*_common(emu), "--param", "SerialNumber=cli2", "--state-dir", str(state), "--out", str(out)]
+    r = _run(*args, "--retry", "1")
+    assert r.returncode == 1, r.stderr
+    assert "error (FLEETPROV_CONNECTION)" in r.stderr
+    assert f"the new certificate is kept in {state}: run again to resume" in r.stderr
+    assert (state / "journal.json").is_file()
+    r = _run(*args, "-v")
+    assert r.returncode == 0, r.stderr
+    assert f"resumed the certificate from the journal in {state}" in r.stdout
+    assert "  .. resuming" in r.stderr and "  .. committed" in r.stderr
+    assert not (state / "journal.json").exists()
+    assert (out / "certificate.pem").is_file()
+
+
+def test_example_retries(emulator_factory):
+    emu = emulator_factory("reject:429@create*1")
+    r = _run(*_common(emu), "--param", "SerialNumber=cli3", "--retry", "3:0.05:0.1")
+    assert r.returncode == 0, r.stderr
+    assert "  .. attempt 1 failed (CreateCertificateFromCsr rejected with 429 Throttling" in r.stderr
+    assert "retrying in 0.0" in r.stderr
+    assert "attempts: 2" in r.stdout
+
+
+# Each row: a --retry value the example refuses, and a piece of its message.
+BAD_RETRY = [
+    ("0", "max_attempts must be between 1"),
+    ("3:2:1", "below initial_backoff"),
+    ("3:x", "with numbers"),
+    ("3::1", "ATTEMPTS[:INITIAL[:MAX]]"),
+    ("1:2:3:4", "ATTEMPTS[:INITIAL[:MAX]]"),
+]
+
+
+@pytest.mark.parametrize("value,message", BAD_RETRY, ids=[r[0] for r in BAD_RETRY])
+def test_example_bad_retry(value, message):
+    r = _run("--endpoint", "x", "--cert", "c", "--key", "k", "--template", "T", "--retry", value)
+    assert r.returncode == 2
+    assert message in r.stderr
