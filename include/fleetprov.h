@@ -95,7 +95,8 @@ typedef enum fleetprov_step {
   FLEETPROV_STEP_RESTARTING = 10,
   // An attempt failed with a retryable error; the next starts after a pause.
   FLEETPROV_STEP_RETRYING = 11,
-  // The credentials are written and the journal removed.
+  // Done: the credentials are written (when there is an output directory) and the journal
+  // removed (when there is one).
   FLEETPROV_STEP_COMMITTED = 12,
 } fleetprov_step;
 

@@ -368,6 +368,9 @@ impl Flow {
     }
 
     fn finish(&mut self, result: Result<Provisioned, Error>, out: &mut Vec<FlowAction>) {
+        if let Err(e) = &result {
+            self.log(LogLevel::Warn, format!("provisioning failed: {e}"), out);
+        }
         self.phase = Phase::Finished;
         self.engine = None;
         out.push(FlowAction::Done(result));

@@ -39,7 +39,8 @@ pub enum Step {
     Restarting = 10,
     /// An attempt failed; the next starts after a pause.
     Retrying = 11,
-    /// The credentials are written and the journal removed.
+    /// Done: the credentials are written (when there is an output directory) and the journal
+    /// removed (when there is one).
     Committed = 12,
 }
 

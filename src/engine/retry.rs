@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-/// The shortest pause between attempts, whatever the configuration says: no tight loops.
+/// The smallest backoff step, whatever the configuration says: pauses are drawn between half
+/// and all of a step, so none is under 25 ms. No tight loops.
 pub const MIN_BACKOFF: Duration = Duration::from_millis(50);
 
 /// How failed attempts are retried. Only retryable failures count ([`crate::Error::is_retryable`]:

@@ -9,7 +9,6 @@ use std::sync::Mutex;
 
 use super::handles::{config_ref, fleetprov_config, provisioned_object};
 use super::types::*;
-use crate::client::LogLevel;
 use crate::engine::flow::{Flow, FlowAction, FlowEvent, FlowSpec, Identity, Provisioned};
 use crate::error::Error;
 use crate::provision::{self, Hooks};
@@ -330,12 +329,7 @@ impl fleetprov_host {
                     log(level, &line);
                 }
             }
-            FlowAction::Done(result) => {
-                if let (Err(e), Some(log)) = (&result, &inner.hooks.log) {
-                    log(LogLevel::Warn, &format!("provisioning failed: {e}"));
-                }
-                inner.result = Some(result);
-            }
+            FlowAction::Done(result) => inner.result = Some(result),
         }
     }
 }

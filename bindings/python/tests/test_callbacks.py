@@ -80,11 +80,6 @@ def test_error_is_logged(emulator, caplog):
     assert any("404" in w for w in warnings), warnings
 
 
-@pytest.mark.xfail(
-    reason="libfleetprov: the one-call flow logs nothing when it ends with a non-retryable error "
-    "(engine Flow::fail finishes without a log line; the client logs 'operation failed')",
-    strict=False,
-)
 def test_error_is_logged_one_call(emulator, caplog):
     caplog.set_level(logging.DEBUG, logger="fleetprov")
     with pytest.raises(fleetprov.RejectedError):
