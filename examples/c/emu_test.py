@@ -1,12 +1,21 @@
 #!/usr/bin/env python3
 """ctest driver: starts fleetprov-emulator, runs one C example against it, checks the outcome.
 
-    emu_test.py --emulator PATH --work DIR --case ok|cbor|reject|badargs|timeout|cancel [--serial S]
-                [--timeout SECS] -- [LAUNCHER...] PROGRAM
+    emu_test.py --emulator PATH --work DIR --case CASE [--serial S] [--timeout SECS]
+                [--arg=ARG]... [--fault RULE]... [--stop-at STEP]... -- [LAUNCHER...] PROGRAM
 
+CASE is ok, cbor, reject, badargs, timeout, cancel, retry, lostreply, resume or crash.
 Everything after `--` is the command to run (a launcher such as valgrind may come first); the
 driver appends the connection arguments. The emulator runs with `--data-dir WORK/emulator
---port 0 --key-type ec` and is always killed at the end. Only the standard library is used.
+--port 0 --key-type ec` (plus each --fault RULE) and is always killed at the end. Only the
+standard library is used.
+
+The crash case (the `provision` example only): the program runs with
+FLEETPROV_EXAMPLE_STOP_AT=STEP, which makes it print `stopped_at=STEP` and freeze inside the
+library's flow when its progress callback sees STEP; the driver waits for that line (bounded),
+kills the process with SIGKILL, checks what is on disk, and does the same for each further
+--stop-at; then it runs the program once more without the variable, with the same --state-dir
+and --out, and checks that the device ends up provisioned exactly once (see case_crash).
 """
 import argparse
 import base64
@@ -14,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -86,11 +96,11 @@ class Emulator:
         return os.path.join(self.data_dir, name)
 
 
-def run(cmd, timeout_s):
+def run(cmd, timeout_s, env=None):
     print("+ " + " ".join(cmd), flush=True)
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
-                           stdin=subprocess.DEVNULL)
+                           stdin=subprocess.DEVNULL, env=env)
     except subprocess.TimeoutExpired as e:
         raise Failed(f"timed out after {timeout_s} s: {e.stdout} {e.stderr}")
     sys.stdout.write("--- stdout\n" + p.stdout + "--- stderr\n" + p.stderr + "---\n")
@@ -122,9 +132,10 @@ def mode(path):
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
-def key_matches_certificate(cert, key):
+def key_matches_certificate(cert, key, required=False):
     """With the openssl command (if installed): the key's public key is the certificate's."""
     if shutil.which("openssl") is None:
+        check(not required, "the openssl command is needed (Debian: apt-get install openssl)")
         print("openssl command not found: key/certificate match not checked")
         return
     a = subprocess.run(["openssl", "x509", "-noout", "-pubkey", "-in", cert],
@@ -259,15 +270,253 @@ def case_badargs(cmd, emu, work, serial, timeout_s):
     check(not failures, "\n".join(failures))
     print(f"ok: {len(table)} bad-argument rows")
 
+# The one-call examples (fleetprov_provision), which take --state-dir and --retry.
+ONE_CALL = ("provision", "provision_with_csr")
+
+
+def program(cmd):
+    return os.path.basename(cmd[-1])
+
+
+def created_certificates(reg):
+    """Certificates the service created (not the claim certificate)."""
+    return [c for c in reg["certificates"] if c["origin"] != "claim"]
+
+
+def check_provisioned(emu, out_dir, serial, max_created, exact_created=None, metadata=True):
+    """The device is provisioned once: a complete credential set on disk (device.json too if
+    `metadata`: the library writes it, provision_with_csr does not), its key matching its
+    certificate, which is the only ACTIVE certificate the service created and the only one of
+    the thing. Returns the certificate id."""
+    cert, key = os.path.join(out_dir, "certificate.pem"), os.path.join(out_dir, "private.key")
+    meta = os.path.join(out_dir, "device.json")
+    for path in (cert, key) + ((meta,) if metadata else ()):
+        check(os.path.exists(path), f"{path} is missing")
+    check(mode(out_dir) == 0o700, f"{out_dir} has mode {oct(mode(out_dir))}")
+    check(mode(key) == 0o600, f"private.key has mode {oct(mode(key))}")
+    cert_id = hashlib.sha256(pem_der(cert)).hexdigest()
+    if metadata:
+        try:
+            meta_id = json.load(open(meta)).get("certificateId")
+        except ValueError as e:
+            raise Failed(f"device.json is not JSON: {e}")
+        check(meta_id == cert_id,
+              f"device.json names certificate {meta_id}, certificate.pem is {cert_id}")
+    key_matches_certificate(cert, key, required=True)
+    reg = emu.registry()
+    created = created_certificates(reg)
+    summary = ", ".join(f"{c['id'][:12]}… {c['status']}" for c in created)
+    print(f"certificates created: {len(created)} ({summary})")
+    active = [c["id"] for c in created if c["status"] == "ACTIVE"]
+    check(active == [cert_id], f"ACTIVE certificates {active}, expected exactly [{cert_id}]")
+    if exact_created is not None:
+        check(len(created) == exact_created,
+              f"{len(created)} certificates created, expected {exact_created}")
+    check(len(created) <= max_created,
+          f"{len(created)} certificates created, expected at most {max_created}")
+    things = {t["name"]: t for t in reg["things"]}
+    check(f"demo-{serial}" in things, "the thing is not in the registry")
+    attached = things[f"demo-{serial}"]["certificates"]
+    check(attached == [cert_id], f"the thing has certificates {attached}, expected [{cert_id}]")
+    return cert_id
+
+
+def case_retry(cmd, emu, work, serial, timeout_s, extra, lost_reply):
+    """One-call examples (lost_reply: `provision` only, see CMakeLists.txt). Without lost_reply
+    the emulator refuses the first RegisterThing with a retryable 503 (--fault
+    reject:503@register*1): the flow reports RETRYING with the pause and the error and
+    registers the same certificate on attempt 2. With lost_reply it processes the
+    first RegisterThing but drops the reply (--fault drop@register*1): attempt 2's RegisterThing
+    is refused (the token was used), the flow connects with the certificate, finds it active and
+    commits it; the thing name is then unknown to the device."""
+    out_dir = os.path.join(work, "device")
+    p = run(cmd + connection_args(emu, out_dir, serial=serial) + extra, timeout_s)
+    check(p.returncode == 0, f"exit code {p.returncode}, expected 0")
+    f = fields(p.stdout)
+    check(f.get("attempts") == "2", f"attempts={f.get('attempts')}, expected 2")
+    check(f.get("resumed") == "0", f"resumed={f.get('resumed')}, expected 0")
+    expected_error = "FLEETPROV_TIMEOUT" if lost_reply else "FLEETPROV_REJECTED"
+    m = re.search(r"step: retrying \(attempt 1 failed, next in (\d+) ms\): (\w+): (.+)", p.stderr)
+    check(m is not None, "no RETRYING step with its pause and error on stderr")
+    check(m.group(2) == expected_error, f"retrying after {m.group(2)}, expected {expected_error}")
+    check(re.search(r"step: registering \(attempt 2\)", p.stderr), "no attempt 2 at registering")
+    thing = "" if lost_reply else f"demo-{serial}"
+    check(f.get("thing_name") == thing, f"thing_name={f.get('thing_name')}, expected {thing!r}")
+    cert_id = check_provisioned(emu, out_dir, serial, max_created=1, exact_created=1,
+                                metadata=program(cmd) == "provision")
+    check(f.get("certificate_id") == cert_id, f"certificate_id={f.get('certificate_id')}")
+    print(f"ok: attempt 2 after {m.group(2)}, paused {m.group(1)} ms, one certificate")
+
+
+def case_resume(cmd, emu, work, serial, timeout_s):
+    """One-call examples with --state-dir: the first run gets a retryable 503 for RegisterThing
+    (--fault reject:503@register*1) and has no retries left (--retry 1,...): it fails, keeping
+    the certificate in the journal. The second run resumes it (resumed=1) instead of creating
+    another; provision_with_csr reuses the key it kept in the state dir."""
+    out_dir, state_dir = os.path.join(work, "device"), os.path.join(work, "state")
+    args = cmd + connection_args(emu, out_dir, serial=serial) + ["--state-dir", state_dir]
+    p = run(args + ["--retry", "1,100,100"], timeout_s)
+    check(p.returncode == 1, f"first run: exit code {p.returncode}, expected 1")
+    f = fields(p.stdout)
+    check(f.get("result") == "FLEETPROV_REJECTED" and f.get("status_code") == "503",
+          f"first run: result={f.get('result')} status_code={f.get('status_code')}")
+    check(f.get("retryable") == "1", f"first run: retryable={f.get('retryable')}")
+    journal = os.path.join(state_dir, "journal.json")
+    check(os.path.exists(journal), "first run: no journal.json kept")
+    check(mode(journal) == 0o600, f"journal.json has mode {oct(mode(journal))}")
+    check(not os.path.exists(os.path.join(out_dir, "private.key")), "first run wrote credentials")
+    p = run(args, timeout_s)
+    check(p.returncode == 0, f"second run: exit code {p.returncode}, expected 0")
+    f = fields(p.stdout)
+    check(f.get("resumed") == "1", f"resumed={f.get('resumed')}, expected 1")
+    check(f.get("attempts") == "1", f"attempts={f.get('attempts')}, expected 1")
+    check(f.get("thing_name") == f"demo-{serial}", f"thing_name={f.get('thing_name')}")
+    check("step: resuming (attempt 1)" in p.stderr, "no RESUMING step reported")
+    cert_id = check_provisioned(emu, out_dir, serial, max_created=1, exact_created=1,
+                                metadata=program(cmd) == "provision")
+    check(f.get("certificate_id") == cert_id, f"certificate_id={f.get('certificate_id')}")
+    check(not os.path.exists(journal), "journal.json left after success")
+    print(f"ok: failed with a journal, then resumed certificate {cert_id[:12]}…")
+
+
+# Steps the one-call flow reports on a first run, in order: the crash case's kill points.
+CRASH_STEPS = ("connecting", "subscribing", "subscribed", "creating_certificate",
+               "certificate_created", "registering", "registered", "verifying", "verified",
+               "committed")
+# Kill points at which the certificate must be in the resume journal, nothing committed yet.
+JOURNALED = ("certificate_created", "registering", "registered", "verifying")
+STOP_ENV = "FLEETPROV_EXAMPLE_STOP_AT"
+
+
+def stop_and_kill(cmd, step, work, n, timeout_s):
+    """Runs cmd with STOP_ENV=step, waits (bounded) for its `stopped_at=STEP` line, SIGKILLs it."""
+    env = dict(os.environ, **{STOP_ENV: step})
+    marker = f"stopped_at={step}\n".encode()
+    err_path = os.path.join(work, f"killed-{n}.stderr")
+    print(f"+ {STOP_ENV}={step} " + " ".join(cmd), flush=True)
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err,
+                                stdin=subprocess.DEVNULL, env=env)
+    out = b""
+    try:
+        deadline = time.monotonic() + timeout_s
+        fd = proc.stdout.fileno()
+        while marker not in out:
+            left = deadline - time.monotonic()
+            check(left > 0, f"no {marker!r} within {timeout_s} s")
+            ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    code = proc.wait(timeout=max(left, 1.0))
+                    raise Failed(f"the program exited with {code} before reaching {step}")
+                out += chunk
+        os.kill(proc.pid, signal.SIGKILL)
+        code = proc.wait(timeout=30)
+        check(code == -signal.SIGKILL, f"exit status {code} after SIGKILL")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        proc.stdout.close()
+        sys.stdout.write("--- stdout\n" + out.decode(errors="replace") + "--- stderr\n"
+                         + open(err_path, errors="replace").read() + "---\n")
+        sys.stdout.flush()
+
+
+def state_after_kill(emu, state_dir, out_dir, step, first):
+    """Checks what a kill at `step` left on disk; returns (journal present, committed)."""
+    journal = os.path.join(state_dir, "journal.json")
+    has_journal = os.path.exists(journal)
+    if has_journal:
+        check(mode(state_dir) == 0o700, f"state dir has mode {oct(mode(state_dir))}")
+        check(mode(journal) == 0o600, f"journal.json has mode {oct(mode(journal))}")
+        try:
+            json.load(open(journal))  # holds the key and the token: never printed
+        except ValueError as e:
+            raise Failed(f"journal.json is not JSON: {e}")
+    committed = os.path.exists(os.path.join(out_dir, "device.json"))
+    if committed:
+        # Credentials are committed only after the new certificate connected.
+        cert_id = hashlib.sha256(pem_der(os.path.join(out_dir, "certificate.pem"))).hexdigest()
+        status = {c["id"]: c["status"] for c in emu.registry()["certificates"]}.get(cert_id)
+        check(status == "ACTIVE", f"committed certificate {cert_id} is {status}, not ACTIVE")
+    if first and step in JOURNALED:
+        check(has_journal, f"killed at {step}: no journal.json in the state dir")
+        check(not os.path.exists(os.path.join(out_dir, "private.key")),
+              f"killed at {step}: credentials written before the certificate connected")
+    elif first and step in CRASH_STEPS[:CRASH_STEPS.index("certificate_created")]:
+        check(not has_journal, f"killed at {step}: a journal before any certificate")
+        check(not os.path.exists(out_dir), f"killed at {step}: {out_dir} exists")
+    elif step == "committed":
+        check(committed and not has_journal, "COMMITTED reported before the commit was complete")
+    elif step == "resuming":
+        check(has_journal, "killed at resuming: the journal is gone")
+    print(f"killed at {step}: journal {'present' if has_journal else 'absent'}, "
+          f"credentials {'committed' if committed else 'not committed'}")
+    return has_journal, committed
+
+
+def case_crash(cmd, emu, work, serial, timeout_s, extra, stops):
+    """The `provision` example killed with SIGKILL at each of `stops` in turn (each run with the
+    same --state-dir and --out), then run to the end: the device ends up provisioned, with one
+    ACTIVE certificate, the one on disk, whose key matches it; no second certificate once one
+    was persisted (killed at or after certificate_created); no journal left."""
+    check(program(cmd) == "provision", "the crash case runs the provision example")
+    check(stops, "the crash case needs --stop-at")
+    out_dir, state_dir = os.path.join(work, "device"), os.path.join(work, "state")
+    args = cmd + connection_args(emu, out_dir, serial=serial) + ["--state-dir", state_dir] + extra
+    persisted_first = False
+    has_journal = committed = False
+    for n, step in enumerate(stops):
+        stop_and_kill(args, step, work, n + 1, timeout_s)
+        has_journal, committed = state_after_kill(emu, state_dir, out_dir, step, n == 0)
+        if n == 0:
+            persisted_first = has_journal or committed
+    env = dict(os.environ)
+    env.pop(STOP_ENV, None)
+    p = run(args, timeout_s, env=env)
+    check(p.returncode == 0, f"exit code {p.returncode}, expected 0")
+    f = fields(p.stdout)
+    if f.get("already_provisioned") == "1":
+        check(committed and not has_journal, "already_provisioned without committed credentials")
+        what = "already provisioned"
+    else:
+        check(not committed or has_journal, "provisioned again over committed credentials")
+        resumed = "1" if has_journal else "0"
+        check(f.get("resumed") == resumed, f"resumed={f.get('resumed')}, expected {resumed}")
+        check(re.fullmatch(r"[1-9]\d*", f.get("attempts", "")), f"attempts={f.get('attempts')}")
+        check(f.get("thing_name") == f"demo-{serial}", f"thing_name={f.get('thing_name')}")
+        what = f"resumed={resumed} attempts={f['attempts']}"
+    first = stops[0]
+    after_creation = CRASH_STEPS[CRASH_STEPS.index("certificate_created"):]
+    persisted = persisted_first or first in after_creation
+    # Each run killed before a certificate was persisted may have left one PENDING behind.
+    cert_id = check_provisioned(emu, out_dir, serial, max_created=1 + len(stops),
+                                exact_created=1 if persisted else None)
+    if "certificate_id" in f:
+        check(f["certificate_id"] == cert_id, f"certificate_id={f['certificate_id']}")
+    check(not os.path.exists(os.path.join(state_dir, "journal.json")),
+          "journal.json left in the state dir")
+    print(f"ok: killed at {', '.join(stops)}; then {what}; "
+          f"one ACTIVE certificate {cert_id[:12]}…")
+
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--emulator", required=True)
     ap.add_argument("--work", required=True)
-    ap.add_argument("--case", required=True, choices=["ok", "cbor", "reject", "badargs", "timeout", "cancel"])
+    ap.add_argument("--case", required=True,
+                    choices=["ok", "cbor", "reject", "badargs", "timeout", "cancel", "retry",
+                             "lostreply", "resume", "crash"])
     ap.add_argument("--serial", default=None)
     ap.add_argument("--arg", action="append", default=[],
-                    help="extra program argument for the ok/cbor cases (repeatable; --arg=--x)")
+                    help="extra program argument for the ok, cbor and crash cases "
+                         "(repeatable; --arg=--x)")
+    ap.add_argument("--fault", action="append", default=[],
+                    help="emulator fault rule (repeatable), added to the case's own")
+    ap.add_argument("--stop-at", action="append", default=[],
+                    help="crash case: step to kill the program at (repeatable: one run each)")
     ap.add_argument("--timeout", type=float, default=120.0, help="per program run, seconds")
     ap.add_argument("command", nargs=argparse.REMAINDER)
     a = ap.parse_args()
@@ -282,17 +531,36 @@ def main():
     os.makedirs(a.work)
     serial = a.serial or f"SN{os.getpid()}"
     emu = Emulator(os.path.abspath(a.emulator), os.path.join(a.work, "emulator"))
+    # The step timeout of the cases that wait for a reply that never comes: short, but under
+    # valgrind (and a loaded machine) a TLS handshake alone can take a second or two.
+    step_ms = str(6000 if any(os.path.basename(c) == "valgrind" for c in cmd) else 2000)
     started = time.monotonic()
     try:
-        emu.start(["--fault", "drop@register"] if a.case in ("timeout", "cancel") else [])
+        faults = {"timeout": ["drop@register"], "cancel": ["drop@register"],
+                  "retry": ["reject:503@register*1"], "resume": ["reject:503@register*1"],
+                  "lostreply": ["drop@register*1"]}
+        emu.start([arg for rule in faults.get(a.case, []) + a.fault for arg in ("--fault", rule)])
         if a.case in ("ok", "cbor"):
             case_ok(cmd + a.arg, emu, a.work, serial, "json" if a.case == "ok" else "cbor",
                     a.timeout)
         elif a.case == "reject":
             case_reject(cmd, emu, a.work, serial, a.timeout)
         elif a.case == "timeout":
-            case_no_reply(cmd, emu, a.work, serial, a.timeout, ["--timeout", "2000"],
+            # The one-call flow retries timeouts: one attempt only, so the timeout surfaces.
+            no_retry = ["--retry", "1,1000,1000"] if program(cmd) in ONE_CALL else []
+            case_no_reply(cmd, emu, a.work, serial, a.timeout, ["--timeout", step_ms] + no_retry,
                           "FLEETPROV_TIMEOUT")
+        elif a.case in ("retry", "lostreply"):
+            check(program(cmd) in ONE_CALL, f"the {a.case} case runs a one-call example")
+            extra = ["--retry", "3,50,200"]
+            if a.case == "lostreply":
+                extra += ["--timeout", step_ms]
+            case_retry(cmd, emu, a.work, serial, a.timeout, extra, a.case == "lostreply")
+        elif a.case == "resume":
+            check(program(cmd) in ONE_CALL, "the resume case runs a one-call example")
+            case_resume(cmd, emu, a.work, serial, a.timeout)
+        elif a.case == "crash":
+            case_crash(cmd, emu, a.work, serial, a.timeout, a.arg, a.stop_at)
         elif a.case == "cancel":
             case_no_reply(cmd, emu, a.work, serial, a.timeout,
                           ["--timeout", "30000", "--wait", "2000"], "FLEETPROV_CANCELLED")
