@@ -678,6 +678,13 @@ uint32_t fleetprov_provisioned_attempts(const struct fleetprov_provisioned *prov
 // for NULL.
 bool fleetprov_provisioned_resumed(const struct fleetprov_provisioned *provisioned);
 
+// false in one case only: RegisterThing refused the ownership token after an earlier attempt
+// sent it and lost the reply, and the certificate could not be tried because its key is not
+// the library's (FLEETPROV_METHOD_EXTERNAL_CSR or _EXTERNAL_SIGNER with fleetprov_provision()).
+// That attempt most likely registered it (it used the token); the thing name and device
+// configuration are then empty. Connect with the certificate to be sure. false for NULL.
+bool fleetprov_provisioned_registration_confirmed(const struct fleetprov_provisioned *provisioned);
+
 // Number of deviceConfiguration entries.
 size_t fleetprov_registration_config_count(const struct fleetprov_registration *registration);
 

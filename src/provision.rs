@@ -204,6 +204,14 @@ pub fn prepare(request: &Request) -> Result<(FlowSpec, Option<Journal>), Error> 
         retry: request.retry,
         verify: request.verify,
         external_key_connects: false,
+        external_public_key: match &request.method {
+            Method::ExternalCsr(csr) => Some(
+                keys::csr_public_key(csr)
+                    .map_err(|e| Error::InvalidArgument(format!("CSR: {e}")))?,
+            ),
+            Method::ExternalKey(key) => Some(key.public_point().to_vec()),
+            Method::CreateKeys | Method::Csr(_) => None,
+        },
         token_lifetime_s: request.token_lifetime.as_secs(),
         output_dir: request.output_dir.clone(),
         seed: client::random_u64(),

@@ -285,6 +285,7 @@ proptest! {
             retry: RetryPolicy { max_attempts: 4, ..RetryPolicy::default() },
             verify: true,
             external_key_connects: false,
+            external_public_key: None,
             token_lifetime_s: 3600,
             output_dir: None,
             seed: 7,

@@ -51,6 +51,11 @@ pub struct Provisioned {
     pub stored: Option<StoredPaths>,
     /// Attempts used (1 when nothing had to be retried).
     pub attempts: u32,
+    /// false in one case only: RegisterThing refused the token after an earlier attempt sent
+    /// it and lost the reply, and the certificate could not be tried because its key is not
+    /// the library's (external CSR or signer on the built-in transport). The registration most
+    /// likely went through (that attempt used the token); connect with the certificate to be sure.
+    pub registration_confirmed: bool,
     /// Whether the certificate came from the resume journal.
     pub resumed: bool,
 }
@@ -161,6 +166,10 @@ pub struct FlowSpec {
     /// The driver can connect with a certificate whose private key the library does not hold
     /// (a host transport with a secure element), so such certificates are verified too.
     pub external_key_connects: bool,
+    /// With an external key (CSR or signer): its public key as a certificate for it carries it
+    /// ([`crate::keys::csr_public_key`], or the point). Returned and journaled certificates
+    /// must match it.
+    pub external_public_key: Option<Vec<u8>>,
     /// How long a token is good after its certificate was created, in seconds.
     pub token_lifetime_s: u64,
     /// Where to commit the credentials.
@@ -213,6 +222,10 @@ pub struct Flow {
     wait_until: Option<u64>,
     step: Step,
     restarted: bool,
+    /// A RegisterThing request went out for the certificate in hand during this flow.
+    register_sent: bool,
+    /// Cleared when the registration is inferred rather than seen (see [`Provisioned`]).
+    confirmed: bool,
 }
 
 impl Flow {
@@ -231,6 +244,8 @@ impl Flow {
             wait_until: None,
             step: Step::Connecting,
             restarted: false,
+            register_sent: false,
+            confirmed: true,
         }
     }
 
@@ -396,6 +411,13 @@ impl Flow {
         let margin = (self.spec.token_lifetime_s / 60).min(60);
         let reason = if entry.registered.is_some() {
             None
+        } else if entry.private_key.is_none()
+            && let Some(public) = &self.spec.external_public_key
+            && !crate::keys::certificate_contains_key(&entry.certificate.certificate_pem, public)
+        {
+            Some(format!(
+                "the resume journal's certificate {id} is for another key than this device's"
+            ))
         } else if entry.host != self.spec.host {
             Some(format!(
                 "the resume journal's certificate {id} is for endpoint {}, not {}",
@@ -537,6 +559,9 @@ impl Flow {
                     out.push(FlowAction::Subscribe(filters));
                 }
                 Action::Publish { topic, payload } => {
+                    if self.phase == Phase::Register {
+                        self.register_sent = true;
+                    }
                     out.push(FlowAction::Publish { topic, payload })
                 }
                 // Reported by the flow once the result is persisted.
@@ -568,6 +593,12 @@ impl Flow {
     fn engine_done(&mut self, result: Result<Outcome, Error>, now: u64, out: &mut Vec<FlowAction>) {
         match (self.phase, result) {
             (Phase::Create, Ok(Outcome::Certificate(certificate))) => {
+                if let Some(public) = &self.spec.external_public_key
+                    && !crate::keys::certificate_contains_key(&certificate.certificate_pem, public)
+                {
+                    self.drop_link(out);
+                    return self.finish(Err(Error::CertificateMismatch), out);
+                }
                 self.took_certificate(certificate);
                 if !self.save(out) {
                     return;
@@ -612,6 +643,7 @@ impl Flow {
             .clone()
             .or_else(|| certificate.private_key.take());
         let created = unix_now();
+        self.register_sent = false;
         self.held = Some(Held {
             entry: Entry {
                 host: self.spec.host.clone(),
@@ -635,7 +667,28 @@ impl Flow {
             .map(|h| h.entry.certificate.certificate_id.clone())
             .unwrap_or_default();
         if !self.can_probe() {
-            // Nothing to probe with; the journal holds no key, so dropping it loses nothing.
+            let resumed = self.held.as_ref().is_some_and(|h| h.resumed);
+            if self.register_sent || resumed {
+                // An earlier request with this token went out and its reply was lost: it most
+                // likely used the token. Without the key nothing can confirm it; hand the
+                // certificate over, marked unconfirmed, rather than dropping an active one.
+                self.log(
+                    LogLevel::Warn,
+                    format!(
+                        "RegisterThing refused the ownership token of certificate {id} after an \
+                         earlier request with it lost its reply; it was most likely registered \
+                         then, but its key is not the library's to confirm it: connect with it"
+                    ),
+                    out,
+                );
+                self.confirmed = false;
+                if let Some(held) = &mut self.held {
+                    held.entry.registered = Some(Registered::default());
+                }
+                return self.commit(out);
+            }
+            // Never sent: the token was bad from the start. The journal holds no key, so
+            // dropping it loses nothing.
             self.forget_certificate(out);
             return self.finish(Err(e), out);
         }
@@ -756,6 +809,7 @@ impl Flow {
             stored,
             attempts: self.attempt,
             resumed,
+            registration_confirmed: self.confirmed,
         };
         self.finish(Ok(provisioned), out);
     }

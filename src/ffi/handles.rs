@@ -776,6 +776,7 @@ pub(crate) fn provisioned_object(p: Provisioned) -> fleetprov_provisioned {
         output_dir: p.stored.map(|s| cstring(&s.dir.to_string_lossy())),
         attempts: p.attempts,
         resumed: p.resumed,
+        registration_confirmed: p.registration_confirmed,
     }
 }
 

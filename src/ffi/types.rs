@@ -402,6 +402,7 @@ pub struct fleetprov_provisioned {
     pub(crate) output_dir: Option<CString>,
     pub(crate) attempts: u32,
     pub(crate) resumed: bool,
+    pub(crate) registration_confirmed: bool,
 }
 
 /// A failure: its result code, full text and, for rejections, the service's fields.
@@ -781,6 +782,21 @@ pub unsafe extern "C" fn fleetprov_provisioned_resumed(
     guard_value(false, || {
         // SAFETY: NULL or a live result, per the header.
         unsafe { provisioned.as_ref() }.is_some_and(|p| p.resumed)
+    })
+}
+
+/// false in one case only: RegisterThing refused the ownership token after an earlier attempt
+/// sent it and lost the reply, and the certificate could not be tried because its key is not
+/// the library's (FLEETPROV_METHOD_EXTERNAL_CSR or _EXTERNAL_SIGNER with fleetprov_provision()).
+/// That attempt most likely registered it (it used the token); the thing name and device
+/// configuration are then empty. Connect with the certificate to be sure. false for NULL.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_provisioned_registration_confirmed(
+    provisioned: *const fleetprov_provisioned,
+) -> bool {
+    guard_value(false, || {
+        // SAFETY: NULL or a live result, per the header.
+        unsafe { provisioned.as_ref() }.is_some_and(|p| p.registration_confirmed)
     })
 }
 

@@ -190,6 +190,18 @@ pub(super) fn pkcs8_algorithm(der: &[u8]) -> Option<Algorithm> {
     })
 }
 
+/// The contents of a CSR's public key BIT STRING (the unused-bits byte, then the key): the
+/// bytes a certificate for the same key carries verbatim in its SubjectPublicKeyInfo.
+pub(super) fn csr_public_key_bits(der: &[u8]) -> Option<&[u8]> {
+    let body = only(der, SEQUENCE)?;
+    let (info, _) = read(body, SEQUENCE)?;
+    let (_version, rest) = read(info, INTEGER)?;
+    let (_subject, rest) = read(rest, SEQUENCE)?;
+    let (spki, _) = read(rest, SEQUENCE)?;
+    let (_algorithm, public_key) = read(spki, SEQUENCE)?;
+    only(public_key, BIT_STRING)
+}
+
 /// Checks the outline of a PKCS#10 CSR (RFC 2986) without verifying its signature:
 /// `SEQUENCE { CertificationRequestInfo, AlgorithmIdentifier, BIT STRING }` spanning all of
 /// `der`, where the request info is `SEQUENCE { INTEGER 0, Name, SubjectPublicKeyInfo,

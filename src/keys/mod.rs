@@ -193,6 +193,29 @@ pub(crate) fn check_common_name(common_name: &str) -> Result<(), KeyError> {
     Ok(())
 }
 
+/// The public key of a PEM CSR, as the bytes a certificate for that key contains (see
+/// [`certificate_contains_key`]).
+pub fn csr_public_key(csr_pem: &str) -> Result<Vec<u8>, KeyError> {
+    let der = rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+        .map_err(pem_error)?;
+    der::csr_public_key_bits(der.as_ref())
+        .filter(|bits| bits.len() > 8)
+        .map(<[u8]>::to_vec)
+        .ok_or_else(|| malformed("CSR"))
+}
+
+/// Whether the first certificate in `cert_pem` carries `public_key` (from [`csr_public_key`],
+/// or an EC key's uncompressed point): a certificate for another key cannot contain these
+/// bytes as its key.
+pub fn certificate_contains_key(cert_pem: &str, public_key: &[u8]) -> bool {
+    let Ok(certs) = parse_certificate_pem(cert_pem) else {
+        return false;
+    };
+    certs.first().is_some_and(|c| {
+        !public_key.is_empty() && c.windows(public_key.len()).any(|w| w == public_key)
+    })
+}
+
 /// Parses a PEM certificate chain: at least one CERTIFICATE block, each a well-formed X.509
 /// certificate as rustls' webpki parses it (version 1 certificates, which webpki accepts only
 /// as trust anchors, pass too). Text around the blocks and blocks of other kinds are ignored.

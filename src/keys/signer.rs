@@ -95,20 +95,9 @@ impl ExternalKey {
         })
     }
 
-    /// Whether `cert_der`'s public key is this key.
-    pub fn certificate_matches(&self, cert_pem: &str) -> Result<(), KeyError> {
-        let certs = super::parse_certificate_pem(cert_pem)?;
-        let cert = certs.first().ok_or(KeyError::Mismatch)?;
-        // The point appears in the certificate's SubjectPublicKeyInfo; a certificate for another
-        // key cannot contain this exact 65- or 97-byte string as its key.
-        if cert
-            .windows(self.point.len())
-            .any(|w| w == self.point.as_slice())
-        {
-            Ok(())
-        } else {
-            Err(KeyError::Mismatch)
-        }
+    /// The uncompressed point (`04 || X || Y`), which a certificate for this key contains.
+    pub fn public_point(&self) -> &[u8] {
+        &self.point
     }
 }
 

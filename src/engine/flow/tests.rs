@@ -110,6 +110,7 @@ impl Sim {
             },
             verify: true,
             external_key_connects: false,
+            external_public_key: None,
             token_lifetime_s: 3600,
             output_dir: dir.map(|d| d.join("out")),
             seed: 1,
@@ -556,4 +557,85 @@ fn an_unreadable_journal_is_a_storage_error_and_is_kept() {
     assert!(matches!(sim.run(&mut flow), Err(Error::Storage(_))));
     assert!(sim.connects.is_empty());
     assert!(dir.join("state/journal.json").exists());
+}
+
+/// The spec of a device whose key is external: no key for the library, its public key known.
+fn external_spec(sim: &Sim, dir: &Path) -> FlowSpec {
+    let mut spec = sim.spec(Some(dir));
+    let csr = crate::keys::DeviceKey::from_pem(&sim.key_pem)
+        .unwrap()
+        .csr_pem("d")
+        .unwrap();
+    spec.external_public_key = Some(crate::keys::csr_public_key(&csr).unwrap());
+    spec.source = CertificateSource::Csr {
+        csr_pem: csr,
+        key: None,
+    };
+    spec.device_key = None;
+    spec.output_dir = None;
+    spec
+}
+
+#[test]
+fn an_external_key_with_a_lost_register_reply_is_handed_over_unconfirmed() {
+    let dir = temp("external-lost");
+    let mut sim = Sim::new(&[("register", Fault::DropAfterProcessing)]);
+    let mut flow = Flow::new(external_spec(&sim, &dir), Some(journal(&dir)));
+    let p = sim.run(&mut flow).unwrap();
+    assert!(!p.registration_confirmed);
+    assert_eq!(p.certificate_pem, sim.cert_pem);
+    assert_eq!(sim.issued.len(), 1, "no second certificate");
+    assert!(sim.active.contains(&p.certificate_id));
+    assert!(!dir.join("state/journal.json").exists());
+    assert!(
+        sim.connects.iter().all(|c| c == "claim"),
+        "no key to connect with"
+    );
+    // A normal run is confirmed.
+    let mut sim = Sim::new(&[]);
+    let mut flow = Flow::new(external_spec(&sim, &temp("external-ok")), None);
+    assert!(sim.run(&mut flow).unwrap().registration_confirmed);
+}
+
+#[test]
+fn an_external_key_refuses_certificates_and_journals_for_other_keys() {
+    // The service returns a certificate for another key.
+    let mut sim = Sim::new(&[]);
+    let dir = temp("external-mismatch");
+    let mut spec = external_spec(&sim, &dir);
+    let (_, other_cert) = material();
+    sim.cert_pem = other_cert;
+    spec.retry = RetryPolicy::none();
+    let mut flow = Flow::new(spec, None);
+    assert_eq!(sim.run(&mut flow).unwrap_err(), Error::CertificateMismatch);
+
+    // A journal for another key: start over, not resume.
+    let sim = Sim::new(&[]);
+    let dir = temp("external-journal");
+    let j = journal(&dir);
+    let (_, other_cert) = material();
+    j.save(&Entry {
+        host: "example.iot".into(),
+        certificate: CreatedCertificate {
+            certificate_id: "old".into(),
+            certificate_pem: other_cert,
+            private_key: None,
+            ownership_token: Secret::new("token-old".into()),
+        },
+        private_key: None,
+        created_unix: unix_now(),
+        token_expires_unix: unix_now() + 3000,
+        registered: None,
+    })
+    .unwrap();
+    let mut sim = sim;
+    let mut flow = Flow::new(external_spec(&sim, &dir), Some(j));
+    let p = sim.run(&mut flow).unwrap();
+    assert!(!p.resumed);
+    assert_eq!(sim.steps()[0], Step::Restarting);
+    assert!(
+        sim.logs.iter().any(|l| l.contains("another key")),
+        "{:?}",
+        sim.logs
+    );
 }
