@@ -851,8 +851,9 @@ fn wrong_server_and_refused_certificate() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     drop(listener);
-    // SAFETY: live config.
+    // SAFETY: live config. Connection failures are retried: two quick attempts.
     unsafe {
+        ok(fleetprov_config_set_retry(c.0, 2, 50, 50));
         ok(fleetprov_config_set_endpoint(
             c.0,
             c"localhost".as_ptr(),
@@ -872,8 +873,12 @@ fn alpn_on_request_and_required_by_the_server() {
     let env = Env::start_with(|c| c.require_alpn = true);
     let c = env.config("alpn-off");
     let mut p = ptr::null_mut();
-    // SAFETY: live config, valid output pointer.
-    let r = unsafe { fleetprov_provision(c.0, &mut p) };
+    // SAFETY: live config, valid output pointer. A refusal may look like a connection failure,
+    // which is retried: two quick attempts.
+    let r = unsafe {
+        ok(fleetprov_config_set_retry(c.0, 2, 50, 50));
+        fleetprov_provision(c.0, &mut p)
+    };
     assert!(
         matches!(r, FLEETPROV_CONNECTION | FLEETPROV_TLS),
         "{r:?}: {}",
