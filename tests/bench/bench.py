@@ -1,0 +1,448 @@
+"""The benchmark driver (tests/bench/run.sh builds everything, then runs this).
+
+Against one fleetprov-emulator, in one run, it measures this repository's library next to the
+official AWS IoT Device SDK for Python v2, prints every figure as ours / theirs with the ratio,
+checks the targets of issue 7 (printing by how much a missed one is missed) and writes the
+results as JSON and as a Markdown table.
+
+Every client runs in a fresh process (tests/bench/client.py), so the two never share memory;
+every wait is bounded; the only addresses used are on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import queue
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+from proxy import DelayProxy  # noqa: E402
+
+START_TIMEOUT_S = 60.0
+CLIENT_TIMEOUT_S = 300.0
+STORM_TIMEOUT_S = 300.0
+TEMPLATE = "DemoTemplate"
+
+# Targets of issue 7, item 3.
+TARGET_SPEEDUP = 10.0
+TARGET_TURNS = 5
+TARGET_SIZE_FRACTION = 1 / 5
+TARGET_STORM_KB = 64.0
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- the emulator ------------------------------------------------------------------------------
+
+
+class Emulator:
+    def __init__(self, binary: Path, data_dir: Path):
+        self.data_dir = data_dir
+        self.proc = subprocess.Popen(
+            [str(binary), "--data-dir", str(data_dir), "--port", "0", "--bind", "127.0.0.1",
+             "--key-type", "ec"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        lines: queue.Queue[str | None] = queue.Queue()
+        self.output: list[str] = []
+
+        def drain() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.output.append(line.rstrip("\n"))
+                lines.put(line.rstrip("\n"))
+            lines.put(None)
+
+        threading.Thread(target=drain, name="emulator-output", daemon=True).start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        self.port = 0
+        while not self.port:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.stop()
+                raise RuntimeError(f"the emulator did not start: {self.output[-20:]}")
+            try:
+                line = lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                self.stop()
+                raise RuntimeError(f"the emulator exited: {self.output[-20:]}")
+            if line.startswith("listening on "):
+                self.port = int(line.rsplit(":", 1)[1])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+MEASURE: Path | None = None  # tests/bench/c/measure.c, built by run.sh
+
+
+def run_measured(argv: list[str], env: dict, timeout: float) -> dict:
+    """Runs a command to its end through `measure` (wall time from fork to exit, the program's
+    own CPU time and peak RSS; see measure.c for why not wait4 from here)."""
+    assert MEASURE is not None
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = Path(tmp) / "measure.json"
+        full = [str(MEASURE), "--timeout", str(int(timeout)), "--out", str(figures), "--", *argv]
+        try:
+            done = subprocess.run(full, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                                  text=True, timeout=timeout + 30)
+        except subprocess.TimeoutExpired as e:
+            raise RuntimeError(f"{argv[0]} did not finish in {timeout} s") from e
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}:\n{done.stderr[-3000:]}")
+        m = json.loads(figures.read_text())
+    m["stdout"], m["stderr"] = done.stdout, done.stderr
+    return m
+
+
+def client(args, env, impl: str, flow: str, port: int, runs: int, extra: list[str] = ()) -> dict:
+    argv = [sys.executable, str(HERE / "client.py"), "--impl", impl, "--flow", flow,
+            "--port", str(port), "--data-dir", str(args.emu_dir), "--runs", str(runs), *extra]
+    r = run_measured(argv, env, CLIENT_TIMEOUT_S)
+    d = json.loads(r["stdout"].strip().splitlines()[-1])
+    d["process"] = {k: r[k] for k in ("wall_ms", "cpu_ms", "maxrss_kb")}
+    if d["times_ms"]:
+        d["median_ms"] = statistics.median(d["times_ms"])
+    return d
+
+
+# --- formatting ------------------------------------------------------------------------------
+
+
+class Table:
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.sections: list[tuple[str, int]] = []
+
+    def section(self, title: str) -> None:
+        self.sections.append((title, len(self.rows)))
+
+    def add(self, figure: str, ours: str, theirs: str, ratio: str, target: str = "") -> None:
+        self.rows.append(dict(figure=figure, ours=ours, theirs=theirs, ratio=ratio, target=target))
+        print(f"  {figure:<58} {ours:>14} {theirs:>14} {ratio:>9}  {target}", flush=True)
+
+    def markdown(self) -> str:
+        out = []
+        starts = dict((i, t) for t, i in self.sections)
+        for i, r in enumerate(self.rows):
+            if i in starts:
+                if out:
+                    out.append("")
+                out.append(f"**{starts[i]}**")
+                out.append("")
+                out.append("| figure | ours | theirs | theirs / ours | target |")
+                out.append("|---|---:|---:|---:|---|")
+            out.append(f"| {r['figure']} | {r['ours']} | {r['theirs']} | {r['ratio']} | {r['target']} |")
+        return "\n".join(out) + "\n"
+
+
+def ms(v: float) -> str:
+    return f"{v:.1f} ms" if v < 100 else f"{v:.0f} ms"
+
+
+def mb(kb: float) -> str:
+    return f"{kb / 1024:.1f} MiB"
+
+
+def size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def ratio(theirs: float, ours: float) -> str:
+    if not ours:
+        return "-"
+    return f"{theirs / ours:.1f}x"
+
+
+# --- phases ----------------------------------------------------------------------------------
+
+
+def phase_python(args, env, table: Table, results: dict, port: int, label: str, key: str,
+                 proxy: DelayProxy | None) -> None:
+    """Ours vs the SDK, CSR and keys, N runs each, in fresh processes."""
+    runs = args.runs if proxy is None else args.rtt_runs
+    results[key] = {}
+    for flow in ("csr", "keys"):
+        pair = {}
+        for impl in ("ours", "sdk"):
+            log(f"  {label}: {impl} {flow} x{runs} ...")
+            d = client(args, env, impl, flow, port, runs)
+            if proxy is not None:
+                conns = proxy.take()
+                d["connections"] = len(conns)
+                d["turns"] = [c.turns for c in conns]
+                d["turns_per_connection"] = statistics.median(d["turns"]) if conns else 0
+                d["turns_per_run"] = sum(d["turns"]) / (runs + 1)  # + the warm-up run
+                d["bytes_per_run"] = sum(c.bytes_up + c.bytes_down for c in conns) / (runs + 1)
+            pair[impl] = d
+        results[key][flow] = pair
+        o, t = pair["ours"], pair["sdk"]
+        api = "CreateCertificateFromCsr" if flow == "csr" else "CreateKeysAndCertificate"
+        speedup = t["median_ms"] / o["median_ms"]
+        if proxy is None:
+            if speedup >= TARGET_SPEEDUP:
+                verdict = f">= {TARGET_SPEEDUP:.0f}x: met"
+            else:
+                need = t["median_ms"] / TARGET_SPEEDUP
+                verdict = (f">= {TARGET_SPEEDUP:.0f}x: MISSED by {TARGET_SPEEDUP / speedup:.1f}x "
+                           f"(ours {o['median_ms'] - need:.1f} ms over {need:.1f} ms)")
+        else:
+            verdict = ""
+        table.add(f"{api}: median provisioning time", ms(o["median_ms"]), ms(t["median_ms"]),
+                  ratio(t["median_ms"], o["median_ms"]), verdict)
+        table.add(f"{api}: CPU per provisioning", ms(o["cpu_ms_per_run"]), ms(t["cpu_ms_per_run"]),
+                  ratio(t["cpu_ms_per_run"], o["cpu_ms_per_run"]))
+        table.add(f"{api}: peak RSS of the process", mb(o["peak_rss_kb"]), mb(t["peak_rss_kb"]),
+                  ratio(t["peak_rss_kb"], o["peak_rss_kb"]))
+        table.add(f"{api}: peak RSS - RSS after imports", mb(o["peak_rss_kb"] - o["rss_before_kb"]),
+                  mb(t["peak_rss_kb"] - t["rss_before_kb"]),
+                  ratio(t["peak_rss_kb"] - t["rss_before_kb"], o["peak_rss_kb"] - o["rss_before_kb"]))
+        if proxy is not None:
+            turns_o, turns_t = o["turns_per_connection"], t["turns_per_connection"]
+            if turns_o <= TARGET_TURNS:
+                verdict = f"<= {TARGET_TURNS}: met"
+            else:
+                verdict = f"<= {TARGET_TURNS}: MISSED by {turns_o - TARGET_TURNS:g}"
+            table.add(f"{api}: round trips after TCP connect", f"{turns_o:g}", f"{turns_t:g}",
+                      ratio(turns_t, turns_o), verdict)
+            table.add(f"{api}: connections per provisioning",
+                      f"{o['connections'] / (runs + 1):g}", f"{t['connections'] / (runs + 1):g}", "")
+            table.add(f"{api}: bytes on the wire per provisioning", f"{o['bytes_per_run']:.0f}",
+                      f"{t['bytes_per_run']:.0f}", ratio(t["bytes_per_run"], o["bytes_per_run"]))
+
+
+def phase_verify_rtt(args, env, table: Table, results: dict, port: int, proxy: DelayProxy) -> None:
+    """Ours with the library's default verification connection, for its cost at 50 ms RTT."""
+    log(f"  rtt: ours csr --verify x{args.rtt_runs} ...")
+    d = client(args, env, "ours", "csr", port, args.rtt_runs, ["--verify"])
+    conns = proxy.take()
+    d["connections"] = len(conns)
+    d["turns"] = [c.turns for c in conns]
+    results["rtt_verify"] = d
+    sdk = results["rtt"]["csr"]["sdk"]
+    table.add("CreateCertificateFromCsr + verification connection (our default): median",
+              ms(d["median_ms"]), ms(sdk["median_ms"]), ratio(sdk["median_ms"], d["median_ms"]),
+              f"turns per connection: {sorted(set(d['turns']))}")
+
+
+def phase_c(args, env, table: Table, results: dict, port: int) -> None:
+    """One provisioning per process: the C example (shared and static) vs python + SDK."""
+    common = ["--endpoint", "localhost", "--port", str(port), "--ca", str(args.emu_dir / "ca.pem"),
+              "--cert", str(args.emu_dir / "claim.pem"), "--key", str(args.emu_dir / "claim.key"),
+              "--template", TEMPLATE, "--no-verify", "--timeout", "30000"]
+    tag = os.getpid()
+    kinds = {
+        "c_shared": lambda i: [str(args.c_shared), *common, "--param", f"SerialNumber=cs-{tag}-{i}"],
+        "c_static": lambda i: [str(args.c_static), *common, "--param", f"SerialNumber=ct-{tag}-{i}"],
+        "python_ours": lambda i: [sys.executable, str(HERE / "client.py"), "--impl", "ours",
+                                  "--flow", "csr", "--port", str(port), "--data-dir",
+                                  str(args.emu_dir), "--runs", "0"],
+        "python_sdk": lambda i: [sys.executable, str(HERE / "client.py"), "--impl", "sdk",
+                                 "--flow", "csr", "--port", str(port), "--data-dir",
+                                 str(args.emu_dir), "--runs", "0"],
+    }
+    res = {}
+    for kind, argv in kinds.items():
+        log(f"  process: {kind} x{args.runs} ...")
+        samples = [run_measured(argv(i), env, CLIENT_TIMEOUT_S) for i in range(args.runs)]
+        res[kind] = {
+            "wall_ms": statistics.median(s["wall_ms"] for s in samples),
+            "cpu_ms": statistics.median(s["cpu_ms"] for s in samples),
+            "maxrss_kb": statistics.median(s["maxrss_kb"] for s in samples),
+        }
+    results["process"] = res
+    t = res["python_sdk"]
+    for kind, name in (("c_shared", "C example (shared lib)"), ("c_static", "C example (static)"),
+                       ("python_ours", "Python + our binding")):
+        o = res[kind]
+        table.add(f"{name}: wall time, process start to exit", ms(o["wall_ms"]), ms(t["wall_ms"]),
+                  ratio(t["wall_ms"], o["wall_ms"]))
+        table.add(f"{name}: CPU time of the process", ms(o["cpu_ms"]), ms(t["cpu_ms"]),
+                  ratio(t["cpu_ms"], o["cpu_ms"]))
+        table.add(f"{name}: peak RSS of the process", mb(o["maxrss_kb"]), mb(t["maxrss_kb"]),
+                  ratio(t["maxrss_kb"], o["maxrss_kb"]))
+
+
+def stripped_size(path: Path, work: Path) -> int:
+    copy = work / (path.name + ".stripped")
+    subprocess.run(["strip", "-o", str(copy), str(path)], check=True, timeout=60)
+    n = copy.stat().st_size
+    copy.unlink()
+    return n
+
+
+def tree_size(path: Path, suffix: str = ".py") -> int:
+    return sum(p.stat().st_size for p in path.rglob(f"*{suffix}") if p.is_file())
+
+
+def phase_footprint(args, table: Table, results: dict) -> None:
+    import awscrt
+    import awsiot
+
+    site = Path(awscrt.__file__).resolve().parents[1]
+    native = sorted(site.glob("_awscrt*.so"))
+    if not native:
+        raise RuntimeError(f"no _awscrt*.so in {site}")
+    work = args.work
+    ours_so = stripped_size(args.library, work)
+    theirs_so = stripped_size(native[0], work)
+    static = stripped_size(args.c_static, work)
+    shared_exe = stripped_size(args.c_shared, work)
+    ours_py = tree_size(REPO / "bindings" / "python" / "fleetprov")
+    theirs_py = tree_size(Path(awscrt.__file__).parent) + tree_size(Path(awsiot.__file__).parent)
+    results["footprint"] = dict(cdylib=ours_so, awscrt_native=theirs_so, awscrt_native_unstripped=native[0].stat().st_size,
+                                c_static=static, c_shared_exe=shared_exe, ours_py=ours_py, theirs_py=theirs_py,
+                                awscrt_native_name=native[0].name)
+    limit = theirs_so * TARGET_SIZE_FRACTION
+    if ours_so <= limit:
+        verdict = "<= 1/5: met"
+    else:
+        verdict = f"<= 1/5 ({size(int(limit))}): MISSED by {size(int(ours_so - limit))} ({(ours_so / limit - 1) * 100:.0f}%)"
+    table.add("stripped cdylib vs stripped " + native[0].name, size(ours_so), size(theirs_so),
+              ratio(theirs_so, ours_so), verdict)
+    table.add("statically linked C example (stripped) vs the same", size(static), size(theirs_so),
+              ratio(theirs_so, static))
+    table.add("C example linked to the shared library (stripped exe)", f"{shared_exe / 1e3:.1f} kB", "", "")
+    table.add("Python package: .py files + stripped native library",
+              size(ours_py + ours_so), size(theirs_py + theirs_so), ratio(theirs_py + theirs_so, ours_py + ours_so))
+
+
+def phase_storm(args, env, table: Table, results: dict) -> None:
+    log(f"  storm: {args.storm_devices} devices ...")
+    env = dict(env, FLEETPROV_EMULATOR=str(args.emulator), FLEETPROV_STORM_DEVICES=str(args.storm_devices))
+    r = run_measured([str(args.storm)], env, STORM_TIMEOUT_S)
+    d = json.loads(r["stdout"].strip().splitlines()[-1])
+    d["process_cpu_ms"] = r["cpu_ms"]
+    results["storm"] = d
+    kb = d["kb_per_device"]
+    verdict = (f"< {TARGET_STORM_KB:.0f} KB: met" if kb < TARGET_STORM_KB
+               else f"< {TARGET_STORM_KB:.0f} KB: MISSED by {kb - TARGET_STORM_KB:.1f} KB ({(kb / TARGET_STORM_KB - 1) * 100:.0f}%)")
+    table.add(f"storm, {d['devices']} devices at once: devices per second", f"{d['devices_per_s']:.0f}/s", "", "")
+    table.add("storm: peak RSS delta per device in flight", f"{kb:.1f} KB", "", "", verdict)
+    table.add("storm: most devices connected at the same time", f"{d['max_connected']}", "", "")
+    table.add("storm: retried attempts / failed devices", f"{d['retries']} / {d['failed']}", "", "")
+
+
+def phase_codec(args, env, table: Table, results: dict) -> None:
+    log("  codec ...")
+    ours = [json.loads(l) for l in run_measured([str(args.codec)], env, 120)["stdout"].splitlines()
+            if l.startswith("{")]
+    theirs = [json.loads(l) for l in run_measured([sys.executable, str(HERE / "sdk_codec.py")], env, 120)[
+        "stdout"].splitlines() if l.startswith("{")]
+    results["codec"] = {"ours": ours, "theirs": theirs}
+    sdk = {c["case"]: c["ns_per_op"] for c in theirs}
+    for c in ours:
+        t = sdk.get(c["case"]) if c["format"] == "json" else None
+        table.add(f"{c['case']} ({c['format'].upper()}, {c['bytes']} B)", f"{c['ns_per_op']:.0f} ns",
+                  f"{t:.0f} ns" if t else "(no CBOR)" if c["format"] == "cbor" else "",
+                  ratio(t, c["ns_per_op"]) if t else "")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--rtt-runs", type=int, default=None, help="runs under the emulated RTT (default: --runs)")
+    p.add_argument("--rtt-ms", type=float, default=50.0)
+    p.add_argument("--storm-devices", type=int, default=1000)
+    p.add_argument("--emulator", type=Path, required=True)
+    p.add_argument("--library", type=Path, required=True)
+    p.add_argument("--c-shared", type=Path, required=True)
+    p.add_argument("--c-static", type=Path, required=True)
+    p.add_argument("--storm", type=Path, required=True)
+    p.add_argument("--codec", type=Path, required=True)
+    p.add_argument("--measure", type=Path, required=True, help="tests/bench/c/measure.c, built")
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--markdown", type=Path)
+    args = p.parse_args()
+    if not 1 <= args.runs <= 1000:
+        p.error("--runs must be 1..1000")
+    args.rtt_runs = args.rtt_runs or args.runs
+    global MEASURE
+    MEASURE = args.measure
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.emu_dir = args.work / "emulator"
+    env = dict(os.environ)
+    env["FLEETPROV_LIBRARY"] = str(args.library)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "bindings" / "python"), env.get("PYTHONPATH")]))
+
+    started = time.monotonic()
+    table = Table()
+    results: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": {"uname": " ".join(platform.uname()), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "runs": args.runs, "rtt_runs": args.rtt_runs, "rtt_ms": args.rtt_ms,
+    }
+    print(f"  {'figure':<58} {'ours':>14} {'theirs':>14} {'theirs/ours':>9}  target", flush=True)
+    emu = Emulator(args.emulator, args.emu_dir)
+    proxy = None
+    try:
+        log(f"emulator on 127.0.0.1:{emu.port}")
+        table.section(f"Loopback: Python binding vs official SDK (IotIdentityClientV2, MQTT 3.1.1), "
+                      f"median of {args.runs} runs each, fresh process per client")
+        phase_python(args, env, table, results, emu.port, "loopback", "loopback", None)
+
+        proxy = DelayProxy("127.0.0.1", emu.port, delay=args.rtt_ms / 2000)
+        proxy_port = proxy.start()
+        table.section(f"Emulated {args.rtt_ms:g} ms round-trip time (delaying proxy), median of {args.rtt_runs} runs")
+        phase_python(args, env, table, results, proxy_port, "rtt", "rtt", proxy)
+        phase_verify_rtt(args, env, table, results, proxy_port, proxy)
+        proxy.stop()
+        proxy = None
+
+        table.section(f"One provisioning per process (CreateCertificateFromCsr), median of {args.runs} processes; "
+                      "theirs: python + official SDK")
+        phase_c(args, env, table, results, emu.port)
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        emu.stop()
+
+    table.section("Footprint")
+    phase_footprint(args, table, results)
+    table.section(f"Storm: {args.storm_devices} devices provisioning at once in one process "
+                  "(fleetprov::provision, a thread each, CreateCertificateFromCsr)")
+    phase_storm(args, env, table, results)
+    table.section("Codec micro-benchmarks (median ns per operation); theirs: the SDK's Python JSON models")
+    phase_codec(args, env, table, results)
+
+    results["seconds"] = time.monotonic() - started
+    results["table"] = table.rows
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    if args.markdown:
+        args.markdown.write_text(table.markdown())
+    missed = [r for r in table.rows if "MISSED" in r["target"]]
+    print(f"\nmeasured in {results['seconds']:.0f} s; targets missed: {len(missed)}", flush=True)
+    for r in missed:
+        print(f"  {r['figure']}: {r['target']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
