@@ -12,6 +12,11 @@ One call::
         on_progress=lambda p: print(p.step.name, p.attempt, p.retry_in, p.error),
     )
 
+Certificate rotation, with the credentials an earlier provision() wrote::
+
+    result = fleetprov.rotate("/var/lib/device", endpoint=..., ca_file=...,
+                              template_name="RotationTemplate", parameters={"ThingName": name})
+
 Step by step::
 
     with fleetprov.Client(endpoint=..., cert_file=..., key_file=...,
@@ -41,6 +46,7 @@ from ._api import (
     Step,
     provision,
     provision_async,
+    rotate,
 )
 from .errors import (
     BufferTooSmallError,
@@ -69,6 +75,7 @@ __all__ = [
     "library_version",
     "provision",
     "provision_async",
+    "rotate",
     "Client",
     "Certificate",
     "Registration",

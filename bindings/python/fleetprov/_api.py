@@ -322,7 +322,7 @@ class _Config:
 
 def _build_config(
     *,
-    endpoint: str,
+    endpoint: Optional[str],
     port: int,
     ca_file: Optional[StrPath],
     ca_pem: Optional[str],
@@ -347,10 +347,16 @@ def _build_config(
     state_dir: Optional[StrPath] = None,
     retry: Optional[Retry] = None,
     token_lifetime: Optional[int] = None,
+    claim: bool = True,
+    host_transport: bool = False,
 ) -> tuple[_Config, CallbackSlot]:
     """Validates every argument in Python first (TypeError for wrong types), then fills a
-    fleetprov_config (library errors become FleetprovError subclasses)."""
-    host = _cstr(endpoint, "endpoint")
+    fleetprov_config (library errors become FleetprovError subclasses).
+
+    ``claim=False`` is for flows that connect with other credentials (rotation: the device's
+    own; a host transport: the host's), where claim credentials are refused. With
+    ``host_transport`` the endpoint may be None (left unset)."""
+    host = None if endpoint is None and host_transport else _cstr(endpoint, "endpoint")
     port_v = _int_arg(port, "port", 1, 65535)
     ca_file_b = _opt_cstr(ca_file, "ca_file")
     ca_pem_b = _opt_cstr(ca_pem, "ca_pem")
@@ -360,13 +366,18 @@ def _build_config(
         raise InvalidArgumentError("claim credentials need both a certificate and a key", code=1)
     if cert_file is not None and cert_pem is not None:
         raise InvalidArgumentError("give cert_file/key_file or cert_pem/key_pem, not both", code=1)
-    if cert_file is None and cert_pem is None:
+    claim_v: Optional[tuple[bytes, bytes, bool]] = None
+    if not claim:
+        if cert_file is not None or cert_pem is not None:
+            raise InvalidArgumentError("claim credentials are not taken here", code=1)
+    elif cert_file is None and cert_pem is None:
         raise InvalidArgumentError("claim credentials are required: cert_file and key_file", code=1)
-    claim = (
-        (_cstr(cert_file, "cert_file"), _cstr(key_file, "key_file"), True)
-        if cert_file is not None
-        else (_cstr(cert_pem, "cert_pem"), _cstr(key_pem, "key_pem"), False)
-    )
+    else:
+        claim_v = (
+            (_cstr(cert_file, "cert_file"), _cstr(key_file, "key_file"), True)
+            if cert_file is not None
+            else (_cstr(cert_pem, "cert_pem"), _cstr(key_pem, "key_pem"), False)
+        )
     template_b = _opt_cstr(template_name, "template_name")
     params: list[tuple[bytes, bytes]] = []
     if parameters is not None:
@@ -395,15 +406,16 @@ def _build_config(
     config = _Config()
     try:
         h = config.handle
-        check(lib.fleetprov_config_set_endpoint(h, host, port_v))
+        if host is not None:
+            check(lib.fleetprov_config_set_endpoint(h, host, port_v))
         if ca_file_b is not None:
             check(lib.fleetprov_config_set_ca_file(h, ca_file_b))
         elif ca_pem_b is not None:
             check(lib.fleetprov_config_set_ca_pem(h, ca_pem_b))
-        if claim[2]:
-            check(lib.fleetprov_config_set_claim_files(h, claim[0], claim[1]))
-        else:
-            check(lib.fleetprov_config_set_claim_pem(h, claim[0], claim[1]))
+        if claim_v is not None and claim_v[2]:
+            check(lib.fleetprov_config_set_claim_files(h, claim_v[0], claim_v[1]))
+        elif claim_v is not None:
+            check(lib.fleetprov_config_set_claim_pem(h, claim_v[0], claim_v[1]))
         if client_id_b is not None:
             check(lib.fleetprov_config_set_client_id(h, client_id_b))
         if keep_alive_v is not None:
@@ -467,6 +479,26 @@ def _raise_outcome(slot: CallbackSlot, error: Optional[FleetprovError]) -> None:
 
 
 # --- one-call flow ---------------------------------------------------------------------------
+
+
+def _run_blocking(config: _Config, slot: CallbackSlot, fn: Callable[..., int], *args: Any) -> ProvisionResult:
+    """Runs ``fn(config, *args, &out)`` (fleetprov_provision or fleetprov_rotate) on this thread,
+    frees the config, and returns the copied result or raises (a callback's exception first)."""
+    with config:
+        out = ctypes.c_void_p()
+        code = fn(config.handle, *args, ctypes.byref(out))
+        error = last_error(code) if code != 0 else None  # read at once, same thread
+    result: Optional[ProvisionResult] = None
+    if code == 0:
+        try:
+            result = _provisioned_to_result(out.value)
+        finally:
+            lib.fleetprov_provisioned_free(out.value)
+    _raise_outcome(slot, error)
+    assert result is not None
+    return result
+
+
 
 
 def provision(
@@ -546,19 +578,69 @@ def provision(
         verify=verify, output_dir=output_dir, state_dir=state_dir, retry=retry,
         token_lifetime=token_lifetime,
     )
-    with config:
-        out = ctypes.c_void_p()
-        code = lib.fleetprov_provision(config.handle, ctypes.byref(out))
-        error = last_error(code) if code != 0 else None  # read at once, same thread
-    result: Optional[ProvisionResult] = None
-    if code == 0:
-        try:
-            result = _provisioned_to_result(out.value)
-        finally:
-            lib.fleetprov_provisioned_free(out.value)
-    _raise_outcome(slot, error)
-    assert result is not None
-    return result
+    return _run_blocking(config, slot, lib.fleetprov_provision)
+
+
+def rotate(
+    credentials_dir: StrPath,
+    *,
+    endpoint: str,
+    port: int = 8883,
+    ca_file: Optional[StrPath] = None,
+    template_name: str,
+    parameters: Optional[Mapping[str, str]] = None,
+    use_csr: bool = True,
+    payload_format: Union[str, Format] = "json",
+    output_dir: Optional[StrPath] = None,
+    state_dir: Optional[StrPath] = None,
+    retry: Optional[Retry] = None,
+    token_lifetime: Optional[int] = None,
+    timeout: Optional[float] = 60.0,
+    step_timeout: float = 10.0,
+    client_id: Optional[str] = None,
+    on_progress: Optional[ProgressCallback] = None,
+    ca_pem: Optional[str] = None,
+    key_type: Union[str, KeyType] = "p256",
+    keep_alive: Optional[int] = None,
+    alpn: Optional[bool] = None,
+) -> ProvisionResult:
+    """Rotates the certificate of a provisioned device in one blocking call.
+
+    Connects with the credentials in ``credentials_dir`` (``certificate.pem``, ``private.key``
+    and ``device.json`` as :func:`provision` wrote them to its ``output_dir``) instead of claim
+    credentials, which are not taken here; the thing name in ``device.json`` is the MQTT client
+    id unless ``client_id`` is given. Makes a new certificate (a key made here for a CSR when
+    ``use_csr``, of ``key_type``; else CreateKeysAndCertificate), registers it through
+    ``template_name`` — a rotation template, e.g. one taking the thing name as a parameter —
+    with ``parameters``, connects with it, and only then replaces the three files in
+    ``credentials_dir`` (or writes them to ``output_dir`` if given), each atomically. Until that
+    moment the old files stay byte for byte as they were, also when the call fails. The old
+    certificate stays active in AWS IoT: retiring it is the backend's call.
+
+    The resume journal lives in ``credentials_dir/rotation-journal`` unless ``state_dir`` says
+    otherwise, so an interrupted rotation resumes with the same new certificate
+    (``resumed`` in the result). ``retry``, ``token_lifetime``, ``timeout``, ``step_timeout``,
+    ``on_progress`` and the connection settings are as for :func:`provision`; the verification
+    connection cannot be turned off here.
+
+    Returns a :class:`ProvisionResult` for the new certificate. Raises the same exceptions as
+    :func:`provision` (:class:`StorageError` when ``credentials_dir`` lacks a file).
+    """
+    dir_b = _cstr(credentials_dir, "credentials_dir")
+    if not isinstance(use_csr, bool):
+        raise TypeError("use_csr must be bool")
+    if template_name is None:
+        raise InvalidArgumentError("template_name is required", code=1)
+    method = _Method.CSR if use_csr else _Method.CREATE_KEYS
+    config, slot = _build_config(
+        endpoint=endpoint, port=port, ca_file=ca_file, ca_pem=ca_pem, cert_file=None,
+        key_file=None, cert_pem=None, key_pem=None, template_name=template_name,
+        parameters=parameters, payload_format=payload_format, timeout=timeout,
+        step_timeout=step_timeout, client_id=client_id, keep_alive=keep_alive, alpn=alpn,
+        on_progress=on_progress, method=int(method), key_type=key_type, output_dir=output_dir,
+        state_dir=state_dir, retry=retry, token_lifetime=token_lifetime, claim=False,
+    )
+    return _run_blocking(config, slot, lib.fleetprov_rotate, dir_b)
 
 
 class ProvisionOperation(_Closeable):

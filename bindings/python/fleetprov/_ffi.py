@@ -29,7 +29,17 @@ from ctypes import (
 )
 from pathlib import Path
 
-__all__ = ["lib", "LIBRARY_PATH", "EXPECTED_VERSION", "LibraryLoadError", "ProgressStruct"]
+__all__ = [
+    "lib",
+    "LIBRARY_PATH",
+    "EXPECTED_VERSION",
+    "LibraryLoadError",
+    "ProgressStruct",
+    "IdentityStruct",
+    "HostCallbacksStruct",
+    "IN_PROGRESS",
+    "NO_TIMER",
+]
 
 #: The library version this package is written for (agrees with pyproject.toml).
 EXPECTED_VERSION = "0.1.0"
@@ -92,6 +102,22 @@ class ProgressStruct(ctypes.Structure):
     ]
 
 
+class IdentityStruct(ctypes.Structure):
+    """struct fleetprov_identity, borrowed by the host connect callback for the call only."""
+
+    _fields_ = [
+        ("claim", c_bool),
+        ("certificate_pem", c_char_p),  # NULL with claim
+        ("private_key_pem", c_char_p),  # NULL with claim, or when the key is the host's own
+        ("client_id", c_char_p),  # "" lets the host choose
+    ]
+
+
+#: FLEETPROV_IN_PROGRESS: fleetprov_host_result() before the flow finished.
+IN_PROGRESS = 15
+#: fleetprov_host_wake_at() when no timer is pending (UINT64_MAX).
+NO_TIMER = 0xFFFFFFFFFFFFFFFF
+
 # --- callback types (enums arrive as plain ints) ---------------------------------------------
 LOG_CALLBACK = CFUNCTYPE(None, c_void_p, c_int, c_void_p, c_size_t)
 USERDATA_FREE = CFUNCTYPE(None, c_void_p)
@@ -99,6 +125,23 @@ PROGRESS_CALLBACK = CFUNCTYPE(None, c_void_p, POINTER(ProgressStruct))
 PROVISION_CALLBACK = CFUNCTYPE(None, c_void_p, c_int, c_void_p, c_void_p)
 CERTIFICATE_CALLBACK = CFUNCTYPE(None, c_void_p, c_int, c_void_p, c_void_p)
 REGISTRATION_CALLBACK = CFUNCTYPE(None, c_void_p, c_int, c_void_p, c_void_p)
+# fleetprov_host_callbacks: connect, disconnect, subscribe, publish (payload as c_void_p + len).
+HOST_CONNECT_CALLBACK = CFUNCTYPE(c_int32, c_void_p, POINTER(IdentityStruct))
+HOST_DISCONNECT_CALLBACK = CFUNCTYPE(None, c_void_p)
+HOST_SUBSCRIBE_CALLBACK = CFUNCTYPE(c_int32, c_void_p, POINTER(c_char_p), c_size_t)
+HOST_PUBLISH_CALLBACK = CFUNCTYPE(c_int32, c_void_p, c_char_p, c_void_p, c_size_t)
+
+
+class HostCallbacksStruct(ctypes.Structure):
+    """struct fleetprov_host_callbacks (copied by fleetprov_host_new)."""
+
+    _fields_ = [
+        ("connect", HOST_CONNECT_CALLBACK),
+        ("disconnect", HOST_DISCONNECT_CALLBACK),
+        ("subscribe", HOST_SUBSCRIBE_CALLBACK),
+        ("publish", HOST_PUBLISH_CALLBACK),
+    ]
+
 
 
 def _declare(name: str, restype, *argtypes) -> None:
@@ -137,10 +180,23 @@ _SIGNATURES = [
     ("fleetprov_config_set_progress_callback", _RES, _H, PROGRESS_CALLBACK, c_void_p, USERDATA_FREE),
     # one-call flow
     ("fleetprov_provision", _RES, _H, _PH),
+    ("fleetprov_rotate", _RES, _H, c_char_p, _PH),
     ("fleetprov_provision_async", _RES, _H, PROVISION_CALLBACK, c_void_p, USERDATA_FREE, _PH),
     ("fleetprov_operation_cancel", _RES, _H),
     ("fleetprov_operation_wait", _RES, _H),
     ("fleetprov_operation_free", None, _H),
+    # host transport (every event function takes now_ms last)
+    ("fleetprov_host_new", _RES, _H, POINTER(HostCallbacksStruct), c_void_p, USERDATA_FREE, _PH),
+    ("fleetprov_host_free", None, _H),
+    ("fleetprov_host_start", _RES, _H, c_uint64),
+    ("fleetprov_host_connected", _RES, _H, c_uint64),
+    ("fleetprov_host_connect_failed", _RES, _H, c_bool, c_uint64),
+    ("fleetprov_host_suback", _RES, _H, POINTER(c_bool), c_size_t, c_uint64),
+    ("fleetprov_host_message", _RES, _H, c_char_p, c_void_p, c_size_t, c_uint64),
+    ("fleetprov_host_disconnected", _RES, _H, c_uint64),
+    ("fleetprov_host_tick", _RES, _H, c_uint64),
+    ("fleetprov_host_wake_at", c_uint64, _H),
+    ("fleetprov_host_result", _RES, _H, _PH),
     # client
     ("fleetprov_client_new", _RES, _H, _PH),
     ("fleetprov_client_free", None, _H),

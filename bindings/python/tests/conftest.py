@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import socket
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ class Emulator:
     host: str
     port: int
     lines: list[str]
+    control: tuple[str, int]
 
     @property
     def ca_file(self) -> Path:
@@ -56,6 +58,16 @@ class Emulator:
         args.update(extra)
         return args
 
+    def ctl(self, command: str) -> str:
+        """One command of the emulator's control interface (e.g. ``fault RULE``, ``clear``);
+        returns its answer line, failing the test on an ``error:`` answer."""
+        with socket.create_connection(self.control, timeout=STOP_TIMEOUT) as sock:
+            sock.sendall(command.encode() + b"\n")
+            answer = sock.makefile("r", encoding="utf-8").readline().strip()
+        if answer.startswith("error"):
+            pytest.fail(f"emulator control {command!r}: {answer}")
+        return answer
+
     def registry(self) -> dict:
         """The emulator's registry (`fleetprov-emulator list`)."""
         out = subprocess.run(
@@ -65,11 +77,16 @@ class Emulator:
         return json.loads(out.stdout)
 
 
-def _start(tmp_path: Path, faults: list[str]) -> Iterator[Emulator]:
+def _address(line: str, prefix: str) -> tuple[str, int]:
+    host, _, port = line.split(prefix, 1)[1].strip().rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _start(tmp_path: Path, faults: list[str], args: tuple[str, ...] = ()) -> Iterator[Emulator]:
     if not EMULATOR.is_file():
         pytest.fail(f"emulator not built: {EMULATOR} (cargo build -p fleetprov-emulator)")
     data_dir = tmp_path / "emulator"
-    cmd = [str(EMULATOR), "--data-dir", str(data_dir), "--port", "0", "--key-type", "ec"]
+    cmd = [str(EMULATOR), "--data-dir", str(data_dir), "--port", "0", "--key-type", "ec", "--control-port", "0", *args]
     for f in faults:
         cmd += ["--fault", f]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -80,22 +97,25 @@ def _start(tmp_path: Path, faults: list[str]) -> Iterator[Emulator]:
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line.rstrip("\n"))
-            if line.startswith("listening on "):
+            if line.startswith(("listening on ", "control on ")):
                 ready.put(line)
         ready.put(None)
 
     reader = threading.Thread(target=drain, name="emulator-output", daemon=True)
     reader.start()
     try:
-        try:
-            line = ready.get(timeout=START_TIMEOUT)
-        except queue.Empty:
-            pytest.fail(f"emulator did not start within {START_TIMEOUT} s: {lines}")
-        if line is None:
-            pytest.fail(f"emulator exited before listening: {lines}")
-        addr = line.split("listening on ", 1)[1].strip()
-        host, _, port = addr.rpartition(":")
-        yield Emulator(data_dir=data_dir, host=host, port=int(port), lines=lines)
+        found: dict[str, tuple[str, int]] = {}
+        while len(found) < 2:  # "listening on HOST:PORT", then "control on HOST:PORT"
+            try:
+                line = ready.get(timeout=START_TIMEOUT)
+            except queue.Empty:
+                pytest.fail(f"emulator did not start within {START_TIMEOUT} s: {lines}")
+            if line is None:
+                pytest.fail(f"emulator exited before listening: {lines}")
+            prefix = "listening on " if line.startswith("listening on ") else "control on "
+            found[prefix] = _address(line, prefix)
+        host, port = found["listening on "]
+        yield Emulator(data_dir=data_dir, host=host, port=port, lines=lines, control=found["control on "])
     finally:
         proc.kill()
         proc.wait(timeout=STOP_TIMEOUT)
@@ -112,13 +132,14 @@ def emulator(tmp_path: Path) -> Iterator[Emulator]:
 
 @pytest.fixture
 def emulator_factory(tmp_path: Path):
-    """Starts an emulator with the given fault rules: ``emulator_factory("delay:3000@register")``."""
+    """Starts an emulator with the given fault rules: ``emulator_factory("delay:3000@register")``;
+    ``args`` adds command-line options (``args=("--token-ttl", "0.2")``)."""
     gens = []
 
-    def make(*faults: str) -> Emulator:
+    def make(*faults: str, args: tuple[str, ...] = ()) -> Emulator:
         sub = tmp_path / f"e{len(gens)}"
         sub.mkdir()
-        gen = _start(sub, list(faults))
+        gen = _start(sub, list(faults), tuple(args))
         gens.append(gen)
         return next(gen)
 
