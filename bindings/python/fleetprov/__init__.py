@@ -17,6 +17,9 @@ Certificate rotation, with the credentials an earlier provision() wrote::
     result = fleetprov.rotate("/var/lib/device", endpoint=..., ca_file=...,
                               template_name="RotationTemplate", parameters={"ThingName": name})
 
+Over an MQTT connection the caller owns: :class:`HostFlow` (any transport), or
+:func:`fleetprov.paho.provision_with_paho` (paho-mqtt, an optional dependency).
+
 Step by step::
 
     with fleetprov.Client(endpoint=..., cert_file=..., key_file=...,
@@ -48,6 +51,7 @@ from ._api import (
     provision_async,
     rotate,
 )
+from ._host import HostFlow, HostTransport, Identity
 from .errors import (
     BufferTooSmallError,
     BusyError,
@@ -76,6 +80,9 @@ __all__ = [
     "provision",
     "provision_async",
     "rotate",
+    "HostFlow",
+    "HostTransport",
+    "Identity",
     "Client",
     "Certificate",
     "Registration",
