@@ -85,3 +85,60 @@ def test_example_bad_retry(value, message):
     r = _run("--endpoint", "x", "--cert", "c", "--key", "k", "--template", "T", "--retry", value)
     assert r.returncode == 2
     assert message in r.stderr
+
+
+def test_example_with_paho(emulator, tmp_path):
+    out = tmp_path / "dev"
+    r = _run(*_common(emulator), "--param", "SerialNumber=cli4", "--paho", "--out", str(out), "-v")
+    assert r.returncode == 0, r.stderr
+    assert "thing name: demo-cli4" in r.stdout
+    assert "  .. committed" in r.stderr
+    assert (out / "private.key").is_file()
+
+
+def _rotate_common(emulator, thing: str) -> list[str]:
+    return ["--endpoint", "localhost", "--port", str(emulator.port), "--ca", str(emulator.ca_file),
+            "--template", "RotationTemplate", "--param", f"ThingName={thing}"]
+
+
+def test_example_rotate(emulator, tmp_path):
+    dev = tmp_path / "dev"
+    r = _run(*_common(emulator), "--param", "SerialNumber=cli5", "--out", str(dev))
+    assert r.returncode == 0, r.stderr
+    old = (dev / "certificate.pem").read_text()
+    r = _run(*_rotate_common(emulator, "demo-cli5"), "--rotate", str(dev))
+    assert r.returncode == 0, r.stderr
+    assert f"rotated the certificate of {dev}" in r.stdout
+    assert "thing name: demo-cli5" in r.stdout
+    assert f"credentials written to: {dev}" in r.stdout
+    assert (dev / "certificate.pem").read_text() != old
+
+
+def test_example_rotate_rejected_keeps_the_files(emulator, tmp_path):
+    dev = tmp_path / "dev"
+    r = _run(*_common(emulator), "--param", "SerialNumber=cli6", "--out", str(dev))
+    assert r.returncode == 0, r.stderr
+    before = {f.name: f.read_bytes() for f in dev.iterdir() if f.is_file()}
+    emulator.ctl("fault reject:403@register")
+    r = _run(*_rotate_common(emulator, "demo-cli6"), "--rotate", str(dev))
+    assert r.returncode == 2
+    assert "rejected: 403" in r.stderr
+    assert f"the credentials in {dev} are unchanged" in r.stderr
+    assert {f.name: f.read_bytes() for f in dev.iterdir() if f.is_file()} == before
+
+
+# Each row: arguments the example refuses, and a piece of its message.
+BAD_COMBINATIONS = [
+    (["--template", "T"], "--cert and --key are required"),
+    (["--template", "T", "--cert", "c"], "--cert and --key are required"),
+    (["--template", "T", "--rotate", "d", "--cert", "c"], "--cert/--key are not used"),
+    (["--template", "T", "--rotate", "d", "--paho"], "neither --paho nor --no-verify"),
+    (["--template", "T", "--rotate", "d", "--no-verify"], "neither --paho nor --no-verify"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_COMBINATIONS, ids=[" ".join(a[2:]) for a in BAD_COMBINATIONS])
+def test_example_bad_combinations(args, message):
+    r = _run("--endpoint", "x", *args)
+    assert r.returncode == 2
+    assert message in r.stderr
