@@ -26,16 +26,39 @@ static int parse_u32(const char *s, char stop, const char **end, uint32_t *out) 
     return 0;
 }
 
-static void usage(const char *prog) {
+void example_usage(const char *prog, const struct example_option *extra, size_t count) {
     fprintf(stderr,
             "usage: %s --endpoint HOST [--port N] [--ca CA.pem] --cert CLAIM.pem --key CLAIM.key\n"
             "       --template NAME [--param KEY=VALUE]... [--out DIR] [--format json|cbor]\n"
             "       [--method csr|keys] [--timeout MS] [--client-id ID] [--no-verify] [--wait MS]\n"
             "       [--state-dir DIR] [--retry MAX_ATTEMPTS,INITIAL_MS,MAX_MS]\n",
             prog);
+    for (size_t i = 0; i < count; i++) {
+        fprintf(stderr, "%s[%s%s%s]", i == 0 ? "       " : " ", extra[i].flag,
+                extra[i].value_name ? " " : "", extra[i].value_name ? extra[i].value_name : "");
+    }
+    if (count > 0) {
+        fprintf(stderr, "\n");
+    }
+}
+
+/* The extra option named `flag`, or NULL. */
+static const struct example_option *find_option(const struct example_option *extra,
+                                                size_t count, const char *flag) {
+    for (size_t i = 0; i < count; i++) {
+        if (strcmp(extra[i].flag, flag) == 0) {
+            return &extra[i];
+        }
+    }
+    return NULL;
 }
 
 int example_parse_args(int argc, char **argv, struct example_args *a, int require_out) {
+    return example_parse_args_with(argc, argv, a, require_out ? EXAMPLE_REQUIRE_OUT : 0, NULL, 0);
+}
+
+int example_parse_args_with(int argc, char **argv, struct example_args *a, unsigned flags,
+                            const struct example_option *extra, size_t count) {
     memset(a, 0, sizeof *a);
     a->port = 8883;
     a->format = FLEETPROV_FORMAT_JSON;
@@ -48,13 +71,27 @@ int example_parse_args(int argc, char **argv, struct example_args *a, int requir
             continue;
         }
         if (strcmp(flag, "--help") == 0 || strcmp(flag, "-h") == 0) {
-            usage(argv[0]);
+            example_usage(argv[0], extra, count);
             return -1;
+        }
+        const struct example_option *opt = find_option(extra, count, flag);
+        if (opt != NULL && opt->value_name == NULL) {
+            if (opt->given != NULL) {
+                *opt->given = 1;
+            }
+            continue;
         }
         if (i + 1 >= argc) {
             fprintf(stderr, "%s: %s needs a value\n", argv[0], flag);
-            usage(argv[0]);
+            example_usage(argv[0], extra, count);
             return -1;
+        }
+        if (opt != NULL) {
+            *opt->value = argv[++i];
+            if (opt->given != NULL) {
+                *opt->given = 1;
+            }
+            continue;
         }
         const char *v = argv[++i];
         if (strcmp(flag, "--endpoint") == 0) {
@@ -142,19 +179,20 @@ int example_parse_args(int argc, char **argv, struct example_args *a, int requir
             a->have_retry = 1;
         } else {
             fprintf(stderr, "%s: unknown argument %s\n", argv[0], flag);
-            usage(argv[0]);
+            example_usage(argv[0], extra, count);
             return -1;
         }
     }
-    const char *missing = !a->endpoint        ? "--endpoint"
-                          : !a->cert          ? "--cert"
-                          : !a->key           ? "--key"
-                          : !a->template_name ? "--template"
-                          : (require_out && !a->out_dir) ? "--out"
-                                                         : NULL;
+    int claim_optional = (flags & EXAMPLE_CLAIM_OPTIONAL) != 0;
+    const char *missing = !a->endpoint                    ? "--endpoint"
+                          : !a->cert && !claim_optional   ? "--cert"
+                          : !a->key && !claim_optional    ? "--key"
+                          : !a->template_name             ? "--template"
+                          : (flags & EXAMPLE_REQUIRE_OUT) && !a->out_dir ? "--out"
+                                                                          : NULL;
     if (missing) {
         fprintf(stderr, "%s: %s is required\n", argv[0], missing);
-        usage(argv[0]);
+        example_usage(argv[0], extra, count);
         return -1;
     }
     return 0;
@@ -173,7 +211,7 @@ fleetprov_config *example_config(const struct example_args *a) {
         what = "fleetprov_config_set_ca_file";
         r = fleetprov_config_set_ca_file(cfg, a->ca);
     }
-    if (r == FLEETPROV_OK) {
+    if (r == FLEETPROV_OK && (a->cert || a->key)) {
         what = "fleetprov_config_set_claim_files";
         r = fleetprov_config_set_claim_files(cfg, a->cert, a->key);
     }
@@ -372,4 +410,11 @@ int example_write_file(const char *dir, const char *name, const void *data, size
         close(dfd);
     }
     return 0;
+}
+
+void example_wipe(void *p, size_t len) {
+    volatile unsigned char *v = p;
+    while (len > 0) {
+        v[--len] = 0;
+    }
 }

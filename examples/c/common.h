@@ -44,8 +44,28 @@ struct example_args {
 /* Parses argv; on error prints a message and the usage to stderr and returns -1. */
 int example_parse_args(int argc, char **argv, struct example_args *args, int require_out);
 
-/* Builds a config from the arguments (endpoint, CA, claim files, template, parameters, format,
- * timeouts, client id, state directory, retry policy). On failure reports the error (see
+/* An option one example takes besides the shared ones. */
+struct example_option {
+    const char *flag;       /* "--rotate" */
+    const char *value_name; /* "DIR" for an option with a value; NULL for a switch */
+    const char **value;     /* with a value: set to it (points into argv); NULL otherwise */
+    int *given;             /* set to 1 when the option is present (may be NULL) */
+};
+
+#define EXAMPLE_REQUIRE_OUT 1u    /* --out is required */
+#define EXAMPLE_CLAIM_OPTIONAL 2u /* --cert and --key may be left out (the caller checks) */
+
+/* example_parse_args with `flags` (EXAMPLE_*) and `count` more options (listed in the usage);
+ * the values of those not given are left as they were. */
+int example_parse_args_with(int argc, char **argv, struct example_args *args, unsigned flags,
+                            const struct example_option *extra, size_t count);
+
+/* Prints the usage, with the `count` extra options, to stderr. */
+void example_usage(const char *prog, const struct example_option *extra, size_t count);
+
+/* Builds a config from the arguments (endpoint, CA, claim files when given, template,
+ * parameters, format, timeouts, client id, state directory, retry policy). On failure reports
+ * the error (see
  * example_report_failure) and returns NULL. */
 fleetprov_config *example_config(const struct example_args *args);
 
@@ -81,5 +101,8 @@ int example_make_private_dir(const char *dir);
  * directory), with exactly `mode`. 0 or -1 (message printed). */
 int example_write_file(const char *dir, const char *name, const void *data, size_t len,
                        unsigned mode);
+
+/* Overwrites `len` bytes at `p` with zeros in a way the compiler cannot drop (key copies). */
+void example_wipe(void *p, size_t len);
 
 #endif

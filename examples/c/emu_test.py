@@ -4,7 +4,8 @@
     emu_test.py --emulator PATH --work DIR --case CASE [--serial S] [--timeout SECS]
                 [--arg=ARG]... [--fault RULE]... [--stop-at STEP]... -- [LAUNCHER...] PROGRAM
 
-CASE is ok, cbor, reject, badargs, timeout, cancel, retry, lostreply, resume or crash.
+CASE is ok, cbor, reject, badargs, timeout, cancel, retry, lostreply, resume, crash or rotate
+(see the case_ functions).
 Everything after `--` is the command to run (a launcher such as valgrind may come first); the
 driver appends the connection arguments. The emulator runs with `--data-dir WORK/emulator
 --port 0 --key-type ec` (plus each --fault RULE) and is always killed at the end. Only the
@@ -50,8 +51,10 @@ class Emulator:
         self.binary, self.data_dir = binary, data_dir
         self.proc = None
         self.port = None
+        self.control_addr = None
 
     def start(self, extra=(), wait_s=60.0):
+        """Starts it and waits for `listening on` (and `control on` with --control-port)."""
         if os.path.exists(self.data_dir):
             shutil.rmtree(self.data_dir)
         self.out_path = self.data_dir + ".out"
@@ -61,12 +64,16 @@ class Emulator:
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
         out.close()
+        want_control = "--control-port" in extra
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             with open(self.out_path) as f:
-                m = re.search(r"^listening on (\S+):(\d+)$", f.read(), re.M)
-            if m:
+                text = f.read()
+            m = re.search(r"^listening on (\S+):(\d+)$", text, re.M)
+            c = re.search(r"^control on (\S+):(\d+)$", text, re.M)
+            if m and (c or not want_control):
                 self.port = int(m.group(2))
+                self.control_addr = (c.group(1), int(c.group(2))) if c else None
                 return
             if self.proc.poll() is not None:
                 raise Failed(f"the emulator exited with {self.proc.returncode}:\n"
@@ -86,6 +93,21 @@ class Emulator:
             except ProcessLookupError:
                 pass
             self.proc.wait(timeout=5)
+
+    def control(self, command, timeout_s=30.0):
+        """One command over the control interface (started with --control-port 0)."""
+        check(self.control_addr is not None, "the emulator has no control port")
+        with socket.create_connection(self.control_addr, timeout=timeout_s) as c:
+            c.sendall(command.encode() + b"\n")
+            answer = b""
+            while not answer.endswith(b"\n"):
+                chunk = c.recv(4096)
+                check(chunk, f"control: no answer to {command!r}")
+                answer += chunk
+        answer = answer.decode().strip()
+        print(f"control: {command} -> {answer}")
+        check(answer.startswith("ok"), f"control: {command!r} answered {answer!r}")
+        return answer
 
     def registry(self):
         out = subprocess.run([self.binary, "list", "--data-dir", self.data_dir],
@@ -242,7 +264,8 @@ def case_badargs(cmd, emu, work, serial, timeout_s):
          "FLEETPROV_INVALID_ARGUMENT"),
         ("invalid template name", replace(good, "--template", "no such/template!"),
          "FLEETPROV_INVALID_ARGUMENT"),
-        ("nothing listening", replace(good, "--port", str(free_port())) + ["--timeout", "3000"],
+        ("nothing listening", replace(good, "--port", str(free_port())) + ["--timeout", "3000"]
+         + (["--retry", "2,50,100"] if program(cmd) in RETRYING else []),
          "FLEETPROV_CONNECTION"),
         ("no --endpoint", drop(good, "--endpoint"), None),
         ("no --out", drop(good, "--out"), None),
@@ -252,7 +275,7 @@ def case_badargs(cmd, emu, work, serial, timeout_s):
     ]
     failures = []
     for what, args, expected in table:
-        if what == "no --out" and os.path.basename(cmd[-1]) == "provision":
+        if what == "no --out" and program(cmd) == "provision":
             continue  # --out is optional for the one-call example
         print(f"\n# {what}")
         p = run(cmd + args, timeout_s)
@@ -272,6 +295,8 @@ def case_badargs(cmd, emu, work, serial, timeout_s):
 
 # The one-call examples (fleetprov_provision), which take --state-dir and --retry.
 ONE_CALL = ("provision", "provision_with_csr")
+# Examples whose flow retries (the one-call flow, the host transport): --retry applies.
+RETRYING = ONE_CALL
 
 
 def program(cmd):
@@ -502,16 +527,83 @@ def case_crash(cmd, emu, work, serial, timeout_s, extra, stops):
           f"one ACTIVE certificate {cert_id[:12]}…")
 
 
+def snapshot(dir_):
+    return {name: open(os.path.join(dir_, name), "rb").read()
+            for name in ("certificate.pem", "private.key", "device.json")}
+
+
+def case_rotate(cmd, emu, work, serial, timeout_s):
+    """`provision --rotate DIR`: provisioned through DemoTemplate into DIR; a rotation whose
+    RegisterThing is refused (403, through the control interface) fails and leaves the three
+    files byte for byte; then a rotation through RotationTemplate replaces all three: the new
+    certificate is ACTIVE and attached to the thing next to the old one (which stays ACTIVE),
+    device.json names it, the new key matches it, and no rotation journal is left."""
+    check(program(cmd) == "provision", "the rotate case runs the provision example")
+    creds = os.path.join(work, "device")
+    p = run(cmd + connection_args(emu, creds, serial=serial), timeout_s)
+    check(p.returncode == 0, f"provisioning: exit code {p.returncode}, expected 0")
+    thing = f"demo-{serial}"
+    old_id = check_provisioned(emu, creds, serial, max_created=1, exact_created=1)
+    before = snapshot(creds)
+    rotate = cmd + ["--endpoint", "localhost", "--port", str(emu.port), "--ca", emu.path("ca.pem"),
+                    "--template", "RotationTemplate", "--param", f"ThingName={thing}",
+                    "--rotate", creds, "--retry", "2,50,100"]
+
+    emu.control("fault reject:403@register")
+    p = run(rotate, timeout_s)
+    check(p.returncode == 1, f"refused rotation: exit code {p.returncode}, expected 1")
+    f = fields(p.stdout)
+    check(f.get("result") == "FLEETPROV_REJECTED" and f.get("status_code") == "403",
+          f"refused rotation: result={f.get('result')} status_code={f.get('status_code')}")
+    check(snapshot(creds) == before, "a failed rotation changed the credentials")
+    check(mode(os.path.join(creds, "private.key")) == 0o600, "private.key mode changed")
+    emu.control("clear")
+
+    p = run(rotate, timeout_s)
+    check(p.returncode == 0, f"rotation: exit code {p.returncode}, expected 0")
+    f = fields(p.stdout)
+    check(f.get("rotated") == "1", f"rotated={f.get('rotated')}")
+    check(f.get("thing_name") == thing, f"thing_name={f.get('thing_name')}")
+    after = snapshot(creds)
+    for name in before:
+        check(after[name] != before[name], f"{name} did not change")
+    cert, key = os.path.join(creds, "certificate.pem"), os.path.join(creds, "private.key")
+    new_id = hashlib.sha256(pem_der(cert)).hexdigest()
+    check(f.get("certificate_id") == new_id, f"certificate_id={f.get('certificate_id')}, "
+          f"certificate.pem is {new_id}")
+    check(new_id != old_id, "the same certificate")
+    check(json.loads(after["device.json"]).get("certificateId") == new_id,
+          "device.json does not name the new certificate")
+    check(mode(key) == 0o600, f"private.key has mode {oct(mode(key))}")
+    key_matches_certificate(cert, key, required=True)
+    reg = emu.registry()
+    status = {c["id"]: c["status"] for c in reg["certificates"]}
+    check(status.get(new_id) == "ACTIVE", f"the new certificate is {status.get(new_id)}")
+    check(status.get(old_id) == "ACTIVE", f"the old certificate is {status.get(old_id)}")
+    attached = {t["name"]: t for t in reg["things"]}[thing]["certificates"]
+    check(sorted(attached) == sorted([old_id, new_id]),
+          f"the thing has certificates {attached}, expected the old and the new one")
+    # The refused rotation may leave its certificate in the rotation journal: the next one then
+    # takes it up (resumed=1) instead of creating another.
+    created = len(created_certificates(reg))
+    expected = 2 if f.get("resumed") == "1" else 3
+    check(created == expected, f"{created} certificates created, expected {expected} "
+          f"(resumed={f.get('resumed')})")
+    check(not os.path.exists(os.path.join(creds, "rotation-journal", "journal.json")),
+          "rotation journal left behind")
+    print(f"ok: refused rotation left the files alone; rotated {old_id[:12]}… -> {new_id[:12]}…")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--emulator", required=True)
     ap.add_argument("--work", required=True)
     ap.add_argument("--case", required=True,
                     choices=["ok", "cbor", "reject", "badargs", "timeout", "cancel", "retry",
-                             "lostreply", "resume", "crash"])
+                             "lostreply", "resume", "crash", "rotate"])
     ap.add_argument("--serial", default=None)
     ap.add_argument("--arg", action="append", default=[],
-                    help="extra program argument for the ok, cbor and crash cases "
+                    help="extra program argument for the ok, cbor, crash and rotate cases "
                          "(repeatable; --arg=--x)")
     ap.add_argument("--fault", action="append", default=[],
                     help="emulator fault rule (repeatable), added to the case's own")
@@ -539,15 +631,19 @@ def main():
         faults = {"timeout": ["drop@register"], "cancel": ["drop@register"],
                   "retry": ["reject:503@register*1"], "resume": ["reject:503@register*1"],
                   "lostreply": ["drop@register*1"]}
-        emu.start([arg for rule in faults.get(a.case, []) + a.fault for arg in ("--fault", rule)])
+        extra = ["--control-port", "0"] if a.case == "rotate" else []
+        emu.start(extra + [arg for rule in faults.get(a.case, []) + a.fault
+                           for arg in ("--fault", rule)])
         if a.case in ("ok", "cbor"):
             case_ok(cmd + a.arg, emu, a.work, serial, "json" if a.case == "ok" else "cbor",
                     a.timeout)
+        elif a.case == "rotate":
+            case_rotate(cmd + a.arg, emu, a.work, serial, a.timeout)
         elif a.case == "reject":
             case_reject(cmd, emu, a.work, serial, a.timeout)
         elif a.case == "timeout":
             # The one-call flow retries timeouts: one attempt only, so the timeout surfaces.
-            no_retry = ["--retry", "1,1000,1000"] if program(cmd) in ONE_CALL else []
+            no_retry = ["--retry", "1,1000,1000"] if program(cmd) in RETRYING else []
             case_no_reply(cmd, emu, a.work, serial, a.timeout, ["--timeout", step_ms] + no_retry,
                           "FLEETPROV_TIMEOUT")
         elif a.case in ("retry", "lostreply"):

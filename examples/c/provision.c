@@ -1,8 +1,11 @@
-/* provision: the one-call flow (fleetprov_provision), with progress and log callbacks.
+/* provision: the one-call flow (fleetprov_provision), with progress and log callbacks, and
+ * certificate rotation (fleetprov_rotate).
  *
  *   provision --endpoint HOST --port N --ca ca.pem --cert claim.pem --key claim.key \
  *       --template DemoTemplate --param SerialNumber=ABC123 [--out DIR] [--format json|cbor] \
  *       [--method csr|keys] [--no-verify] [--state-dir DIR] [--retry MAX,INITIAL_MS,MAX_MS]
+ *   provision --rotate CREDENTIALS_DIR --endpoint HOST --port N --ca ca.pem \
+ *       --template RotationTemplate --param ThingName=demo-ABC123 [--out DIR] [...]
  *
  * Prints thing_name=, certificate_id=, output_dir=, attempts= and resumed=0|1 on success
  * (exit 0); the result name, the error text and a rejection's fields on failure (exit 1).
@@ -14,6 +17,13 @@
  * --out holds device.json, which the library commits last, and the state directory holds no
  * journal) is not provisioned again: provision prints already_provisioned=1 and output_dir=
  * and exits 0 without connecting, as firmware would at boot.
+ *
+ * --rotate CREDENTIALS_DIR rotates the certificate of a provisioned device instead: the library
+ * connects with CREDENTIALS_DIR's certificate.pem, private.key and device.json (as an earlier
+ * run with --out DIR wrote them; no claim certificate is needed, --cert and --key may be left
+ * out), creates a new certificate through the given (rotation) template, connects with it, and
+ * only then replaces the three files (in --out DIR instead, if given). A failed rotation leaves
+ * them as they were. Prints rotated=1 and the same lines as a provisioning.
  *
  * Test aid: with FLEETPROV_EXAMPLE_STOP_AT=STEP in the environment (a step name as printed:
  * connecting, subscribing, subscribed, creating_certificate, certificate_created,
@@ -117,10 +127,21 @@ static void free_reporter(void *userdata) {
 int main(int argc, char **argv) {
     struct example_args args;
     const char *stop_at = NULL;
-    if (example_parse_args(argc, argv, &args, 0) != 0 || stop_at_from_env(&stop_at) != 0) {
+    const char *rotate_dir = NULL;
+    const struct example_option options[] = {{"--rotate", "CREDENTIALS_DIR", &rotate_dir, NULL}};
+    size_t n_options = sizeof options / sizeof options[0];
+    if (example_parse_args_with(argc, argv, &args, EXAMPLE_CLAIM_OPTIONAL, options, n_options) !=
+            0 ||
+        stop_at_from_env(&stop_at) != 0) {
         return 1;
     }
-    if (already_provisioned(&args)) {
+    if (rotate_dir == NULL && (args.cert == NULL || args.key == NULL)) {
+        /* Provisioning connects with the claim certificate; a rotation does not need it. */
+        fprintf(stderr, "%s: %s is required\n", argv[0], args.cert == NULL ? "--cert" : "--key");
+        example_usage(argv[0], options, n_options);
+        return 1;
+    }
+    if (rotate_dir == NULL && already_provisioned(&args)) {
         fprintf(stderr, "provision: %s holds the credentials of an earlier run; nothing to do\n",
                 args.out_dir);
         printf("already_provisioned=1\n");
@@ -162,7 +183,10 @@ int main(int argc, char **argv) {
         what = "fleetprov_config_set_log_callback";
         r = fleetprov_config_set_log_callback(cfg, on_log, rep, NULL, FLEETPROV_LOG_DEBUG);
     }
-    if (r == FLEETPROV_OK) {
+    if (r == FLEETPROV_OK && rotate_dir != NULL) {
+        what = "fleetprov_rotate";
+        r = fleetprov_rotate(cfg, rotate_dir, &p);
+    } else if (r == FLEETPROV_OK) {
         what = "fleetprov_provision";
         r = fleetprov_provision(cfg, &p);
     }
@@ -171,6 +195,9 @@ int main(int argc, char **argv) {
         goto out;
     }
     fprintf(stderr, "provision: %u steps, %u log lines\n", rep->steps, rep->lines);
+    if (rotate_dir != NULL) {
+        printf("rotated=1\n");
+    }
     printf("thing_name=%s\n", fleetprov_provisioned_thing_name(p));
     printf("certificate_id=%s\n", fleetprov_provisioned_certificate_id(p));
     const char *dir = fleetprov_provisioned_output_dir(p);
