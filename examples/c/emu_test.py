@@ -4,8 +4,8 @@
     emu_test.py --emulator PATH --work DIR --case CASE [--serial S] [--timeout SECS]
                 [--arg=ARG]... [--fault RULE]... [--stop-at STEP]... -- [LAUNCHER...] PROGRAM
 
-CASE is ok, cbor, reject, badargs, timeout, cancel, retry, lostreply, resume, crash or rotate
-(see the case_ functions).
+CASE is ok, cbor, reject, badargs, timeout, cancel, retry, lostreply, resume, crash, fault,
+inactive or rotate (see the case_ functions).
 Everything after `--` is the command to run (a launcher such as valgrind may come first); the
 driver appends the connection arguments. The emulator runs with `--data-dir WORK/emulator
 --port 0 --key-type ec` (plus each --fault RULE) and is always killed at the end. Only the
@@ -173,9 +173,11 @@ def connection_args(emu, out_dir, template="DemoTemplate", serial="X"):
             "--template", template, "--param", f"SerialNumber={serial}", "--out", out_dir]
 
 
-def case_ok(cmd, emu, work, serial, fmt, timeout_s):
+def case_ok(cmd, emu, work, serial, fmt, timeout_s, state_dir=False):
     out_dir = os.path.join(work, "device")
-    p = run(cmd + connection_args(emu, out_dir, serial=serial) + ["--format", fmt], timeout_s)
+    state = ["--state-dir", os.path.join(work, "state")] if state_dir else []
+    p = run(cmd + connection_args(emu, out_dir, serial=serial) + ["--format", fmt] + state,
+            timeout_s)
     check(p.returncode == 0, f"exit code {p.returncode}, expected 0")
     f = fields(p.stdout)
     check(f.get("thing_name") == f"demo-{serial}", f"thing_name={f.get('thing_name')}")
@@ -198,6 +200,9 @@ def case_ok(cmd, emu, work, serial, fmt, timeout_s):
     check(f"demo-{serial}" in things, "the thing is not in the registry")
     check(cert_id in things[f"demo-{serial}"]["certificates"],
           "the certificate is not attached to the thing")
+    if state_dir:
+        check(not os.path.exists(os.path.join(work, "state", "journal.json")),
+              "journal.json left in the state dir")
     print(f"ok: demo-{serial} with ACTIVE certificate {cert_id[:12]}…")
 
 
@@ -275,8 +280,8 @@ def case_badargs(cmd, emu, work, serial, timeout_s):
     ]
     failures = []
     for what, args, expected in table:
-        if what == "no --out" and program(cmd) == "provision":
-            continue  # --out is optional for the one-call example
+        if what == "no --out" and program(cmd) in ("provision", "provision_mosquitto"):
+            continue  # --out is optional for these
         print(f"\n# {what}")
         p = run(cmd + args, timeout_s)
         f = fields(p.stdout)
@@ -296,7 +301,7 @@ def case_badargs(cmd, emu, work, serial, timeout_s):
 # The one-call examples (fleetprov_provision), which take --state-dir and --retry.
 ONE_CALL = ("provision", "provision_with_csr")
 # Examples whose flow retries (the one-call flow, the host transport): --retry applies.
-RETRYING = ONE_CALL
+RETRYING = ONE_CALL + ("provision_mosquitto",)
 
 
 def program(cmd):
@@ -527,6 +532,45 @@ def case_crash(cmd, emu, work, serial, timeout_s, extra, stops):
           f"one ACTIVE certificate {cert_id[:12]}…")
 
 
+def case_fault(cmd, emu, work, serial, timeout_s):
+    """The emulator misbehaves once (the --fault rules given, e.g. close:request@register*1: the
+    connection closed when RegisterThing arrives, nothing processed); the flow retries and the
+    device ends up provisioned with exactly one certificate, ACTIVE."""
+    out_dir = os.path.join(work, "device")
+    p = run(cmd + connection_args(emu, out_dir, serial=serial) + ["--retry", "3,50,200"],
+            timeout_s)
+    check(p.returncode == 0, f"exit code {p.returncode}, expected 0")
+    f = fields(p.stdout)
+    check(f.get("attempts") == "2", f"attempts={f.get('attempts')}, expected 2")
+    check(f.get("thing_name") == f"demo-{serial}", f"thing_name={f.get('thing_name')}")
+    check("step: retrying (attempt 1 failed" in p.stderr, "no RETRYING step reported")
+    cert_id = check_provisioned(emu, out_dir, serial, max_created=1, exact_created=1)
+    check(f.get("certificate_id") == cert_id, f"certificate_id={f.get('certificate_id')}")
+    print(f"ok: retried after the fault, one certificate {cert_id[:12]}…")
+
+
+def case_inactive(cmd, emu, work, serial, timeout_s):
+    """A template that registers the certificate INACTIVE: the connection with it fails in the
+    TLS handshake, which the host reports as such (fleetprov_host_connect_failed with tls), and
+    the flow gives up with FLEETPROV_CONNECTION without writing credentials."""
+    with open(emu.path("templates/DemoTemplate.json")) as f:
+        body = json.load(f)
+    body["Resources"]["certificate"]["Properties"]["Status"] = "Inactive"
+    with open(emu.path("templates/InactiveTemplate.json"), "w") as f:
+        json.dump(body, f)
+    out_dir = os.path.join(work, "device")
+    args = connection_args(emu, out_dir, template="InactiveTemplate", serial=serial)
+    p = run(cmd + args + ["--retry", "2,50,100"], timeout_s)
+    check(p.returncode == 1, f"exit code {p.returncode}, expected 1")
+    f = fields(p.stdout)
+    check(f.get("result") == "FLEETPROV_CONNECTION", f"result={f.get('result')}")
+    check("TLS handshake" in f.get("error", ""), f"error={f.get('error')}: TLS not reported")
+    check("connection failed" in p.stderr and "(TLS)" in p.stderr,
+          "no failed connection with a TLS error on stderr")
+    check(not os.path.exists(os.path.join(out_dir, "private.key")), "credentials were written")
+    print("ok: the inactive certificate's handshake failure reported as TLS")
+
+
 def snapshot(dir_):
     return {name: open(os.path.join(dir_, name), "rb").read()
             for name in ("certificate.pem", "private.key", "device.json")}
@@ -600,15 +644,17 @@ def main():
     ap.add_argument("--work", required=True)
     ap.add_argument("--case", required=True,
                     choices=["ok", "cbor", "reject", "badargs", "timeout", "cancel", "retry",
-                             "lostreply", "resume", "crash", "rotate"])
+                             "lostreply", "resume", "crash", "fault", "inactive", "rotate"])
     ap.add_argument("--serial", default=None)
     ap.add_argument("--arg", action="append", default=[],
-                    help="extra program argument for the ok, cbor, crash and rotate cases "
-                         "(repeatable; --arg=--x)")
+                    help="extra program argument for the ok, cbor, crash, fault, inactive and "
+                         "rotate cases (repeatable; --arg=--x)")
     ap.add_argument("--fault", action="append", default=[],
                     help="emulator fault rule (repeatable), added to the case's own")
     ap.add_argument("--stop-at", action="append", default=[],
                     help="crash case: step to kill the program at (repeatable: one run each)")
+    ap.add_argument("--state-dir", action="store_true",
+                    help="ok and cbor cases: run with --state-dir WORK/state (journal gone after)")
     ap.add_argument("--timeout", type=float, default=120.0, help="per program run, seconds")
     ap.add_argument("command", nargs=argparse.REMAINDER)
     a = ap.parse_args()
@@ -636,7 +682,12 @@ def main():
                            for arg in ("--fault", rule)])
         if a.case in ("ok", "cbor"):
             case_ok(cmd + a.arg, emu, a.work, serial, "json" if a.case == "ok" else "cbor",
-                    a.timeout)
+                    a.timeout, a.state_dir)
+        elif a.case == "fault":
+            check(a.fault, "the fault case needs --fault")
+            case_fault(cmd + a.arg, emu, a.work, serial, a.timeout)
+        elif a.case == "inactive":
+            case_inactive(cmd + a.arg, emu, a.work, serial, a.timeout)
         elif a.case == "rotate":
             case_rotate(cmd + a.arg, emu, a.work, serial, a.timeout)
         elif a.case == "reject":

@@ -9,6 +9,7 @@
 # instrumented, so ASan costs them little). Under valgrind each costs two valgrind runs (about
 # 8-16 s), so that pass keeps only the kill points whose second run resumes a journal
 # (certificate_created: resumed at RegisterThing; verifying: resumed at the verification).
+# Likewise provision_mosquitto keeps its ok, cbor and fault cases there (CMakeLists.txt).
 #
 #   bash examples/c/run-tests.sh [VENV]      # from anywhere; VENV defaults to <repo>/.venv
 #
@@ -16,8 +17,9 @@
 # slow from cold) with RelWithDebInfo examples under valgrind.
 #
 # CMake comes from PyPI (`pip install cmake` into VENV, created if missing). Debian packages it
-# needs besides Rust and Python 3 (with venv): gcc g++ make libssl-dev valgrind pkg-config openssl
-# (install: apt-get install -y gcc g++ make libssl-dev valgrind pkg-config openssl).
+# needs besides Rust and Python 3 (with venv): gcc g++ make libssl-dev libmosquitto-dev valgrind
+# pkg-config openssl (install: apt-get install -y gcc g++ make libssl-dev libmosquitto-dev
+# valgrind pkg-config openssl).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
@@ -32,8 +34,9 @@ for tool in cc c++ make valgrind pkg-config python3 cargo openssl; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 [ -e /usr/include/openssl/evp.h ] || missing+=("openssl headers (libssl-dev)")
+[ -e /usr/include/mosquitto.h ] || missing+=("libmosquitto headers (libmosquitto-dev)")
 if [ ${#missing[@]} -gt 0 ]; then
-    echo "missing: ${missing[*]} (Debian: apt-get install -y gcc g++ make libssl-dev valgrind pkg-config openssl)" >&2
+    echo "missing: ${missing[*]} (Debian: apt-get install -y gcc g++ make libssl-dev libmosquitto-dev valgrind pkg-config openssl)" >&2
     exit 1
 fi
 
@@ -81,7 +84,8 @@ examples() {
     shift
     step "examples ($name): configure and build"
     "$cmake" -S examples/c -B "$work/$name" -DCMAKE_PREFIX_PATH="$prefix" \
-        -DCMAKE_BUILD_TYPE=Debug -DFLEETPROV_EMULATOR="$emulator" -DFLEETPROV_REQUIRE_OPENSSL=ON "$@" >/dev/null
+        -DCMAKE_BUILD_TYPE=Debug -DFLEETPROV_EMULATOR="$emulator" -DFLEETPROV_REQUIRE_OPENSSL=ON \
+        -DFLEETPROV_REQUIRE_MOSQUITTO=ON "$@" >/dev/null
     "$cmake" --build "$work/$name"
     step "examples ($name): ctest"
 }
@@ -128,7 +132,7 @@ if [ "${FLEETPROV_RELEASE_VALGRIND:-0}" = 1 ]; then
     step "examples (release, valgrind): configure, build and ctest"
     "$cmake" -S examples/c -B "$work/release-valgrind" -DCMAKE_PREFIX_PATH="$work/prefix-release" \
         -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFLEETPROV_EMULATOR="$emulator" \
-        -DFLEETPROV_VALGRIND=ON -DFLEETPROV_REQUIRE_OPENSSL=ON \
+        -DFLEETPROV_VALGRIND=ON -DFLEETPROV_REQUIRE_OPENSSL=ON -DFLEETPROV_REQUIRE_MOSQUITTO=ON \
         '-DFLEETPROV_CRASH_STEPS=certificate_created;verifying' >/dev/null
     "$cmake" --build "$work/release-valgrind"
     timed_ctest release-valgrind --output-on-failure
