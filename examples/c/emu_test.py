@@ -5,7 +5,7 @@
                 [--arg=ARG]... [--fault RULE]... [--stop-at STEP]... -- [LAUNCHER...] PROGRAM
 
 CASE is ok, cbor, reject, badargs, timeout, cancel, retry, lostreply, resume, crash, fault,
-inactive or rotate (see the case_ functions).
+inactive, rotate, signer, signer_cbor or signer_broken (see the case_ functions).
 Everything after `--` is the command to run (a launcher such as valgrind may come first); the
 driver appends the connection arguments. The emulator runs with `--data-dir WORK/emulator
 --port 0 --key-type ec` (plus each --fault RULE) and is always killed at the end. Only the
@@ -301,7 +301,7 @@ def case_badargs(cmd, emu, work, serial, timeout_s):
 # The one-call examples (fleetprov_provision), which take --state-dir and --retry.
 ONE_CALL = ("provision", "provision_with_csr")
 # Examples whose flow retries (the one-call flow, the host transport): --retry applies.
-RETRYING = ONE_CALL + ("provision_mosquitto",)
+RETRYING = ONE_CALL + ("provision_mosquitto", "provision_signer")
 
 
 def program(cmd):
@@ -638,17 +638,92 @@ def case_rotate(cmd, emu, work, serial, timeout_s):
     print(f"ok: refused rotation left the files alone; rotated {old_id[:12]}… -> {new_id[:12]}…")
 
 
+def make_p256_key(path):
+    """A P-256 key with the openssl command (the device key the test hands provision_signer)."""
+    check(shutil.which("openssl") is not None,
+          "the openssl command is needed (Debian: apt-get install openssl)")
+    subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-out", path], check=True, timeout=30,
+                   capture_output=True)
+    os.chmod(path, 0o600)
+
+
+def case_signer(cmd, emu, work, serial, fmt, key_file, timeout_s):
+    """provision_signer: the key stays with the program (OpenSSL). With key_file the test makes
+    the key and checks the returned certificate against it with the openssl command; without,
+    the program's own checks (EVP_PKEY_eq, X509_check_private_key) are what there is. One
+    signature; the registration confirmed; the certificate ACTIVE and attached to the thing; no
+    private key written anywhere."""
+    out_dir = os.path.join(work, "device")
+    extra = ["--format", fmt]
+    key = os.path.join(work, "device.key")
+    if key_file:
+        make_p256_key(key)
+        extra += ["--key-file", key]
+    p = run(cmd + connection_args(emu, out_dir, serial=serial) + extra, timeout_s)
+    check(p.returncode == 0, f"exit code {p.returncode}, expected 0")
+    f = fields(p.stdout)
+    check(f.get("thing_name") == f"demo-{serial}", f"thing_name={f.get('thing_name')}")
+    check(f.get("registration_confirmed") == "1",
+          f"registration_confirmed={f.get('registration_confirmed')}")
+    check(f.get("signatures") == "1", f"signatures={f.get('signatures')}, expected 1")
+    cert = os.path.join(out_dir, "certificate.pem")
+    cert_id = hashlib.sha256(pem_der(cert)).hexdigest()
+    check(f.get("certificate_id") == cert_id, f"certificate_id={f.get('certificate_id')}")
+    check(sorted(os.listdir(out_dir)) == ["certificate.pem"],
+          f"{out_dir} holds {sorted(os.listdir(out_dir))}, expected the certificate only")
+    if key_file:
+        key_matches_certificate(cert, key, required=True)
+    reg = emu.registry()
+    created = created_certificates(reg)
+    check([(c["id"], c["status"], c["origin"]) for c in created]
+          == [(cert_id, "ACTIVE", "CreateCertificateFromCsr")],
+          f"certificates created: {created}")
+    attached = {t["name"]: t for t in reg["things"]}[f"demo-{serial}"]["certificates"]
+    check(attached == [cert_id], f"the thing has certificates {attached}")
+    print(f"ok: certificate {cert_id[:12]}… for the program's key"
+          + (" (checked with openssl)" if key_file else ""))
+
+
+def case_signer_broken(cmd, emu, work, serial, timeout_s):
+    """provision_signer --break-signer fail (the callback reports a failure) and wrong (it
+    returns a signature that does not verify): the library refuses before anything is sent, so
+    the service creates no certificate."""
+    out_dir = os.path.join(work, "device")
+    failures = []
+    for how, expected in (("fail", "FLEETPROV_INVALID_ARGUMENT"),
+                          ("wrong", "FLEETPROV_INVALID_ARGUMENT")):
+        print(f"\n# --break-signer {how}")
+        p = run(cmd + connection_args(emu, out_dir, serial=serial) + ["--break-signer", how],
+                timeout_s)
+        f = fields(p.stdout)
+        if p.returncode != 1:
+            failures.append(f"{how}: exit code {p.returncode}, expected 1")
+        elif f.get("result") != expected:
+            failures.append(f"{how}: result={f.get('result')}, expected {expected}")
+        elif not f.get("error"):
+            failures.append(f"{how}: no error text")
+        elif f.get("signatures") != "1":
+            failures.append(f"{how}: signatures={f.get('signatures')}, expected 1")
+    check(not failures, "\n".join(failures))
+    created = created_certificates(emu.registry())
+    check(created == [], f"certificates were created: {created}")
+    check(not os.path.exists(out_dir), f"{out_dir} was created")
+    print("ok: a failing and a wrong signer refused, no certificate created")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--emulator", required=True)
     ap.add_argument("--work", required=True)
     ap.add_argument("--case", required=True,
                     choices=["ok", "cbor", "reject", "badargs", "timeout", "cancel", "retry",
-                             "lostreply", "resume", "crash", "fault", "inactive", "rotate"])
+                             "lostreply", "resume", "crash", "fault", "inactive", "rotate",
+                             "signer", "signer_cbor", "signer_broken"])
     ap.add_argument("--serial", default=None)
     ap.add_argument("--arg", action="append", default=[],
-                    help="extra program argument for the ok, cbor, crash, fault, inactive and "
-                         "rotate cases (repeatable; --arg=--x)")
+                    help="extra program argument for the ok, cbor, crash, fault, inactive, rotate "
+                         "and signer cases (repeatable; --arg=--x)")
     ap.add_argument("--fault", action="append", default=[],
                     help="emulator fault rule (repeatable), added to the case's own")
     ap.add_argument("--stop-at", action="append", default=[],
@@ -690,6 +765,11 @@ def main():
             case_inactive(cmd + a.arg, emu, a.work, serial, a.timeout)
         elif a.case == "rotate":
             case_rotate(cmd + a.arg, emu, a.work, serial, a.timeout)
+        elif a.case in ("signer", "signer_cbor"):
+            case_signer(cmd + a.arg, emu, a.work, serial, "json" if a.case == "signer" else "cbor",
+                        a.case == "signer", a.timeout)
+        elif a.case == "signer_broken":
+            case_signer_broken(cmd + a.arg, emu, a.work, serial, a.timeout)
         elif a.case == "reject":
             case_reject(cmd, emu, a.work, serial, a.timeout)
         elif a.case == "timeout":
