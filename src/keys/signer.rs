@@ -91,7 +91,10 @@ impl ExternalKey {
         let csr = params.serialize_request(&remote).and_then(|csr| csr.pem());
         csr.map_err(|e| {
             let why = remote.failure.lock().ok().and_then(|mut f| f.take());
-            KeyError::Generation(why.unwrap_or_else(|| format!("signing the CSR: {e}")))
+            match why {
+                Some(why) => KeyError::InvalidArgument(why),
+                None => KeyError::Generation(format!("signing the CSR: {e}")),
+            }
         })
     }
 
