@@ -180,6 +180,9 @@ pub(crate) fn open_connection(
     let (client, mut events) = AsyncClient::new(options, 16);
     let mut network = rumqttc::NetworkOptions::new();
     network.set_connection_timeout(config.step_timeout.as_secs().max(1));
+    // rumqttc writes each packet whole: Nagle's algorithm only delays the RegisterThing request
+    // behind the certificate reply's PUBACK until the server's delayed ACK (40 ms on Linux).
+    network.set_tcp_nodelay(true);
     events.set_network_options(network);
     (client, events)
 }
