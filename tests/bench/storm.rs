@@ -26,9 +26,17 @@
 //! Settings (environment): `FLEETPROV_STORM_DEVICES` (default 1000), `FLEETPROV_STORM_METHOD`
 //! (`csr` default, or `keys`), `FLEETPROV_STORM_VERIFY` (`0` default: no verification
 //! connection with the new certificate, as in the rest of the benchmark; `1`: the library's
-//! default), `FLEETPROV_STORM_STACK_KB` (thread stack size, default 256).
+//! default), `FLEETPROV_STORM_STACK_KB` (thread stack size, default 256),
+//! `FLEETPROV_STORM_MODE`:
+//! - `threads` (default): a thread per device, each calling the blocking `fleetprov::provision`
+//!   (which runs its own current-thread I/O runtime), all released at once by a barrier;
+//! - `shared`: the library's sans-IO [`Flow`] of every device (`provision::prepare`, then
+//!   `Flow::new`, exactly what `provision` runs) driven by `FLEETPROV_STORM_THREADS` threads
+//!   (default 2), each one current-thread runtime with its share of the devices as tasks, over
+//!   rumqttc and `client::tls::client_config` with the built-in transport's settings: what a
+//!   host transport (the `fleetprov_host` API) or an async entry point would cost per device.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -37,9 +45,11 @@ use std::sync::{Arc, Barrier, mpsc};
 use std::time::{Duration, Instant};
 
 use fleetprov::engine::Step;
+use fleetprov::engine::flow::{Flow, FlowAction, FlowEvent, Identity, Progress};
 use fleetprov::keys::KeyType;
 use fleetprov::provision::Hooks;
-use fleetprov::{Config, Method, Request, Roots, Secret};
+use fleetprov::{Config, Error, Method, Request, Roots, Secret};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 
 const STARTUP: Duration = Duration::from_secs(30);
 
@@ -148,6 +158,242 @@ impl Drop for Emulator {
     }
 }
 
+/// How many devices are connected now and at most, and how many attempts were retried.
+#[derive(Default)]
+struct Counters {
+    connected: AtomicUsize,
+    max_connected: AtomicUsize,
+    retries: AtomicUsize,
+}
+
+impl Counters {
+    /// Counts a device connected from its first SUBSCRIBING (CONNACK seen) on; `counted` is the
+    /// device's own flag, so that `done` takes it off again.
+    fn progress(&self, p: &Progress, counted: &AtomicUsize) {
+        match p.step {
+            Step::Subscribing if counted.swap(1, Ordering::SeqCst) == 0 => {
+                let now = self.connected.fetch_add(1, Ordering::SeqCst) + 1;
+                self.max_connected.fetch_max(now, Ordering::SeqCst);
+            }
+            Step::Retrying => {
+                self.retries.fetch_add(1, Ordering::SeqCst);
+            }
+            _ => {}
+        }
+    }
+
+    fn done(&self, counted: &AtomicUsize) {
+        if counted.load(Ordering::SeqCst) == 1 {
+            self.connected.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// `threads` mode: one device on this thread through the blocking one-call API.
+fn provision_blocking(request: &Request, counters: &Arc<Counters>) -> Result<String, String> {
+    let counted = Arc::new(AtomicUsize::new(0));
+    let hooks = Hooks {
+        progress: Some({
+            let (counters, counted) = (Arc::clone(counters), Arc::clone(&counted));
+            Arc::new(move |p| counters.progress(p, &counted))
+        }),
+        ..Hooks::default()
+    };
+    let result = fleetprov::provision(request, &hooks);
+    counters.done(&counted);
+    result.map(|p| p.thing_name).map_err(|e| e.to_string())
+}
+
+/// Largest MQTT packet, as the built-in transport sets it (AWS allows 128 KB).
+const MAX_PACKET: usize = 128 * 1024 + 2048;
+
+/// A connection the flow asked for: rumqttc set up as the built-in transport does it.
+struct Link {
+    client: AsyncClient,
+    events: EventLoop,
+    connecting: bool,
+    /// The SUBSCRIBE in flight, with its packet id once rumqttc gives it.
+    subscribing: Option<Option<u16>>,
+}
+
+impl Link {
+    fn open(config: &Config, tls: Arc<rustls::ClientConfig>, client_id: &str) -> Link {
+        let mut options = MqttOptions::new(client_id, config.host.clone(), config.port);
+        options
+            .set_keep_alive(config.keep_alive)
+            .set_clean_session(true)
+            .set_max_packet_size(MAX_PACKET, MAX_PACKET)
+            .set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
+                tls,
+            )));
+        let (client, mut events) = AsyncClient::new(options, 16);
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_connection_timeout(config.step_timeout.as_secs().max(1));
+        events.set_network_options(network);
+        Link {
+            client,
+            events,
+            connecting: true,
+            subscribing: None,
+        }
+    }
+}
+
+/// `shared` mode: one device as a task, its Flow driven over rumqttc (the library's
+/// client/driver.rs loop, without its cancellation and fault-recovery details).
+async fn provision_task(
+    request: Request,
+    clock: Instant,
+    counters: Arc<Counters>,
+) -> Result<String, String> {
+    let now = || u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let (mut spec, journal) = fleetprov::provision::prepare(&request).map_err(|e| e.to_string())?;
+    let config = &request.connection;
+    spec.settings.deadline_ms = config
+        .overall_timeout
+        .map(|d| now() + u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let claim_tls = fleetprov::client::tls::client_config(
+        &config.roots,
+        &config.cert_pem,
+        &config.key_pem,
+        false,
+    )
+    .map_err(|e| e.to_string())?;
+    let counted = AtomicUsize::new(0);
+    let mut flow = Flow::new(spec, journal);
+    let mut actions: VecDeque<FlowAction> = flow.start(now()).into();
+    let mut link: Option<Link> = None;
+    let lost = |e: String| FlowEvent::Disconnected(Error::Connection(e));
+    let result = loop {
+        let mut done = None;
+        while let Some(action) = actions.pop_front() {
+            match action {
+                FlowAction::Connect(identity) => {
+                    if let Some(old) = link.take() {
+                        let _ = old.client.try_disconnect();
+                    }
+                    let opened = match identity {
+                        Identity::Claim => Ok((claim_tls.clone(), config.client_id.clone())),
+                        Identity::Device {
+                            certificate_pem,
+                            private_key: Some(key),
+                            client_id,
+                        } => fleetprov::client::tls::client_config(
+                            &config.roots,
+                            &certificate_pem,
+                            &key,
+                            false,
+                        )
+                        .map(|tls| (tls, client_id)),
+                        Identity::Device { .. } => Err(Error::InvalidArgument("no key".into())),
+                    };
+                    match opened {
+                        Ok((tls, client_id)) => link = Some(Link::open(config, tls, &client_id)),
+                        Err(e) => actions.extend(flow.handle(FlowEvent::ConnectFailed(e), now())),
+                    }
+                }
+                FlowAction::Disconnect => {
+                    if let Some(old) = link.take() {
+                        let _ = old.client.try_disconnect();
+                    }
+                }
+                FlowAction::Subscribe(filters) => {
+                    if let Some(l) = &mut link {
+                        let subs = filters
+                            .iter()
+                            .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                        match l.client.try_subscribe_many(subs) {
+                            Ok(()) => l.subscribing = Some(None),
+                            Err(e) => {
+                                link = None;
+                                actions.extend(flow.handle(lost(e.to_string()), now()));
+                            }
+                        }
+                    }
+                }
+                FlowAction::Publish { topic, payload } => {
+                    if let Some(l) = &mut link
+                        && let Err(e) =
+                            l.client
+                                .try_publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
+                    {
+                        link = None;
+                        actions.extend(flow.handle(lost(e.to_string()), now()));
+                    }
+                }
+                FlowAction::Progress(p) => counters.progress(&p, &counted),
+                FlowAction::Log(..) => {}
+                FlowAction::Done(result) => done = Some(result),
+            }
+        }
+        if let Some(result) = done {
+            break result;
+        }
+        // Bounded by the flow: every wait ends at its wake time at the latest.
+        let wake = flow.wake_at().unwrap_or_else(|| now() + 1000);
+        let pause = tokio::time::sleep(Duration::from_millis(wake.saturating_sub(now())));
+        let event = match &mut link {
+            Some(l) => tokio::select! {
+                ev = l.events.poll() => Some(ev),
+                _ = pause => None,
+            },
+            None => {
+                pause.await;
+                None
+            }
+        };
+        let t = now();
+        let produced = match (event, &mut link) {
+            (None, _) | (Some(_), None) => flow.handle(FlowEvent::Tick, t),
+            (Some(Ok(Event::Incoming(Packet::ConnAck(_)))), Some(l)) if l.connecting => {
+                l.connecting = false;
+                flow.handle(FlowEvent::Connected, t)
+            }
+            (Some(Ok(Event::Outgoing(Outgoing::Subscribe(pkid)))), Some(l)) => {
+                if l.subscribing == Some(None) {
+                    l.subscribing = Some(Some(pkid));
+                }
+                Vec::new()
+            }
+            (Some(Ok(Event::Incoming(Packet::SubAck(ack)))), Some(l))
+                if l.subscribing == Some(Some(ack.pkid)) =>
+            {
+                l.subscribing = None;
+                let granted: Vec<bool> = ack
+                    .return_codes
+                    .iter()
+                    .map(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                    .collect();
+                flow.handle(FlowEvent::SubAck(&granted), t)
+            }
+            (Some(Ok(Event::Incoming(Packet::Publish(p)))), Some(_)) => flow.handle(
+                FlowEvent::Message {
+                    topic: &p.topic,
+                    payload: &p.payload,
+                },
+                t,
+            ),
+            (Some(Ok(_)), Some(_)) => flow.handle(FlowEvent::Tick, t),
+            (Some(Err(e)), Some(l)) => {
+                let connecting = l.connecting;
+                link = None;
+                let e = Error::Connection(e.to_string());
+                if connecting {
+                    flow.handle(FlowEvent::ConnectFailed(e), t)
+                } else {
+                    flow.handle(FlowEvent::Disconnected(e), t)
+                }
+            }
+        };
+        actions.extend(produced);
+    };
+    if let Some(l) = link.take() {
+        let _ = l.client.try_disconnect();
+    }
+    counters.done(&counted);
+    result.map(|p| p.thing_name).map_err(|e| e.to_string())
+}
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("storm: {e}");
@@ -200,70 +446,96 @@ fn run() -> Result<(), String> {
     let template = Request::new(config, "DemoTemplate", method);
     let tag = std::process::id();
 
-    let barrier = Arc::new(Barrier::new(devices + 1));
-    let connected = Arc::new(AtomicUsize::new(0));
-    let max_connected = Arc::new(AtomicUsize::new(0));
-    let retries = Arc::new(AtomicUsize::new(0));
+    let mode = env_or("FLEETPROV_STORM_MODE", "threads");
+    let workers: usize = match mode.as_str() {
+        "threads" => devices,
+        "shared" => env_or("FLEETPROV_STORM_THREADS", "2")
+            .parse()
+            .ok()
+            .filter(|n| (1..=64).contains(n))
+            .ok_or("FLEETPROV_STORM_THREADS must be 1..=64")?,
+        other => return Err(format!("FLEETPROV_STORM_MODE {other}: threads or shared")),
+    };
+    // Before anything per device exists (its request and credentials included).
     let (rss_before, _) = memory_kb();
-    let mut threads = Vec::with_capacity(devices);
-    for i in 0..devices {
-        let barrier = Arc::clone(&barrier);
-        let (connected, max_connected, retries) = (
-            Arc::clone(&connected),
-            Arc::clone(&max_connected),
-            Arc::clone(&retries),
-        );
-        let mut request = template.clone();
-        request.verify = verify;
-        request.connection.client_id = format!("storm-{tag}-{i}");
-        request.parameters =
-            BTreeMap::from([("SerialNumber".to_owned(), format!("storm-{tag}-{i}"))]);
+    let requests: Vec<Request> = (0..devices)
+        .map(|i| {
+            let mut request = template.clone();
+            request.verify = verify;
+            request.connection.client_id = format!("storm-{tag}-{i}");
+            request.parameters =
+                BTreeMap::from([("SerialNumber".to_owned(), format!("storm-{tag}-{i}"))]);
+            request
+        })
+        .collect();
+    let counters = Arc::new(Counters::default());
+    let barrier = Arc::new(Barrier::new(workers + 1));
+    let clock = Instant::now();
+    // Worker w provisions devices w, w + workers, w + 2 * workers, ...
+    let mut handles = Vec::with_capacity(workers);
+    let mut shares: Vec<Vec<(usize, Request)>> = (0..workers).map(|_| Vec::new()).collect();
+    for (i, request) in requests.into_iter().enumerate() {
+        shares[i % workers].push((i, request));
+    }
+    for (w, share) in shares.into_iter().enumerate() {
+        let (barrier, counters) = (Arc::clone(&barrier), Arc::clone(&counters));
+        let shared = mode == "shared";
         let t = std::thread::Builder::new()
-            .name(format!("device-{i}"))
+            .name(format!("worker-{w}"))
             .stack_size(stack_kb * 1024)
-            .spawn(move || {
-                // Counted connected from the first SUBSCRIBING (CONNACK seen) to the call's end.
-                let counted = Arc::new(AtomicUsize::new(0));
-                let hooks = Hooks {
-                    progress: Some({
-                        let counted = Arc::clone(&counted);
-                        let (connected, max_connected, retries) = (
-                            Arc::clone(&connected),
-                            Arc::clone(&max_connected),
-                            Arc::clone(&retries),
-                        );
-                        Arc::new(move |p| match p.step {
-                            Step::Subscribing if counted.swap(1, Ordering::SeqCst) == 0 => {
-                                let now = connected.fetch_add(1, Ordering::SeqCst) + 1;
-                                max_connected.fetch_max(now, Ordering::SeqCst);
-                            }
-                            Step::Retrying => {
-                                retries.fetch_add(1, Ordering::SeqCst);
-                            }
-                            _ => {}
-                        })
-                    }),
-                    ..Hooks::default()
-                };
+            .spawn(move || -> Vec<(usize, Result<String, String>)> {
                 barrier.wait();
-                let result = fleetprov::provision(&request, &hooks);
-                if counted.load(Ordering::SeqCst) == 1 {
-                    connected.fetch_sub(1, Ordering::SeqCst);
+                if !shared {
+                    return share
+                        .into_iter()
+                        .map(|(i, r)| (i, provision_blocking(&r, &counters)))
+                        .collect();
                 }
-                result.map(|p| p.thing_name).map_err(|e| e.to_string())
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        return share
+                            .iter()
+                            .map(|(i, _)| (*i, Err(e.to_string())))
+                            .collect();
+                    }
+                };
+                let local = tokio::task::LocalSet::new();
+                let tasks: Vec<_> = share
+                    .into_iter()
+                    .map(|(i, r)| {
+                        let counters = Arc::clone(&counters);
+                        (i, local.spawn_local(provision_task(r, clock, counters)))
+                    })
+                    .collect();
+                local.block_on(&runtime, async move {
+                    let mut out = Vec::with_capacity(tasks.len());
+                    for (i, task) in tasks {
+                        out.push((i, task.await.unwrap_or_else(|e| Err(e.to_string()))));
+                    }
+                    out
+                })
             })
-            .map_err(|e| format!("thread {i}: {e}"))?;
-        threads.push(t);
+            .map_err(|e| format!("thread {w}: {e}"))?;
+        handles.push(t);
     }
     barrier.wait();
     let start = Instant::now();
     let mut failures = Vec::new();
-    for (i, t) in threads.into_iter().enumerate() {
-        match t.join() {
-            Ok(Ok(name)) if name == format!("demo-storm-{tag}-{i}") => {}
-            Ok(Ok(name)) => failures.push(format!("device {i}: thing {name}")),
-            Ok(Err(e)) => failures.push(format!("device {i}: {e}")),
-            Err(_) => failures.push(format!("device {i}: panicked")),
+    for t in handles {
+        let Ok(results) = t.join() else {
+            failures.push("a worker thread panicked".to_owned());
+            continue;
+        };
+        for (i, result) in results {
+            match result {
+                Ok(name) if name == format!("demo-storm-{tag}-{i}") => {}
+                Ok(name) => failures.push(format!("device {i}: thing {name}")),
+                Err(e) => failures.push(format!("device {i}: {e}")),
+            }
         }
     }
     let seconds = start.elapsed().as_secs_f64();
@@ -275,7 +547,7 @@ fn run() -> Result<(), String> {
          \"seconds\": {seconds:.3}, \"devices_per_s\": {:.1}, \"rss_before_kb\": {rss_before}, \
          \"peak_rss_kb\": {hwm}, \"rss_after_kb\": {rss_after}, \"peak_delta_kb\": {delta_kb}, \
          \"kb_per_device\": {:.2}, \"max_connected\": {}, \"retries\": {}, \"stack_kb\": {stack_kb}, \
-         \"hold_ms\": {hold_ms}}}",
+         \"hold_ms\": {hold_ms}, \"mode\": \"{mode}\", \"threads\": {workers}}}",
         failures.len(),
         if matches!(template.method, Method::CreateKeys) {
             "keys"
@@ -284,8 +556,8 @@ fn run() -> Result<(), String> {
         },
         (devices - failures.len()) as f64 / seconds,
         delta_kb as f64 / devices as f64,
-        max_connected.load(Ordering::SeqCst),
-        retries.load(Ordering::SeqCst),
+        counters.max_connected.load(Ordering::SeqCst),
+        counters.retries.load(Ordering::SeqCst),
     );
     for f in failures.iter().take(10) {
         eprintln!("storm: {f}");
