@@ -76,7 +76,7 @@ def ours(args, paths):
 def sdk(args, paths):
     import concurrent.futures
 
-    from awscrt import mqtt, mqtt5, mqtt_request_response
+    from awscrt import mqtt5, mqtt_request_response
     from awsiot import iotidentity, mqtt5_client_builder, mqtt_connection_builder
 
     if args.flow == "csr":
@@ -143,7 +143,6 @@ def sdk(args, paths):
         return client, close
 
     connect = connect_5 if args.sdk_protocol == "mqtt5" else connect_311
-    del mqtt  # imported only to fail early if awscrt lacks it
 
     def once(serial: str) -> None:
         conn, close = connect(f"claim-{serial}")
