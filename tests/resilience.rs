@@ -470,3 +470,66 @@ fn a_step_by_step_client_reconnects_after_an_idle_drop() {
         .collect();
     assert_eq!(device.len(), 1, "{device:?}");
 }
+
+/// Many devices on one thread (`provision_many`): all provisioned, each with its own
+/// certificate and thing, retries included.
+#[test]
+fn many_devices_at_once_on_one_thread() {
+    let dir = scratch("many");
+    let mut config = EmuConfig::new(dir.join("emulator"));
+    config.key_kind = KeyKind::EcP256;
+    config.faults = vec![
+        "close:request@register*3".parse().unwrap(),
+        "reject:429@csr*3".parse().unwrap(),
+    ];
+    let emu = Emulator::start(config).unwrap();
+    let requests: Vec<Request> = (0..40)
+        .map(|i| {
+            let mut r = Request::new(
+                connection(
+                    &emu,
+                    if i % 2 == 0 {
+                        Format::Json
+                    } else {
+                        Format::Cbor
+                    },
+                ),
+                "DemoTemplate",
+                if i % 3 == 0 {
+                    Method::CreateKeys
+                } else {
+                    Method::Csr(KeyType::P256)
+                },
+            );
+            r.parameters
+                .insert("SerialNumber".into(), format!("many{i}"));
+            r.output_dir = Some(dir.join(format!("out{i}")));
+            r.state_dir = Some(dir.join(format!("state{i}")));
+            r.retry = RetryPolicy {
+                max_attempts: 6,
+                initial_backoff: Duration::from_millis(50),
+                max_backoff: Duration::from_millis(200),
+            };
+            r
+        })
+        .collect();
+    let results = fleetprov::provision::provision_many(&requests, &Hooks::default());
+    assert_eq!(results.len(), 40);
+    let mut ids = std::collections::HashSet::new();
+    for (i, r) in results.iter().enumerate() {
+        let p = r.as_ref().unwrap_or_else(|e| panic!("device {i}: {e}"));
+        assert_eq!(p.thing_name, format!("demo-many{i}"));
+        assert!(ids.insert(p.certificate_id.clone()));
+        assert!(dir.join(format!("out{i}/private.key")).exists());
+    }
+    let registry = emu.registry().unwrap();
+    assert_eq!(registry["things"].as_array().unwrap().len(), 40);
+    let retried = results
+        .iter()
+        .filter(|r| r.as_ref().unwrap().attempts > 1)
+        .count();
+    assert!(
+        retried >= 3,
+        "the faults made some devices retry ({retried})"
+    );
+}

@@ -30,8 +30,31 @@ impl Live {
     }
 }
 
-/// Performs the flow's actions and feeds it the connection's events until it is done.
+/// A current-thread runtime for the built-in transport. Its blocking pool (host name lookups)
+/// lets idle threads go at once rather than keeping one per device for 10 s.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Error> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_keep_alive(std::time::Duration::ZERO)
+        .build()
+        .map_err(|e| Error::Connection(format!("cannot start the I/O runtime: {e}")))
+}
+
+/// Performs the flow's actions and feeds it the connection's events until it is done, on a
+/// runtime of its own in the calling thread.
 pub(crate) fn run_flow(
+    flow: Flow,
+    config: &Config,
+    progress: Option<&ProgressFn>,
+    log: Option<&LogFn>,
+    cancel: &Arc<Cancel>,
+) -> Result<Provisioned, Error> {
+    let runtime = runtime()?;
+    runtime.block_on(drive(flow, config, progress, log, cancel))
+}
+
+/// [`run_flow`] as a future, for running many flows on one runtime.
+pub(crate) async fn drive(
     mut flow: Flow,
     config: &Config,
     progress: Option<&ProgressFn>,
@@ -45,13 +68,9 @@ pub(crate) fn run_flow(
     };
     let alpn = config.alpn.unwrap_or(config.port == 443);
     let claim_tls = tls::client_config(&config.roots, &config.cert_pem, &config.key_pem, alpn)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Connection(format!("cannot start the I/O runtime: {e}")))?;
     let mut actions: VecDeque<FlowAction> = flow.start(now_ms()).into();
     let mut conn: Option<Live> = None;
-    let result = runtime.block_on(async {
+    let result = async {
         loop {
             while let Some(action) = actions.pop_front() {
                 match action {
@@ -230,24 +249,23 @@ pub(crate) fn run_flow(
             };
             actions.extend(produced);
         }
-    });
+    }
+    .await;
     if let Some(c) = conn.take() {
         // Let the DISCONNECT go out, briefly.
         let Live {
             client, mut events, ..
         } = c;
         let _ = client.try_disconnect();
-        runtime.block_on(async {
-            let _ = tokio::time::timeout(std::time::Duration::from_millis(200), async {
-                loop {
-                    match events.poll().await {
-                        Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                        Ok(_) => {}
-                    }
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(200), async {
+            loop {
+                match events.poll().await {
+                    Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(_) => {}
                 }
-            })
-            .await;
-        });
+            }
+        })
+        .await;
     }
     result
 }

@@ -21,7 +21,7 @@ use crate::engine::{Action, CertificateSource, Engine, Event, Operation, Outcome
 use crate::error::Error;
 use crate::protocol::{CreatedCertificate, Format, Registered, validate_template_name};
 use crate::secret::Secret;
-pub(crate) use driver::run_flow;
+pub(crate) use driver::{drive, run_flow, runtime};
 pub use tls::Roots;
 
 /// Largest packet sent or received: AWS IoT's 128 KB payload plus headers.
@@ -172,6 +172,8 @@ pub(crate) fn open_connection(
     let mut options = MqttOptions::new(client_id, config.host.clone(), config.port);
     options
         .set_keep_alive(config.keep_alive)
+        // At most two requests are ever in flight; rumqttc sizes a table by this (default 100).
+        .set_inflight(4)
         .set_clean_session(true)
         .set_max_packet_size(MAX_PACKET, MAX_PACKET)
         .set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
@@ -267,10 +269,7 @@ impl Client {
         config.validate()?;
         let alpn = config.alpn.unwrap_or(config.port == 443);
         let tls = tls::client_config(&config.roots, &config.cert_pem, &config.key_pem, alpn)?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| Error::Connection(format!("cannot start the I/O runtime: {e}")))?;
+        let runtime = driver::runtime()?;
         Ok(Client {
             config,
             tls,

@@ -57,18 +57,20 @@ pub fn client_config(
         .map_err(|e| Error::InvalidArgument(format!("client certificate: {e}")))?;
     let key: PrivateKeyDer<'static> = keys::parse_private_key_pem(key_pem.expose())
         .map_err(|e| Error::InvalidArgument(format!("client private key: {e}")))?;
-    keys::certificate_matches_key(cert_pem, key_pem.expose()).map_err(|e| match e {
-        keys::KeyError::Mismatch => {
-            Error::InvalidArgument("the client certificate does not match the private key".into())
-        }
-        other => Error::InvalidArgument(format!("client credentials: {other}")),
-    })?;
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| Error::Tls(e.to_string()))?
         .with_root_certificates(store)
+        // rustls loads the key once and checks it against the certificate.
         .with_client_auth_cert(chain, key)
-        .map_err(|e| Error::InvalidArgument(format!("client credentials: {e}")))?;
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => Error::InvalidArgument(
+                "the client certificate does not match the private key".into(),
+            ),
+            other => Error::InvalidArgument(format!("client credentials: {other}")),
+        })?;
+    // Each configuration makes one or two connections: a session cache only costs memory.
+    cfg.resumption = rustls::client::Resumption::disabled();
     if alpn {
         cfg.alpn_protocols = vec![ALPN_MQTT.to_vec()];
     }
