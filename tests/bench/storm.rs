@@ -34,7 +34,9 @@
 //!   `Flow::new`, exactly what `provision` runs) driven by `FLEETPROV_STORM_THREADS` threads
 //!   (default 2), each one current-thread runtime with its share of the devices as tasks, over
 //!   rumqttc and `client::tls::client_config` with the built-in transport's settings: what a
-//!   host transport (the `fleetprov_host` API) or an async entry point would cost per device.
+//!   host transport (the `fleetprov_host` API) or an async entry point would cost per device;
+//! - `many`: `fleetprov::provision::provision_many`, the library's entry point for many devices
+//!   on one thread, on `FLEETPROV_STORM_THREADS` threads (default 2), each with its share.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader};
@@ -202,6 +204,39 @@ fn provision_blocking(request: &Request, counters: &Arc<Counters>) -> Result<Str
     let result = fleetprov::provision(request, &hooks);
     counters.done(&counted);
     result.map(|p| p.thing_name).map_err(|e| e.to_string())
+}
+
+/// `many` mode: this thread's share of the devices through `fleetprov::provision::provision_many`
+/// (the library's own entry point for many devices on one thread). Its hooks serve every device,
+/// so a device counts as connected from SUBSCRIBING to COMMITTED.
+fn provision_share_many(
+    share: Vec<(usize, Request)>,
+    counters: &Arc<Counters>,
+) -> Vec<(usize, Result<String, String>)> {
+    let requests: Vec<Request> = share.iter().map(|(_, r)| r.clone()).collect();
+    let c = Arc::clone(counters);
+    let hooks = Hooks {
+        progress: Some(Arc::new(move |p: &Progress| match p.step {
+            Step::Subscribing => {
+                let now = c.connected.fetch_add(1, Ordering::SeqCst) + 1;
+                c.max_connected.fetch_max(now, Ordering::SeqCst);
+            }
+            Step::Committed => {
+                c.connected.fetch_sub(1, Ordering::SeqCst);
+            }
+            Step::Retrying => {
+                c.retries.fetch_add(1, Ordering::SeqCst);
+            }
+            _ => {}
+        })),
+        ..Hooks::default()
+    };
+    let results = fleetprov::provision::provision_many(&requests, &hooks);
+    share
+        .iter()
+        .zip(results)
+        .map(|((i, _), r)| (*i, r.map(|p| p.thing_name).map_err(|e| e.to_string())))
+        .collect()
 }
 
 /// Largest MQTT packet, as the built-in transport sets it (AWS allows 128 KB).
@@ -449,12 +484,16 @@ fn run() -> Result<(), String> {
     let mode = env_or("FLEETPROV_STORM_MODE", "threads");
     let workers: usize = match mode.as_str() {
         "threads" => devices,
-        "shared" => env_or("FLEETPROV_STORM_THREADS", "2")
+        "shared" | "many" => env_or("FLEETPROV_STORM_THREADS", "2")
             .parse()
             .ok()
             .filter(|n| (1..=64).contains(n))
             .ok_or("FLEETPROV_STORM_THREADS must be 1..=64")?,
-        other => return Err(format!("FLEETPROV_STORM_MODE {other}: threads or shared")),
+        other => {
+            return Err(format!(
+                "FLEETPROV_STORM_MODE {other}: threads, shared or many"
+            ));
+        }
     };
     // Before anything per device exists (its request and credentials included).
     let (rss_before, _) = memory_kb();
@@ -480,11 +519,15 @@ fn run() -> Result<(), String> {
     for (w, share) in shares.into_iter().enumerate() {
         let (barrier, counters) = (Arc::clone(&barrier), Arc::clone(&counters));
         let shared = mode == "shared";
+        let many = mode == "many";
         let t = std::thread::Builder::new()
             .name(format!("worker-{w}"))
             .stack_size(stack_kb * 1024)
             .spawn(move || -> Vec<(usize, Result<String, String>)> {
                 barrier.wait();
+                if many {
+                    return provision_share_many(share, &counters);
+                }
                 if !shared {
                     return share
                         .into_iter()
