@@ -7,8 +7,8 @@ use std::sync::Arc;
 use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, Outgoing, Packet, QoS};
 
 use super::{
-    Cancel, Config, LogFn, LogLevel, ProgressFn, at_ms, connection_error, leftover_publishes,
-    now_ms, open_connection, tls,
+    Cancel, Config, LogFn, LogLevel, ProgressFn, at_ms, connection_error, granted,
+    leftover_publishes, now_ms, open_connection, tls,
 };
 use crate::engine::flow::{Flow, FlowAction, FlowEvent, Identity, Provisioned};
 use crate::error::Error;
@@ -199,12 +199,7 @@ pub(crate) async fn drive(
                 (Some(Ok(MqttEvent::Incoming(Packet::SubAck(ack)))), Some(c)) => match &c.pending {
                     Some((_, Some(pkid))) if *pkid == ack.pkid => {
                         c.pending = None;
-                        let granted: Vec<bool> = ack
-                            .return_codes
-                            .iter()
-                            .map(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                            .collect();
-                        flow.handle(FlowEvent::SubAck(&granted), now)
+                        flow.handle(FlowEvent::SubAck(&granted(&ack)), now)
                     }
                     _ => Vec::new(),
                 },

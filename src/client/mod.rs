@@ -189,6 +189,14 @@ pub(crate) fn open_connection(
     (client, events)
 }
 
+/// A SUBACK's return codes as granted (true) or refused.
+pub(crate) fn granted(ack: &rumqttc::SubAck) -> Vec<bool> {
+    ack.return_codes
+        .iter()
+        .map(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure))
+        .collect()
+}
+
 /// PUBLISHes rumqttc read but had not handed out when the connection failed: a reply followed
 /// at once by the close arrives in one read, and rumqttc reports the close (failing to send the
 /// PUBACK) before the reply, which stays queued in its state.
@@ -514,11 +522,7 @@ impl Client {
                     }
                     Ok(MqttEvent::Incoming(Packet::SubAck(ack))) => match &pending {
                         Some((filters, Some(pkid))) if *pkid == ack.pkid => {
-                            let granted: Vec<bool> = ack
-                                .return_codes
-                                .iter()
-                                .map(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                                .collect();
+                            let granted = granted(&ack);
                             for (f, ok) in filters.iter().zip(&granted) {
                                 if *ok {
                                     conn.subscribed.insert(f.clone());

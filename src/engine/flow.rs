@@ -399,6 +399,14 @@ impl Flow {
         self.engine = None;
     }
 
+    /// The id of the certificate in hand, for messages.
+    fn held_id(&self) -> String {
+        self.held
+            .as_ref()
+            .map(|h| h.entry.certificate.certificate_id.clone())
+            .unwrap_or_default()
+    }
+
     fn key(&self) -> Option<&Secret> {
         self.held
             .as_ref()
@@ -661,11 +669,7 @@ impl Flow {
     /// earlier attempt was accepted and its reply lost; connecting with the certificate tells.
     fn token_refused(&mut self, e: Error, now: u64, out: &mut Vec<FlowAction>) {
         self.drop_link(out);
-        let id = self
-            .held
-            .as_ref()
-            .map(|h| h.entry.certificate.certificate_id.clone())
-            .unwrap_or_default();
+        let id = self.held_id();
         if !self.can_probe() {
             let resumed = self.held.as_ref().is_some_and(|h| h.resumed);
             if self.register_sent || resumed {
@@ -707,11 +711,7 @@ impl Flow {
     fn connect_failed(&mut self, e: Error, now: u64, out: &mut Vec<FlowAction>) {
         match (self.phase, e) {
             (Phase::Verify { probe: true }, Error::Tls(m)) if !self.restarted => {
-                let id = self
-                    .held
-                    .as_ref()
-                    .map(|h| h.entry.certificate.certificate_id.clone())
-                    .unwrap_or_default();
+                let id = self.held_id();
                 self.log(
                     LogLevel::Warn,
                     format!(
@@ -739,11 +739,7 @@ impl Flow {
         self.link = Link::Down;
         out.push(FlowAction::Disconnect);
         if probe {
-            let id = self
-                .held
-                .as_ref()
-                .map(|h| h.entry.certificate.certificate_id.clone())
-                .unwrap_or_default();
+            let id = self.held_id();
             self.log(
                 LogLevel::Warn,
                 format!(

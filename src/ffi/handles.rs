@@ -216,6 +216,18 @@ pub(crate) unsafe fn config_ref<'a>(
     unsafe { config.as_ref() }.ok_or_else(|| invalid("config is NULL"))
 }
 
+/// An optional directory: NULL is none, "" is an invalid argument.
+///
+/// # Safety
+/// `path` is NULL or a NUL-terminated string valid for the call.
+unsafe fn dir_arg(path: *const c_char) -> Result<Option<PathBuf>, Error> {
+    // SAFETY: per the contract above.
+    match unsafe { opt_str_arg(path, "path")? } {
+        Some("") => Err(invalid("path is empty")),
+        other => Ok(other.map(PathBuf::from)),
+    }
+}
+
 fn read_file(path: &str, what: &str) -> Result<String, Error> {
     std::fs::read_to_string(path).map_err(|e| invalid(format!("cannot read {what} {path:?}: {e}")))
 }
@@ -647,11 +659,8 @@ pub unsafe extern "C" fn fleetprov_config_set_output_dir(
 ) -> fleetprov_result {
     guard(|| {
         // SAFETY: pointers per the header.
-        let (config, path) = unsafe { (config_mut(config)?, opt_str_arg(path, "path")?) };
-        if path == Some("") {
-            return Err(invalid("path is empty"));
-        }
-        config.output_dir = path.map(PathBuf::from);
+        let (config, path) = unsafe { (config_mut(config)?, dir_arg(path)?) };
+        config.output_dir = path;
         Ok(())
     })
 }
@@ -669,11 +678,8 @@ pub unsafe extern "C" fn fleetprov_config_set_state_dir(
 ) -> fleetprov_result {
     guard(|| {
         // SAFETY: pointers per the header.
-        let (config, path) = unsafe { (config_mut(config)?, opt_str_arg(path, "path")?) };
-        if path == Some("") {
-            return Err(invalid("path is empty"));
-        }
-        config.state_dir = path.map(PathBuf::from);
+        let (config, path) = unsafe { (config_mut(config)?, dir_arg(path)?) };
+        config.state_dir = path;
         Ok(())
     })
 }
