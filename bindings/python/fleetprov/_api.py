@@ -501,6 +501,18 @@ def _run_blocking(config: _Config, slot: CallbackSlot, fn: Callable[..., int], *
 
 
 
+def _method(use_csr: Any, template_name: Any, csr_pem: Optional[str] = None) -> _Method:
+    """Checks the arguments every one-call flow shares and picks its certificate method: a given
+    CSR wins, then ``use_csr`` (CSR with a key made here) or CreateKeysAndCertificate."""
+    if not isinstance(use_csr, bool):
+        raise TypeError("use_csr must be bool")
+    if template_name is None:
+        raise InvalidArgumentError("template_name is required", code=1)
+    if csr_pem is not None:
+        return _Method.EXTERNAL_CSR
+    return _Method.CSR if use_csr else _Method.CREATE_KEYS
+
+
 def provision(
     *,
     endpoint: str,
@@ -562,13 +574,7 @@ def provision(
     Raises :class:`FleetprovError` subclasses (e.g. :class:`RejectedError`,
     :class:`StepTimeoutError`), :class:`TypeError` for arguments of the wrong type.
     """
-    if not isinstance(use_csr, bool):
-        raise TypeError("use_csr must be bool")
-    if template_name is None:
-        raise InvalidArgumentError("template_name is required", code=1)
-    method = _Method.CSR if use_csr else _Method.CREATE_KEYS
-    if csr_pem is not None:
-        method = _Method.EXTERNAL_CSR
+    method = _method(use_csr, template_name, csr_pem)
     config, slot = _build_config(
         endpoint=endpoint, port=port, ca_file=ca_file, ca_pem=ca_pem, cert_file=cert_file,
         key_file=key_file, cert_pem=cert_pem, key_pem=key_pem, template_name=template_name,
@@ -627,11 +633,7 @@ def rotate(
     :func:`provision` (:class:`StorageError` when ``credentials_dir`` lacks a file).
     """
     dir_b = _cstr(credentials_dir, "credentials_dir")
-    if not isinstance(use_csr, bool):
-        raise TypeError("use_csr must be bool")
-    if template_name is None:
-        raise InvalidArgumentError("template_name is required", code=1)
-    method = _Method.CSR if use_csr else _Method.CREATE_KEYS
+    method = _method(use_csr, template_name)
     config, slot = _build_config(
         endpoint=endpoint, port=port, ca_file=ca_file, ca_pem=ca_pem, cert_file=None,
         key_file=None, cert_pem=None, key_pem=None, template_name=template_name,
@@ -737,13 +739,7 @@ def provision_async(**kwargs: Any) -> ProvisionOperation:
     :meth:`ProvisionOperation.result`."""
     _check_kwargs(kwargs)
     use_csr = kwargs.pop("use_csr", True)
-    if not isinstance(use_csr, bool):
-        raise TypeError("use_csr must be bool")
-    if kwargs.get("template_name") is None:
-        raise InvalidArgumentError("template_name is required", code=1)
-    method = _Method.CSR if use_csr else _Method.CREATE_KEYS
-    if kwargs.get("csr_pem") is not None:
-        method = _Method.EXTERNAL_CSR
+    method = _method(use_csr, kwargs.get("template_name"), kwargs.get("csr_pem"))
     args = dict(_PROVISION_DEFAULTS)
     args.update(kwargs)
     if "endpoint" not in args:

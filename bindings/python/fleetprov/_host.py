@@ -24,7 +24,7 @@ from ._api import (
     _build_config,
     _Closeable,
     _cstr,
-    _Method,
+    _method,
     _provisioned_to_result,
 )
 from ._callbacks import CallbackSlot
@@ -253,13 +253,7 @@ class HostFlow(_Closeable):
         missing = [m for m in _TRANSPORT_METHODS if not callable(getattr(transport, m, None))]
         if missing:
             raise TypeError(f"transport lacks callable method(s): {', '.join(missing)}")
-        if not isinstance(use_csr, bool):
-            raise TypeError("use_csr must be bool")
-        if template_name is None:
-            raise InvalidArgumentError("template_name is required", code=1)
-        method = _Method.CSR if use_csr else _Method.CREATE_KEYS
-        if csr_pem is not None:
-            method = _Method.EXTERNAL_CSR
+        method = _method(use_csr, template_name, csr_pem)
         config, slot = _build_config(
             endpoint=endpoint, port=8883, ca_file=None, ca_pem=None, cert_file=None, key_file=None,
             cert_pem=None, key_pem=None, template_name=template_name, parameters=parameters,
