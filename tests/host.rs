@@ -8,10 +8,12 @@ use std::ptr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::Env;
 use fleetprov::client::tls::client_config;
 use fleetprov::ffi::*;
 use fleetprov::{Roots, Secret};
-use fleetprov_emulator::{Config as EmuConfig, Emulator, KeyKind};
 use fleetprov_result::*;
 use rumqttc::{ConnectionError, Event, MqttOptions, Packet, QoS, RecvTimeoutError};
 
@@ -96,23 +98,6 @@ const CALLBACKS: fleetprov_host_callbacks = fleetprov_host_callbacks {
     subscribe: Some(on_subscribe),
     publish: Some(on_publish),
 };
-
-struct Env {
-    emu: Emulator,
-    dir: std::path::PathBuf,
-}
-
-fn env(name: &str, faults: &[&str]) -> Env {
-    let dir = std::env::temp_dir().join(format!("fleetprov-host-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut config = EmuConfig::new(dir.join("emulator"));
-    config.key_kind = KeyKind::EcP256;
-    config.faults = faults.iter().map(|f| f.parse().unwrap()).collect();
-    Env {
-        emu: Emulator::start(config).unwrap(),
-        dir,
-    }
-}
 
 fn cs(s: &str) -> CString {
     CString::new(s).unwrap()
@@ -334,25 +319,6 @@ fn drive(
     (result, out, seen)
 }
 
-fn device_certificates(env: &Env) -> Vec<(String, String)> {
-    let claim = fleetprov::keys::certificate_id(
-        &std::fs::read_to_string(&env.emu.paths().claim_cert).unwrap(),
-    )
-    .unwrap();
-    env.emu.registry().unwrap()["certificates"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            (
-                c["id"].as_str().unwrap().to_owned(),
-                c["status"].as_str().unwrap().to_owned(),
-            )
-        })
-        .filter(|(id, _)| *id != claim)
-        .collect()
-}
-
 #[test]
 fn a_host_stack_provisions_with_both_methods_and_formats() {
     for (i, (method, cbor)) in [
@@ -362,7 +328,7 @@ fn a_host_stack_provisions_with_both_methods_and_formats() {
     .into_iter()
     .enumerate()
     {
-        let env = env(&format!("ok-{i}"), &[]);
+        let env = common::env("host", &format!("ok-{i}"), &[]);
         let c = host_config(&env, &format!("host{i}"), method, cbor);
         let (r, p, seen) = drive(&env, c, None);
         assert_eq!(r, FLEETPROV_OK, "{seen:#?}");
@@ -395,7 +361,7 @@ fn a_host_stack_provisions_with_both_methods_and_formats() {
                 "disconnect",
             ]
         );
-        let certs = device_certificates(&env);
+        let certs = common::device_certificates(&env.emu);
         assert_eq!(certs.len(), 1);
         assert_eq!(certs[0].1, "ACTIVE");
         assert!(env.dir.join("out/private.key").exists());
@@ -405,7 +371,8 @@ fn a_host_stack_provisions_with_both_methods_and_formats() {
 
 #[test]
 fn a_host_stack_gets_retries_and_the_lost_reply_probe() {
-    let env = env(
+    let env = common::env(
+        "host",
         "faults",
         &[
             "close:request@register*1",
@@ -422,7 +389,7 @@ fn a_host_stack_gets_retries_and_the_lost_reply_probe() {
         fleetprov_provisioned_free(p);
         fleetprov_config_free(c);
     }
-    let certs = device_certificates(&env);
+    let certs = common::device_certificates(&env.emu);
     assert_eq!(
         certs,
         vec![(certs[0].0.clone(), "ACTIVE".to_string())],
@@ -437,7 +404,7 @@ fn a_host_stack_gets_retries_and_the_lost_reply_probe() {
 
 #[test]
 fn host_api_arguments_are_checked() {
-    let env = env("args", &[]);
+    let env = common::env("host", "args", &[]);
     let c = host_config(&env, "args", fleetprov_method::FLEETPROV_METHOD_CSR, false);
     let mut h = ptr::null_mut();
     let missing = fleetprov_host_callbacks {
@@ -552,7 +519,7 @@ extern "C" fn element_sign(
 #[test]
 fn an_external_signer_with_a_host_stack_keeps_the_key_in_the_element() {
     use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
-    let env = env("signer", &[]);
+    let env = common::env("host", "signer", &[]);
     let rng = ring::rand::SystemRandom::new();
     let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
     let pair =

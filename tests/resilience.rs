@@ -3,7 +3,9 @@
 //! certificate for it, no certificate minted by a retry while a token was in hand, and the key
 //! on disk matching the certificate (checked by connecting with the stored credentials).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,11 +15,9 @@ use fleetprov::engine::retry::RetryPolicy;
 use fleetprov::keys::KeyType;
 use fleetprov::protocol::Format;
 use fleetprov::provision::Hooks;
-use fleetprov::{Client, Config, Error, Method, Request, Roots, Secret};
-use fleetprov_emulator::{Config as EmuConfig, Emulator, KeyKind};
+use fleetprov::{Client, Error, Method, Request, Secret};
+use fleetprov_emulator::Emulator;
 use serde_json::Value;
-
-const STEP_TIMEOUT: Duration = Duration::from_millis(1500);
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Api {
@@ -96,40 +96,14 @@ struct Run {
     emu: Emulator,
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "fleetprov-resilience-{}-{name}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-fn connection(emu: &Emulator, format: Format) -> Config {
-    let paths = emu.paths();
-    let read = |p: &Path| std::fs::read_to_string(p).unwrap();
-    let mut c = Config::new(
-        "localhost",
-        read(&paths.claim_cert),
-        Secret::new(read(&paths.claim_key)),
-    );
-    c.port = emu.port();
-    c.roots = Roots::Pem(read(&paths.ca_cert));
-    c.format = format;
-    c.step_timeout = STEP_TIMEOUT;
-    c.overall_timeout = Some(Duration::from_secs(60));
-    c
-}
-
 fn run(name: &str, api: Api, format: Format, rule: Option<&str>) -> Run {
-    let dir = scratch(name);
-    let mut config = EmuConfig::new(dir.join("emulator"));
-    config.key_kind = KeyKind::EcP256;
-    if let Some(rule) = rule {
-        config.faults = vec![rule.parse().expect("fault rule")];
-    }
-    let emu = Emulator::start(config).expect("emulator starts");
-    let mut request = Request::new(connection(&emu, format), "DemoTemplate", api.method());
+    let dir = common::scratch("resilience", name);
+    let emu = common::emulator(&dir, rule.as_slice());
+    let mut request = Request::new(
+        common::connection(&emu, format),
+        "DemoTemplate",
+        api.method(),
+    );
     request
         .parameters
         .insert("SerialNumber".into(), name.replace(['*', ':', '@'], "-"));
@@ -167,33 +141,13 @@ fn run(name: &str, api: Api, format: Format, rule: Option<&str>) -> Run {
     }
 }
 
-fn certificates(registry: &Value) -> Vec<(String, String)> {
-    registry["certificates"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            (
-                c["id"].as_str().unwrap().to_owned(),
-                c["status"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
-
 /// Everything a finished case must show.
 fn check(what: &str, r: &Run, case: &Case) {
     let p = match &r.result {
         Ok(p) => p,
         Err(e) => panic!("{what}: not provisioned: {e}\nlogs: {:#?}", r.logs),
     };
-    let all = certificates(&r.registry);
-    // The claim certificate is in the registry as ACTIVE too.
-    let claim_id = fleetprov::keys::certificate_id(
-        &std::fs::read_to_string(&r.emu.paths().claim_cert).unwrap(),
-    )
-    .unwrap();
-    let device: Vec<_> = all.iter().filter(|(id, _)| *id != claim_id).collect();
+    let device = common::device_certificates(&r.emu);
     let active: Vec<_> = device.iter().filter(|(_, s)| s == "ACTIVE").collect();
     assert_eq!(
         active.len(),
@@ -232,7 +186,7 @@ fn check(what: &str, r: &Run, case: &Case) {
     let key = std::fs::read_to_string(&stored.private_key).unwrap();
     assert_eq!(cert, p.certificate_pem, "{what}");
     fleetprov::keys::certificate_matches_key(&cert, &key).expect("key matches");
-    let mut c = connection(&r.emu, Format::Json);
+    let mut c = common::connection(&r.emu, Format::Json);
     c.cert_pem = cert;
     c.key_pem = Secret::new(key);
     let mut client = Client::new(c).unwrap();
@@ -321,13 +275,10 @@ fn non_retryable_rejections_are_not_retried_and_leave_no_files() {
 
 #[test]
 fn a_failed_run_resumes_from_the_journal_without_a_second_certificate() {
-    let dir = scratch("resume");
-    let mut config = EmuConfig::new(dir.join("emulator"));
-    config.key_kind = KeyKind::EcP256;
-    config.faults = vec!["close:request@register*1".parse().unwrap()];
-    let emu = Emulator::start(config).unwrap();
+    let dir = common::scratch("resilience", "resume");
+    let emu = common::emulator(&dir, &["close:request@register*1"]);
     let mut request = Request::new(
-        connection(&emu, Format::Json),
+        common::connection(&emu, Format::Json),
         "DemoTemplate",
         Method::CreateKeys,
     );
@@ -341,7 +292,7 @@ fn a_failed_run_resumes_from_the_journal_without_a_second_certificate() {
     assert!(matches!(first, Err(Error::Connection(_))), "{first:?}");
     assert!(dir.join("state/journal.json").exists());
     assert!(!dir.join("out").exists());
-    let pending = certificates(&emu.registry().unwrap());
+    let pending = common::device_certificates(&emu);
     assert!(pending.iter().any(|(_, s)| s == "PENDING_ACTIVATION"));
 
     let steps = Arc::new(Mutex::new(Vec::new()));
@@ -356,20 +307,17 @@ fn a_failed_run_resumes_from_the_journal_without_a_second_certificate() {
     let steps = steps.lock().unwrap().clone();
     assert_eq!(steps[0], Step::Resuming);
     assert!(!steps.contains(&Step::CreatingCertificate), "{steps:?}");
-    let all = certificates(&emu.registry().unwrap());
+    let all = common::device_certificates(&emu);
     assert_eq!(all.len(), pending.len(), "no new certificate: {all:?}");
     assert!(!dir.join("state/journal.json").exists());
 }
 
 #[test]
 fn an_expired_journal_starts_over_and_says_so() {
-    let dir = scratch("expired");
-    let mut config = EmuConfig::new(dir.join("emulator"));
-    config.key_kind = KeyKind::EcP256;
-    config.faults = vec!["close:request@register*1".parse().unwrap()];
-    let emu = Emulator::start(config).unwrap();
+    let dir = common::scratch("resilience", "expired");
+    let emu = common::emulator(&dir, &["close:request@register*1"]);
     let mut request = Request::new(
-        connection(&emu, Format::Cbor),
+        common::connection(&emu, Format::Cbor),
         "DemoTemplate",
         Method::Csr(KeyType::P256),
     );
@@ -403,16 +351,11 @@ fn an_expired_journal_starts_over_and_says_so() {
 
 #[test]
 fn a_state_directory_in_use_is_busy() {
-    let dir = scratch("busy");
+    let dir = common::scratch("resilience", "busy");
     let held = fleetprov::store::journal::Journal::open(&dir.join("state")).unwrap();
-    let emu = Emulator::start({
-        let mut c = EmuConfig::new(dir.join("emulator"));
-        c.key_kind = KeyKind::EcP256;
-        c
-    })
-    .unwrap();
+    let emu = common::emulator(&dir, &[]);
     let mut request = Request::new(
-        connection(&emu, Format::Json),
+        common::connection(&emu, Format::Json),
         "DemoTemplate",
         Method::CreateKeys,
     );
@@ -432,14 +375,11 @@ fn a_state_directory_in_use_is_busy() {
 /// noticed and replaced by the next call instead of failing it.
 #[test]
 fn a_step_by_step_client_reconnects_after_an_idle_drop() {
-    let dir = scratch("idle-drop");
-    let mut config = EmuConfig::new(dir.join("emulator"));
-    config.key_kind = KeyKind::EcP256;
-    config.faults = vec!["close:connect*1".parse().unwrap()];
-    let emu = Emulator::start(config).unwrap();
+    let dir = common::scratch("resilience", "idle-drop");
+    let emu = common::emulator(&dir, &["close:connect*1"]);
     let logs = Arc::new(Mutex::new(Vec::new()));
     let l = logs.clone();
-    let mut client = Client::new(connection(&emu, Format::Json)).unwrap();
+    let mut client = Client::new(common::connection(&emu, Format::Json)).unwrap();
     client.set_log(Some(Arc::new(move |_, line: &str| {
         l.lock().unwrap().push(line.to_owned())
     })));
@@ -460,14 +400,7 @@ fn a_step_by_step_client_reconnects_after_an_idle_drop() {
         logs.lock().unwrap()
     );
     // One certificate: the dead connection's request never reached the service.
-    let registry = emu.registry().unwrap();
-    let claim =
-        fleetprov::keys::certificate_id(&std::fs::read_to_string(&emu.paths().claim_cert).unwrap())
-            .unwrap();
-    let device: Vec<_> = certificates(&registry)
-        .into_iter()
-        .filter(|(id, _)| *id != claim)
-        .collect();
+    let device = common::device_certificates(&emu);
     assert_eq!(device.len(), 1, "{device:?}");
 }
 
@@ -475,18 +408,12 @@ fn a_step_by_step_client_reconnects_after_an_idle_drop() {
 /// certificate and thing, retries included.
 #[test]
 fn many_devices_at_once_on_one_thread() {
-    let dir = scratch("many");
-    let mut config = EmuConfig::new(dir.join("emulator"));
-    config.key_kind = KeyKind::EcP256;
-    config.faults = vec![
-        "close:request@register*3".parse().unwrap(),
-        "reject:429@csr*3".parse().unwrap(),
-    ];
-    let emu = Emulator::start(config).unwrap();
+    let dir = common::scratch("resilience", "many");
+    let emu = common::emulator(&dir, &["close:request@register*3", "reject:429@csr*3"]);
     let requests: Vec<Request> = (0..40)
         .map(|i| {
             let mut r = Request::new(
-                connection(
+                common::connection(
                     &emu,
                     if i % 2 == 0 {
                         Format::Json

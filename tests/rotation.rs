@@ -10,48 +10,20 @@ use fleetprov::engine::retry::RetryPolicy;
 use fleetprov::keys::KeyType;
 use fleetprov::protocol::Format;
 use fleetprov::provision::{Hooks, rotate};
-use fleetprov::{Client, Config, Error, Method, Request, Roots, Secret};
-use fleetprov_emulator::{Config as EmuConfig, Emulator, KeyKind};
+mod common;
 
-struct Env {
-    emu: Emulator,
-    dir: PathBuf,
-}
-
-fn env(name: &str) -> Env {
-    let dir =
-        std::env::temp_dir().join(format!("fleetprov-rotation-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut config = EmuConfig::new(dir.join("emulator"));
-    config.key_kind = KeyKind::EcP256;
-    Env {
-        emu: Emulator::start(config).unwrap(),
-        dir,
-    }
-}
+use common::Env;
+use fleetprov::{Client, Error, Method, Request};
 
 impl Env {
-    fn connection(&self, cert: String, key: String) -> Config {
-        let mut c = Config::new("localhost", cert, Secret::new(key));
-        c.port = self.emu.port();
-        c.roots = Roots::Pem(std::fs::read_to_string(&self.emu.paths().ca_cert).unwrap());
-        c.format = Format::Json;
-        c.step_timeout = Duration::from_millis(1500);
-        c
-    }
-
-    fn claim(&self) -> Config {
-        let p = self.emu.paths();
-        self.connection(
-            std::fs::read_to_string(&p.claim_cert).unwrap(),
-            std::fs::read_to_string(&p.claim_key).unwrap(),
-        )
-    }
-
     /// Provisions `demo-SERIAL` into `creds`.
     fn provision(&self, serial: &str) -> PathBuf {
         let creds = self.dir.join("creds");
-        let mut r = Request::new(self.claim(), "DemoTemplate", Method::Csr(KeyType::P256));
+        let mut r = Request::new(
+            common::connection(&self.emu, Format::Json),
+            "DemoTemplate",
+            Method::Csr(KeyType::P256),
+        );
         r.parameters.insert("SerialNumber".into(), serial.into());
         r.output_dir = Some(creds.clone());
         fleetprov::provision(&r, &Hooks::default()).unwrap();
@@ -61,7 +33,7 @@ impl Env {
     /// A rotation request for thing `thing` (no claim credentials: rotate() fills them in).
     fn rotation(&self, thing: &str) -> Request {
         let mut r = Request::new(
-            self.connection(String::new(), String::new()),
+            common::connection_with(&self.emu, String::new(), String::new(), Format::Json),
             "RotationTemplate",
             Method::Csr(KeyType::P256),
         );
@@ -105,8 +77,12 @@ impl Env {
     /// Whether the credentials in `dir` connect.
     fn connects(&self, dir: &Path) -> Result<(), Error> {
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
-        let mut client =
-            Client::new(self.connection(read("certificate.pem"), read("private.key")))?;
+        let mut client = Client::new(common::connection_with(
+            &self.emu,
+            read("certificate.pem"),
+            read("private.key"),
+            Format::Json,
+        ))?;
         client.connect()
     }
 }
@@ -118,7 +94,7 @@ fn snapshot(dir: &Path) -> [String; 3] {
 
 #[test]
 fn a_device_rotates_its_certificate_and_keeps_the_old_one_until_the_new_one_connected() {
-    let env = env("ok");
+    let env = common::env("rotation", "ok", &[]);
     let creds = env.provision("r1");
     let before = snapshot(&creds);
     let old_id = fleetprov::keys::certificate_id(&before[0]).unwrap();
@@ -150,7 +126,7 @@ fn a_device_rotates_its_certificate_and_keeps_the_old_one_until_the_new_one_conn
 
 #[test]
 fn a_failed_rotation_leaves_the_old_credentials_untouched() {
-    let env = env("fail");
+    let env = common::env("rotation", "fail", &[]);
     let creds = env.provision("r2");
     let before = snapshot(&creds);
     env.emu.faults().add("reject:403@register".parse().unwrap());
@@ -163,7 +139,7 @@ fn a_failed_rotation_leaves_the_old_credentials_untouched() {
 
 #[test]
 fn an_interrupted_rotation_resumes_without_a_second_certificate() {
-    let env = env("resume");
+    let env = common::env("rotation", "resume", &[]);
     let creds = env.provision("r3");
     let before = snapshot(&creds);
     env.emu
@@ -187,7 +163,7 @@ fn an_interrupted_rotation_resumes_without_a_second_certificate() {
 
 #[test]
 fn rotation_needs_a_complete_credential_set() {
-    let env = env("missing");
+    let env = common::env("rotation", "missing", &[]);
     let dir = env.dir.join("nothing");
     std::fs::create_dir_all(&dir).unwrap();
     let err = rotate(&env.rotation("x"), &dir, &Hooks::default()).unwrap_err();

@@ -5,7 +5,6 @@
 //! Secrets are checked in pieces: the token whole, and each base64 line of the key's PEM body
 //! (a leak of any part of a key is a leak).
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,8 +14,10 @@ use fleetprov::keys::{DeviceKey, KeyType};
 use fleetprov::protocol::Format;
 use fleetprov::provision::Hooks;
 use fleetprov::store::journal::Journal;
-use fleetprov::{Client, Config, Method, Request, Roots, Secret};
-use fleetprov_emulator::{Config as EmuConfig, Emulator, KeyKind};
+mod common;
+
+use common::Env;
+use fleetprov::{Client, Method, Request, Secret};
 
 /// Everything the library said or showed during a test.
 #[derive(Default, Clone)]
@@ -93,51 +94,18 @@ impl Secrets {
     }
 }
 
-struct Env {
-    emu: Emulator,
-    dir: PathBuf,
-}
-
-fn env(name: &str, faults: &[&str]) -> Env {
-    let dir = std::env::temp_dir().join(format!("fleetprov-secrets-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut config = EmuConfig::new(dir.join("emulator"));
-    config.key_kind = KeyKind::EcP256;
-    config.faults = faults.iter().map(|f| f.parse().unwrap()).collect();
-    Env {
-        emu: Emulator::start(config).unwrap(),
-        dir,
-    }
-}
-
-impl Env {
-    fn connection(&self, format: Format) -> Config {
-        let paths = self.emu.paths();
-        let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap();
-        let mut c = Config::new(
-            "localhost",
-            read(&paths.claim_cert),
-            Secret::new(read(&paths.claim_key)),
-        );
-        c.port = self.emu.port();
-        c.roots = Roots::Pem(read(&paths.ca_cert));
-        c.format = format;
-        c.step_timeout = Duration::from_millis(1500);
-        c
-    }
-
-    fn request(&self, format: Format, method: Method, serial: &str) -> Request {
-        let mut r = Request::new(self.connection(format), "DemoTemplate", method);
-        r.parameters.insert("SerialNumber".into(), serial.into());
-        r.output_dir = Some(self.dir.join(format!("out-{serial}")));
-        r.state_dir = Some(self.dir.join(format!("state-{serial}")));
-        r.retry = RetryPolicy {
-            max_attempts: 4,
-            initial_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(100),
-        };
-        r
-    }
+/// The one-call request for device `serial`, with output and state directories and quick retries.
+fn request(env: &Env, format: Format, method: Method, serial: &str) -> Request {
+    let mut r = Request::new(common::connection(&env.emu, format), "DemoTemplate", method);
+    r.parameters.insert("SerialNumber".into(), serial.into());
+    r.output_dir = Some(env.dir.join(format!("out-{serial}")));
+    r.state_dir = Some(env.dir.join(format!("state-{serial}")));
+    r.retry = RetryPolicy {
+        max_attempts: 4,
+        initial_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(100),
+    };
+    r
 }
 
 /// The one-call flow, both methods and formats, with a resume from the journal (whose token
@@ -156,11 +124,12 @@ fn one_call_flows_with_resume_and_retries() {
     .enumerate()
     {
         // A cut before RegisterThing leaves a journal; a throttled RegisterThing is retried.
-        let env = env(
+        let env = common::env(
+            "secrets",
             &format!("one-{i}"),
             &["close:request@register*1", "reject:429@register*1"],
         );
-        let mut request = env.request(format, method.clone(), &format!("s{i}"));
+        let mut request = request(&env, format, method.clone(), &format!("s{i}"));
         said.push(format!("{request:?}"));
         let mut no_retry = request.clone();
         no_retry.retry = RetryPolicy::none();
@@ -182,7 +151,7 @@ fn one_call_flows_with_resume_and_retries() {
         assert!(p.resumed && p.attempts == 2, "{p:?}");
         // A third call with the same token can only be refused: an error text with the token's
         // refusal in it.
-        let mut client = Client::new(env.connection(format)).unwrap();
+        let mut client = Client::new(common::connection(&env.emu, format)).unwrap();
         client.set_log(said.hooks().log);
         let again = client.register_thing(
             "DemoTemplate",
@@ -202,9 +171,9 @@ fn one_call_flows_with_resume_and_retries() {
 fn step_by_step_client() {
     let said = Said::default();
     let mut secrets = Secrets::default();
-    let env = env("steps", &[]);
+    let env = common::env("secrets", "steps", &[]);
     for format in [Format::Json, Format::Cbor] {
-        let mut client = Client::new(env.connection(format)).unwrap();
+        let mut client = Client::new(common::connection(&env.emu, format)).unwrap();
         client.set_log(said.hooks().log);
         client.set_progress(said.hooks().progress);
         said.push(format!("{client:?}"));
@@ -242,7 +211,7 @@ fn step_by_step_client() {
         said.result(&mismatch);
         assert!(mismatch.is_err());
         // A malformed key in a configuration.
-        let mut bad = env.connection(format);
+        let mut bad = common::connection(&env.emu, format);
         let bad_key = format!("{}garbage", other.private_key_pem().expose());
         bad.key_pem = Secret::new(bad_key);
         said.push(format!("{bad:?}"));
