@@ -337,13 +337,13 @@ def phase_footprint(args, table: Table, results: dict) -> None:
 
 
 def phase_storm(args, env, table: Table, results: dict) -> None:
-    """The storm in the three modes of storm.rs (a thread per device through the blocking API;
-    provision_many on 2 threads; the devices' Flows as tasks on 2 threads), each twice: as fast as it goes (devices per second),
+    """The storm in the two modes of storm.rs (a thread per device through the blocking API;
+    provision_many on 2 threads), each twice: as fast as it goes (devices per second),
     then with every RegisterThing reply held --storm-hold-ms by the emulator so that all devices
     are connected at once at the peak (memory per device in flight)."""
     env = dict(env, FLEETPROV_EMULATOR=str(args.emulator), FLEETPROV_STORM_DEVICES=str(args.storm_devices))
     runs: dict = {}
-    for mode in ("threads", "many", "shared"):
+    for mode in ("threads", "many"):
         for name, hold in (("throughput", 0), ("in_flight", args.storm_hold_ms)):
             log(f"  storm: {args.storm_devices} devices, {mode}, replies held {hold} ms ...")
             r = run_measured([str(args.storm)], dict(env, FLEETPROV_STORM_MODE=mode,
@@ -353,8 +353,7 @@ def phase_storm(args, env, table: Table, results: dict) -> None:
             runs[f"{mode}_{name}"] = d
     results["storm"] = runs
     labels = {"threads": "a thread per device, fleetprov::provision",
-              "many": "fleetprov::provision::provision_many on 2 threads",
-              "shared": "Flows as tasks on 2 threads (prepare + Flow + rumqttc)"}
+              "many": "fleetprov::provision::provision_many on 2 threads"}
     for mode, label in labels.items():
         fast, held = runs[f"{mode}_throughput"], runs[f"{mode}_in_flight"]
         table.add(f"{label}: devices per second", f"{fast['devices_per_s']:.0f}/s", "", "",

@@ -30,15 +30,10 @@
 //! `FLEETPROV_STORM_MODE`:
 //! - `threads` (default): a thread per device, each calling the blocking `fleetprov::provision`
 //!   (which runs its own current-thread I/O runtime), all released at once by a barrier;
-//! - `shared`: the library's sans-IO [`Flow`] of every device (`provision::prepare`, then
-//!   `Flow::new`, exactly what `provision` runs) driven by `FLEETPROV_STORM_THREADS` threads
-//!   (default 2), each one current-thread runtime with its share of the devices as tasks, over
-//!   rumqttc and `client::tls::client_config` with the built-in transport's settings: what a
-//!   host transport (the `fleetprov_host` API) or an async entry point would cost per device;
 //! - `many`: `fleetprov::provision::provision_many`, the library's entry point for many devices
 //!   on one thread, on `FLEETPROV_STORM_THREADS` threads (default 2), each with its share.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -47,11 +42,10 @@ use std::sync::{Arc, Barrier, mpsc};
 use std::time::{Duration, Instant};
 
 use fleetprov::engine::Step;
-use fleetprov::engine::flow::{Flow, FlowAction, FlowEvent, Identity, Progress};
+use fleetprov::engine::flow::Progress;
 use fleetprov::keys::KeyType;
 use fleetprov::provision::Hooks;
-use fleetprov::{Config, Error, Method, Request, Roots, Secret};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+use fleetprov::{Config, Method, Request, Roots, Secret};
 
 const STARTUP: Duration = Duration::from_secs(30);
 
@@ -239,196 +233,6 @@ fn provision_share_many(
         .collect()
 }
 
-/// Largest MQTT packet, as the built-in transport sets it (AWS allows 128 KB).
-const MAX_PACKET: usize = 128 * 1024 + 2048;
-
-/// A connection the flow asked for: rumqttc set up as the built-in transport does it.
-struct Link {
-    client: AsyncClient,
-    events: EventLoop,
-    connecting: bool,
-    /// The SUBSCRIBE in flight, with its packet id once rumqttc gives it.
-    subscribing: Option<Option<u16>>,
-}
-
-impl Link {
-    fn open(config: &Config, tls: Arc<rustls::ClientConfig>, client_id: &str) -> Link {
-        let mut options = MqttOptions::new(client_id, config.host.clone(), config.port);
-        options
-            .set_keep_alive(config.keep_alive)
-            .set_clean_session(true)
-            .set_max_packet_size(MAX_PACKET, MAX_PACKET)
-            .set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
-                tls,
-            )));
-        let (client, mut events) = AsyncClient::new(options, 16);
-        let mut network = rumqttc::NetworkOptions::new();
-        network.set_connection_timeout(config.step_timeout.as_secs().max(1));
-        events.set_network_options(network);
-        Link {
-            client,
-            events,
-            connecting: true,
-            subscribing: None,
-        }
-    }
-}
-
-/// `shared` mode: one device as a task, its Flow driven over rumqttc (the library's
-/// client/driver.rs loop, without its cancellation and fault-recovery details).
-async fn provision_task(
-    request: Request,
-    clock: Instant,
-    counters: Arc<Counters>,
-) -> Result<String, String> {
-    let now = || u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let (mut spec, journal) = fleetprov::provision::prepare(&request).map_err(|e| e.to_string())?;
-    let config = &request.connection;
-    spec.settings.deadline_ms = config
-        .overall_timeout
-        .map(|d| now() + u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let claim_tls = fleetprov::client::tls::client_config(
-        &config.roots,
-        &config.cert_pem,
-        &config.key_pem,
-        false,
-    )
-    .map_err(|e| e.to_string())?;
-    let counted = AtomicUsize::new(0);
-    let mut flow = Flow::new(spec, journal);
-    let mut actions: VecDeque<FlowAction> = flow.start(now()).into();
-    let mut link: Option<Link> = None;
-    let lost = |e: String| FlowEvent::Disconnected(Error::Connection(e));
-    let result = loop {
-        let mut done = None;
-        while let Some(action) = actions.pop_front() {
-            match action {
-                FlowAction::Connect(identity) => {
-                    if let Some(old) = link.take() {
-                        let _ = old.client.try_disconnect();
-                    }
-                    let opened = match identity {
-                        Identity::Claim => Ok((claim_tls.clone(), config.client_id.clone())),
-                        Identity::Device {
-                            certificate_pem,
-                            private_key: Some(key),
-                            client_id,
-                        } => fleetprov::client::tls::client_config(
-                            &config.roots,
-                            &certificate_pem,
-                            &key,
-                            false,
-                        )
-                        .map(|tls| (tls, client_id)),
-                        Identity::Device { .. } => Err(Error::InvalidArgument("no key".into())),
-                    };
-                    match opened {
-                        Ok((tls, client_id)) => link = Some(Link::open(config, tls, &client_id)),
-                        Err(e) => actions.extend(flow.handle(FlowEvent::ConnectFailed(e), now())),
-                    }
-                }
-                FlowAction::Disconnect => {
-                    if let Some(old) = link.take() {
-                        let _ = old.client.try_disconnect();
-                    }
-                }
-                FlowAction::Subscribe(filters) => {
-                    if let Some(l) = &mut link {
-                        let subs = filters
-                            .iter()
-                            .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
-                        match l.client.try_subscribe_many(subs) {
-                            Ok(()) => l.subscribing = Some(None),
-                            Err(e) => {
-                                link = None;
-                                actions.extend(flow.handle(lost(e.to_string()), now()));
-                            }
-                        }
-                    }
-                }
-                FlowAction::Publish { topic, payload } => {
-                    if let Some(l) = &mut link
-                        && let Err(e) =
-                            l.client
-                                .try_publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
-                    {
-                        link = None;
-                        actions.extend(flow.handle(lost(e.to_string()), now()));
-                    }
-                }
-                FlowAction::Progress(p) => counters.progress(&p, &counted),
-                FlowAction::Log(..) => {}
-                FlowAction::Done(result) => done = Some(result),
-            }
-        }
-        if let Some(result) = done {
-            break result;
-        }
-        // Bounded by the flow: every wait ends at its wake time at the latest.
-        let wake = flow.wake_at().unwrap_or_else(|| now() + 1000);
-        let pause = tokio::time::sleep(Duration::from_millis(wake.saturating_sub(now())));
-        let event = match &mut link {
-            Some(l) => tokio::select! {
-                ev = l.events.poll() => Some(ev),
-                _ = pause => None,
-            },
-            None => {
-                pause.await;
-                None
-            }
-        };
-        let t = now();
-        let produced = match (event, &mut link) {
-            (None, _) | (Some(_), None) => flow.handle(FlowEvent::Tick, t),
-            (Some(Ok(Event::Incoming(Packet::ConnAck(_)))), Some(l)) if l.connecting => {
-                l.connecting = false;
-                flow.handle(FlowEvent::Connected, t)
-            }
-            (Some(Ok(Event::Outgoing(Outgoing::Subscribe(pkid)))), Some(l)) => {
-                if l.subscribing == Some(None) {
-                    l.subscribing = Some(Some(pkid));
-                }
-                Vec::new()
-            }
-            (Some(Ok(Event::Incoming(Packet::SubAck(ack)))), Some(l))
-                if l.subscribing == Some(Some(ack.pkid)) =>
-            {
-                l.subscribing = None;
-                let granted: Vec<bool> = ack
-                    .return_codes
-                    .iter()
-                    .map(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                    .collect();
-                flow.handle(FlowEvent::SubAck(&granted), t)
-            }
-            (Some(Ok(Event::Incoming(Packet::Publish(p)))), Some(_)) => flow.handle(
-                FlowEvent::Message {
-                    topic: &p.topic,
-                    payload: &p.payload,
-                },
-                t,
-            ),
-            (Some(Ok(_)), Some(_)) => flow.handle(FlowEvent::Tick, t),
-            (Some(Err(e)), Some(l)) => {
-                let connecting = l.connecting;
-                link = None;
-                let e = Error::Connection(e.to_string());
-                if connecting {
-                    flow.handle(FlowEvent::ConnectFailed(e), t)
-                } else {
-                    flow.handle(FlowEvent::Disconnected(e), t)
-                }
-            }
-        };
-        actions.extend(produced);
-    };
-    if let Some(l) = link.take() {
-        let _ = l.client.try_disconnect();
-    }
-    counters.done(&counted);
-    result.map(|p| p.thing_name).map_err(|e| e.to_string())
-}
-
 fn main() {
     if let Err(e) = run() {
         eprintln!("storm: {e}");
@@ -484,15 +288,13 @@ fn run() -> Result<(), String> {
     let mode = env_or("FLEETPROV_STORM_MODE", "threads");
     let workers: usize = match mode.as_str() {
         "threads" => devices,
-        "shared" | "many" => env_or("FLEETPROV_STORM_THREADS", "2")
+        "many" => env_or("FLEETPROV_STORM_THREADS", "2")
             .parse()
             .ok()
             .filter(|n| (1..=64).contains(n))
             .ok_or("FLEETPROV_STORM_THREADS must be 1..=64")?,
         other => {
-            return Err(format!(
-                "FLEETPROV_STORM_MODE {other}: threads, shared or many"
-            ));
+            return Err(format!("FLEETPROV_STORM_MODE {other}: threads or many"));
         }
     };
     // Before anything per device exists (its request and credentials included).
@@ -509,7 +311,6 @@ fn run() -> Result<(), String> {
         .collect();
     let counters = Arc::new(Counters::default());
     let barrier = Arc::new(Barrier::new(workers + 1));
-    let clock = Instant::now();
     // Worker w provisions devices w, w + workers, w + 2 * workers, ...
     let mut handles = Vec::with_capacity(workers);
     let mut shares: Vec<Vec<(usize, Request)>> = (0..workers).map(|_| Vec::new()).collect();
@@ -518,7 +319,6 @@ fn run() -> Result<(), String> {
     }
     for (w, share) in shares.into_iter().enumerate() {
         let (barrier, counters) = (Arc::clone(&barrier), Arc::clone(&counters));
-        let shared = mode == "shared";
         let many = mode == "many";
         let t = std::thread::Builder::new()
             .name(format!("worker-{w}"))
@@ -528,39 +328,10 @@ fn run() -> Result<(), String> {
                 if many {
                     return provision_share_many(share, &counters);
                 }
-                if !shared {
-                    return share
-                        .into_iter()
-                        .map(|(i, r)| (i, provision_blocking(&r, &counters)))
-                        .collect();
-                }
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        return share
-                            .iter()
-                            .map(|(i, _)| (*i, Err(e.to_string())))
-                            .collect();
-                    }
-                };
-                let local = tokio::task::LocalSet::new();
-                let tasks: Vec<_> = share
+                share
                     .into_iter()
-                    .map(|(i, r)| {
-                        let counters = Arc::clone(&counters);
-                        (i, local.spawn_local(provision_task(r, clock, counters)))
-                    })
-                    .collect();
-                local.block_on(&runtime, async move {
-                    let mut out = Vec::with_capacity(tasks.len());
-                    for (i, task) in tasks {
-                        out.push((i, task.await.unwrap_or_else(|e| Err(e.to_string()))));
-                    }
-                    out
-                })
+                    .map(|(i, r)| (i, provision_blocking(&r, &counters)))
+                    .collect()
             })
             .map_err(|e| format!("thread {w}: {e}"))?;
         handles.push(t);
