@@ -27,9 +27,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define FLEETPROV_VERSION "0.1.0"
+#define FLEETPROV_VERSION "0.2.0"
 #define FLEETPROV_VERSION_MAJOR 0
-#define FLEETPROV_VERSION_MINOR 1
+#define FLEETPROV_VERSION_MINOR 2
 #define FLEETPROV_VERSION_PATCH 0
 
 
@@ -67,6 +67,12 @@ typedef enum fleetprov_result {
   FLEETPROV_PANIC = 14,
   // Not finished yet (fleetprov_host_result()).
   FLEETPROV_IN_PROGRESS = 15,
+  // Something inside the library failed that no change of input can fix (a thread that could
+  // not start, a key that could not be generated, an unexpected state). Not retryable.
+  FLEETPROV_INTERNAL = 16,
+  // A call that is not allowed from inside a fleetprov callback (a blocking call, or waiting
+  // for the operation whose callback is running) was made from one. Nothing was done.
+  FLEETPROV_IN_CALLBACK = 17,
 } fleetprov_result;
 
 // Severity of a log line.
@@ -180,8 +186,9 @@ typedef struct fleetprov_registration fleetprov_registration;
 // against the public key before using it.
 //
 // Thread: the one preparing the provisioning: the caller of fleetprov_provision() or
-// fleetprov_host_new(), or the worker thread of fleetprov_provision_async(). All pointers are
-// valid only during the call.
+// fleetprov_host_new(), or the worker thread of fleetprov_provision_async(); two provisionings
+// with the same config may call it on two threads at once. All pointers are valid only during
+// the call. May not make blocking calls (FLEETPROV_IN_CALLBACK, see fleetprov_userdata_free).
 typedef int32_t (*fleetprov_sign_callback)(void *userdata,
                                            const uint8_t *message,
                                            size_t message_len,
@@ -193,16 +200,32 @@ typedef int32_t (*fleetprov_sign_callback)(void *userdata,
 // Releases a callback's userdata when the library no longer needs it. Called exactly once, from
 // whichever thread drops the last reference (the caller's, or a worker thread) — also when the
 // function that was given it fails (FLEETPROV_BUSY, a NULL argument, ...): the caller never
-// frees userdata it handed over together with a free function.
+// frees userdata it handed over together with a free function. Same rules as the progress
+// callback for what it may call.
+//
+// Rules for every callback of this library:
+// - It must return normally: no C++ exception, longjmp() or thread exit may leave it (the
+//   library's cleanup would be skipped, and unwinding through its frames is undefined).
+// - Blocking calls from inside a progress, log, signer, host transport or userdata_free
+//   callback return FLEETPROV_IN_CALLBACK without doing anything: fleetprov_provision(),
+//   fleetprov_rotate(), the blocking fleetprov_client_* operations and
+//   fleetprov_operation_wait(). The `_async` functions, cancels, getters and frees may be
+//   called (see each callback for freeing the object it belongs to).
+// - Pointers a callback receives are valid only until it returns.
 typedef void (*fleetprov_userdata_free)(void *userdata);
 
 // Receives log lines.
 //
-// Thread: the thread running the operation (the caller's for blocking calls, a library worker
-// thread for `_async` calls). `message` is NUL-terminated, `len` bytes without the NUL, valid
-// only during the call. Lines never contain private keys or ownership tokens. The callback must
-// not call back into the library with the same client (it may call fleetprov_result_name() and
-// fleetprov_version()).
+// Thread: the thread running the operation (the caller's for blocking calls and the host API,
+// a library worker thread for `_async` calls). Operations that share a config (or clients made
+// from one) call its callbacks concurrently, each on its own thread; one operation never calls
+// two at once. `message` is NUL-terminated, `len` bytes without the NUL, valid only during the
+// call. Lines never contain private keys or ownership tokens.
+//
+// What it may call: non-blocking functions, including `_async` operations, cancels and frees.
+// Blocking calls return FLEETPROV_IN_CALLBACK. fleetprov_client_free() on the client whose
+// blocking call is running on this thread is deferred until that call returns (make no further
+// call on that client); freeing other objects happens at once.
 typedef void (*fleetprov_log_callback)(void *userdata,
                                        enum fleetprov_log_level level,
                                        const char *message,
@@ -221,15 +244,21 @@ typedef struct fleetprov_progress {
 } fleetprov_progress;
 
 // Receives each step reached. `progress` is valid only during the call. Same thread and
-// re-entrancy rules as fleetprov_log_callback.
+// re-entrancy rules as fleetprov_log_callback (blocking calls give FLEETPROV_IN_CALLBACK; a free
+// of the client running it is deferred).
 typedef void (*fleetprov_progress_callback)(void *userdata,
                                             const struct fleetprov_progress *progress);
 
 // Completion of fleetprov_provision_async().
 //
-// Thread: a library worker thread. On success `provisioned` is a new object owned by the
-// callee (free it with fleetprov_provisioned_free()) and `error` is NULL; on failure
-// `provisioned` is NULL and `error` describes the failure, valid only during the call.
+// Thread: a library worker thread, once per operation; two operations may complete at once on
+// two threads. On success `provisioned` is a new object owned by the callee (free it with
+// fleetprov_provisioned_free()) and `error` is NULL; on failure `provisioned` is NULL and
+// `error` describes the failure, valid only during the call.
+//
+// What it may call: anything, blocking calls included, except fleetprov_operation_wait() on its
+// own operation (FLEETPROV_IN_CALLBACK). fleetprov_operation_free() on its own operation frees
+// the handle; the worker then finishes on its own (userdata_free runs after this callback).
 typedef void (*fleetprov_provision_callback)(void *userdata,
                                              enum fleetprov_result result,
                                              struct fleetprov_provisioned *provisioned,
@@ -237,13 +266,18 @@ typedef void (*fleetprov_provision_callback)(void *userdata,
 
 // Completion of a certificate operation started with an `_async` client function. `certificate`
 // is owned by the callee (fleetprov_certificate_free()); `error` as in fleetprov_provision_callback.
+//
+// Thread: the client's worker thread. The client is no longer busy when this runs: it may
+// start the client's next `_async` operation, make blocking calls, or free the client (which
+// then waits for the other workers, not for this one).
 typedef void (*fleetprov_certificate_callback)(void *userdata,
                                                enum fleetprov_result result,
                                                struct fleetprov_certificate *certificate,
                                                const struct fleetprov_error *error);
 
 // Completion of fleetprov_client_register_thing_async(). `registration` is owned by the callee
-// (fleetprov_registration_free()); `error` as in fleetprov_provision_callback.
+// (fleetprov_registration_free()); `error` as in fleetprov_provision_callback. Thread and what
+// it may call: as fleetprov_certificate_callback.
 typedef void (*fleetprov_registration_callback)(void *userdata,
                                                 enum fleetprov_result result,
                                                 struct fleetprov_registration *registration,
@@ -265,12 +299,24 @@ typedef struct fleetprov_identity {
 } fleetprov_identity;
 
 // What the library asks of the host's MQTT stack. All are required. Those returning int
-// return 0 when the operation was started and anything else when it could not be. Each is called from
-// inside a fleetprov_host_* function, on the thread that called it; each must return promptly
-// without waiting for the network: start the operation and report its outcome later through
-// the fleetprov_host_* event functions (calling them from inside a callback is allowed; the
-// event is queued and handled before the outer call returns). A callback must not free the
-// host object. Pointers passed to a callback are valid only during the call.
+// return 0 when the operation was started and anything else when it could not be.
+//
+// Thread: each is called from inside a fleetprov_host_* function, on the thread that called
+// it, never two at once for one host object. Each must return promptly without waiting for the
+// network: start the operation and report its outcome later through the fleetprov_host_* event
+// functions.
+//
+// What a callback may call: the fleetprov_host_* event functions of this host (the event is
+// queued and handled before the outer call returns), fleetprov_host_result() and
+// fleetprov_host_wake_at() (IN_PROGRESS and "tick now" while events are being handled),
+// fleetprov_host_free() of this host (deferred: the host is freed when the outer call returns;
+// make no further call on it), and any non-blocking function. Blocking calls
+// (fleetprov_provision(), fleetprov_rotate(), the blocking fleetprov_client_* operations,
+// fleetprov_operation_wait()) return FLEETPROV_IN_CALLBACK.
+//
+// A callback must return normally: no C++ exception, longjmp() or thread exit may leave it
+// (that would skip the library's cleanup and unwinding through Rust frames is undefined).
+// Pointers passed to a callback are valid only during the call.
 typedef struct fleetprov_host_callbacks {
   // Drop any current connection and open one with `identity` (MQTT clean session).
   // Report fleetprov_host_connected() on CONNACK, or fleetprov_host_connect_failed().
@@ -471,13 +517,17 @@ enum fleetprov_result fleetprov_provision_async(const struct fleetprov_config *c
 
 // Asks the operation to stop; its callback then reports FLEETPROV_CANCELLED (unless it had
 // already finished). Thread-safe; may be called from any thread, callbacks included.
-enum fleetprov_result fleetprov_operation_cancel(const struct fleetprov_operation *operation);
+enum fleetprov_result fleetprov_operation_cancel(struct fleetprov_operation *operation);
 
-// Blocks until the operation's callback has returned. Must not be called from that callback.
-enum fleetprov_result fleetprov_operation_wait(const struct fleetprov_operation *operation);
+// Blocks until the operation's callback has returned and its userdata was released. Any
+// number of threads may wait at once; each returns only then. From the operation's own
+// callback (which would wait for itself) or from any progress or log callback it returns
+// FLEETPROV_IN_CALLBACK without waiting.
+enum fleetprov_result fleetprov_operation_wait(struct fleetprov_operation *operation);
 
-// Cancels the operation if still running, waits for its callback to return (unless called
-// from that callback) and frees the handle. NULL is a no-op.
+// Cancels the operation if still running, waits until its callback returned and its userdata
+// was released (unless called from that callback: then the worker finishes on its own) and frees
+// the handle. NULL is a no-op. Call it once, after every other call on the operation returned.
 void fleetprov_operation_free(struct fleetprov_operation *operation);
 
 // Creates a client from `config` (copied: endpoint, credentials, timeouts, format, callbacks,
@@ -485,13 +535,15 @@ void fleetprov_operation_free(struct fleetprov_operation *operation);
 enum fleetprov_result fleetprov_client_new(const struct fleetprov_config *config,
                                            struct fleetprov_client **out);
 
-// Cancels a running `_async` operation, waits for its callback (unless called from it),
-// disconnects and frees the client. NULL is a no-op. Must not be called while a blocking call on
-// the same client runs in another thread.
+// Cancels the client's running `_async` operations, waits for their callbacks (except the one
+// it is called from) and their userdata_free, disconnects and frees the client. NULL is a
+// no-op. From a progress or log callback of a blocking call on this client, the free is
+// deferred until that call returns (make no further call on the client). Otherwise it must not
+// run while another thread is inside a call on the same client.
 void fleetprov_client_free(struct fleetprov_client *client);
 
 // Asks the running operation of this client to stop with FLEETPROV_CANCELLED. Thread-safe.
-enum fleetprov_result fleetprov_client_cancel(const struct fleetprov_client *client);
+enum fleetprov_result fleetprov_client_cancel(struct fleetprov_client *client);
 
 // Connects now (operations also connect when needed). Blocking; callbacks on this thread.
 enum fleetprov_result fleetprov_client_connect(struct fleetprov_client *client);
@@ -555,71 +607,77 @@ enum fleetprov_result fleetprov_host_new(const struct fleetprov_config *config,
                                          struct fleetprov_host **out);
 
 // Frees the host object (NULL is a no-op): closes nothing (the connection is the host's), but
-// drops the flow; a journal it wrote stays for the next attempt. Must not be called from
-// inside one of its callbacks.
+// drops the flow; a journal it wrote stays for the next attempt. Called from inside one of the
+// host's callbacks, the free is deferred until the fleetprov_host_* call that ran the callback
+// returns; make no further call on the host after this one.
 void fleetprov_host_free(struct fleetprov_host *host);
 
 // Starts the flow at `now_ms` (milliseconds from any monotonic origin, the same in every call):
 // reads the journal, then asks for the first connection through the connect callback.
-enum fleetprov_result fleetprov_host_start(const struct fleetprov_host *host, uint64_t now_ms);
+enum fleetprov_result fleetprov_host_start(struct fleetprov_host *host, uint64_t now_ms);
 
 // The connection asked for by the last connect callback is up (CONNACK accepted).
-enum fleetprov_result fleetprov_host_connected(const struct fleetprov_host *host, uint64_t now_ms);
+enum fleetprov_result fleetprov_host_connected(struct fleetprov_host *host, uint64_t now_ms);
 
 // The connection asked for could not be made. `tls` true when the TLS handshake failed (the
 // server refused the certificate, or it could not be verified): for a new certificate this
 // tells the flow it is not active.
-enum fleetprov_result fleetprov_host_connect_failed(const struct fleetprov_host *host,
+enum fleetprov_result fleetprov_host_connect_failed(struct fleetprov_host *host,
                                                     bool tls,
                                                     uint64_t now_ms);
 
-// The SUBACK for the last subscribe callback: `count` entries, one per filter in order, true
-// where the subscription was granted (return code below 0x80). Copied.
-enum fleetprov_result fleetprov_host_suback(const struct fleetprov_host *host,
-                                            const bool *granted,
+// The SUBACK for the last subscribe callback: `count` return codes, one per filter in order,
+// as the MQTT stack gives them (MQTT 3.1.1: 0x00, 0x01, 0x02 granted, 0x80 failure; MQTT 5
+// reason codes: below 0x80 granted, 0x80 and above refused). Any byte value is accepted.
+// Copied. `codes` may be NULL when `count` is 0.
+enum fleetprov_result fleetprov_host_suback(struct fleetprov_host *host,
+                                            const uint8_t *codes,
                                             size_t count,
                                             uint64_t now_ms);
 
 // An incoming PUBLISH (any topic: the flow ignores what is not for it). `topic` is
 // NUL-terminated UTF-8; `payload` is `len` bytes (NULL with len 0 is empty). Both are copied.
-enum fleetprov_result fleetprov_host_message(const struct fleetprov_host *host,
+enum fleetprov_result fleetprov_host_message(struct fleetprov_host *host,
                                              const char *topic,
                                              const uint8_t *payload,
                                              size_t len,
                                              uint64_t now_ms);
 
 // The connection dropped.
-enum fleetprov_result fleetprov_host_disconnected(const struct fleetprov_host *host,
-                                                  uint64_t now_ms);
+enum fleetprov_result fleetprov_host_disconnected(struct fleetprov_host *host, uint64_t now_ms);
 
 // Time passed: call at fleetprov_host_wake_at() at the latest (more often is fine).
-enum fleetprov_result fleetprov_host_tick(const struct fleetprov_host *host, uint64_t now_ms);
+enum fleetprov_result fleetprov_host_tick(struct fleetprov_host *host, uint64_t now_ms);
 
-// When the host must call fleetprov_host_tick() at the latest (same clock as `now_ms`);
-// UINT64_MAX when no timer is pending (not started, or finished). 0 ("tick now") for NULL and
-// while events are being handled (called from inside a callback).
-uint64_t fleetprov_host_wake_at(const struct fleetprov_host *host);
+// Writes to `*out` when the host must call fleetprov_host_tick() at the latest (same clock as
+// `now_ms`): UINT64_MAX when no timer is pending (not started, or finished), 0 ("tick now")
+// while events are being handled (called from inside a callback). FLEETPROV_INVALID_ARGUMENT
+// (nothing written) for a NULL host or `out`.
+enum fleetprov_result fleetprov_host_wake_at(const struct fleetprov_host *host, uint64_t *out);
 
 // The outcome: FLEETPROV_IN_PROGRESS until the flow finished (and while events are being
 // handled, when called from inside a callback); then FLEETPROV_OK with a new
 // result in `*out` (free with fleetprov_provisioned_free(); it can be taken once, later calls
 // give FLEETPROV_INVALID_ARGUMENT), or the failure's code with the details in the thread's last
-// error (every call).
-enum fleetprov_result fleetprov_host_result(const struct fleetprov_host *host,
+// error (every call). FLEETPROV_PANIC when a panic inside the library (a bug) ended the flow.
+enum fleetprov_result fleetprov_host_result(struct fleetprov_host *host,
                                             struct fleetprov_provisioned **out);
 
 // The name of a result code ("FLEETPROV_OK", ...); "FLEETPROV_UNKNOWN" for other values.
 // The string is static. Thread-safe.
 const char *fleetprov_result_name(int32_t result);
 
-// The library's version, e.g. "0.1.0" (static string; agrees with the FLEETPROV_VERSION_*
+// The library's version, e.g. "0.2.0" (static string; agrees with the FLEETPROV_VERSION_*
 // macros of the header the program was compiled with when both come from one release).
 const char *fleetprov_version(void);
 
-// Copies the full text of the calling thread's last error (set by the last failing call on
-// this thread) into `buf` of `len` bytes, NUL-terminated, and writes the needed size including
-// the NUL to `needed` (may be NULL). Returns FLEETPROV_BUFFER_TOO_SMALL if `buf` is NULL or too
-// small, FLEETPROV_OK otherwise; an empty string when no error happened yet.
+// Copies the full text of the calling thread's last error into `buf` of `len` bytes,
+// NUL-terminated, and writes the needed size including the NUL to `needed` (may be NULL).
+// The last error is set by the last fleetprov call on this thread that returned a result code:
+// its text after a failure, "" after a success (and before any call). Returns FLEETPROV_OK when
+// the whole text fit; FLEETPROV_BUFFER_TOO_SMALL when `buf` is NULL, `len` is 0 (nothing
+// written) or the text did not fit (`buf` then holds as much as fits, cut at a character
+// boundary and NUL-terminated).
 enum fleetprov_result fleetprov_last_error_message(char *buf, size_t len, size_t *needed);
 
 // A copy of the calling thread's last error, or NULL when there is none. Free it with

@@ -35,6 +35,15 @@ pub enum Error {
     Storage(String),
     /// Another operation is running on the same client.
     Busy,
+    /// Something inside the library failed that the caller cannot fix by changing its input: a
+    /// thread or runtime that could not start, a key that could not be generated, a state the
+    /// library did not expect. Not retryable.
+    Internal(String),
+    /// A bug: the library panicked; the operation did not complete.
+    Panicked,
+    /// A call that must not be made from inside a callback of the library (a blocking call,
+    /// which would wait for the thread the callback runs on) was made from one.
+    InCallback(&'static str),
 }
 
 impl Error {
@@ -67,6 +76,12 @@ impl fmt::Display for Error {
             Error::Cancelled => f.write_str("cancelled"),
             Error::Storage(m) => write!(f, "storing credentials: {m}"),
             Error::Busy => f.write_str("another operation is running on this client"),
+            Error::Internal(m) => write!(f, "internal error: {m}"),
+            Error::Panicked => f.write_str("internal error: the library panicked"),
+            Error::InCallback(what) => write!(
+                f,
+                "{what} must not be called from inside a fleetprov callback: call it after the callback returned"
+            ),
         }
     }
 }
@@ -77,6 +92,9 @@ impl From<crate::keys::KeyError> for Error {
     fn from(e: crate::keys::KeyError) -> Self {
         match e {
             crate::keys::KeyError::Mismatch => Error::CertificateMismatch,
+            crate::keys::KeyError::Generation(m) => {
+                Error::Internal(format!("key generation failed: {m}"))
+            }
             other => Error::InvalidArgument(other.to_string()),
         }
     }

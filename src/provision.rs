@@ -136,7 +136,7 @@ pub fn provision_many(requests: &[Request], hooks: &Hooks) -> Vec<Result<Provisi
         let mut results = Vec::with_capacity(tasks.len());
         for task in tasks {
             results.push(task.await.unwrap_or_else(|e| {
-                Err(Error::Connection(format!("the device's task failed: {e}")))
+                Err(Error::Internal(format!("the device's task failed: {e}")))
             }));
         }
         results

@@ -571,6 +571,71 @@ fn async_provision_completes_and_cancel_stops_it() {
     drop(c);
 }
 
+/// What the message of each row of `bad_arguments_table` must say.
+fn expected_message(row: &str) -> &'static str {
+    match row {
+        "config_new(NULL)" => "output pointer is NULL",
+        "set_endpoint(NULL cfg)" => "config is NULL",
+        "set_endpoint(NULL host)" => "host is NULL",
+        "set_endpoint(port 0)" => "host must not be empty and port must not be 0",
+        "set_endpoint(bad UTF-8)" => "host is not valid UTF-8",
+        "set_template(\"\")" => "template name must be 1-36 characters, got 0",
+        "set_template(37 chars)" => "template name must be 1-36 characters, got 37",
+        "set_template(\"a/b\")" => {
+            "template name may only contain 0-9, A-Z, a-z, '_' and '-', found '/'"
+        }
+        "set_template(\"a+#\")" => {
+            "template name may only contain 0-9, A-Z, a-z, '_' and '-', found '+'"
+        }
+        "set_template(bad UTF-8)" => "name is not valid UTF-8",
+        "set_ca_pem(\"\")" => "CA: invalid PEM: no CERTIFICATE block",
+        "set_retry(0 attempts)" => "max_attempts is 0",
+        "set_retry(max < initial)" => "max_backoff_ms is below initial_backoff_ms",
+        "set_retry(NULL cfg)" => "config is NULL",
+        "set_state_dir(\"\")" => "path is empty",
+        "set_state_dir(bad UTF-8)" => "path is not valid UTF-8",
+        "set_token_lifetime(NULL cfg)" => "config is NULL",
+        "set_ca_pem(garbage)" => "CA: invalid PEM: a PEM block's base64 is corrupt (truncated?)",
+        "set_ca_file(missing)" => {
+            "cannot read CA file \"/nonexistent/ca.pem\": No such file or directory"
+        }
+        "set_claim_pem(empty cert)" => "claim certificate: invalid PEM: no CERTIFICATE block",
+        "set_claim_pem(empty key)" => {
+            "claim key: invalid PEM: no private key block (PKCS#1, SEC1 or PKCS#8)"
+        }
+        "set_claim_pem(garbage cert)" => {
+            "claim certificate: invalid PEM: a PEM block's base64 is corrupt (truncated?)"
+        }
+        "set_claim_pem(key as cert)" => {
+            "claim certificate: invalid PEM: no CERTIFICATE block (the text holds a private key)"
+        }
+        "set_claim_pem(wrong key)" => "the claim certificate does not match the claim key",
+        "set_claim_files(NULL)" => "cert_path is NULL",
+        "set_format(7)" => "unknown format 7",
+        "set_format(-1)" => "unknown format -1",
+        "set_method(9)" => "unknown method 9",
+        "set_key_type(5)" => "unknown key type 5",
+        "set_keep_alive(1)" => "keep-alive must be between 5 and 1200 seconds",
+        "set_keep_alive(5000)" => "keep-alive must be between 5 and 1200 seconds",
+        "set_timeouts(0)" => "the step timeout must be greater than 0",
+        "set_client_id(129)" => "client_id is longer than 128 bytes",
+        "set_parameter(NULL value)" => "value is NULL",
+        "set_parameter(\"\" key)" => "parameter key is empty",
+        "set_csr_pem(garbage)" => "CSR: invalid PEM: a PEM block's base64 is corrupt (truncated?)",
+        "set_log_callback(level 9)" => "unknown log level 9",
+        "set_output_dir(\"\")" => "path is empty",
+        "provision(NULL cfg)" => "config is NULL",
+        "provision(NULL out)" => "output pointer is NULL",
+        "client_new(NULL out)" => "output pointer is NULL",
+        "client_connect(NULL)" => "client is NULL",
+        "client_cancel(NULL)" => "client is NULL",
+        "register(NULL client)" => "client is NULL",
+        "provision_async(NULL callback)" => "callback is NULL",
+        "operation_cancel(NULL)" => "operation is NULL",
+        other => panic!("no expected message for row {other}"),
+    }
+}
+
 #[test]
 fn bad_arguments_table() {
     let env = Env::start();
@@ -590,9 +655,21 @@ fn bad_arguments_table() {
     let empty = cs("");
     let mut out_p = ptr::null_mut();
     let mut out_client: *mut fleetprov_client = ptr::null_mut();
+    // Each row's call is made, then at once its code and this thread's last-error text are
+    // taken; a successful call first clears the text left by the row before.
+    macro_rules! rows {
+        ($(($what:expr, $call:expr $(,)?)),* $(,)?) => {
+            vec![$({
+                ok(fleetprov_config_set_verify(good.0, true));
+                assert_eq!(last_error(), "", "a success clears the last error");
+                let got = $call;
+                ($what, got, last_error())
+            }),*]
+        };
+    }
     // SAFETY: each row passes pointers that are NULL, dangling-free, or owned by this test.
-    let rows: Vec<(&str, fleetprov_result)> = unsafe {
-        vec![
+    let rows: Vec<(&str, fleetprov_result, String)> = unsafe {
+        rows![
             ("config_new(NULL)", fleetprov_config_new(ptr::null_mut())),
             (
                 "set_endpoint(NULL cfg)",
@@ -752,7 +829,10 @@ fn bad_arguments_table() {
                 "client_connect(NULL)",
                 fleetprov_client_connect(ptr::null_mut()),
             ),
-            ("client_cancel(NULL)", fleetprov_client_cancel(ptr::null())),
+            (
+                "client_cancel(NULL)",
+                fleetprov_client_cancel(ptr::null_mut())
+            ),
             (
                 "register(NULL client)",
                 fleetprov_client_register_thing(
@@ -768,19 +848,27 @@ fn bad_arguments_table() {
             ),
             (
                 "operation_cancel(NULL)",
-                fleetprov_operation_cancel(ptr::null()),
+                fleetprov_operation_cancel(ptr::null_mut()),
             ),
-            ("error_result(NULL)", fleetprov_error_result(ptr::null())),
         ]
     };
-    for (what, got) in rows {
-        assert_eq!(got, FLEETPROV_INVALID_ARGUMENT, "{what}: {}", last_error());
+    for (what, got, message) in &rows {
+        let expected = expected_message(what);
+        assert_eq!(*got, FLEETPROV_INVALID_ARGUMENT, "{what}: {message}");
         assert!(
-            !last_error().is_empty(),
-            "{what}: a message for every failure"
+            message.starts_with("invalid argument: ") && message.contains(expected),
+            "{what}: the message {message:?} should contain {expected:?}"
         );
     }
-    assert!(out_p.is_null() && out_client.is_null());
+    assert!(out_p.is_null(), "no output written on failure");
+    // A getter's answer for NULL (it sets no last error: it is not a failing call).
+    // SAFETY: NULL is documented for these getters.
+    unsafe {
+        assert_eq!(
+            fleetprov_error_result(ptr::null()),
+            FLEETPROV_INVALID_ARGUMENT
+        );
+    }
 
     // The good config was not damaged by the rejected changes: it still provisions.
     let mut p = ptr::null_mut();
@@ -805,6 +893,7 @@ fn bad_arguments_table() {
             FLEETPROV_INVALID_ARGUMENT
         );
     }
+    assert!(out_client.is_null(), "no client written on failure");
 
     // Names of codes; unknown values.
     assert_eq!(s(fleetprov_result_name(0)), "FLEETPROV_OK");

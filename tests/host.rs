@@ -103,6 +103,17 @@ fn cs(s: &str) -> CString {
     CString::new(s).unwrap()
 }
 
+/// fleetprov_host_wake_at(), which must succeed.
+fn wake_at(h: *const fleetprov_host) -> u64 {
+    let mut wake = 0;
+    // SAFETY: a live host object and a valid output pointer.
+    assert_eq!(
+        unsafe { fleetprov_host_wake_at(h, &mut wake) },
+        FLEETPROV_OK
+    );
+    wake
+}
+
 fn ok(r: fleetprov_result) {
     assert_eq!(r, FLEETPROV_OK);
 }
@@ -251,8 +262,7 @@ fn drive(
         if result != FLEETPROV_IN_PROGRESS {
             break;
         }
-        // SAFETY: live host object.
-        let wake = unsafe { fleetprov_host_wake_at(h) };
+        let wake = wake_at(h);
         let wait = Duration::from_millis(wake.saturating_sub(now()).min(200));
         let r = match &mut link {
             // Waiting for the flow's own timer (a backoff pause): nothing else can happen.
@@ -273,13 +283,17 @@ fn drive(
                     unsafe { fleetprov_host_connected(h, now()) }
                 }
                 Ok(Ok(Event::Incoming(Packet::SubAck(ack)))) => {
-                    let granted: Vec<bool> = ack
+                    // The return codes as they are on the wire: the QoS granted, or 0x80.
+                    let codes: Vec<u8> = ack
                         .return_codes
                         .iter()
-                        .map(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                        .map(|c| match c {
+                            rumqttc::SubscribeReasonCode::Success(qos) => *qos as u8,
+                            rumqttc::SubscribeReasonCode::Failure => 0x80,
+                        })
                         .collect();
-                    // SAFETY: live host object; `granted` outlives the call.
-                    unsafe { fleetprov_host_suback(h, granted.as_ptr(), granted.len(), now()) }
+                    // SAFETY: live host object; `codes` outlives the call.
+                    unsafe { fleetprov_host_suback(h, codes.as_ptr(), codes.len(), now()) }
                 }
                 Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
                     let topic = cs(&p.topic);
@@ -430,14 +444,19 @@ fn host_api_arguments_are_checked() {
             FLEETPROV_INVALID_ARGUMENT
         );
         assert_eq!(
-            fleetprov_host_start(ptr::null(), 0),
+            fleetprov_host_start(ptr::null_mut(), 0),
             FLEETPROV_INVALID_ARGUMENT
         );
         assert_eq!(
-            fleetprov_host_tick(ptr::null(), 0),
+            fleetprov_host_tick(ptr::null_mut(), 0),
             FLEETPROV_INVALID_ARGUMENT
         );
-        assert_eq!(fleetprov_host_wake_at(ptr::null()), 0);
+        let mut wake = 7;
+        assert_eq!(
+            fleetprov_host_wake_at(ptr::null(), &mut wake),
+            FLEETPROV_INVALID_ARGUMENT
+        );
+        assert_eq!(wake, 7, "nothing written on failure");
         let host = Host::default();
         ok(fleetprov_host_new(
             c,
@@ -448,7 +467,11 @@ fn host_api_arguments_are_checked() {
         ));
         let mut out = ptr::null_mut();
         assert_eq!(fleetprov_host_result(h, &mut out), FLEETPROV_IN_PROGRESS);
-        assert_eq!(fleetprov_host_wake_at(h), u64::MAX, "not started: no timer");
+        assert_eq!(
+            fleetprov_host_wake_at(h, ptr::null_mut()),
+            FLEETPROV_INVALID_ARGUMENT
+        );
+        assert_eq!(wake_at(h), u64::MAX, "not started: no timer");
         assert_eq!(
             fleetprov_host_message(h, ptr::null(), ptr::null(), 0, 0),
             FLEETPROV_INVALID_ARGUMENT
@@ -463,10 +486,7 @@ fn host_api_arguments_are_checked() {
         );
         ok(fleetprov_host_start(h, 0));
         assert_eq!(host.cmds.lock().unwrap().len(), 1, "asked to connect");
-        assert!(
-            fleetprov_host_wake_at(h) <= 2_000,
-            "the connect step timeout is armed"
-        );
+        assert!(wake_at(h) <= 2_000, "the connect step timeout is armed");
         // The connection never comes: the step times out and is retried after a pause.
         ok(fleetprov_host_tick(h, 2_000));
         assert_eq!(fleetprov_host_result(h, &mut out), FLEETPROV_IN_PROGRESS);

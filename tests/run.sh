@@ -10,6 +10,7 @@ step() { printf '\n==> %s\n' "$*"; }
 step "format and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --locked --features test-panics --test panics -- -D warnings
 
 step "the library links nothing of the emulator"
 if cargo tree --locked -p fleetprov -e normal,build --prefix none \
@@ -35,6 +36,9 @@ fi
 
 step "Rust tests (library, emulator unit and integration tests)"
 cargo test --workspace --locked
+
+step "Rust: a panic at each catch site of the C API (library with the test-panics feature)"
+cargo test --locked --features test-panics --test panics
 
 step "Python venv for the interop tests"
 venv="$root/.venv"

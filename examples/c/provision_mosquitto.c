@@ -185,16 +185,17 @@ static void on_subscribe(struct mosquitto *mosq, void *obj, int mid, int qos_cou
     }
     /* One entry per filter of the last SUBSCRIBE: the library asks for a handful (AWS IoT takes
      * at most 8 per SUBSCRIBE). */
-    bool granted[MAX_FILTERS];
+    uint8_t codes[MAX_FILTERS];
     if (qos_count > MAX_FILTERS) {
         link_ended(app, false, "a SUBACK with more entries than filters");
         return;
     }
     for (int i = 0; i < qos_count; i++) {
-        granted[i] = granted_qos[i] >= 0 && granted_qos[i] < 128; /* 0x80: failure */
+        /* libmosquitto gives each return code as an int: the granted QoS, or 0x80. */
+        codes[i] = granted_qos[i] >= 0 && granted_qos[i] <= 0xFF ? (uint8_t)granted_qos[i] : 0x80;
     }
     reported(app, "fleetprov_host_suback",
-             fleetprov_host_suback(app->host, granted, (size_t)qos_count, now_ms()));
+             fleetprov_host_suback(app->host, codes, (size_t)qos_count, now_ms()));
 }
 
 static void on_message(struct mosquitto *mosq, void *obj, const struct mosquitto_message *msg) {
@@ -470,7 +471,8 @@ static fleetprov_result run(struct app *app, fleetprov_provisioned **out) {
         if (now - started > MAX_RUN_MS) {
             break;
         }
-        uint64_t wake = fleetprov_host_wake_at(app->host);
+        uint64_t wake = 0;
+        reported(app, "fleetprov_host_wake_at", fleetprov_host_wake_at(app->host, &wake));
         int wait = wake <= now ? 0 : (wake - now > 1000 ? 1000 : (int)(wake - now));
         if (app->req.kind != REQ_NONE) {
             wait = 0; /* carry it out first */

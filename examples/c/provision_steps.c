@@ -94,7 +94,7 @@ static void on_release(void *userdata) {
 
 /* Waits up to `ms` for the completion; on timeout cancels the client's operation and waits
  * (bounded again) for the callback that reports it. 0 when the callback ran. */
-static int wait_for(struct completion *c, const fleetprov_client *client, unsigned ms) {
+static int wait_for(struct completion *c, fleetprov_client *client, unsigned ms) {
     struct timespec deadline;
     clock_gettime(CLOCK_MONOTONIC, &deadline);
     deadline.tv_sec += ms / 1000;

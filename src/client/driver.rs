@@ -37,7 +37,7 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Error> {
         .enable_all()
         .thread_keep_alive(std::time::Duration::ZERO)
         .build()
-        .map_err(|e| Error::Connection(format!("cannot start the I/O runtime: {e}")))
+        .map_err(|e| Error::Internal(format!("cannot start the I/O runtime: {e}")))
 }
 
 /// Performs the flow's actions and feeds it the connection's events until it is done, on a

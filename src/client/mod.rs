@@ -118,18 +118,25 @@ impl Config {
     }
 }
 
-/// Cancels a running operation from another thread.
+/// How often a running operation looks at its cancel flag.
+const CANCEL_POLL: Duration = Duration::from_millis(20);
+
+/// Cancels a running operation from another thread, or from a signal handler.
+///
+/// [`Cancel::cancel`] only sets a flag, which the operation looks at every 20 ms while it waits:
+/// so it is async-signal-safe, and it touches nothing the operation's thread owns (waking that
+/// thread's event loop from outside would hand its wakers across threads through futexes that
+/// ThreadSanitizer cannot see).
 #[derive(Debug, Default)]
 pub struct Cancel {
     flag: AtomicBool,
-    notify: tokio::sync::Notify,
 }
 
 impl Cancel {
-    /// Asks the running (or next) operation to stop with [`Error::Cancelled`].
+    /// Asks the running (or next) operation to stop with [`Error::Cancelled`]. Async-signal-safe:
+    /// one atomic store.
     pub fn cancel(&self) {
         self.flag.store(true, Ordering::SeqCst);
-        self.notify.notify_waiters();
     }
 
     /// Clears a cancellation so that later operations run.
@@ -141,13 +148,10 @@ impl Cancel {
         self.flag.load(Ordering::SeqCst)
     }
 
+    /// Resolves once [`Cancel::cancel`] was called (within 20 ms).
     pub(crate) async fn wait(&self) {
-        loop {
-            let notified = self.notify.notified();
-            if self.is_cancelled() {
-                return;
-            }
-            notified.await;
+        while !self.is_cancelled() {
+            tokio::time::sleep(CANCEL_POLL).await;
         }
     }
 }
@@ -596,7 +600,7 @@ impl Client {
             None,
         )? {
             Outcome::Certificate(c) => Ok(c),
-            _ => Err(Error::Connection("unexpected outcome".into())),
+            _ => Err(Error::Internal("unexpected outcome".into())),
         }
     }
 
@@ -615,7 +619,7 @@ impl Client {
         };
         match self.run(Operation::CreateCertificate(source), None)? {
             Outcome::Certificate(c) => Ok(c),
-            _ => Err(Error::Connection("unexpected outcome".into())),
+            _ => Err(Error::Internal("unexpected outcome".into())),
         }
     }
 
@@ -639,7 +643,7 @@ impl Client {
         };
         match self.run(op, None)? {
             Outcome::Registered(r) => Ok(r),
-            _ => Err(Error::Connection("unexpected outcome".into())),
+            _ => Err(Error::Internal("unexpected outcome".into())),
         }
     }
 }

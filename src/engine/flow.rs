@@ -639,7 +639,7 @@ impl Flow {
             (_, Err(e)) => self.fail(e, now, out),
             (_, Ok(_)) => {
                 self.drop_link(out);
-                self.finish(Err(Error::Connection("unexpected outcome".into())), out);
+                self.finish(Err(Error::Internal("unexpected outcome".into())), out);
             }
         }
     }
@@ -762,7 +762,10 @@ impl Flow {
     /// Writes the credentials, removes the journal, reports success.
     fn commit(&mut self, out: &mut Vec<FlowAction>) {
         let Some(held) = self.held.take() else {
-            return self.finish(Err(Error::Connection("no certificate".into())), out);
+            return self.finish(
+                Err(Error::Internal("commit without a certificate".into())),
+                out,
+            );
         };
         let Held { entry, resumed } = held;
         let registered = entry.registered.clone().unwrap_or_default();

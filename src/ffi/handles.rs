@@ -1,5 +1,6 @@
 //! The configuration, client and operation handles and the operations.
 
+use std::cell::UnsafeCell;
 use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void};
 use std::path::PathBuf;
@@ -133,7 +134,7 @@ impl fleetprov_config {
                     };
                     // SAFETY: the callback and userdata were registered together; the header
                     // states the threads it may be called on; `view` and `error` outlive the call.
-                    unsafe { (p.cb)(p.user.ptr, &view) }
+                    in_callback(|| unsafe { (p.cb)(p.user.ptr, &view) })
                 })
             }),
             log: self.log.clone().map(|l| -> LogFn {
@@ -149,7 +150,9 @@ impl fleetprov_config {
                     }
                     let text = cstring(line);
                     // SAFETY: as above; `text` outlives the call.
-                    unsafe { (l.cb)(l.user.ptr, level, text.as_ptr(), text.as_bytes().len()) }
+                    in_callback(|| unsafe {
+                        (l.cb)(l.user.ptr, level, text.as_ptr(), text.as_bytes().len())
+                    })
                 })
             }),
             cancel: None,
@@ -583,7 +586,7 @@ impl Signer for SignCallback {
         let mut len = buf.len();
         // SAFETY: the callback and userdata were registered together; every pointer is valid
         // for the call and `buf` has `len` writable bytes.
-        let r = unsafe {
+        let r = in_callback(|| unsafe {
             (self.cb)(
                 self.user.ptr,
                 message.as_ptr(),
@@ -593,7 +596,7 @@ impl Signer for SignCallback {
                 buf.as_mut_ptr(),
                 &mut len,
             )
-        };
+        });
         if r != 0 {
             return Err(format!("the signing callback returned {r}"));
         }
@@ -803,6 +806,7 @@ pub unsafe extern "C" fn fleetprov_rotate(
     out: *mut *mut fleetprov_provisioned,
 ) -> fleetprov_result {
     guard(|| {
+        refuse_in_callback("fleetprov_rotate()")?;
         // SAFETY: pointers per the header.
         let (config, dir) = unsafe {
             (
@@ -835,21 +839,83 @@ pub unsafe extern "C" fn fleetprov_provision(
     out: *mut *mut fleetprov_provisioned,
 ) -> fleetprov_result {
     guard(|| {
+        refuse_in_callback("fleetprov_provision()")?;
         // SAFETY: pointer per the header.
         let config = unsafe { config_ref(config)? };
         if out.is_null() {
             return Err(invalid("output pointer is NULL"));
         }
         let request = config.request()?;
+        super::inject::point("provision");
         let p = provision::provision(&request, &config.hooks())?;
         // SAFETY: checked non-NULL above; valid for writes per the header.
         unsafe { write_out(out, Box::into_raw(Box::new(provisioned_object(p)))) }
     })
 }
 
+/// Set once, when a worker thread is done with everything the caller gave it (its callback
+/// returned and its userdata was released). Waits use pthread primitives rather than Rust's
+/// (which use futexes directly), so that ThreadSanitizer, which intercepts pthread calls, sees a
+/// callback's writes ordered before the return of a wait.
+struct Completion {
+    mutex: UnsafeCell<libc::pthread_mutex_t>,
+    cond: UnsafeCell<libc::pthread_cond_t>,
+    done: UnsafeCell<bool>,
+}
+
+// SAFETY: `done` is only accessed with `mutex` held; the pthread objects are made for sharing
+// between threads and never move (the Completion lives in an Arc).
+unsafe impl Sync for Completion {}
+// SAFETY: as above.
+unsafe impl Send for Completion {}
+
+impl Completion {
+    fn new() -> Arc<Completion> {
+        Arc::new(Completion {
+            mutex: UnsafeCell::new(libc::PTHREAD_MUTEX_INITIALIZER),
+            cond: UnsafeCell::new(libc::PTHREAD_COND_INITIALIZER),
+            done: UnsafeCell::new(false),
+        })
+    }
+
+    fn finish(&self) {
+        // SAFETY: statically initialised pthread objects at a fixed address; `done` is written
+        // with the mutex held.
+        unsafe {
+            libc::pthread_mutex_lock(self.mutex.get());
+            *self.done.get() = true;
+            libc::pthread_cond_broadcast(self.cond.get());
+            libc::pthread_mutex_unlock(self.mutex.get());
+        }
+    }
+
+    fn wait(&self) {
+        // SAFETY: as in finish(); `done` is read with the mutex held.
+        unsafe {
+            libc::pthread_mutex_lock(self.mutex.get());
+            while !*self.done.get() {
+                libc::pthread_cond_wait(self.cond.get(), self.mutex.get());
+            }
+            libc::pthread_mutex_unlock(self.mutex.get());
+        }
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        // SAFETY: the last reference: no thread waits on or holds these any more.
+        unsafe {
+            libc::pthread_cond_destroy(self.cond.get());
+            libc::pthread_mutex_destroy(self.mutex.get());
+        }
+    }
+}
+
 /// A running asynchronous operation: cancel it, wait for it, free it.
 pub struct fleetprov_operation {
     cancel: Arc<Cancel>,
+    completion: Arc<Completion>,
+    worker: std::thread::ThreadId,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -859,6 +925,11 @@ fn join_unless_self(handle: Option<JoinHandle<()>>) {
     {
         let _ = h.join();
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Only join handles live behind these locks; a panic cannot leave them half-changed.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Starts the one-call flow on a library worker thread and returns at once, writing an
@@ -886,17 +957,25 @@ pub unsafe extern "C" fn fleetprov_provision_async(
         let mut hooks = config.hooks();
         let cancel = Arc::new(Cancel::default());
         hooks.cancel = Some(cancel.clone());
+        let completion = Completion::new();
+        let done = completion.clone();
         let thread = std::thread::Builder::new()
             .name("fleetprov-provision".into())
             .spawn(move || {
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    super::inject::point("provision-async");
                     provision::provision(&request, &hooks)
                 }));
                 complete(callback, &user, outcome.map(|r| r.map(provisioned_object)));
+                drop(hooks);
+                drop(user);
+                done.finish();
             })
-            .map_err(|e| Error::Connection(format!("cannot start a worker thread: {e}")))?;
+            .map_err(|e| Error::Internal(format!("cannot start a worker thread: {e}")))?;
         let op = Box::new(fleetprov_operation {
             cancel,
+            completion,
+            worker: thread.thread().id(),
             thread: Mutex::new(Some(thread)),
         });
         // SAFETY: checked non-NULL above; valid for writes per the header.
@@ -944,7 +1023,7 @@ fn complete<T>(
 /// already finished). Thread-safe; may be called from any thread, callbacks included.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fleetprov_operation_cancel(
-    operation: *const fleetprov_operation,
+    operation: *mut fleetprov_operation,
 ) -> fleetprov_result {
     guard(|| {
         // SAFETY: pointer per the header.
@@ -954,26 +1033,31 @@ pub unsafe extern "C" fn fleetprov_operation_cancel(
     })
 }
 
-/// Blocks until the operation's callback has returned. Must not be called from that callback.
+/// Blocks until the operation's callback has returned and its userdata was released. Any
+/// number of threads may wait at once; each returns only then. From the operation's own
+/// callback (which would wait for itself) or from any progress or log callback it returns
+/// FLEETPROV_IN_CALLBACK without waiting.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fleetprov_operation_wait(
-    operation: *const fleetprov_operation,
+    operation: *mut fleetprov_operation,
 ) -> fleetprov_result {
     guard(|| {
         // SAFETY: pointer per the header.
         let op = unsafe { operation.as_ref() }.ok_or_else(|| invalid("operation is NULL"))?;
-        let handle = op
-            .thread
-            .lock()
-            .map_err(|_| invalid("operation lock poisoned"))?
-            .take();
-        join_unless_self(handle);
+        if op.worker == std::thread::current().id() {
+            return Err(Error::InCallback(
+                "fleetprov_operation_wait() of the operation whose callback is running",
+            ));
+        }
+        refuse_in_callback("fleetprov_operation_wait()")?;
+        op.completion.clone().wait();
         Ok(())
     })
 }
 
-/// Cancels the operation if still running, waits for its callback to return (unless called
-/// from that callback) and frees the handle. NULL is a no-op.
+/// Cancels the operation if still running, waits until its callback returned and its userdata
+/// was released (unless called from that callback: then the worker finishes on its own) and frees
+/// the handle. NULL is a no-op. Call it once, after every other call on the operation returned.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fleetprov_operation_free(operation: *mut fleetprov_operation) {
     guard_value((), || {
@@ -983,8 +1067,10 @@ pub unsafe extern "C" fn fleetprov_operation_free(operation: *mut fleetprov_oper
         // SAFETY: created by fleetprov_provision_async and freed once, per the header.
         let op = unsafe { Box::from_raw(operation) };
         op.cancel.cancel();
-        let handle = op.thread.lock().ok().and_then(|mut t| t.take());
-        join_unless_self(handle);
+        if op.worker != std::thread::current().id() {
+            op.completion.wait();
+            join_unless_self(lock(&op.thread).take());
+        }
     })
 }
 
@@ -995,7 +1081,9 @@ pub struct fleetprov_client {
     inner: Arc<Mutex<Client>>,
     cancel: Arc<Cancel>,
     busy: Arc<AtomicBool>,
-    worker: Mutex<Option<JoinHandle<()>>>,
+    /// Worker threads of `_async` operations not yet joined, and whether the client is being
+    /// freed (no new worker may start then).
+    workers: Mutex<(Vec<JoinHandle<()>>, bool)>,
     parameters: BTreeMap<String, String>,
     template: Option<String>,
 }
@@ -1021,7 +1109,9 @@ pub unsafe extern "C" fn fleetprov_client_new(
             cancel: client.canceller(),
             inner: Arc::new(Mutex::new(client)),
             busy: Arc::new(AtomicBool::new(false)),
-            worker: Mutex::new(None),
+            // Room for the workers there can be at once (one finishing, one started from its
+            // callback), so that no thread frees a buffer another grew (see spawn()).
+            workers: Mutex::new((Vec::with_capacity(4), false)),
             parameters: config.parameters.clone(),
             template: config.template.clone(),
         });
@@ -1030,27 +1120,52 @@ pub unsafe extern "C" fn fleetprov_client_new(
     })
 }
 
-/// Cancels a running `_async` operation, waits for its callback (unless called from it),
-/// disconnects and frees the client. NULL is a no-op. Must not be called while a blocking call on
-/// the same client runs in another thread.
+/// Drops a client handle and with it, when no worker holds them any more, its connection and
+/// runtime. Inside a progress or log callback the thread is inside another client's runtime,
+/// where a runtime must not be dropped: the drop then happens on a short-lived thread.
+fn drop_off_runtime(client: Box<fleetprov_client>) {
+    if tokio::runtime::Handle::try_current().is_err() {
+        drop(client);
+        return;
+    }
+    std::thread::scope(|scope| {
+        // Without a thread to drop it on, the client is leaked rather than dropped here.
+        let _ = std::thread::Builder::new().spawn_scoped(scope, move || drop(client));
+    });
+}
+
+/// Cancels the client's running `_async` operations, waits for their callbacks (except the one
+/// it is called from) and their userdata_free, disconnects and frees the client. NULL is a
+/// no-op. From a progress or log callback of a blocking call on this client, the free is
+/// deferred until that call returns (make no further call on the client). Otherwise it must not
+/// run while another thread is inside a call on the same client.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fleetprov_client_free(client: *mut fleetprov_client) {
     guard_value((), || {
-        if client.is_null() {
+        if client.is_null() || defer_free(client) {
             return;
         }
         // SAFETY: created by fleetprov_client_new and freed once, per the header.
         let c = unsafe { Box::from_raw(client) };
         c.cancel.cancel();
-        let handle = c.worker.lock().ok().and_then(|mut w| w.take());
-        join_unless_self(handle);
+        // From now on no new worker starts (an `_async` call from a completion callback gets
+        // FLEETPROV_CANCELLED), so the workers taken here are all there will be.
+        let workers = {
+            let mut w = lock(&c.workers);
+            w.1 = true;
+            std::mem::take(&mut w.0)
+        };
+        for handle in workers {
+            join_unless_self(Some(handle));
+        }
+        drop_off_runtime(c);
     })
 }
 
 /// Asks the running operation of this client to stop with FLEETPROV_CANCELLED. Thread-safe.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fleetprov_client_cancel(
-    client: *const fleetprov_client,
+    client: *mut fleetprov_client,
 ) -> fleetprov_result {
     guard(|| {
         // SAFETY: pointer per the header.
@@ -1067,60 +1182,113 @@ unsafe fn client_ref<'a>(client: *const fleetprov_client) -> Result<&'a fleetpro
     unsafe { client.as_ref() }.ok_or_else(|| invalid("client is NULL"))
 }
 
-impl fleetprov_client {
-    /// Runs `op` now on this thread, exclusive with other operations.
-    fn blocking<T>(&self, op: impl FnOnce(&mut Client) -> Result<T, Error>) -> Result<T, Error> {
-        if self.busy.swap(true, Ordering::SeqCst) {
-            return Err(busy_error());
-        }
-        self.cancel.reset();
-        let result = match self.inner.lock() {
-            Ok(mut c) => op(&mut c),
-            Err(_) => Err(invalid("client lock poisoned")),
-        };
-        self.busy.store(false, Ordering::SeqCst);
-        result
-    }
+/// Clears the busy flag when dropped, also when the operation panicked.
+struct NotBusy(Arc<AtomicBool>);
 
-    /// Runs `op` on a worker thread, then `done` with its outcome.
+impl Drop for NotBusy {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Runs `op` with the client's connection; a lock poisoned by an earlier panic (a bug) makes
+/// every later operation FLEETPROV_PANIC.
+fn with_client<T>(
+    inner: &Mutex<Client>,
+    op: impl FnOnce(&mut Client) -> Result<T, Error>,
+) -> Result<T, Error> {
+    match inner.lock() {
+        Ok(mut c) => op(&mut c),
+        Err(_) => Err(Error::Panicked),
+    }
+}
+
+/// Runs a blocking operation on `client` on this thread, exclusive with other operations. A
+/// fleetprov_client_free() from one of its callbacks meanwhile frees the client afterwards.
+///
+/// # Safety
+/// `client` is NULL or a live client.
+unsafe fn blocking<T>(
+    client: *mut fleetprov_client,
+    what: &'static str,
+    op: impl FnOnce(&fleetprov_client, &mut Client) -> Result<T, Error>,
+) -> Result<T, Error> {
+    refuse_in_callback(what)?;
+    // SAFETY: per the contract.
+    let c = unsafe { client_ref(client)? };
+    if c.busy.swap(true, Ordering::SeqCst) {
+        return Err(busy_error());
+    }
+    let not_busy = NotBusy(c.busy.clone());
+    c.cancel.reset();
+    let (result, free_now) = while_in_use(client, || {
+        with_client(&c.inner, |inner| {
+            super::inject::point("client-blocking");
+            op(c, inner)
+        })
+    });
+    drop(not_busy);
+    if free_now {
+        // SAFETY: fleetprov_client_free() was called on it from one of its callbacks during
+        // this call, the outermost on this thread that used it; nothing refers to it now.
+        drop_off_runtime(unsafe { Box::from_raw(client) });
+    }
+    result
+}
+
+impl fleetprov_client {
+    /// Runs `op` on a worker thread, then `callback` with its outcome.
     fn spawn<T: Send + 'static>(
         &self,
         op: impl FnOnce(&mut Client) -> Result<T, Error> + Send + 'static,
         callback: CompletionFn<T>,
         user: UserData,
     ) -> Result<(), Error> {
+        let mut workers = lock(&self.workers);
+        if workers.1 {
+            return Err(Error::Cancelled);
+        }
         if self.busy.swap(true, Ordering::SeqCst) {
             return Err(busy_error());
         }
+        let not_busy = NotBusy(self.busy.clone());
         self.cancel.reset();
-        let previous = self.worker.lock().ok().and_then(|mut w| w.take());
-        join_unless_self(previous);
+        // Join the workers that are done (one calling this from its callback is not). In place
+        // and in the order they started: the list's buffer is never freed by a thread other
+        // than the one that made it (ThreadSanitizer cannot see the futex behind this lock, but
+        // sees thread starts and joins), and the room for the new worker is made before it starts.
+        let mut i = 0;
+        while i < workers.0.len() {
+            if workers.0[i].is_finished() {
+                join_unless_self(Some(workers.0.remove(i)));
+            } else {
+                i += 1;
+            }
+        }
+        workers.0.reserve(1);
         let inner = self.inner.clone();
-        let busy = self.busy.clone();
         let spawned = std::thread::Builder::new()
             .name("fleetprov-client".into())
             .spawn(move || {
-                let outcome =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match inner.lock() {
-                        Ok(mut c) => op(&mut c),
-                        Err(_) => Err(invalid("client lock poisoned")),
-                    }));
-                busy.store(false, Ordering::SeqCst);
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    with_client(&inner, |c| {
+                        super::inject::point("client-worker");
+                        op(c)
+                    })
+                }));
+                // Not busy before the callback: it may start the next operation.
+                drop(not_busy);
                 complete(callback, &user, outcome);
             });
         match spawned {
             Ok(h) => {
-                if let Ok(mut w) = self.worker.lock() {
-                    *w = Some(h);
-                }
+                // Stored before the lock is released: fleetprov_client_free() joins it.
+                workers.0.push(h);
                 Ok(())
             }
-            Err(e) => {
-                self.busy.store(false, Ordering::SeqCst);
-                Err(Error::Connection(format!(
-                    "cannot start a worker thread: {e}"
-                )))
-            }
+            Err(e) => Err(Error::Internal(format!(
+                "cannot start a worker thread: {e}"
+            ))),
         }
     }
 }
@@ -1136,7 +1304,7 @@ pub unsafe extern "C" fn fleetprov_client_connect(
 ) -> fleetprov_result {
     guard(|| {
         // SAFETY: pointer per the header.
-        unsafe { client_ref(client)? }.blocking(|c| c.connect())
+        unsafe { blocking(client, "fleetprov_client_connect()", |_, c| c.connect()) }
     })
 }
 
@@ -1168,12 +1336,17 @@ pub unsafe extern "C" fn fleetprov_client_create_keys_and_certificate(
     out: *mut *mut fleetprov_certificate,
 ) -> fleetprov_result {
     guard(|| {
-        // SAFETY: pointer per the header.
-        let c = unsafe { client_ref(client)? };
         if out.is_null() {
             return Err(invalid("output pointer is NULL"));
         }
-        let cert = c.blocking(|c| c.create_keys_and_certificate())?;
+        // SAFETY: pointer per the header.
+        let cert = unsafe {
+            blocking(
+                client,
+                "fleetprov_client_create_keys_and_certificate()",
+                |_, c| c.create_keys_and_certificate(),
+            )?
+        };
         // SAFETY: checked non-NULL; valid for writes per the header.
         unsafe { write_out(out, Box::into_raw(Box::new(certificate_object(cert)))) }
     })
@@ -1213,7 +1386,7 @@ pub unsafe extern "C" fn fleetprov_client_create_certificate_from_csr(
 ) -> fleetprov_result {
     guard(|| {
         // SAFETY: pointers per the header.
-        let (c, csr, key) = unsafe {
+        let (_, csr, key) = unsafe {
             (
                 client_ref(client)?,
                 str_arg(csr_pem, "csr_pem")?,
@@ -1224,7 +1397,14 @@ pub unsafe extern "C" fn fleetprov_client_create_certificate_from_csr(
             return Err(invalid("output pointer is NULL"));
         }
         let key = key.map(|k| Secret::new(k.to_owned()));
-        let cert = c.blocking(|c| c.create_certificate_from_csr(csr, key.as_ref()))?;
+        // SAFETY: pointer per the header.
+        let cert = unsafe {
+            blocking(
+                client,
+                "fleetprov_client_create_certificate_from_csr()",
+                |_, c| c.create_certificate_from_csr(csr, key.as_ref()),
+            )?
+        };
         // SAFETY: checked non-NULL; valid for writes per the header.
         unsafe { write_out(out, Box::into_raw(Box::new(certificate_object(cert)))) }
     })
@@ -1290,7 +1470,7 @@ pub unsafe extern "C" fn fleetprov_client_register_thing(
 ) -> fleetprov_result {
     guard(|| {
         // SAFETY: pointers per the header.
-        let (c, cert, template) = unsafe {
+        let (_, cert, template) = unsafe {
             (
                 client_ref(client)?,
                 certificate
@@ -1302,9 +1482,14 @@ pub unsafe extern "C" fn fleetprov_client_register_thing(
         if out.is_null() {
             return Err(invalid("output pointer is NULL"));
         }
-        let (template, params) = register_args(c, template)?;
         let token = cert.inner.ownership_token.clone();
-        let r = c.blocking(|c| c.register_thing(&template, &token, &params))?;
+        // SAFETY: pointer per the header.
+        let r = unsafe {
+            blocking(client, "fleetprov_client_register_thing()", |c, inner| {
+                let (template, params) = register_args(c, template)?;
+                inner.register_thing(&template, &token, &params)
+            })?
+        };
         // SAFETY: checked non-NULL; valid for writes per the header.
         unsafe { write_out(out, Box::into_raw(Box::new(registration_object(r)))) }
     })

@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::ffi::{CString, c_char, c_void};
 use std::ptr;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use super::handles::{config_ref, fleetprov_config, provisioned_object};
 use super::types::*;
@@ -32,12 +32,24 @@ pub struct fleetprov_identity {
 }
 
 /// What the library asks of the host's MQTT stack. All are required. Those returning int
-/// return 0 when the operation was started and anything else when it could not be. Each is called from
-/// inside a fleetprov_host_* function, on the thread that called it; each must return promptly
-/// without waiting for the network: start the operation and report its outcome later through
-/// the fleetprov_host_* event functions (calling them from inside a callback is allowed; the
-/// event is queued and handled before the outer call returns). A callback must not free the
-/// host object. Pointers passed to a callback are valid only during the call.
+/// return 0 when the operation was started and anything else when it could not be.
+///
+/// Thread: each is called from inside a fleetprov_host_* function, on the thread that called
+/// it, never two at once for one host object. Each must return promptly without waiting for the
+/// network: start the operation and report its outcome later through the fleetprov_host_* event
+/// functions.
+///
+/// What a callback may call: the fleetprov_host_* event functions of this host (the event is
+/// queued and handled before the outer call returns), fleetprov_host_result() and
+/// fleetprov_host_wake_at() (IN_PROGRESS and "tick now" while events are being handled),
+/// fleetprov_host_free() of this host (deferred: the host is freed when the outer call returns;
+/// make no further call on it), and any non-blocking function. Blocking calls
+/// (fleetprov_provision(), fleetprov_rotate(), the blocking fleetprov_client_* operations,
+/// fleetprov_operation_wait()) return FLEETPROV_IN_CALLBACK.
+///
+/// A callback must return normally: no C++ exception, longjmp() or thread exit may leave it
+/// (that would skip the library's cleanup and unwinding through Rust frames is undefined).
+/// Pointers passed to a callback are valid only during the call.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct fleetprov_host_callbacks {
@@ -75,7 +87,7 @@ enum HostEvent {
     Start,
     Connected,
     ConnectFailed(Error),
-    SubAck(Vec<bool>),
+    SubAck(Vec<u8>),
     Message(String, Vec<u8>),
     Disconnected,
     Tick,
@@ -171,12 +183,13 @@ pub unsafe extern "C" fn fleetprov_host_new(
 }
 
 /// Frees the host object (NULL is a no-op): closes nothing (the connection is the host's), but
-/// drops the flow; a journal it wrote stays for the next attempt. Must not be called from
-/// inside one of its callbacks.
+/// drops the flow; a journal it wrote stays for the next attempt. Called from inside one of the
+/// host's callbacks, the free is deferred until the fleetprov_host_* call that ran the callback
+/// returns; make no further call on the host after this one.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fleetprov_host_free(host: *mut fleetprov_host) {
     guard_value((), || {
-        if !host.is_null() {
+        if !host.is_null() && !defer_free(host) {
             // SAFETY: a pointer from fleetprov_host_new(), freed once, per the header.
             drop(unsafe { Box::from_raw(host) });
         }
@@ -190,18 +203,37 @@ unsafe fn host_ref<'a>(host: *const fleetprov_host) -> Result<&'a fleetprov_host
     unsafe { host.as_ref() }.ok_or_else(|| invalid("host is NULL"))
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding the lock was caught at the boundary; the data stays usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The queue holds plain data, complete after every push and pop: usable after a panic.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl fleetprov_host {
+    /// The flow's state, or None while a call on this host is handling events (re-entry from
+    /// a callback, or another thread). A panic caught while events were being handled poisoned
+    /// the lock: the flow's state is unknown then, so the flow ends with FLEETPROV_PANIC.
+    fn state(&self) -> Option<MutexGuard<'_, Inner>> {
+        match self.inner.try_lock() {
+            Ok(inner) => Some(inner),
+            Err(TryLockError::WouldBlock) => None,
+            Err(TryLockError::Poisoned(poisoned)) => {
+                let mut inner = poisoned.into_inner();
+                self.inner.clear_poison();
+                inner.prepared = None;
+                inner.flow = None;
+                inner.result = Some(Err(Error::Panicked));
+                lock(&self.queue).clear();
+                Some(inner)
+            }
+        }
+    }
+
     /// Queues `event` and, unless a call on this host is already handling events (re-entry
     /// from a callback), handles the queue.
     fn feed(&self, event: HostEvent, now: u64) {
         lock(&self.queue).push_back((event, now));
         loop {
-            let Ok(mut inner) = self.inner.try_lock() else {
+            let Some(mut inner) = self.state() else {
                 // Re-entered from a callback: the outer call takes the event.
                 return;
             };
@@ -221,6 +253,9 @@ impl fleetprov_host {
     }
 
     fn handle(&self, inner: &mut Inner, event: HostEvent, now: u64) {
+        if matches!(event, HostEvent::Tick) {
+            super::inject::point("host-event");
+        }
         let actions = match (&mut inner.flow, event) {
             (None, HostEvent::Start) => {
                 let Some((mut spec, journal)) = inner.prepared.take() else {
@@ -233,16 +268,21 @@ impl fleetprov_host {
                 actions
             }
             (None, _) | (Some(_), HostEvent::Start) => return,
+            (Some(flow), HostEvent::SubAck(codes)) => {
+                // MQTT 3.1.1: 0x00-0x02 grant that QoS, 0x80 is a failure; MQTT 5: every
+                // reason code from 0x80 up is a failure.
+                let granted: Vec<bool> = codes.iter().map(|c| *c < 0x80).collect();
+                flow.handle(FlowEvent::SubAck(&granted), now)
+            }
             (Some(flow), event) => {
                 let event = match &event {
                     HostEvent::Connected => FlowEvent::Connected,
                     HostEvent::ConnectFailed(e) => FlowEvent::ConnectFailed(e.clone()),
-                    HostEvent::SubAck(granted) => FlowEvent::SubAck(granted),
                     HostEvent::Message(topic, payload) => FlowEvent::Message { topic, payload },
                     HostEvent::Disconnected => FlowEvent::Disconnected(Error::Connection(
                         "the host reported the connection lost".into(),
                     )),
-                    HostEvent::Tick | HostEvent::Start => FlowEvent::Tick,
+                    HostEvent::Tick | HostEvent::Start | HostEvent::SubAck(_) => FlowEvent::Tick,
                 };
                 flow.handle(event, now)
             }
@@ -281,7 +321,7 @@ impl fleetprov_host {
                 };
                 // SAFETY: a callback the host registered; `view` and the strings it points to
                 // outlive the call.
-                let r = unsafe { connect(user, &view) };
+                let r = in_callback(|| unsafe { connect(user, &view) });
                 if r != 0 {
                     let e = Error::Connection(format!(
                         "the host's connect callback failed ({})",
@@ -293,7 +333,7 @@ impl fleetprov_host {
             FlowAction::Disconnect => {
                 if let Some(disconnect) = self.callbacks.disconnect {
                     // SAFETY: a callback the host registered.
-                    unsafe { disconnect(user) }
+                    in_callback(|| unsafe { disconnect(user) })
                 }
             }
             FlowAction::Subscribe(filters) => {
@@ -303,7 +343,7 @@ impl fleetprov_host {
                     return;
                 };
                 // SAFETY: a callback the host registered; `ptrs` and `owned` outlive the call.
-                let r = unsafe { subscribe(user, ptrs.as_ptr(), ptrs.len()) };
+                let r = in_callback(|| unsafe { subscribe(user, ptrs.as_ptr(), ptrs.len()) });
                 if r != 0 {
                     lock(&self.queue).push_back((HostEvent::Disconnected, now));
                 }
@@ -314,7 +354,9 @@ impl fleetprov_host {
                     return;
                 };
                 // SAFETY: a callback the host registered; `topic` and `payload` outlive the call.
-                let r = unsafe { publish(user, topic.as_ptr(), payload.as_ptr(), payload.len()) };
+                let r = in_callback(|| unsafe {
+                    publish(user, topic.as_ptr(), payload.as_ptr(), payload.len())
+                });
                 if r != 0 {
                     lock(&self.queue).push_back((HostEvent::Disconnected, now));
                 }
@@ -338,16 +380,23 @@ fn result_name(r: i32) -> String {
     format!("{r}")
 }
 
-/// Checks `host`, builds the event and feeds it.
+/// Checks `host`, builds the event and feeds it; frees the host afterwards when a callback
+/// asked for that meanwhile.
 fn feed(
-    host: *const fleetprov_host,
+    host: *mut fleetprov_host,
     now_ms: u64,
     event: impl FnOnce() -> Result<HostEvent, Error>,
 ) -> fleetprov_result {
     guard(|| {
         // SAFETY: pointer per the header.
         let h = unsafe { host_ref(host)? };
-        h.feed(event()?, now_ms);
+        let event = event()?;
+        let ((), free_now) = while_in_use(host, || h.feed(event, now_ms));
+        if free_now {
+            // SAFETY: fleetprov_host_free() was called on it from one of its callbacks during
+            // this call, the outermost on this thread that used it; nothing refers to it now.
+            drop(unsafe { Box::from_raw(host) });
+        }
         Ok(())
     })
 }
@@ -356,7 +405,7 @@ fn feed(
 /// reads the journal, then asks for the first connection through the connect callback.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fleetprov_host_start(
-    host: *const fleetprov_host,
+    host: *mut fleetprov_host,
     now_ms: u64,
 ) -> fleetprov_result {
     feed(host, now_ms, || Ok(HostEvent::Start))
@@ -365,7 +414,7 @@ pub unsafe extern "C" fn fleetprov_host_start(
 /// The connection asked for by the last connect callback is up (CONNACK accepted).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fleetprov_host_connected(
-    host: *const fleetprov_host,
+    host: *mut fleetprov_host,
     now_ms: u64,
 ) -> fleetprov_result {
     feed(host, now_ms, || Ok(HostEvent::Connected))
@@ -376,7 +425,7 @@ pub unsafe extern "C" fn fleetprov_host_connected(
 /// tells the flow it is not active.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fleetprov_host_connect_failed(
-    host: *const fleetprov_host,
+    host: *mut fleetprov_host,
     tls: bool,
     now_ms: u64,
 ) -> fleetprov_result {
@@ -389,24 +438,26 @@ pub unsafe extern "C" fn fleetprov_host_connect_failed(
     })
 }
 
-/// The SUBACK for the last subscribe callback: `count` entries, one per filter in order, true
-/// where the subscription was granted (return code below 0x80). Copied.
+/// The SUBACK for the last subscribe callback: `count` return codes, one per filter in order,
+/// as the MQTT stack gives them (MQTT 3.1.1: 0x00, 0x01, 0x02 granted, 0x80 failure; MQTT 5
+/// reason codes: below 0x80 granted, 0x80 and above refused). Any byte value is accepted.
+/// Copied. `codes` may be NULL when `count` is 0.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fleetprov_host_suback(
-    host: *const fleetprov_host,
-    granted: *const bool,
+    host: *mut fleetprov_host,
+    codes: *const u8,
     count: usize,
     now_ms: u64,
 ) -> fleetprov_result {
     feed(host, now_ms, || {
-        if granted.is_null() && count > 0 {
-            return Err(invalid("granted is NULL"));
+        if codes.is_null() && count > 0 {
+            return Err(invalid("codes is NULL"));
         }
         let list = if count == 0 {
             Vec::new()
         } else {
-            // SAFETY: `count` readable bools, per the header.
-            unsafe { std::slice::from_raw_parts(granted, count) }.to_vec()
+            // SAFETY: `count` readable bytes, per the header; every byte value is valid.
+            unsafe { std::slice::from_raw_parts(codes, count) }.to_vec()
         };
         Ok(HostEvent::SubAck(list))
     })
@@ -416,7 +467,7 @@ pub unsafe extern "C" fn fleetprov_host_suback(
 /// NUL-terminated UTF-8; `payload` is `len` bytes (NULL with len 0 is empty). Both are copied.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fleetprov_host_message(
-    host: *const fleetprov_host,
+    host: *mut fleetprov_host,
     topic: *const c_char,
     payload: *const u8,
     len: usize,
@@ -441,7 +492,7 @@ pub unsafe extern "C" fn fleetprov_host_message(
 /// The connection dropped.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fleetprov_host_disconnected(
-    host: *const fleetprov_host,
+    host: *mut fleetprov_host,
     now_ms: u64,
 ) -> fleetprov_result {
     feed(host, now_ms, || Ok(HostEvent::Disconnected))
@@ -450,30 +501,34 @@ pub unsafe extern "C" fn fleetprov_host_disconnected(
 /// Time passed: call at fleetprov_host_wake_at() at the latest (more often is fine).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fleetprov_host_tick(
-    host: *const fleetprov_host,
+    host: *mut fleetprov_host,
     now_ms: u64,
 ) -> fleetprov_result {
     feed(host, now_ms, || Ok(HostEvent::Tick))
 }
 
-/// When the host must call fleetprov_host_tick() at the latest (same clock as `now_ms`);
-/// UINT64_MAX when no timer is pending (not started, or finished). 0 ("tick now") for NULL and
-/// while events are being handled (called from inside a callback).
+/// Writes to `*out` when the host must call fleetprov_host_tick() at the latest (same clock as
+/// `now_ms`): UINT64_MAX when no timer is pending (not started, or finished), 0 ("tick now")
+/// while events are being handled (called from inside a callback). FLEETPROV_INVALID_ARGUMENT
+/// (nothing written) for a NULL host or `out`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_host_wake_at(host: *const fleetprov_host) -> u64 {
-    guard_value(0, || {
+pub unsafe extern "C" fn fleetprov_host_wake_at(
+    host: *const fleetprov_host,
+    out: *mut u64,
+) -> fleetprov_result {
+    guard(|| {
         // SAFETY: pointer per the header.
-        let Ok(h) = (unsafe { host_ref(host) }) else {
-            return 0;
+        let h = unsafe { host_ref(host)? };
+        let wake = match h.state() {
+            None => 0,
+            Some(inner) => inner
+                .flow
+                .as_ref()
+                .and_then(Flow::wake_at)
+                .unwrap_or(u64::MAX),
         };
-        let Ok(inner) = h.inner.try_lock() else {
-            return 0;
-        };
-        inner
-            .flow
-            .as_ref()
-            .and_then(Flow::wake_at)
-            .unwrap_or(u64::MAX)
+        // SAFETY: NULL or valid for writes, per the header.
+        unsafe { write_out(out, wake) }
     })
 }
 
@@ -481,10 +536,10 @@ pub unsafe extern "C" fn fleetprov_host_wake_at(host: *const fleetprov_host) -> 
 /// handled, when called from inside a callback); then FLEETPROV_OK with a new
 /// result in `*out` (free with fleetprov_provisioned_free(); it can be taken once, later calls
 /// give FLEETPROV_INVALID_ARGUMENT), or the failure's code with the details in the thread's last
-/// error (every call).
+/// error (every call). FLEETPROV_PANIC when a panic inside the library (a bug) ended the flow.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fleetprov_host_result(
-    host: *const fleetprov_host,
+    host: *mut fleetprov_host,
     out: *mut *mut fleetprov_provisioned,
 ) -> fleetprov_result {
     let mut pending = false;
@@ -494,7 +549,7 @@ pub unsafe extern "C" fn fleetprov_host_result(
         if out.is_null() {
             return Err(invalid("output pointer is NULL"));
         }
-        let Ok(mut inner) = h.inner.try_lock() else {
+        let Some(mut inner) = h.state() else {
             pending = true;
             return Ok(());
         };

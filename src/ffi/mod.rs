@@ -9,6 +9,7 @@
 
 mod handles;
 mod host;
+mod inject;
 mod types;
 
 pub use handles::*;

@@ -1,6 +1,6 @@
 //! Result codes, enums, callbacks, result objects and the helpers every export uses.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::ffi::{CStr, CString, c_char, c_void};
 use std::ptr;
@@ -46,6 +46,12 @@ pub enum fleetprov_result {
     FLEETPROV_PANIC = 14,
     /// Not finished yet (fleetprov_host_result()).
     FLEETPROV_IN_PROGRESS = 15,
+    /// Something inside the library failed that no change of input can fix (a thread that could
+    /// not start, a key that could not be generated, an unexpected state). Not retryable.
+    FLEETPROV_INTERNAL = 16,
+    /// A call that is not allowed from inside a fleetprov callback (a blocking call, or waiting
+    /// for the operation whose callback is running) was made from one. Nothing was done.
+    FLEETPROV_IN_CALLBACK = 17,
 }
 
 impl fleetprov_result {
@@ -64,6 +70,9 @@ impl fleetprov_result {
             Error::Cancelled => FLEETPROV_CANCELLED,
             Error::Storage(_) => FLEETPROV_STORAGE,
             Error::Busy => FLEETPROV_BUSY,
+            Error::Internal(_) => FLEETPROV_INTERNAL,
+            Error::Panicked => FLEETPROV_PANIC,
+            Error::InCallback(_) => FLEETPROV_IN_CALLBACK,
         }
     }
 }
@@ -222,13 +231,26 @@ from_c!(
         FLEETPROV_BUFFER_TOO_SMALL,
         FLEETPROV_PANIC,
         FLEETPROV_IN_PROGRESS,
+        FLEETPROV_INTERNAL,
+        FLEETPROV_IN_CALLBACK,
     ]
 );
 
 /// Releases a callback's userdata when the library no longer needs it. Called exactly once, from
 /// whichever thread drops the last reference (the caller's, or a worker thread) — also when the
 /// function that was given it fails (FLEETPROV_BUSY, a NULL argument, ...): the caller never
-/// frees userdata it handed over together with a free function.
+/// frees userdata it handed over together with a free function. Same rules as the progress
+/// callback for what it may call.
+///
+/// Rules for every callback of this library:
+/// - It must return normally: no C++ exception, longjmp() or thread exit may leave it (the
+///   library's cleanup would be skipped, and unwinding through its frames is undefined).
+/// - Blocking calls from inside a progress, log, signer, host transport or userdata_free
+///   callback return FLEETPROV_IN_CALLBACK without doing anything: fleetprov_provision(),
+///   fleetprov_rotate(), the blocking fleetprov_client_* operations and
+///   fleetprov_operation_wait(). The `_async` functions, cancels, getters and frees may be
+///   called (see each callback for freeing the object it belongs to).
+/// - Pointers a callback receives are valid only until it returns.
 pub type fleetprov_userdata_free = Option<unsafe extern "C" fn(userdata: *mut c_void)>;
 
 /// Signs for fleetprov_config_set_signer(): ECDSA over `message` (`message_len` bytes) with
@@ -239,8 +261,9 @@ pub type fleetprov_userdata_free = Option<unsafe extern "C" fn(userdata: *mut c_
 /// against the public key before using it.
 ///
 /// Thread: the one preparing the provisioning: the caller of fleetprov_provision() or
-/// fleetprov_host_new(), or the worker thread of fleetprov_provision_async(). All pointers are
-/// valid only during the call.
+/// fleetprov_host_new(), or the worker thread of fleetprov_provision_async(); two provisionings
+/// with the same config may call it on two threads at once. All pointers are valid only during
+/// the call. May not make blocking calls (FLEETPROV_IN_CALLBACK, see fleetprov_userdata_free).
 pub type fleetprov_sign_callback = Option<
     unsafe extern "C" fn(
         userdata: *mut c_void,
@@ -255,11 +278,16 @@ pub type fleetprov_sign_callback = Option<
 
 /// Receives log lines.
 ///
-/// Thread: the thread running the operation (the caller's for blocking calls, a library worker
-/// thread for `_async` calls). `message` is NUL-terminated, `len` bytes without the NUL, valid
-/// only during the call. Lines never contain private keys or ownership tokens. The callback must
-/// not call back into the library with the same client (it may call fleetprov_result_name() and
-/// fleetprov_version()).
+/// Thread: the thread running the operation (the caller's for blocking calls and the host API,
+/// a library worker thread for `_async` calls). Operations that share a config (or clients made
+/// from one) call its callbacks concurrently, each on its own thread; one operation never calls
+/// two at once. `message` is NUL-terminated, `len` bytes without the NUL, valid only during the
+/// call. Lines never contain private keys or ownership tokens.
+///
+/// What it may call: non-blocking functions, including `_async` operations, cancels and frees.
+/// Blocking calls return FLEETPROV_IN_CALLBACK. fleetprov_client_free() on the client whose
+/// blocking call is running on this thread is deferred until that call returns (make no further
+/// call on that client); freeing other objects happens at once.
 pub type fleetprov_log_callback = Option<
     unsafe extern "C" fn(
         userdata: *mut c_void,
@@ -284,15 +312,21 @@ pub struct fleetprov_progress {
 }
 
 /// Receives each step reached. `progress` is valid only during the call. Same thread and
-/// re-entrancy rules as fleetprov_log_callback.
+/// re-entrancy rules as fleetprov_log_callback (blocking calls give FLEETPROV_IN_CALLBACK; a free
+/// of the client running it is deferred).
 pub type fleetprov_progress_callback =
     Option<unsafe extern "C" fn(userdata: *mut c_void, progress: *const fleetprov_progress)>;
 
 /// Completion of fleetprov_provision_async().
 ///
-/// Thread: a library worker thread. On success `provisioned` is a new object owned by the
-/// callee (free it with fleetprov_provisioned_free()) and `error` is NULL; on failure
-/// `provisioned` is NULL and `error` describes the failure, valid only during the call.
+/// Thread: a library worker thread, once per operation; two operations may complete at once on
+/// two threads. On success `provisioned` is a new object owned by the callee (free it with
+/// fleetprov_provisioned_free()) and `error` is NULL; on failure `provisioned` is NULL and
+/// `error` describes the failure, valid only during the call.
+///
+/// What it may call: anything, blocking calls included, except fleetprov_operation_wait() on its
+/// own operation (FLEETPROV_IN_CALLBACK). fleetprov_operation_free() on its own operation frees
+/// the handle; the worker then finishes on its own (userdata_free runs after this callback).
 pub type fleetprov_provision_callback = Option<
     unsafe extern "C" fn(
         userdata: *mut c_void,
@@ -304,6 +338,10 @@ pub type fleetprov_provision_callback = Option<
 
 /// Completion of a certificate operation started with an `_async` client function. `certificate`
 /// is owned by the callee (fleetprov_certificate_free()); `error` as in fleetprov_provision_callback.
+///
+/// Thread: the client's worker thread. The client is no longer busy when this runs: it may
+/// start the client's next `_async` operation, make blocking calls, or free the client (which
+/// then waits for the other workers, not for this one).
 pub type fleetprov_certificate_callback = Option<
     unsafe extern "C" fn(
         userdata: *mut c_void,
@@ -314,7 +352,8 @@ pub type fleetprov_certificate_callback = Option<
 >;
 
 /// Completion of fleetprov_client_register_thing_async(). `registration` is owned by the callee
-/// (fleetprov_registration_free()); `error` as in fleetprov_provision_callback.
+/// (fleetprov_registration_free()); `error` as in fleetprov_provision_callback. Thread and what
+/// it may call: as fleetprov_certificate_callback.
 pub type fleetprov_registration_callback = Option<
     unsafe extern "C" fn(
         userdata: *mut c_void,
@@ -344,8 +383,9 @@ impl UserData {
 impl Drop for UserData {
     fn drop(&mut self) {
         if let Some(free) = self.free {
+            let ptr = self.ptr;
             // SAFETY: the caller registered `free` for this pointer and it is called once.
-            unsafe { free(self.ptr) }
+            in_callback(|| unsafe { free(ptr) })
         }
     }
 }
@@ -437,14 +477,7 @@ impl fleetprov_error {
     }
 
     pub(crate) fn panic() -> fleetprov_error {
-        fleetprov_error {
-            result: fleetprov_result::FLEETPROV_PANIC,
-            message: cstring("internal error: the library panicked"),
-            status_code: 0,
-            error_code: CString::default(),
-            error_message: CString::default(),
-            retryable: false,
-        }
+        fleetprov_error::new(&Error::Panicked)
     }
 }
 
@@ -475,10 +508,91 @@ pub(crate) fn invalid(message: impl Into<String>) -> Error {
     Error::InvalidArgument(message.into())
 }
 
+thread_local! {
+    /// How many fleetprov callbacks are running on this thread (they nest: a callback may call a
+    /// function that runs another callback).
+    static CALLBACK_DEPTH: Cell<u32> = const { Cell::new(0) };
+    /// Handles (by address) whose call is running on this thread, innermost last, each with
+    /// whether its `_free` was called meanwhile (from one of its callbacks).
+    static IN_USE: RefCell<Vec<(usize, bool)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs a user callback (progress, log, signer, host transport, userdata_free). While it runs,
+/// blocking calls made on this thread return FLEETPROV_IN_CALLBACK.
+pub(crate) fn in_callback<R>(callback: impl FnOnce() -> R) -> R {
+    struct Depth;
+    impl Drop for Depth {
+        fn drop(&mut self) {
+            CALLBACK_DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
+        }
+    }
+    CALLBACK_DEPTH.with(|d| d.set(d.get().saturating_add(1)));
+    let _depth = Depth;
+    callback()
+}
+
+/// FLEETPROV_IN_CALLBACK for a blocking call (`what`) made from inside a callback: it would
+/// block the thread that runs the flow the callback belongs to, inside its event loop.
+pub(crate) fn refuse_in_callback(what: &'static str) -> Result<(), Error> {
+    if CALLBACK_DEPTH.with(Cell::get) > 0 {
+        Err(Error::InCallback(what))
+    } else {
+        Ok(())
+    }
+}
+
+/// Runs `body` with `handle` marked as in use by a call on this thread. Returns the body's value
+/// and whether the caller must free the handle now: its `_free` was called meanwhile (from one
+/// of its callbacks, see [`defer_free`]) and no outer call on this thread still uses it.
+pub(crate) fn while_in_use<T, R>(handle: *const T, body: impl FnOnce() -> R) -> (R, bool) {
+    struct Entry(usize);
+    impl Drop for Entry {
+        fn drop(&mut self) {
+            IN_USE.with(|u| {
+                let mut u = u.borrow_mut();
+                if let Some(i) = u.iter().rposition(|e| e.0 == self.0) {
+                    u.remove(i);
+                }
+            });
+        }
+    }
+    let address = handle as usize;
+    IN_USE.with(|u| u.borrow_mut().push((address, false)));
+    let entry = Entry(address);
+    let value = body();
+    let free_now = IN_USE.with(|u| {
+        let u = u.borrow();
+        let mine = u.iter().rposition(|e| e.0 == address);
+        let requested = mine.is_some_and(|i| u[i].1);
+        let outer = u[..mine.unwrap_or(0)].iter().any(|e| e.0 == address);
+        requested && !outer
+    });
+    drop(entry);
+    (value, free_now)
+}
+
+/// Called by a `_free` function: when `handle` is in use by a call on this thread (its `_free`
+/// was called from one of its own callbacks), records the request and returns true; the
+/// outermost call frees the handle when it returns. False otherwise: free it now.
+pub(crate) fn defer_free<T>(handle: *const T) -> bool {
+    let address = handle as usize;
+    IN_USE.with(|u| {
+        let mut found = false;
+        for e in u.borrow_mut().iter_mut().filter(|e| e.0 == address) {
+            e.1 = true;
+            found = true;
+        }
+        found
+    })
+}
+
 /// Runs an export's body, turning a panic into FLEETPROV_PANIC.
 pub(crate) fn guard(body: impl FnOnce() -> Result<(), Error>) -> fleetprov_result {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
-        Ok(Ok(())) => fleetprov_result::FLEETPROV_OK,
+        Ok(Ok(())) => {
+            LAST_ERROR.with(|l| *l.borrow_mut() = None);
+            fleetprov_result::FLEETPROV_OK
+        }
         Ok(Err(e)) => fail(&e),
         Err(_) => {
             set_last_error(fleetprov_error::panic());
@@ -488,6 +602,7 @@ pub(crate) fn guard(body: impl FnOnce() -> Result<(), Error>) -> fleetprov_resul
 }
 
 /// Runs a body that returns a value (getters, `_free`), with `fallback` after a panic.
+/// The last error is left as it was: a getter called to inspect a failure must not clear it.
 pub(crate) fn guard_value<T>(fallback: T, body: impl FnOnce() -> T) -> T {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or(fallback)
 }
@@ -536,6 +651,8 @@ pub(crate) unsafe fn write_out<T>(out: *mut T, value: T) -> Result<(), Error> {
 }
 
 /// Copies `text` with a NUL into `buf` (`len` bytes) and writes the needed size (with NUL).
+/// When `buf` is too small (but not empty) it receives as much of the text as fits, cut at a
+/// UTF-8 character boundary, NUL-terminated, and FLEETPROV_BUFFER_TOO_SMALL is returned.
 ///
 /// # Safety
 /// `buf` is NULL or valid for `len` bytes; `needed` is NULL or valid for writes.
@@ -545,17 +662,30 @@ pub(crate) unsafe fn copy_out(
     len: usize,
     needed: *mut usize,
 ) -> fleetprov_result {
-    let bytes = text.to_bytes_with_nul();
+    let bytes = text.to_bytes();
     if !needed.is_null() {
         // SAFETY: non-NULL, valid per the contract.
-        unsafe { needed.write(bytes.len()) };
+        unsafe { needed.write(bytes.len() + 1) };
     }
-    if buf.is_null() || len < bytes.len() {
+    if buf.is_null() || len == 0 {
         return fleetprov_result::FLEETPROV_BUFFER_TOO_SMALL;
     }
-    // SAFETY: `buf` holds at least `bytes.len()` bytes and does not overlap our string.
-    unsafe { ptr::copy_nonoverlapping(bytes.as_ptr().cast(), buf, bytes.len()) };
-    fleetprov_result::FLEETPROV_OK
+    let fits = bytes.len() < len;
+    let mut n = bytes.len().min(len - 1);
+    // Cut at a character boundary: a truncated message stays valid UTF-8.
+    while n > 0 && n < bytes.len() && (bytes[n] & 0xC0) == 0x80 {
+        n -= 1;
+    }
+    // SAFETY: `buf` holds `len` > `n` bytes and does not overlap our string.
+    unsafe {
+        ptr::copy_nonoverlapping(bytes.as_ptr().cast(), buf, n);
+        buf.add(n).write(0);
+    }
+    if fits {
+        fleetprov_result::FLEETPROV_OK
+    } else {
+        fleetprov_result::FLEETPROV_BUFFER_TOO_SMALL
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -583,12 +713,14 @@ pub extern "C" fn fleetprov_result_name(result: i32) -> *const c_char {
         Ok(FLEETPROV_BUFFER_TOO_SMALL) => c"FLEETPROV_BUFFER_TOO_SMALL",
         Ok(FLEETPROV_PANIC) => c"FLEETPROV_PANIC",
         Ok(FLEETPROV_IN_PROGRESS) => c"FLEETPROV_IN_PROGRESS",
+        Ok(FLEETPROV_INTERNAL) => c"FLEETPROV_INTERNAL",
+        Ok(FLEETPROV_IN_CALLBACK) => c"FLEETPROV_IN_CALLBACK",
         Err(_) => c"FLEETPROV_UNKNOWN",
     };
     name.as_ptr()
 }
 
-/// The library's version, e.g. "0.1.0" (static string; agrees with the FLEETPROV_VERSION_*
+/// The library's version, e.g. "0.2.0" (static string; agrees with the FLEETPROV_VERSION_*
 /// macros of the header the program was compiled with when both come from one release).
 #[unsafe(no_mangle)]
 pub extern "C" fn fleetprov_version() -> *const c_char {
@@ -600,10 +732,13 @@ pub extern "C" fn fleetprov_version() -> *const c_char {
     VERSION.as_ptr()
 }
 
-/// Copies the full text of the calling thread's last error (set by the last failing call on
-/// this thread) into `buf` of `len` bytes, NUL-terminated, and writes the needed size including
-/// the NUL to `needed` (may be NULL). Returns FLEETPROV_BUFFER_TOO_SMALL if `buf` is NULL or too
-/// small, FLEETPROV_OK otherwise; an empty string when no error happened yet.
+/// Copies the full text of the calling thread's last error into `buf` of `len` bytes,
+/// NUL-terminated, and writes the needed size including the NUL to `needed` (may be NULL).
+/// The last error is set by the last fleetprov call on this thread that returned a result code:
+/// its text after a failure, "" after a success (and before any call). Returns FLEETPROV_OK when
+/// the whole text fit; FLEETPROV_BUFFER_TOO_SMALL when `buf` is NULL, `len` is 0 (nothing
+/// written) or the text did not fit (`buf` then holds as much as fits, cut at a character
+/// boundary and NUL-terminated).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fleetprov_last_error_message(
     buf: *mut c_char,

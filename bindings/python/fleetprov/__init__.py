@@ -64,6 +64,8 @@ from .errors import (
     InvalidArgumentError,
     MalformedReplyError,
     PanicError,
+    InternalError,
+    InCallbackError,
     RejectedError,
     StepTimeoutError,
     StorageError,
@@ -108,6 +110,8 @@ __all__ = [
     "BusyError",
     "BufferTooSmallError",
     "PanicError",
+    "InternalError",
+    "InCallbackError",
     "ClosedError",
     "result_name",
 ]

@@ -24,6 +24,7 @@ from ctypes import (
     c_size_t,
     c_uint16,
     c_uint32,
+    c_uint8,
     c_uint64,
     c_void_p,
 )
@@ -42,7 +43,7 @@ __all__ = [
 ]
 
 #: The library version this package is written for (agrees with pyproject.toml).
-EXPECTED_VERSION = "0.1.0"
+EXPECTED_VERSION = "0.2.0"
 _LIB_NAME = "libfleetprov.so"
 
 
@@ -191,11 +192,11 @@ _SIGNATURES = [
     ("fleetprov_host_start", _RES, _H, c_uint64),
     ("fleetprov_host_connected", _RES, _H, c_uint64),
     ("fleetprov_host_connect_failed", _RES, _H, c_bool, c_uint64),
-    ("fleetprov_host_suback", _RES, _H, POINTER(c_bool), c_size_t, c_uint64),
+    ("fleetprov_host_suback", _RES, _H, POINTER(c_uint8), c_size_t, c_uint64),
     ("fleetprov_host_message", _RES, _H, c_char_p, c_void_p, c_size_t, c_uint64),
     ("fleetprov_host_disconnected", _RES, _H, c_uint64),
     ("fleetprov_host_tick", _RES, _H, c_uint64),
-    ("fleetprov_host_wake_at", c_uint64, _H),
+    ("fleetprov_host_wake_at", _RES, _H, POINTER(c_uint64)),
     ("fleetprov_host_result", _RES, _H, _PH),
     # client
     ("fleetprov_client_new", _RES, _H, _PH),

@@ -38,7 +38,7 @@ from ._ffi import (
     HostCallbacksStruct,
     lib,
 )
-from .errors import ClosedError, FleetprovError, InvalidArgumentError, last_error
+from .errors import ClosedError, FleetprovError, InvalidArgumentError, check, last_error
 
 __all__ = ["HostFlow", "HostTransport", "Identity"]
 
@@ -356,15 +356,22 @@ class HostFlow(_Closeable):
             raise TypeError(f"tls must be bool, not {type(tls).__name__}")
         self._feed(lib.fleetprov_host_connect_failed, tls, now=now)
 
-    def suback(self, granted: Sequence[bool], *, now: Optional[float] = None) -> None:
-        """The SUBACK for the last ``subscribe``: one entry per filter, in order, True where the
-        subscription was granted (MQTT return code below 0x80)."""
-        if isinstance(granted, (str, bytes)) or not isinstance(granted, Sequence):
-            raise TypeError(f"granted must be a sequence of bool, not {type(granted).__name__}")
-        if not all(isinstance(g, bool) for g in granted):
-            raise TypeError("granted must hold only bool values")
-        array = (ctypes.c_bool * len(granted))(*granted)
-        self._feed(lib.fleetprov_host_suback, array, len(granted), now=now)
+    def suback(self, codes: Sequence[Union[int, bool]], *, now: Optional[float] = None) -> None:
+        """The SUBACK for the last ``subscribe``: one entry per filter, in order, the return
+        code as the MQTT stack gives it (0-255: below 0x80 granted, 0x80 and above refused), or
+        a bool (True granted, False refused)."""
+        if isinstance(codes, (str, bytes)) or not isinstance(codes, Sequence):
+            raise TypeError(f"codes must be a sequence of int or bool, not {type(codes).__name__}")
+        raw = []
+        for c in codes:
+            if isinstance(c, bool):
+                raw.append(0x01 if c else 0x80)
+            elif isinstance(c, int) and 0 <= c <= 0xFF:
+                raw.append(c)
+            else:
+                raise TypeError(f"a SUBACK return code must be an int from 0 to 255 or a bool, not {c!r}")
+        array = (ctypes.c_uint8 * len(raw))(*raw)
+        self._feed(lib.fleetprov_host_suback, array, len(raw), now=now)
 
     def message(self, topic: str, payload: Union[bytes, bytearray, memoryview], *, now: Optional[float] = None) -> None:
         """An incoming PUBLISH on any topic (the flow ignores what is not for it)."""
@@ -392,7 +399,9 @@ class HostFlow(_Closeable):
             handle = self._use()
             if self._failure is not None:
                 return None
-            ms = int(lib.fleetprov_host_wake_at(handle))
+            out = ctypes.c_uint64()
+            check(lib.fleetprov_host_wake_at(handle, ctypes.byref(out)))
+            ms = int(out.value)
         return None if ms == NO_TIMER else ms / 1000.0
 
     def result(self) -> Optional[ProvisionResult]:

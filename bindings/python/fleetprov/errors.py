@@ -155,6 +155,20 @@ class PanicError(FleetprovError):
     result_code = 14
 
 
+class InternalError(FleetprovError):
+    """FLEETPROV_INTERNAL: something inside the library failed that no change of input can fix
+    (a thread that could not start, a key that could not be generated). Not retryable."""
+
+    result_code = 16
+
+
+class InCallbackError(FleetprovError):
+    """FLEETPROV_IN_CALLBACK: a blocking call (provision, rotate, a client operation, waiting
+    for an operation) was made from inside one of the library's callbacks; nothing was done."""
+
+    result_code = 17
+
+
 class ClosedError(FleetprovError, RuntimeError):
     """The Python object was closed (its handle freed) and cannot be used any more."""
 
@@ -176,6 +190,8 @@ _BY_CODE: dict[int, type[FleetprovError]] = {
         BusyError,
         BufferTooSmallError,
         PanicError,
+        InternalError,
+        InCallbackError,
     )
 }
 

@@ -412,7 +412,8 @@ class PahoTransport:
         if link is not self._link or link.state != "up" or mid != link.sub_mid:
             return
         link.sub_mid = None
-        self._events().suback([not r.is_failure for r in reasons])
+        # The return codes as they came (0-2 granted, 0x80 and above refused).
+        self._events().suback([int(r.value) for r in reasons])
 
     def _on_message(self, link: _Link, msg: "mqtt.MQTTMessage") -> None:
         if link is not self._link or link.state != "up":

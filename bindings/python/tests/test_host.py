@@ -215,9 +215,11 @@ def test_an_exception_in_on_progress_reaches_the_caller():
 # Each row: a bad call and the exception it raises (checked in Python, before the library).
 BAD_EVENTS = [
     ("connect_failed str", lambda f: f.connect_failed("yes"), TypeError, "tls must be bool"),
-    ("suback ints", lambda f: f.suback([1, 0]), TypeError, "only bool"),
-    ("suback str", lambda f: f.suback("11"), TypeError, "sequence of bool"),
-    ("suback None", lambda f: f.suback(None), TypeError, "sequence of bool"),
+    ("suback 256", lambda f: f.suback([1, 256]), TypeError, "from 0 to 255"),
+    ("suback -1", lambda f: f.suback([-1]), TypeError, "from 0 to 255"),
+    ("suback float", lambda f: f.suback([1.0]), TypeError, "from 0 to 255"),
+    ("suback str", lambda f: f.suback("11"), TypeError, "sequence of int or bool"),
+    ("suback None", lambda f: f.suback(None), TypeError, "sequence of int or bool"),
     ("message bytes topic", lambda f: f.message(b"t", b""), TypeError, "topic must be str"),
     ("message NUL topic", lambda f: f.message("a\0b", b""), fleetprov.InvalidArgumentError, "NUL"),
     ("message str payload", lambda f: f.message("t", "x"), TypeError, "payload must be bytes"),
@@ -338,3 +340,31 @@ def test_calls_from_two_threads_are_serialised():
         # The worker's CONNACK made the flow subscribe, on the worker's thread.
         assert t.names() == ["connect", "subscribe"]
         assert t.threads == {threading.get_ident(), worker.ident}
+
+
+# Each row: SUBACK return codes as an MQTT stack gives them, and whether the flow goes on to
+# publish (every code below 0x80 grants; 0x80 and MQTT 5's 0x87 "not authorized" refuse).
+SUBACK_CODES = [
+    ("qos 0 1 2", [0x00, 0x01, 0x02, 0x01], True),
+    ("bools", [True, True, True, True], True),
+    ("0x80 in the middle", [0x01, 0x80, 0x01, 0x01], False),
+    ("0x87 not authorized", [0x01, 0x01, 0x01, 0x87], False),
+    ("0xFF", [0xFF, 0x01, 0x01, 0x01], False),
+    ("False", [True, False, True, True], False),
+]
+
+
+@pytest.mark.parametrize("case,codes,goes_on", SUBACK_CODES, ids=[r[0] for r in SUBACK_CODES])
+def test_suback_takes_the_return_codes_as_the_stack_gives_them(case, codes, goes_on):
+    t = FakeTransport()
+    with _flow(t) as flow:
+        flow.start(now=T0)
+        flow.connected(now=T0 + 0.01)
+        flow.suback(codes, now=T0 + 0.02)
+        if goes_on:
+            assert t.names()[-1] == "publish"
+            assert flow.result() is None
+        else:
+            assert "publish" not in t.names()
+            with pytest.raises(fleetprov.SubscribeFailedError):
+                flow.result()
