@@ -66,7 +66,7 @@ step "library: configure, build (cargo, debug) and install to $prefix"
 
 step "pkg-config: fleetprov.pc, shared and static"
 export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
-pkg-config --exists --print-errors 'fleetprov >= 0.1'
+pkg-config --exists --print-errors 'fleetprov >= 0.2'
 echo "pkg-config fleetprov: $(pkg-config --modversion fleetprov): $(pkg-config --cflags --libs fleetprov)"
 # shellcheck disable=SC2046
 cc -std=c11 -Wall -Wextra -Werror -pedantic examples/c/header_test.c -o "$work/pc_shared" \
@@ -77,6 +77,24 @@ cc -std=c11 -Wall -Wextra -Werror -pedantic examples/c/header_test.c -o "$work/p
     $(pkg-config --libs-only-other --libs-only-l --static fleetprov | sed 's/-lfleetprov//')
 "$work/pc_shared"
 "$work/pc_static"
+
+step "library with injectable panics (cargo feature test-panics) for the contract tests"
+cargo build --locked -p fleetprov --lib --features test-panics
+mkdir -p "$work/test-panics"
+cp "$target_dir/debug/libfleetprov.so" "$work/test-panics/"
+# Put the ordinary build back in place for whoever uses target/debug next.
+cargo build --locked -p fleetprov --lib
+
+# The C API's contracts (tests/c): plain, ASan+UBSan, valgrind and ThreadSanitizer.
+contracts() {
+    local name=$1
+    shift
+    step "contracts ($name): configure, build and ctest"
+    "$cmake" -S tests/c -B "$work/contracts-$name" -DCMAKE_PREFIX_PATH="$prefix" \
+        -DFLEETPROV_TEST_PANICS_LIBRARY="$work/test-panics/libfleetprov.so" "$@" >/dev/null
+    "$cmake" --build "$work/contracts-$name"
+    timed_ctest "contracts-$name" --output-on-failure
+}
 
 # configure+build+test one flavour of the examples: NAME [cmake options...]
 examples() {
@@ -100,6 +118,11 @@ timed_ctest() {
     timings+=("$name: $(( $(date +%s) - t0 )) s")
     return "$rc"
 }
+
+contracts plain
+contracts sanitize -DFLEETPROV_SANITIZE=address
+contracts tsan -DFLEETPROV_SANITIZE=thread
+contracts valgrind -DFLEETPROV_VALGRIND=ON
 
 examples plain
 timed_ctest plain --output-on-failure
