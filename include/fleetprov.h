@@ -131,6 +131,12 @@ typedef enum fleetprov_key_type {
   FLEETPROV_KEY_P384 = 1,
 } fleetprov_key_type;
 
+// A cancellation switch for the blocking calls fleetprov_provision() and fleetprov_rotate()
+// (fleetprov_config_set_cancel()): triggered from another thread or a signal handler, the
+// running call stops within about 20 ms with FLEETPROV_CANCELLED. Create with
+// fleetprov_cancel_new(), free with fleetprov_cancel_free().
+typedef struct fleetprov_cancel fleetprov_cancel;
+
 // A certificate from CreateKeysAndCertificate or CreateCertificateFromCsr.
 typedef struct fleetprov_certificate fleetprov_certificate;
 
@@ -467,6 +473,42 @@ enum fleetprov_result fleetprov_config_set_retry(struct fleetprov_config *config
 enum fleetprov_result fleetprov_config_set_token_lifetime(struct fleetprov_config *config,
                                                           uint32_t seconds);
 
+// Whether the one-call flow (fleetprov_provision(), fleetprov_provision_async(), the host API)
+// provisions again when the output directory already holds a complete credential set from an
+// earlier call. Default false: firmware that runs provisioning at every boot gets that set back
+// (fleetprov_provisioned_already_provisioned() true) without a connection or a new
+// certificate, unless a certificate is pending in the state directory's journal, which the flow
+// then finishes. true: a new certificate is made and replaces the set once it works.
+// fleetprov_rotate() always makes a new certificate.
+enum fleetprov_result fleetprov_config_set_reprovision(struct fleetprov_config *config,
+                                                       bool reprovision);
+
+// Creates a cancellation switch, not triggered. Writes it to `*out`.
+enum fleetprov_result fleetprov_cancel_new(struct fleetprov_cancel **out);
+
+// Triggers the switch: every blocking call of a config it is set on stops at its next step
+// with FLEETPROV_CANCELLED, keeping the resume journal (a later call resumes), and so does every
+// later call until fleetprov_cancel_reset(). A call whose credentials were already committed
+// reports its success. Async-signal-safe (one atomic store): it may be called from a signal
+// handler, and from any thread. NULL is a no-op.
+void fleetprov_cancel_trigger(const struct fleetprov_cancel *cancel);
+
+// Whether the switch was triggered (and not reset since); false for NULL.
+bool fleetprov_cancel_is_triggered(const struct fleetprov_cancel *cancel);
+
+// Untriggers the switch, so that later calls run.
+enum fleetprov_result fleetprov_cancel_reset(struct fleetprov_cancel *cancel);
+
+// Frees the switch. A config it was set on keeps working with it (it holds a reference); a
+// signal handler must not trigger it after this. NULL is a no-op.
+void fleetprov_cancel_free(struct fleetprov_cancel *cancel);
+
+// Makes fleetprov_provision() and fleetprov_rotate() with this config stop when `cancel` is
+// triggered (NULL: no switch, the default). The config holds a reference to the switch.
+// Asynchronous operations have their own (fleetprov_operation_cancel()).
+enum fleetprov_result fleetprov_config_set_cancel(struct fleetprov_config *config,
+                                                  const struct fleetprov_cancel *cancel);
+
 // Registers the log callback (NULL to remove) receiving lines up to `max_level` (a
 // fleetprov_log_level value). `userdata_free` (may be NULL) is called once on `userdata` when
 // the callback is replaced or the last config, client or operation using it is freed.
@@ -742,6 +784,11 @@ bool fleetprov_provisioned_resumed(const struct fleetprov_provisioned *provision
 // That attempt most likely registered it (it used the token); the thing name and device
 // configuration are then empty. Connect with the certificate to be sure. false for NULL.
 bool fleetprov_provisioned_registration_confirmed(const struct fleetprov_provisioned *provisioned);
+
+// true when the output directory already held the complete credentials of an earlier call (and
+// nothing was pending in the journal): they were returned as they are, nothing was sent and no
+// certificate was made; attempts is 0. See fleetprov_config_set_reprovision(). false for NULL.
+bool fleetprov_provisioned_already_provisioned(const struct fleetprov_provisioned *provisioned);
 
 // Number of deviceConfiguration entries.
 size_t fleetprov_registration_config_count(const struct fleetprov_registration *registration);

@@ -14,7 +14,7 @@ pub mod provision;
 pub mod secret;
 pub mod store;
 
-pub use client::{Client, Config, Roots};
+pub use client::{Cancel, Client, Config, Roots};
 pub use error::Error;
 pub use provision::{Method, Provisioned, Request, provision};
 pub use secret::Secret;

@@ -51,6 +51,10 @@ pub struct Request {
     /// How long an ownership token stays valid after its certificate was created (AWS: one
     /// hour). A journal older than this starts over.
     pub token_lifetime: Duration,
+    /// Provision even when `output_dir` already holds a complete credential set from an
+    /// earlier call (default false: that set is returned, marked
+    /// [`Provisioned::already_provisioned`], and nothing is sent).
+    pub reprovision: bool,
 }
 
 impl Request {
@@ -67,6 +71,7 @@ impl Request {
             state_dir: None,
             retry: RetryPolicy::default(),
             token_lifetime: Duration::from_secs(3600),
+            reprovision: false,
         }
     }
 }
@@ -89,7 +94,8 @@ pub fn provision(request: &Request, hooks: &Hooks) -> Result<Provisioned, Error>
         .overall_timeout
         .map(client::deadline_after);
     let cancel = hooks.cancel.clone().unwrap_or_default();
-    if cancel.is_cancelled() {
+    // Credentials already in place are returned even to a cancelled call.
+    if cancel.is_cancelled() && spec.existing.is_none() {
         return Err(Error::Cancelled);
     }
     client::run_flow(
@@ -168,13 +174,16 @@ pub fn rotate(request: &Request, current: &Path, hooks: &Hooks) -> Result<Provis
     if r.state_dir.is_none() {
         r.state_dir = Some(current.join("rotation-journal"));
     }
-    // Never replace working credentials with ones that were not seen to work.
+    // Never replace working credentials with ones that were not seen to work; and the
+    // credentials in place are the ones to replace, not a reason to stop.
     r.verify = true;
+    r.reprovision = true;
     provision(&r, hooks)
 }
 
-/// Checks `request`, makes the device key and CSR if the method needs them, and opens (locks)
-/// the state directory: what a [`Flow`] for the request needs, with no deadline set yet.
+/// Checks `request`, opens (locks) the state directory, and either finds the credentials of an
+/// earlier call in the output directory or makes the device key and CSR if the method needs
+/// them: what a [`Flow`] for the request needs, with no deadline set yet.
 pub fn prepare(request: &Request) -> Result<(FlowSpec, Option<Journal>), Error> {
     if request.output_dir.is_some()
         && matches!(
@@ -188,7 +197,25 @@ pub fn prepare(request: &Request) -> Result<(FlowSpec, Option<Journal>), Error> 
     }
     crate::protocol::validate_template_name(&request.template)
         .map_err(|e| Error::InvalidArgument(e.0))?;
+    request.connection.validate()?;
+    // The lock first: no key is made and no signer called for a flow that cannot run.
+    let journal = match &request.state_dir {
+        Some(dir) => Some(Journal::open(dir).map_err(|e| {
+            if e.source.kind() == std::io::ErrorKind::WouldBlock {
+                Error::Busy
+            } else {
+                Error::Storage(format!("opening the state directory: {e}"))
+            }
+        })?),
+        None => None,
+    };
+    let existing = if request.reprovision {
+        None
+    } else {
+        already_provisioned(request, journal.as_ref())?
+    };
     let (source, device_key) = match &request.method {
+        _ if existing.is_some() => (CertificateSource::CreateKeys, None),
         Method::CreateKeys => (CertificateSource::CreateKeys, None),
         Method::Csr(kind) => {
             let key = DeviceKey::generate(*kind)?;
@@ -220,17 +247,6 @@ pub fn prepare(request: &Request) -> Result<(FlowSpec, Option<Journal>), Error> 
             )
         }
     };
-    request.connection.validate()?;
-    let journal = match &request.state_dir {
-        Some(dir) => Some(Journal::open(dir).map_err(|e| {
-            if e.source.kind() == std::io::ErrorKind::WouldBlock {
-                Error::Busy
-            } else {
-                Error::Storage(format!("opening the state directory: {e}"))
-            }
-        })?),
-        None => None,
-    };
     let connection = &request.connection;
     let spec = FlowSpec {
         host: connection.host.clone(),
@@ -257,6 +273,51 @@ pub fn prepare(request: &Request) -> Result<(FlowSpec, Option<Journal>), Error> 
         token_lifetime_s: request.token_lifetime.as_secs(),
         output_dir: request.output_dir.clone(),
         seed: client::random_u64(),
+        existing,
     };
     Ok((spec, journal))
+}
+
+/// The credential set an earlier call committed to the output directory, when there is one and
+/// nothing is pending in the journal (a pending certificate is the flow's to finish). A set
+/// whose key does not match its certificate is no set: the flow provisions anew and replaces it.
+fn already_provisioned(
+    request: &Request,
+    journal: Option<&Journal>,
+) -> Result<Option<Provisioned>, Error> {
+    let Some(dir) = &request.output_dir else {
+        return Ok(None);
+    };
+    if let Some(j) = journal
+        && j.load()
+            .map_err(|e| Error::Storage(format!("reading the resume journal: {e}")))?
+            .is_some()
+    {
+        return Ok(None);
+    }
+    let Ok(stored) = store::read_credentials(dir) else {
+        return Ok(None);
+    };
+    if keys::certificate_matches_key(&stored.certificate_pem, stored.private_key_pem.expose())
+        .is_err()
+    {
+        return Ok(None);
+    }
+    Ok(Some(Provisioned {
+        thing_name: stored.thing_name,
+        certificate_id: stored.certificate_id,
+        certificate_pem: stored.certificate_pem,
+        private_key_pem: Some(stored.private_key_pem),
+        device_configuration: stored.device_configuration,
+        stored: Some(store::StoredPaths {
+            certificate: dir.join(store::CERTIFICATE_FILE),
+            private_key: dir.join(store::PRIVATE_KEY_FILE),
+            metadata: dir.join(store::METADATA_FILE),
+            dir: dir.clone(),
+        }),
+        attempts: 0,
+        registration_confirmed: true,
+        resumed: false,
+        already_provisioned: true,
+    }))
 }

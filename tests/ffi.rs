@@ -1170,3 +1170,106 @@ fn secrets_stay_out_of_logs_errors_and_debug() {
         fleetprov_client_free(client);
     }
 }
+
+/// The cancellation switch a progress callback triggers at FLEETPROV_STEP_REGISTERING.
+extern "C" fn cancel_at_registering(userdata: *mut c_void, progress: *const fleetprov_progress) {
+    // SAFETY: userdata is the live switch the test registered; `progress` is valid for the call.
+    unsafe {
+        if (*progress).step == fleetprov_step::FLEETPROV_STEP_REGISTERING {
+            fleetprov_cancel_trigger(userdata as *const fleetprov_cancel);
+        }
+    }
+}
+
+#[test]
+fn provisioned_devices_are_not_provisioned_again_and_blocking_calls_cancel() {
+    let env = Env::start_with(|c| c.faults = vec!["delay:200@register*1".parse().unwrap()]);
+    let c = env.config("idem");
+    let out_dir = env.path(&env.dir.join("out-idem"));
+    let state_dir = env.path(&env.dir.join("state-idem"));
+    let mut cancel = ptr::null_mut();
+    // SAFETY: live config and switch; strings and the switch outlive the calls.
+    unsafe {
+        ok(fleetprov_config_set_output_dir(c.0, out_dir.as_ptr()));
+        ok(fleetprov_config_set_state_dir(c.0, state_dir.as_ptr()));
+        ok(fleetprov_cancel_new(&mut cancel));
+        ok(fleetprov_config_set_cancel(c.0, cancel));
+        ok(fleetprov_config_set_progress_callback(
+            c.0,
+            Some(cancel_at_registering),
+            cancel as *mut c_void,
+            None,
+        ));
+    }
+    let mut p = ptr::null_mut();
+    // SAFETY: live config, valid output pointer.
+    unsafe {
+        // Cancelled while RegisterThing's reply is delayed: the journal stays.
+        assert_eq!(fleetprov_provision(c.0, &mut p), FLEETPROV_CANCELLED);
+        assert!(p.is_null());
+        assert!(fleetprov_cancel_is_triggered(cancel));
+        assert!(env.dir.join("state-idem/journal.json").exists());
+        // Still triggered: the next call stops before it starts.
+        assert_eq!(fleetprov_provision(c.0, &mut p), FLEETPROV_CANCELLED);
+        ok(fleetprov_cancel_reset(cancel));
+        ok(fleetprov_config_set_progress_callback(
+            c.0,
+            None,
+            ptr::null_mut(),
+            None,
+        ));
+        ok(fleetprov_provision(c.0, &mut p));
+        assert!(fleetprov_provisioned_resumed(p));
+        assert!(!fleetprov_provisioned_already_provisioned(p));
+        let first = s(fleetprov_provisioned_certificate_id(p));
+        fleetprov_provisioned_free(p);
+
+        // At the next boot: the same credentials, nothing sent.
+        ok(fleetprov_provision(c.0, &mut p));
+        assert!(fleetprov_provisioned_already_provisioned(p));
+        assert_eq!(fleetprov_provisioned_attempts(p), 0);
+        assert_eq!(s(fleetprov_provisioned_certificate_id(p)), first);
+        assert_eq!(s(fleetprov_provisioned_thing_name(p)), "demo-idem");
+        assert!(!fleetprov_provisioned_private_key(p).is_null());
+        fleetprov_provisioned_free(p);
+        assert_eq!(device_certificate_count(&env), 1);
+
+        // Asked for: a new one.
+        ok(fleetprov_config_set_reprovision(c.0, true));
+        ok(fleetprov_provision(c.0, &mut p));
+        assert!(!fleetprov_provisioned_already_provisioned(p));
+        assert_ne!(s(fleetprov_provisioned_certificate_id(p)), first);
+        fleetprov_provisioned_free(p);
+        assert_eq!(device_certificate_count(&env), 2);
+
+        assert_eq!(
+            fleetprov_config_set_cancel(ptr::null_mut(), cancel),
+            FLEETPROV_INVALID_ARGUMENT
+        );
+        assert_eq!(
+            fleetprov_cancel_reset(ptr::null_mut()),
+            FLEETPROV_INVALID_ARGUMENT
+        );
+        assert_eq!(
+            fleetprov_cancel_new(ptr::null_mut()),
+            FLEETPROV_INVALID_ARGUMENT
+        );
+        assert!(!fleetprov_cancel_is_triggered(ptr::null()));
+        fleetprov_cancel_trigger(ptr::null());
+        fleetprov_cancel_free(cancel); // the config keeps its reference
+        ok(fleetprov_config_set_cancel(c.0, ptr::null()));
+        fleetprov_cancel_free(ptr::null_mut());
+    }
+}
+
+/// Certificates in the emulator's registry other than the claim certificate.
+fn device_certificate_count(env: &Env) -> usize {
+    let claim = std::fs::read_to_string(&env.emu.paths().claim_cert).unwrap();
+    let claim = fleetprov::keys::certificate_id(&claim).unwrap();
+    env.emu.registry().unwrap()["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["id"].as_str() != Some(claim.as_str()))
+        .count()
+}

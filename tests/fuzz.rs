@@ -289,6 +289,7 @@ proptest! {
             token_lifetime_s: 3600,
             output_dir: None,
             seed: 7,
+            existing: None,
         };
         let mut flow = Flow::new(spec, None);
         let mut done = 0;

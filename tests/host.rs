@@ -380,6 +380,26 @@ fn a_host_stack_provisions_with_both_methods_and_formats() {
         assert_eq!(certs[0].1, "ACTIVE");
         assert!(env.dir.join("out/private.key").exists());
         assert!(!env.dir.join("state/journal.json").exists());
+
+        // The next boot: the flow ends at start with the stored credentials; the host's stack
+        // is asked for nothing.
+        let c = host_config(&env, &format!("host{i}"), method, cbor);
+        let (r, p, seen) = drive(&env, c, None);
+        assert_eq!(r, FLEETPROV_OK, "{seen:#?}");
+        assert!(seen.is_empty(), "{seen:#?}");
+        // SAFETY: a live result, freed once.
+        unsafe {
+            assert!(fleetprov_provisioned_already_provisioned(p));
+            assert_eq!(
+                CStr::from_ptr(fleetprov_provisioned_certificate_id(p))
+                    .to_str()
+                    .unwrap(),
+                certs[0].0
+            );
+            fleetprov_provisioned_free(p);
+            fleetprov_config_free(c);
+        }
+        assert_eq!(common::device_certificates(&env.emu).len(), 1);
     }
 }
 

@@ -13,10 +13,15 @@
  *
  * --state-dir DIR keeps the library's resume journal: run again after a crash or a failure,
  * provision takes up the certificate an earlier run created (resumed=1) instead of making
- * another. With --state-dir and --out, a device already provisioned by an earlier run (DIR of
- * --out holds device.json, which the library commits last, and the state directory holds no
- * journal) is not provisioned again: provision prints already_provisioned=1 and output_dir=
- * and exits 0 without connecting, as firmware would at boot.
+ * another. With --out, a device already provisioned by an earlier run (DIR of --out holds a
+ * complete credential set and no certificate is pending in the state directory) is not
+ * provisioned again: the library returns that set without connecting, and provision prints
+ * already_provisioned=1 with the same lines, as firmware would at boot. --reprovision makes a
+ * new certificate anyway.
+ *
+ * Ctrl-C (SIGINT) or SIGTERM cancels a running provisioning through the library's
+ * async-signal-safe cancellation switch: it stops at the next step with FLEETPROV_CANCELLED and
+ * keeps the journal, so running the same command again resumes.
  *
  * --rotate CREDENTIALS_DIR rotates the certificate of a provisioned device instead: the library
  * connects with CREDENTIALS_DIR's certificate.pem, private.key and device.json (as an earlier
@@ -32,6 +37,7 @@
  * and blocks there, inside the library's flow, so that a test can kill the process at exactly
  * that point (examples/c/emu_test.py --case crash). Not killed within 120 s, it exits with 3.
  */
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -95,21 +101,12 @@ static int stop_at_from_env(const char **out) {
     return -1;
 }
 
-static int exists(const char *dir, const char *name) {
-    char path[4096];
-    struct stat st;
-    if (snprintf(path, sizeof path, "%s/%s", dir, name) >= (int)sizeof path) {
-        return 0;
-    }
-    return stat(path, &st) == 0;
-}
+/* Set before the handlers are installed, freed after they are restored. */
+static fleetprov_cancel *cancel_switch;
 
-/* A complete credential set from an earlier run and nothing pending: device.json is committed
- * last, and a journal in the state directory means the library has a certificate to finish. */
-static int already_provisioned(const struct example_args *args) {
-    return args->state_dir != NULL && args->out_dir != NULL &&
-           exists(args->out_dir, "device.json") && exists(args->out_dir, "certificate.pem") &&
-           exists(args->out_dir, "private.key") && !exists(args->state_dir, "journal.json");
+static void on_signal(int sig) {
+    (void)sig;
+    fleetprov_cancel_trigger(cancel_switch); /* async-signal-safe */
 }
 
 static void on_log(void *userdata, fleetprov_log_level level, const char *message, size_t len) {
@@ -128,7 +125,11 @@ int main(int argc, char **argv) {
     struct example_args args;
     const char *stop_at = NULL;
     const char *rotate_dir = NULL;
-    const struct example_option options[] = {{"--rotate", "CREDENTIALS_DIR", &rotate_dir, NULL}};
+    int reprovision = 0;
+    const struct example_option options[] = {
+        {"--rotate", "CREDENTIALS_DIR", &rotate_dir, NULL},
+        {"--reprovision", NULL, NULL, &reprovision},
+    };
     size_t n_options = sizeof options / sizeof options[0];
     if (example_parse_args_with(argc, argv, &args, EXAMPLE_CLAIM_OPTIONAL, options, n_options) !=
             0 ||
@@ -140,13 +141,6 @@ int main(int argc, char **argv) {
         fprintf(stderr, "%s: %s is required\n", argv[0], args.cert == NULL ? "--cert" : "--key");
         example_usage(argv[0], options, n_options);
         return 1;
-    }
-    if (rotate_dir == NULL && already_provisioned(&args)) {
-        fprintf(stderr, "provision: %s holds the credentials of an earlier run; nothing to do\n",
-                args.out_dir);
-        printf("already_provisioned=1\n");
-        printf("output_dir=%s\n", args.out_dir);
-        return 0;
     }
     fleetprov_config *cfg = example_config(&args);
     if (cfg == NULL) {
@@ -183,12 +177,36 @@ int main(int argc, char **argv) {
         what = "fleetprov_config_set_log_callback";
         r = fleetprov_config_set_log_callback(cfg, on_log, rep, NULL, FLEETPROV_LOG_DEBUG);
     }
+    if (r == FLEETPROV_OK) {
+        what = "fleetprov_config_set_reprovision";
+        r = fleetprov_config_set_reprovision(cfg, reprovision != 0);
+    }
+    if (r == FLEETPROV_OK) {
+        what = "fleetprov_cancel_new";
+        r = fleetprov_cancel_new(&cancel_switch);
+    }
+    if (r == FLEETPROV_OK) {
+        what = "fleetprov_config_set_cancel";
+        r = fleetprov_config_set_cancel(cfg, cancel_switch);
+    }
+    struct sigaction sa, old_int, old_term;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, &old_int);
+    sigaction(SIGTERM, &sa, &old_term);
     if (r == FLEETPROV_OK && rotate_dir != NULL) {
         what = "fleetprov_rotate";
         r = fleetprov_rotate(cfg, rotate_dir, &p);
     } else if (r == FLEETPROV_OK) {
         what = "fleetprov_provision";
         r = fleetprov_provision(cfg, &p);
+    }
+    sigaction(SIGINT, &old_int, NULL);
+    sigaction(SIGTERM, &old_term, NULL);
+    if (r == FLEETPROV_CANCELLED) {
+        fprintf(stderr, "provision: interrupted; the journal (with --state-dir) is kept: run the "
+                        "same command again to resume\n");
     }
     if (r != FLEETPROV_OK) {
         example_report_failure(what, r);
@@ -197,6 +215,11 @@ int main(int argc, char **argv) {
     fprintf(stderr, "provision: %u steps, %u log lines\n", rep->steps, rep->lines);
     if (rotate_dir != NULL) {
         printf("rotated=1\n");
+    }
+    if (fleetprov_provisioned_already_provisioned(p)) {
+        fprintf(stderr, "provision: %s holds the credentials of an earlier run; nothing to do\n",
+                fleetprov_provisioned_output_dir(p));
+        printf("already_provisioned=1\n");
     }
     printf("thing_name=%s\n", fleetprov_provisioned_thing_name(p));
     printf("certificate_id=%s\n", fleetprov_provisioned_certificate_id(p));
@@ -215,5 +238,6 @@ int main(int argc, char **argv) {
 out:
     fleetprov_provisioned_free(p);
     fleetprov_config_free(cfg); /* releases `rep` through free_reporter */
+    fleetprov_cancel_free(cancel_switch);
     return status;
 }

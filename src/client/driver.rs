@@ -171,15 +171,17 @@ pub(crate) async fn drive(
             let wake = flow
                 .wake_at()
                 .unwrap_or_else(|| now_ms().saturating_add(1000));
+            // A cancel is honoured between steps, not while a certificate request is out.
+            let cancellable = !flow.cancel_deferred();
             let event = match &mut conn {
                 Some(c) => tokio::select! {
                     ev = c.events.poll() => Some(ev),
                     _ = tokio::time::sleep_until(at_ms(wake)) => None,
-                    _ = cancel.wait() => return Err(Error::Cancelled),
+                    _ = cancel.wait(), if cancellable => return Err(Error::Cancelled),
                 },
                 None => tokio::select! {
                     _ = tokio::time::sleep_until(at_ms(wake)) => None,
-                    _ = cancel.wait() => return Err(Error::Cancelled),
+                    _ = cancel.wait(), if cancellable => return Err(Error::Cancelled),
                 },
             };
             let now = now_ms();

@@ -58,6 +58,10 @@ pub struct Provisioned {
     pub registration_confirmed: bool,
     /// Whether the certificate came from the resume journal.
     pub resumed: bool,
+    /// The output directory already held a complete credential set and nothing was pending in
+    /// the journal: it is returned as it is, with no connection made and no certificate minted
+    /// ([`FlowSpec::existing`]).
+    pub already_provisioned: bool,
 }
 
 /// Credentials for a connection.
@@ -176,6 +180,8 @@ pub struct FlowSpec {
     pub output_dir: Option<PathBuf>,
     /// Seeds the backoff jitter.
     pub seed: u64,
+    /// The credentials the output directory already holds: the flow ends at once with them.
+    pub existing: Option<Provisioned>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,6 +230,8 @@ pub struct Flow {
     restarted: bool,
     /// A RegisterThing request went out for the certificate in hand during this flow.
     register_sent: bool,
+    /// A certificate request is on the wire and its reply not yet in.
+    create_sent: bool,
     /// Cleared when the registration is inferred rather than seen (see [`Provisioned`]).
     confirmed: bool,
 }
@@ -245,6 +253,7 @@ impl Flow {
             step: Step::Connecting,
             restarted: false,
             register_sent: false,
+            create_sent: false,
             confirmed: true,
         }
     }
@@ -252,6 +261,15 @@ impl Flow {
     /// Starts: reads the journal, then asks for the first connection.
     pub fn start(&mut self, now: u64) -> Vec<FlowAction> {
         let mut out = Vec::new();
+        if let Some(existing) = self.spec.existing.take() {
+            let line = format!(
+                "already provisioned: certificate {} of thing {:?} is in place; nothing to do",
+                existing.certificate_id, existing.thing_name
+            );
+            self.log(LogLevel::Info, line, &mut out);
+            self.finish(Ok(existing), &mut out);
+            return out;
+        }
         let loaded = match &self.journal {
             Some(j) => j.load(),
             None => Ok(None),
@@ -265,6 +283,21 @@ impl Flow {
             self.connect(now, &mut out);
         }
         out
+    }
+
+    /// Whether a cancellation must wait: a request is on the wire whose reply the device needs.
+    /// Stopping before a certificate request's reply would leave the certificate the service
+    /// makes unknown to the device (a rerun would mint another); before RegisterThing's, the
+    /// thing name and device configuration would be lost (a rerun could only confirm the
+    /// registration by connecting). The driver honours a cancel once this is false again: when
+    /// the reply is in and journaled, or the step timed out, or the connection dropped.
+    pub fn cancel_deferred(&self) -> bool {
+        self.engine.is_some()
+            && match self.phase {
+                Phase::Create => self.create_sent,
+                Phase::Register => self.register_sent,
+                Phase::Verify { .. } | Phase::Finished => false,
+            }
     }
 
     /// Whether the flow is over.
@@ -397,6 +430,7 @@ impl Flow {
         }
         self.link = Link::Down;
         self.engine = None;
+        self.create_sent = false;
     }
 
     /// The id of the certificate in hand, for messages.
@@ -567,8 +601,10 @@ impl Flow {
                     out.push(FlowAction::Subscribe(filters));
                 }
                 Action::Publish { topic, payload } => {
-                    if self.phase == Phase::Register {
-                        self.register_sent = true;
+                    match self.phase {
+                        Phase::Register => self.register_sent = true,
+                        Phase::Create => self.create_sent = true,
+                        _ => {}
                     }
                     out.push(FlowAction::Publish { topic, payload })
                 }
@@ -599,6 +635,7 @@ impl Flow {
     }
 
     fn engine_done(&mut self, result: Result<Outcome, Error>, now: u64, out: &mut Vec<FlowAction>) {
+        self.create_sent = false;
         match (self.phase, result) {
             (Phase::Create, Ok(Outcome::Certificate(certificate))) => {
                 if let Some(public) = &self.spec.external_public_key
@@ -809,6 +846,7 @@ impl Flow {
             attempts: self.attempt,
             resumed,
             registration_confirmed: self.confirmed,
+            already_provisioned: false,
         };
         self.finish(Ok(provisioned), out);
     }

@@ -58,6 +58,8 @@ pub struct fleetprov_config {
     state_dir: Option<PathBuf>,
     retry: RetryPolicy,
     token_lifetime_s: u64,
+    reprovision: bool,
+    cancel: Option<Arc<Cancel>>,
     log: Option<Arc<LogCallback>>,
     progress: Option<Arc<ProgressCallback>>,
 }
@@ -87,6 +89,8 @@ impl Default for fleetprov_config {
             state_dir: None,
             retry: RetryPolicy::default(),
             token_lifetime_s: 3600,
+            reprovision: false,
+            cancel: None,
             log: None,
             progress: None,
         }
@@ -155,7 +159,7 @@ impl fleetprov_config {
                     })
                 })
             }),
-            cancel: None,
+            cancel: self.cancel.clone(),
         }
     }
 
@@ -199,6 +203,7 @@ impl fleetprov_config {
         request.state_dir = self.state_dir.clone();
         request.retry = self.retry;
         request.token_lifetime = Duration::from_secs(self.token_lifetime_s);
+        request.reprovision = self.reprovision;
         Ok(request)
     }
 }
@@ -734,6 +739,110 @@ pub unsafe extern "C" fn fleetprov_config_set_token_lifetime(
     })
 }
 
+/// Whether the one-call flow (fleetprov_provision(), fleetprov_provision_async(), the host API)
+/// provisions again when the output directory already holds a complete credential set from an
+/// earlier call. Default false: firmware that runs provisioning at every boot gets that set back
+/// (fleetprov_provisioned_already_provisioned() true) without a connection or a new
+/// certificate, unless a certificate is pending in the state directory's journal, which the flow
+/// then finishes. true: a new certificate is made and replaces the set once it works.
+/// fleetprov_rotate() always makes a new certificate.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_set_reprovision(
+    config: *mut fleetprov_config,
+    reprovision: bool,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointer per the header.
+        unsafe { config_mut(config)? }.reprovision = reprovision;
+        Ok(())
+    })
+}
+
+/// A cancellation switch for the blocking calls fleetprov_provision() and fleetprov_rotate()
+/// (fleetprov_config_set_cancel()): triggered from another thread or a signal handler, the
+/// running call stops within about 20 ms with FLEETPROV_CANCELLED. Create with
+/// fleetprov_cancel_new(), free with fleetprov_cancel_free().
+pub struct fleetprov_cancel {
+    cancel: Arc<Cancel>,
+}
+
+/// Creates a cancellation switch, not triggered. Writes it to `*out`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_cancel_new(out: *mut *mut fleetprov_cancel) -> fleetprov_result {
+    guard(|| {
+        let cancel = Box::into_raw(Box::new(fleetprov_cancel {
+            cancel: Arc::new(Cancel::default()),
+        }));
+        // SAFETY: `out` is NULL or valid for writes per the header.
+        unsafe { write_out(out, cancel) }.inspect_err(|_| {
+            // SAFETY: just created above and not handed out.
+            drop(unsafe { Box::from_raw(cancel) });
+        })
+    })
+}
+
+/// Triggers the switch: every blocking call of a config it is set on stops at its next step
+/// with FLEETPROV_CANCELLED, keeping the resume journal (a later call resumes), and so does every
+/// later call until fleetprov_cancel_reset(). A call whose credentials were already committed
+/// reports its success. Async-signal-safe (one atomic store): it may be called from a signal
+/// handler, and from any thread. NULL is a no-op.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_cancel_trigger(cancel: *const fleetprov_cancel) {
+    // No guard: nothing here can panic, and catch_unwind has no business in a signal handler.
+    // SAFETY: NULL or a live switch, per the header.
+    if let Some(c) = unsafe { cancel.as_ref() } {
+        c.cancel.cancel();
+    }
+}
+
+/// Whether the switch was triggered (and not reset since); false for NULL.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_cancel_is_triggered(cancel: *const fleetprov_cancel) -> bool {
+    guard_value(false, || {
+        // SAFETY: NULL or a live switch, per the header.
+        unsafe { cancel.as_ref() }.is_some_and(|c| c.cancel.is_cancelled())
+    })
+}
+
+/// Untriggers the switch, so that later calls run.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_cancel_reset(cancel: *mut fleetprov_cancel) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: NULL or a live switch, per the header.
+        let c = unsafe { cancel.as_ref() }.ok_or_else(|| invalid("cancel is NULL"))?;
+        c.cancel.reset();
+        Ok(())
+    })
+}
+
+/// Frees the switch. A config it was set on keeps working with it (it holds a reference); a
+/// signal handler must not trigger it after this. NULL is a no-op.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_cancel_free(cancel: *mut fleetprov_cancel) {
+    guard_value((), || {
+        if !cancel.is_null() {
+            // SAFETY: created by fleetprov_cancel_new and freed once, per the header.
+            drop(unsafe { Box::from_raw(cancel) });
+        }
+    })
+}
+
+/// Makes fleetprov_provision() and fleetprov_rotate() with this config stop when `cancel` is
+/// triggered (NULL: no switch, the default). The config holds a reference to the switch.
+/// Asynchronous operations have their own (fleetprov_operation_cancel()).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_config_set_cancel(
+    config: *mut fleetprov_config,
+    cancel: *const fleetprov_cancel,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointers per the header.
+        let (config, cancel) = unsafe { (config_mut(config)?, cancel.as_ref()) };
+        config.cancel = cancel.map(|c| c.cancel.clone());
+        Ok(())
+    })
+}
+
 /// Registers the log callback (NULL to remove) receiving lines up to `max_level` (a
 /// fleetprov_log_level value). `userdata_free` (may be NULL) is called once on `userdata` when
 /// the callback is replaced or the last config, client or operation using it is freed.
@@ -786,6 +895,7 @@ pub(crate) fn provisioned_object(p: Provisioned) -> fleetprov_provisioned {
         attempts: p.attempts,
         resumed: p.resumed,
         registration_confirmed: p.registration_confirmed,
+        already_provisioned: p.already_provisioned,
     }
 }
 

@@ -443,6 +443,7 @@ pub struct fleetprov_provisioned {
     pub(crate) attempts: u32,
     pub(crate) resumed: bool,
     pub(crate) registration_confirmed: bool,
+    pub(crate) already_provisioned: bool,
 }
 
 /// A failure: its result code, full text and, for rejections, the service's fields.
@@ -932,6 +933,19 @@ pub unsafe extern "C" fn fleetprov_provisioned_registration_confirmed(
     guard_value(false, || {
         // SAFETY: NULL or a live result, per the header.
         unsafe { provisioned.as_ref() }.is_some_and(|p| p.registration_confirmed)
+    })
+}
+
+/// true when the output directory already held the complete credentials of an earlier call (and
+/// nothing was pending in the journal): they were returned as they are, nothing was sent and no
+/// certificate was made; attempts is 0. See fleetprov_config_set_reprovision(). false for NULL.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fleetprov_provisioned_already_provisioned(
+    provisioned: *const fleetprov_provisioned,
+) -> bool {
+    guard_value(false, || {
+        // SAFETY: NULL or a live result, per the header.
+        unsafe { provisioned.as_ref() }.is_some_and(|p| p.already_provisioned)
     })
 }
 

@@ -101,6 +101,7 @@ pub struct Stored {
     pub certificate_id: String,
     pub certificate_pem: String,
     pub private_key_pem: Secret,
+    pub device_configuration: BTreeMap<String, String>,
 }
 
 /// Reads the credential set in `dir`. Without `device.json` the set is incomplete (a write was
@@ -111,6 +112,8 @@ pub fn read_credentials(dir: &Path) -> Result<Stored, StoreError> {
     struct Meta {
         thing_name: String,
         certificate_id: String,
+        #[serde(default)]
+        device_configuration: BTreeMap<String, String>,
     }
     let meta_path = dir.join(METADATA_FILE);
     let meta = fs::read(&meta_path).map_err(at(&meta_path))?;
@@ -129,6 +132,7 @@ pub fn read_credentials(dir: &Path) -> Result<Stored, StoreError> {
         certificate_id: meta.certificate_id,
         certificate_pem,
         private_key_pem: Secret::new(key),
+        device_configuration: meta.device_configuration,
     })
 }
 

@@ -123,7 +123,12 @@ class ProvisionResult:
     ``output_dir`` is None unless ``output_dir=`` was given. The key is left out of ``repr``.
     ``attempts`` is how many attempts it took (1 when nothing was retried); ``resumed`` is True
     when the certificate came from the resume journal in ``state_dir`` (an earlier call created
-    it).
+    it). ``already_provisioned`` is True when ``output_dir`` already held the complete
+    credentials of an earlier call: they were returned as they are, with no connection and no new
+    certificate (``attempts`` 0; pass ``reprovision=True`` to make a new one).
+    ``registration_confirmed`` is False in one case only: RegisterThing refused the token after an
+    earlier attempt had sent it and lost the reply, and the certificate could not be tried (its
+    key is not the library's); the thing name and device configuration are then empty.
     """
 
     thing_name: str
@@ -134,6 +139,8 @@ class ProvisionResult:
     output_dir: Optional[Path]
     attempts: int = 1
     resumed: bool = False
+    already_provisioned: bool = False
+    registration_confirmed: bool = True
 
 
 @dataclass(frozen=True)
@@ -172,6 +179,8 @@ def _provisioned_to_result(handle: int) -> ProvisionResult:
         output_dir=Path(out_dir) if out_dir is not None else None,
         attempts=int(lib.fleetprov_provisioned_attempts(handle)),
         resumed=bool(lib.fleetprov_provisioned_resumed(handle)),
+        already_provisioned=bool(lib.fleetprov_provisioned_already_provisioned(handle)),
+        registration_confirmed=bool(lib.fleetprov_provisioned_registration_confirmed(handle)),
     )
 
 
@@ -347,6 +356,7 @@ def _build_config(
     state_dir: Optional[StrPath] = None,
     retry: Optional[Retry] = None,
     token_lifetime: Optional[int] = None,
+    reprovision: bool = False,
     claim: bool = True,
     host_transport: bool = False,
 ) -> tuple[_Config, CallbackSlot]:
@@ -394,6 +404,8 @@ def _build_config(
         raise TypeError("alpn must be bool or None")
     if verify is not None and not isinstance(verify, bool):
         raise TypeError("verify must be bool")
+    if not isinstance(reprovision, bool):
+        raise TypeError("reprovision must be bool")
     _check_callable(on_progress, "on_progress")
     key_type_v = None if key_type is None else _enum_arg(key_type, KeyType, "key_type", {"p256": 0, "p384": 1})
     csr_b = _opt_cstr(csr_pem, "csr_pem")
@@ -444,6 +456,8 @@ def _build_config(
             check(lib.fleetprov_config_set_retry(h, *retry._c_args()))
         if lifetime_v is not None:
             check(lib.fleetprov_config_set_token_lifetime(h, lifetime_v))
+        if reprovision:
+            check(lib.fleetprov_config_set_reprovision(h, True))
 
         # Callbacks: one registry key per registration (each has its own userdata_free).
         slot = CallbackSlot(on_progress)
@@ -540,6 +554,7 @@ def provision(
     state_dir: Optional[StrPath] = None,
     retry: Optional[Retry] = None,
     token_lifetime: Optional[int] = None,
+    reprovision: bool = False,
 ) -> ProvisionResult:
     """Provisions a device in one blocking call.
 
@@ -560,6 +575,11 @@ def provision(
     token it starts over (:attr:`Step.RESTARTING`). The credentials reach ``output_dir`` only
     after the new certificate connected, then the journal is removed (:attr:`Step.COMMITTED`).
     One flow at a time may use a state directory: another gets :class:`BusyError`.
+
+    When ``output_dir`` already holds the complete credentials of an earlier call (and no
+    certificate is pending in ``state_dir``), they are returned as they are, without a connection
+    or a new certificate (``already_provisioned`` True in the result): firmware and factory
+    scripts can run this at every start. ``reprovision=True`` makes a new certificate anyway.
 
     Retryable failures (connection trouble, timeouts, 429 and 5xx rejections) are retried as
     ``retry`` (a :class:`Retry`; default ``Retry()``: 5 attempts, 1 s doubling up to 30 s)
@@ -582,7 +602,7 @@ def provision(
         step_timeout=step_timeout, client_id=client_id, keep_alive=keep_alive, alpn=alpn,
         on_progress=on_progress, method=int(method), key_type=key_type, csr_pem=csr_pem,
         verify=verify, output_dir=output_dir, state_dir=state_dir, retry=retry,
-        token_lifetime=token_lifetime,
+        token_lifetime=token_lifetime, reprovision=reprovision,
     )
     return _run_blocking(config, slot, lib.fleetprov_provision)
 
@@ -781,7 +801,7 @@ _PROVISION_DEFAULTS: dict[str, Any] = dict(
     key_pem=None, template_name=None, parameters=None, payload_format="json", timeout=60.0,
     step_timeout=10.0, client_id=None, keep_alive=None, alpn=None, on_progress=None,
     key_type="p256", csr_pem=None, verify=True, output_dir=None, state_dir=None, retry=None,
-    token_lifetime=None,
+    token_lifetime=None, reprovision=False,
 )
 
 

@@ -198,6 +198,15 @@ _SIGNATURES = [
     ("fleetprov_host_tick", _RES, _H, c_uint64),
     ("fleetprov_host_wake_at", _RES, _H, POINTER(c_uint64)),
     ("fleetprov_host_result", _RES, _H, _PH),
+    # cancellation switch for the blocking calls
+    ("fleetprov_cancel_new", _RES, _PH),
+    ("fleetprov_cancel_trigger", None, _H),
+    ("fleetprov_cancel_is_triggered", c_bool, _H),
+    ("fleetprov_cancel_reset", _RES, _H),
+    ("fleetprov_cancel_free", None, _H),
+    ("fleetprov_config_set_cancel", _RES, _H, _H),
+    ("fleetprov_config_set_reprovision", _RES, _H, c_bool),
+    ("fleetprov_provisioned_already_provisioned", c_bool, _H),
     # client
     ("fleetprov_client_new", _RES, _H, _PH),
     ("fleetprov_client_free", None, _H),
@@ -237,6 +246,7 @@ _SIGNATURES = [
     ("fleetprov_provisioned_output_dir", c_char_p, _H),
     ("fleetprov_provisioned_attempts", c_uint32, _H),
     ("fleetprov_provisioned_resumed", c_bool, _H),
+    ("fleetprov_provisioned_registration_confirmed", c_bool, _H),
     ("fleetprov_provisioned_config_count", c_size_t, _H),
     ("fleetprov_provisioned_config_entry", _RES, _H, c_size_t, POINTER(c_char_p), POINTER(c_char_p)),
     ("fleetprov_provisioned_free", None, _H),

@@ -236,6 +236,7 @@ class HostFlow(_Closeable):
         state_dir: Optional[StrPath] = None,
         retry: Optional[Retry] = None,
         token_lifetime: Optional[int] = None,
+        reprovision: bool = False,
         timeout: Optional[float] = 60.0,
         step_timeout: float = 10.0,
         verify: bool = True,
@@ -261,7 +262,7 @@ class HostFlow(_Closeable):
             client_id=None, keep_alive=None, alpn=None, on_progress=on_progress,
             method=int(method), key_type=key_type, csr_pem=csr_pem, verify=verify,
             output_dir=output_dir, state_dir=state_dir, retry=retry,
-            token_lifetime=token_lifetime, claim=False, host_transport=True,
+            token_lifetime=token_lifetime, reprovision=reprovision, claim=False, host_transport=True,
         )
         self._state = _HostState(transport, slot)
         with config:

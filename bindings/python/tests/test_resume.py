@@ -267,3 +267,37 @@ def test_retry_values():
     assert FAST._c_args() == (5, 50, 200)
     with pytest.raises(Exception):
         FAST.max_attempts = 2  # frozen
+
+
+@pytest.mark.parametrize("runner", ["blocking", "async"])
+def test_a_provisioned_device_gets_its_credentials_back_without_a_new_certificate(emulator, tmp_path, runner):
+    out = tmp_path / "out"
+    kwargs = emulator.kwargs(
+        template_name="DemoTemplate", parameters={"SerialNumber": "again"}, output_dir=out,
+        state_dir=tmp_path / "state",
+    )
+    first = _run(runner, **kwargs)
+    assert not first.already_provisioned and first.registration_confirmed
+    files = {name: (out / name).read_bytes() for name in OUTPUT_FILES}
+
+    seen: list[fleetprov.Progress] = []
+    again = _run(runner, **kwargs, on_progress=seen.append)
+    assert again.already_provisioned
+    assert seen == [], "no step: nothing was sent"
+    assert (again.certificate_id, again.thing_name, again.device_configuration) == (
+        first.certificate_id, first.thing_name, first.device_configuration,
+    )
+    assert again.private_key_pem == first.private_key_pem and again.attempts == 0
+    assert {name: (out / name).read_bytes() for name in OUTPUT_FILES} == files
+    assert len(_device_certs(emulator)) == 1
+
+    renewed = _run(runner, **kwargs, reprovision=True)
+    assert not renewed.already_provisioned
+    assert renewed.certificate_id != first.certificate_id
+    assert len(_device_certs(emulator)) == 2
+    assert (out / "certificate.pem").read_text() == renewed.certificate_pem
+
+
+def test_reprovision_must_be_bool(emulator, tmp_path):
+    with pytest.raises(TypeError, match="reprovision must be bool"):
+        fleetprov.provision(**emulator.kwargs(template_name="DemoTemplate"), reprovision=1)

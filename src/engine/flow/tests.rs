@@ -90,6 +90,7 @@ impl Sim {
 
     fn spec(&self, dir: Option<&Path>) -> FlowSpec {
         FlowSpec {
+            existing: None,
             host: "example.iot".into(),
             source: CertificateSource::Csr {
                 csr_pem: "-----BEGIN CERTIFICATE REQUEST-----".into(),
