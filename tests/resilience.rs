@@ -440,7 +440,21 @@ fn many_devices_at_once_on_one_thread() {
             r
         })
         .collect();
-    let results = fleetprov::provision::provision_many(&requests, &Hooks::default());
+    // Every device's flow runs on this thread: its progress callbacks say where they run.
+    let threads = Arc::new(Mutex::new(std::collections::HashSet::new()));
+    let seen = threads.clone();
+    let hooks = Hooks {
+        progress: Some(Arc::new(move |_: &Progress| {
+            seen.lock().unwrap().insert(std::thread::current().id());
+        })),
+        ..Hooks::default()
+    };
+    let results = fleetprov::provision::provision_many(&requests, &hooks);
+    assert_eq!(
+        *threads.lock().unwrap(),
+        std::collections::HashSet::from([std::thread::current().id()]),
+        "every flow ran on the calling thread"
+    );
     assert_eq!(results.len(), 40);
     let mut ids = std::collections::HashSet::new();
     for (i, r) in results.iter().enumerate() {

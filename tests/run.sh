@@ -4,6 +4,8 @@
 # It creates the Python venv it needs (.venv, from PyPI) and starts every server a test needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# UPDATE_HEADER=1 rewrites include/fleetprov.h instead of checking it: never in the test command.
+unset UPDATE_HEADER
 root=$PWD
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -13,8 +15,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy --locked --features test-panics --test panics -- -D warnings
 
 step "the library links nothing of the emulator"
-if cargo tree --locked -p fleetprov -e normal,build --prefix none \
-        | grep -E '^(fleetprov-emulator|rusqlite|libsqlite3-sys|rsa|p521|x509-parser) '; then
+# The tree first (a failing cargo tree stops the script), then the search.
+tree=$(cargo tree --locked -p fleetprov -e normal,build --prefix none)
+[ -n "$tree" ] || { echo "cargo tree printed nothing" >&2; exit 1; }
+if grep -E '^(fleetprov-emulator|rusqlite|libsqlite3-sys|rsa|p521|x509-parser) ' <<<"$tree"; then
     echo "the library's dependency tree contains emulator-only crates" >&2
     exit 1
 fi
@@ -36,6 +40,13 @@ fi
 
 step "Rust tests (library, emulator unit and integration tests)"
 cargo test --workspace --locked
+
+step "emulator: --bind ::1 (needs an IPv6 loopback)"
+if python3 -c 'import socket; s = socket.socket(socket.AF_INET6); s.bind(("::1", 0))' 2>/dev/null; then
+    cargo test --locked -p fleetprov-emulator --test cli -- --ignored --exact bind_ipv6_loopback
+else
+    echo "skipped: bind_ipv6_loopback (this machine has no IPv6 loopback)"
+fi
 
 step "Rust: a panic at each catch site of the C API (library with the test-panics feature)"
 cargo test --locked --features test-panics --test panics

@@ -309,13 +309,35 @@ def test_an_unclosed_flow_is_freed_when_collected():
     assert _callbacks.registry_size() == before
 
 
+class _WatchedLock:
+    """The HostFlow's RLock, reporting when a thread has to wait for it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.contended = threading.Event()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self._lock.acquire(blocking=False):
+            return True
+        self.contended.set()  # held by another thread: this one waits
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 def test_calls_from_two_threads_are_serialised():
     """While one thread's call runs the transport, another thread's event waits for it; the
     transport always runs on the thread whose call made the request."""
-    inside = threading.Event()
     other_done = threading.Event()
-    seen_while_inside: list[bool] = []
     holder: dict[str, fleetprov.HostFlow] = {}
+    lock = _WatchedLock()
+    inside = []
 
     def other() -> None:
         holder["flow"].connected(now=T0 + 0.01)
@@ -324,18 +346,23 @@ def test_calls_from_two_threads_are_serialised():
     worker = threading.Thread(target=other)
 
     def connect(identity: fleetprov.Identity) -> None:
-        inside.set()
+        inside.append(True)
         worker.start()
-        # The other thread cannot get in while this call holds the flow: it is still waiting.
-        seen_while_inside.append(other_done.wait(0.2))
+        # The worker's call reaches the flow's lock while this call holds it, and waits.
+        assert lock.contended.wait(30), "the other thread never reached the lock"
+        assert not other_done.is_set()
+        inside.pop()
 
-    t = FakeTransport(connect=connect)
+    def subscribe(filters: list[str]) -> None:
+        assert not inside, "the worker's event ran while the first call was inside the transport"
+
+    t = FakeTransport(connect=connect, subscribe=subscribe)
     with _flow(t) as flow:
+        flow._lock = lock
         holder["flow"] = flow
         flow.start(now=T0)
         worker.join(30)
         assert not worker.is_alive()
-        assert seen_while_inside == [False]
         assert other_done.is_set()
         # The worker's CONNACK made the flow subscribe, on the worker's thread.
         assert t.names() == ["connect", "subscribe"]

@@ -79,6 +79,9 @@ pub struct Config {
     pub faults: Vec<Fault>,
     /// Port of the control interface on the bind address; `None` for no control interface.
     pub control_port: Option<u16>,
+    /// Delete certificates whose ownership token expired on a timer (default true); without
+    /// it only the control interface's `sweep` does.
+    pub auto_sweep: bool,
 }
 
 impl Config {
@@ -94,6 +97,7 @@ impl Config {
             require_alpn: false,
             faults: Vec::new(),
             control_port: None,
+            auto_sweep: true,
         }
     }
 }
@@ -182,7 +186,9 @@ impl Emulator {
         if let Some(control) = control {
             runtime.spawn(control::serve(control, faults.clone(), store.clone()));
         }
-        runtime.spawn(sweep(store.clone(), config.token_ttl));
+        if config.auto_sweep {
+            runtime.spawn(sweep(store.clone(), config.token_ttl));
+        }
         Ok(Emulator {
             runtime: Some(runtime),
             addr,

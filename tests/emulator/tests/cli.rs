@@ -181,12 +181,12 @@ async fn first_start_writes_the_data_directory() {
         .unwrap();
 }
 
+/// Ignored by default: tests/run.sh runs it where the machine has an IPv6 loopback and says
+/// "skipped" elsewhere (a test that returned early would report a pass).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an IPv6 loopback; tests/run.sh runs it where [::1] exists"]
 async fn bind_ipv6_loopback() {
-    if std::net::TcpListener::bind("[::1]:0").is_err() {
-        eprintln!("note: no IPv6 loopback on this machine; --bind ::1 not tested");
-        return;
-    }
+    std::net::TcpListener::bind("[::1]:0").expect("an IPv6 loopback ([::1])");
     let tmp = TempDir::new("ipv6");
     let data = tmp.path().join("data");
     let emu = Emu::start(&data, &["--bind", "::1", "--control-port", "0"]).await;
