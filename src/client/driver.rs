@@ -53,6 +53,10 @@ pub(crate) fn run_flow(
     runtime.block_on(drive(flow, config, progress, log, cancel))
 }
 
+/// How long a cancel waits for the reply of a request on the wire (a certificate request or
+/// RegisterThing, see [`Flow::cancel_deferred`]) before it stops anyway.
+const CANCEL_GRACE_MS: u64 = 1_000;
+
 /// [`run_flow`] as a future, for running many flows on one runtime.
 pub(crate) async fn drive(
     mut flow: Flow,
@@ -70,6 +74,8 @@ pub(crate) async fn drive(
     let claim_tls = tls::client_config(&config.roots, &config.cert_pem, &config.key_pem, alpn)?;
     let mut actions: VecDeque<FlowAction> = flow.start(now_ms()).into();
     let mut conn: Option<Live> = None;
+    // When a deferred cancel stops waiting for the reply in flight.
+    let mut grace_until: Option<u64> = None;
     let result = async {
         loop {
             while let Some(action) = actions.pop_front() {
@@ -168,20 +174,33 @@ pub(crate) async fn drive(
                 }
             }
             // Bounded by the flow: every wait ends at its wake time at the latest.
-            let wake = flow
+            let mut wake = flow
                 .wake_at()
                 .unwrap_or_else(|| now_ms().saturating_add(1000));
-            // A cancel is honoured between steps, not while a certificate request is out.
-            let cancellable = !flow.cancel_deferred();
+            // A cancel is honoured between steps. While a request whose reply the device needs
+            // is on the wire (Flow::cancel_deferred) it waits for that reply, CANCEL_GRACE_MS at
+            // most.
+            let deferred = flow.cancel_deferred();
+            if cancel.is_cancelled() {
+                if !deferred {
+                    return Err(Error::Cancelled);
+                }
+                let until = *grace_until.get_or_insert_with(|| now_ms() + CANCEL_GRACE_MS);
+                if now_ms() >= until {
+                    return Err(Error::Cancelled);
+                }
+                wake = wake.min(until);
+            }
+            let cancellable = !(deferred && cancel.is_cancelled());
             let event = match &mut conn {
                 Some(c) => tokio::select! {
                     ev = c.events.poll() => Some(ev),
                     _ = tokio::time::sleep_until(at_ms(wake)) => None,
-                    _ = cancel.wait(), if cancellable => return Err(Error::Cancelled),
+                    _ = cancel.wait(), if cancellable => continue,
                 },
                 None => tokio::select! {
                     _ = tokio::time::sleep_until(at_ms(wake)) => None,
-                    _ = cancel.wait(), if cancellable => return Err(Error::Cancelled),
+                    _ = cancel.wait(), if cancellable => continue,
                 },
             };
             let now = now_ms();

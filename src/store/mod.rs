@@ -210,10 +210,10 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     sync_dir(&dir)
 }
 
-/// Creates `dir` and any missing parents with mode 0700, or, if `dir` exists, sets its mode to
-/// 0700 unless it already is exactly that (an existing directory with group or other bits is
-/// tightened; one the owner cannot write is made writable). Fails if `dir` is empty, is not a
-/// directory, or cannot be created or changed.
+/// Creates `dir` and any missing parents with mode 0700. An existing `dir` is left as it is
+/// (never `chmod`ed: it may be a mount point or a link the firmware set up), but one that group
+/// or others may enter is refused (`PermissionDenied`, saying its mode): keys are kept only where
+/// no one else can read them. Fails if `dir` is empty, is not a directory, or cannot be created.
 pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
     if dir.as_os_str().is_empty() {
         return Err(io::Error::new(
@@ -221,6 +221,7 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
             "empty directory path",
         ));
     }
+    let existed = fs::metadata(dir).is_ok_and(|m| m.is_dir());
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -232,8 +233,19 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
             "not a directory",
         ));
     }
-    if meta.permissions().mode() & 0o7777 != 0o700 {
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        let why = if existed {
+            format!(
+                "the directory is open to group or others (mode {mode:04o}); keys are kept only \
+                 in a directory of mode 0700: chmod 700 it, or choose another"
+            )
+        } else {
+            // Made just now with 0700: something (an ACL default, a filesystem without modes)
+            // widened it.
+            format!("the directory was created with mode {mode:04o}, not 0700")
+        };
+        return Err(io::Error::new(io::ErrorKind::PermissionDenied, why));
     }
     Ok(())
 }

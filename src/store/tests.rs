@@ -47,6 +47,8 @@ impl Tmp {
         ));
         let _ = fs::remove_dir_all(&p);
         fs::create_dir_all(&p).unwrap();
+        // As a device's credential directory is: private (an open one is refused).
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o700)).unwrap();
         Tmp(p)
     }
 }
@@ -201,16 +203,41 @@ fn device_json_never_holds_the_key() {
 }
 
 #[test]
-fn existing_directory_modes_are_tightened() {
-    for before in [
-        0o755, 0o750, 0o777, 0o711, 0o701, 0o770, 0o500, 0o2700, 0o700,
+fn existing_directories_are_left_alone_and_refused_when_open_to_others() {
+    // (mode before, accepted)
+    for (before, accepted) in [
+        (0o755, false),
+        (0o750, false),
+        (0o777, false),
+        (0o711, false),
+        (0o701, false),
+        (0o770, false),
+        (0o710, false),
+        (0o2700, true),
+        (0o700, true),
     ] {
         let t = Tmp::new("loose");
         let dir = t.0.join("creds");
         fs::create_dir(&dir).unwrap();
         fs::set_permissions(&dir, fs::Permissions::from_mode(before)).unwrap();
-        Set::new("1").write(&dir).unwrap();
-        assert_eq!(mode(&dir), 0o700, "{before:o}");
+        let got = Set::new("1").write(&dir);
+        assert_eq!(got.is_ok(), accepted, "{before:o}: {got:?}");
+        if let Err(e) = got {
+            assert_eq!(
+                e.source.kind(),
+                io::ErrorKind::PermissionDenied,
+                "{before:o}"
+            );
+            assert!(
+                e.to_string().contains(&format!("mode {before:04o}")),
+                "{before:o}: {e}"
+            );
+            assert!(
+                fs::read_dir(&dir).unwrap().next().is_none(),
+                "nothing written"
+            );
+        }
+        assert_eq!(mode(&dir), before, "{before:o}: the mode is never changed");
     }
     // The parent of an existing directory is not the store's business.
     let t = Tmp::new("parent");
@@ -422,10 +449,17 @@ fn ensure_private_dir_table() {
     let t = Tmp::new("ensure");
     let file = t.0.join("plain");
     fs::write(&file, b"x").unwrap();
+    let open = t.0.join("open");
+    fs::create_dir(&open).unwrap();
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o755)).unwrap();
+    let private = t.0.join("private");
+    fs::create_dir(&private).unwrap();
+    fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).unwrap();
     let rows: Vec<(PathBuf, Result<(), io::ErrorKind>)> = vec![
         (t.0.join("new"), Ok(())),
         (t.0.join("x/y/z"), Ok(())),
-        (t.0.clone(), Ok(())),
+        (private, Ok(())),
+        (open, Err(io::ErrorKind::PermissionDenied)),
         (PathBuf::new(), Err(io::ErrorKind::InvalidInput)),
         (file.clone(), Err(io::ErrorKind::AlreadyExists)),
         (file.join("d"), Err(io::ErrorKind::NotADirectory)),
