@@ -32,7 +32,7 @@ unsafe fn wipe(ptr: *mut u8, len: usize) {
     // writes are aligned (the loop before them advances `p` to a word boundary).
     unsafe {
         let end = ptr.add(len);
-        while p < end && (p as usize) % WORD != 0 {
+        while p < end && !(p as usize).is_multiple_of(WORD) {
             p.write_volatile(0);
             p = p.add(1);
         }
