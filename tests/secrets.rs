@@ -2,6 +2,9 @@
 //! private key or an ownership token appears in a log line, a progress report, an error text or
 //! the `Debug` output of anything the library hands out.
 //!
+//! The flows: the one-call flow, the step-by-step client, rotation, the host transport (a host
+//! MQTT stack driving `fleetprov_host_*`) and the external signer.
+//!
 //! Secrets are checked in pieces: the token whole, and each base64 line of the key's PEM body
 //! (a leak of any part of a key is a leak).
 
@@ -12,7 +15,7 @@ use fleetprov::engine::flow::Progress;
 use fleetprov::engine::retry::RetryPolicy;
 use fleetprov::keys::{DeviceKey, KeyType};
 use fleetprov::protocol::Format;
-use fleetprov::provision::Hooks;
+use fleetprov::provision::{Hooks, rotate};
 use fleetprov::store::journal::Journal;
 mod common;
 
@@ -196,6 +199,7 @@ fn step_by_step_client() {
         for token in [&keys.ownership_token, &from_csr.ownership_token] {
             let r = client.register_thing("DemoTemplate", token, &params);
             said.result(&r);
+            assert!(r.is_ok(), "RegisterThing: {r:?}");
         }
         // Used tokens are refused with a message about the token, not the token.
         let r = client.register_thing("DemoTemplate", &keys.ownership_token, &params);
@@ -219,4 +223,176 @@ fn step_by_step_client() {
         said.result(&r.map(|_| ()));
     }
     secrets.assert_absent(&said);
+}
+
+fn read(p: &std::path::Path) -> String {
+    std::fs::read_to_string(p).unwrap()
+}
+
+/// Rotation: a provisioned device gets a new key and certificate with its current ones; neither
+/// key shows.
+#[test]
+fn rotation() {
+    let said = Said::default();
+    let mut secrets = Secrets::default();
+    let env = common::env("secrets", "rotation", &[]);
+    let creds = env.dir.join("creds");
+    let mut first = request(&env, Format::Json, Method::Csr(KeyType::P256), "rot");
+    first.output_dir = Some(creds.clone());
+    let r = fleetprov::provision(&first, &said.hooks());
+    said.result(&r);
+    r.unwrap();
+    secrets.key(&read(&creds.join("private.key")));
+    secrets.key(&read(&env.emu.paths().claim_key));
+    for format in [Format::Json, Format::Cbor] {
+        let mut rotation = Request::new(
+            common::connection_with(&env.emu, String::new(), String::new(), format),
+            "RotationTemplate",
+            Method::Csr(KeyType::P256),
+        );
+        rotation.parameters = [("ThingName".to_string(), "demo-rot".to_string())].into();
+        said.push(format!("{rotation:?}"));
+        let r = rotate(&rotation, &creds, &said.hooks());
+        said.result(&r);
+        assert!(r.is_ok(), "rotation: {r:?}");
+        secrets.key(&read(&creds.join("private.key")));
+    }
+    secrets.assert_absent(&said);
+}
+
+mod host {
+    use std::ffi::{CStr, c_char, c_void};
+    use std::ptr;
+    use std::sync::Mutex;
+
+    use super::common::host::*;
+    use super::{Said, Secrets, common, read};
+    use fleetprov::ffi::*;
+    use fleetprov_result::*;
+
+    unsafe extern "C" fn log_line(
+        userdata: *mut c_void,
+        level: fleetprov_log_level,
+        message: *const c_char,
+        len: usize,
+    ) {
+        // SAFETY: userdata is the test's Said, alive while the config is; `message` has `len`
+        // bytes valid during the call.
+        let (said, line) = unsafe {
+            (
+                &*(userdata as *const Said),
+                std::slice::from_raw_parts(message.cast::<u8>(), len),
+            )
+        };
+        said.push(format!(
+            "{} {}",
+            level as i32,
+            String::from_utf8_lossy(line)
+        ));
+    }
+
+    unsafe extern "C" fn progress(userdata: *mut c_void, p: *const fleetprov_progress) {
+        // SAFETY: userdata is the test's Said; `p` and its error are valid during the call.
+        unsafe {
+            let (said, p) = (&*(userdata as *const Said), &*p);
+            said.push(format!("step {} attempt {}", p.step as i32, p.attempt));
+            if !p.error.is_null() {
+                let text = CStr::from_ptr(fleetprov_error_message(p.error));
+                said.push(text.to_string_lossy().into_owned());
+            }
+        }
+    }
+
+    /// Adds the log callback, at the most verbose level, and the progress callback (with the
+    /// text of each error) to a host config.
+    fn log_to(c: *mut fleetprov_config, said: &Said) {
+        let user = said as *const Said as *mut c_void;
+        // SAFETY: a live config; `said` outlives it (the tests free the config first).
+        unsafe {
+            ok(fleetprov_config_set_log_callback(
+                c,
+                Some(log_line),
+                user,
+                None,
+                fleetprov_log_level::FLEETPROV_LOG_DEBUG as i32,
+            ));
+            ok(fleetprov_config_set_progress_callback(
+                c,
+                Some(progress),
+                user,
+                None,
+            ));
+        }
+    }
+
+    /// The host transport, both methods and formats, and the external signer: the keys the
+    /// library made or was given, the claim key and the element's key stay out of its log.
+    #[test]
+    fn host_transport_and_external_signer() {
+        let said = Said::default();
+        let mut secrets = Secrets::default();
+        for (i, (method, cbor)) in [
+            (fleetprov_method::FLEETPROV_METHOD_CREATE_KEYS, false),
+            (fleetprov_method::FLEETPROV_METHOD_CREATE_KEYS, true),
+            (fleetprov_method::FLEETPROV_METHOD_CSR, true),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let env = common::env("secrets", &format!("host-{i}"), &["reject:429@register*1"]);
+            let c = host_config(&env, &format!("sh{i}"), method, cbor);
+            log_to(c, &said);
+            let (r, p, seen) = drive(&env, c, None);
+            said.push(format!("{seen:?}"));
+            assert_eq!(r, FLEETPROV_OK, "{seen:#?}");
+            // SAFETY: a live result and config, freed once.
+            unsafe {
+                let key = CStr::from_ptr(fleetprov_provisioned_private_key(p));
+                secrets.key(key.to_str().unwrap());
+                fleetprov_provisioned_free(p);
+                fleetprov_config_free(c);
+            }
+            secrets.key(&read(&env.emu.paths().claim_key));
+        }
+
+        // The external signer: the element's key is the host's; the library signs through it.
+        use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+        let env = common::env("secrets", "signer", &[]);
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+            .unwrap();
+        let point = pair.public_key().as_ref().to_vec();
+        let own_pem = pem_of(pkcs8.as_ref());
+        secrets.key(&own_pem);
+        let el = Element {
+            pair,
+            signed: Mutex::new(0),
+        };
+        let c = host_config(&env, "ssig", fleetprov_method::FLEETPROV_METHOD_CSR, true);
+        log_to(c, &said);
+        // SAFETY: live config; `el` outlives the flow.
+        unsafe {
+            ok(fleetprov_config_set_output_dir(c, ptr::null()));
+            ok(fleetprov_config_set_signer(
+                c,
+                point.as_ptr(),
+                point.len(),
+                Some(element_sign),
+                &el as *const Element as *mut c_void,
+                None,
+            ));
+        }
+        let (r, p, seen) = drive(&env, c, Some(own_pem));
+        said.push(format!("{seen:?}"));
+        assert_eq!(r, FLEETPROV_OK, "{seen:#?}");
+        assert_eq!(*el.signed.lock().unwrap(), 1, "one CSR signature");
+        // SAFETY: a live result and config, freed once.
+        unsafe {
+            assert!(fleetprov_provisioned_private_key(p).is_null());
+            fleetprov_provisioned_free(p);
+            fleetprov_config_free(c);
+        }
+        secrets.assert_absent(&said);
+    }
 }

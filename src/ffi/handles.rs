@@ -1071,6 +1071,7 @@ pub unsafe extern "C" fn fleetprov_provision_async(
         let done = completion.clone();
         let thread = std::thread::Builder::new()
             .name("fleetprov-provision".into())
+            .stack_size(super::alloc::WORKER_STACK)
             .spawn(move || {
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     super::inject::point("provision-async");
@@ -1079,6 +1080,7 @@ pub unsafe extern "C" fn fleetprov_provision_async(
                 complete(callback, &user, outcome.map(|r| r.map(provisioned_object)));
                 drop(hooks);
                 drop(user);
+                super::alloc::scrub_worker_stack();
                 done.finish();
             })
             .map_err(|e| Error::Internal(format!("cannot start a worker thread: {e}")))?;
@@ -1379,6 +1381,7 @@ impl fleetprov_client {
         let inner = self.inner.clone();
         let spawned = std::thread::Builder::new()
             .name("fleetprov-client".into())
+            .stack_size(super::alloc::WORKER_STACK)
             .spawn(move || {
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     with_client(&inner, |c| {
@@ -1389,6 +1392,8 @@ impl fleetprov_client {
                 // Not busy before the callback: it may start the next operation.
                 drop(not_busy);
                 complete(callback, &user, outcome);
+                drop(user);
+                super::alloc::scrub_worker_stack();
             });
         match spawned {
             Ok(h) => {

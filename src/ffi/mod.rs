@@ -7,11 +7,13 @@
 #![allow(non_camel_case_types)]
 #![allow(clippy::missing_safety_doc)]
 
+mod alloc;
 mod handles;
 mod host;
 mod inject;
 mod types;
 
+pub use alloc::WipingAllocator;
 pub use handles::*;
 pub use host::*;
 pub use types::*;

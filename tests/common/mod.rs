@@ -3,6 +3,8 @@
 // Each test crate uses part of this module.
 #![allow(dead_code)]
 
+pub mod host;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
