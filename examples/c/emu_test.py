@@ -31,6 +31,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
@@ -409,6 +410,48 @@ def case_resume(cmd, emu, work, serial, timeout_s):
     print(f"ok: failed with a journal, then resumed certificate {cert_id[:12]}…")
 
 
+def case_interrupt(cmd, emu, work, serial, timeout_s):
+    """provision with --state-dir, interrupted with SIGINT (Ctrl-C) once RegisterThing is sent
+    (its reply held 600 ms by --fault delay:600@register*1): it waits for that reply, stops with
+    FLEETPROV_CANCELLED (exit 1) and keeps the journal; the same command again resumes it, with
+    one certificate in all and the thing name known."""
+    out_dir, state_dir = os.path.join(work, "device"), os.path.join(work, "state")
+    args = cmd + connection_args(emu, out_dir, serial=serial) + ["--state-dir", state_dir]
+    print("+ " + " ".join(args), flush=True)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    killer = threading.Timer(timeout_s, proc.kill)  # bound on the whole run
+    killer.start()
+    try:
+        seen = []
+        for line in proc.stderr:  # ends when the program exits
+            seen.append(line)
+            if "step: registering" in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        out, err = proc.communicate()
+    finally:
+        killer.cancel()
+    err = "".join(seen) + err
+    sys.stdout.write("--- stdout\n" + out + "--- stderr\n" + err + "---\n")
+    for marker in SANITIZER_MARKERS:
+        check(marker not in err, f"sanitizer report ({marker!r})")
+    check(any("step: registering" in line for line in seen), "never reached RegisterThing")
+    check(proc.returncode == 1, f"interrupted run: exit code {proc.returncode}, expected 1")
+    check(fields(out).get("result") == "FLEETPROV_CANCELLED", f"result={fields(out).get('result')}")
+    check("run the same command again to resume" in err, "no word about resuming")
+    check(os.path.exists(os.path.join(state_dir, "journal.json")), "the journal was not kept")
+    check(not os.path.exists(os.path.join(out_dir, "device.json")), "committed despite the cancel")
+    p = run(args, timeout_s)
+    check(p.returncode == 0, f"second run: exit code {p.returncode}, expected 0")
+    f = fields(p.stdout)
+    check(f.get("resumed") == "1", f"resumed={f.get('resumed')}, expected 1")
+    check(f.get("thing_name") == f"demo-{serial}", f"thing_name={f.get('thing_name')}")
+    cert_id = check_provisioned(emu, out_dir, serial, max_created=1, exact_created=1)
+    check(f.get("certificate_id") == cert_id, f"certificate_id={f.get('certificate_id')}")
+    print(f"ok: interrupted after RegisterThing, then resumed certificate {cert_id[:12]}…")
+
+
 # Steps the one-call flow reports on a first run, in order: the crash case's kill points.
 CRASH_STEPS = ("connecting", "subscribing", "subscribed", "creating_certificate",
                "certificate_created", "registering", "registered", "verifying", "verified",
@@ -719,6 +762,7 @@ def main():
     ap.add_argument("--case", required=True,
                     choices=["ok", "cbor", "reject", "badargs", "timeout", "cancel", "retry",
                              "lostreply", "resume", "crash", "fault", "inactive", "rotate",
+                             "interrupt",
                              "signer", "signer_cbor", "signer_broken"])
     ap.add_argument("--serial", default=None)
     ap.add_argument("--arg", action="append", default=[],
@@ -751,7 +795,7 @@ def main():
     try:
         faults = {"timeout": ["drop@register"], "cancel": ["drop@register"],
                   "retry": ["reject:503@register*1"], "resume": ["reject:503@register*1"],
-                  "lostreply": ["drop@register*1"]}
+                  "lostreply": ["drop@register*1"], "interrupt": ["delay:600@register*1"]}
         extra = ["--control-port", "0"] if a.case == "rotate" else []
         emu.start(extra + [arg for rule in faults.get(a.case, []) + a.fault
                            for arg in ("--fault", rule)])
@@ -786,6 +830,9 @@ def main():
         elif a.case == "resume":
             check(program(cmd) in ONE_CALL, "the resume case runs a one-call example")
             case_resume(cmd, emu, a.work, serial, a.timeout)
+        elif a.case == "interrupt":
+            check(program(cmd) == "provision", "the interrupt case runs the provision example")
+            case_interrupt(cmd, emu, a.work, serial, a.timeout)
         elif a.case == "crash":
             case_crash(cmd, emu, a.work, serial, a.timeout, a.arg, a.stop_at)
         elif a.case == "cancel":

@@ -301,3 +301,24 @@ def test_a_provisioned_device_gets_its_credentials_back_without_a_new_certificat
 def test_reprovision_must_be_bool(emulator, tmp_path):
     with pytest.raises(TypeError, match="reprovision must be bool"):
         fleetprov.provision(**emulator.kwargs(template_name="DemoTemplate"), reprovision=1)
+
+
+def test_a_blocking_call_from_on_progress_is_refused(emulator, tmp_path):
+    """Inside a callback of the library, a blocking call (here provision() itself) raises
+    InCallbackError at once instead of running a flow inside the flow."""
+    kwargs = emulator.kwargs(template_name="DemoTemplate", parameters={"SerialNumber": "inside"})
+    refused: list[BaseException] = []
+
+    def progress(p: fleetprov.Progress) -> None:
+        if p.step == Step.CONNECTING and not refused:
+            try:
+                fleetprov.provision(**kwargs)
+            except fleetprov.InCallbackError as e:
+                refused.append(e)
+
+    result = fleetprov.provision(**kwargs, on_progress=progress)
+    assert result.thing_name == "demo-inside"
+    assert len(refused) == 1
+    assert refused[0].code == 17 and not refused[0].retryable
+    assert "must not be called from inside a fleetprov callback" in str(refused[0])
+    assert len(_device_certs(emulator)) == 1, "the refused call made nothing"
