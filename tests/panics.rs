@@ -173,6 +173,31 @@ fn every_catch_site_turns_a_panic_into_fleetprov_panic() {
         assert_eq!((code, text.as_str()), (FLEETPROV_PANIC, PANIC_TEXT));
         fleetprov_operation_free(op);
 
+        // A worker thread that cannot start: FLEETPROV_INTERNAL, not retryable (it was
+        // FLEETPROV_CONNECTION), and the userdata is released.
+        let (user, rx) = sender();
+        let mut op = ptr::null_mut();
+        // SAFETY: as above (set_var/remove_var: no other thread reads the environment).
+        std::env::set_var("FLEETPROV_TEST_FAIL", "thread-spawn");
+        let r = fleetprov_provision_async(
+            config,
+            Some(on_provisioned),
+            user,
+            Some(free_sender),
+            &mut op,
+        );
+        std::env::remove_var("FLEETPROV_TEST_FAIL");
+        assert_eq!(r, FLEETPROV_INTERNAL, "{}", last_error());
+        assert!(op.is_null());
+        assert!(last_error().starts_with("internal error: cannot start a worker thread"));
+        let e = fleetprov_last_error();
+        assert!(!fleetprov_error_is_retryable(e));
+        fleetprov_error_free(e);
+        assert!(
+            rx.recv_timeout(STEP).is_err(),
+            "no callback; the sender was released"
+        );
+
         // 3. A blocking client call: that call and every later one on the client give
         // FLEETPROV_PANIC (its state is unknown), the client can still be freed.
         let mut client = ptr::null_mut();

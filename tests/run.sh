@@ -63,9 +63,15 @@ cargo build --locked -p fleetprov-emulator --bin fleetprov-emulator
 FLEETPROV_EMULATOR="$root/target/debug/fleetprov-emulator" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/interop
 
 step "Python binding (bindings/python) against the emulator"
+# The library with injectable failures (cargo feature test-panics) for the panic tests, kept
+# apart; then the ordinary library the binding tests load.
+cargo build --locked -p fleetprov --lib --features test-panics
+mkdir -p target/test-panics
+cp target/debug/libfleetprov.so target/test-panics/libfleetprov.so
 cargo build --locked -p fleetprov --lib
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check ./bindings/python
 FLEETPROV_LIBRARY="$root/target/debug/libfleetprov.so" FLEETPROV_EMULATOR="$root/target/debug/fleetprov-emulator" \
+    FLEETPROV_TEST_PANICS_LIBRARY="$root/target/test-panics/libfleetprov.so" \
     "$venv/bin/python" -m pytest -q -p no:cacheprovider bindings/python/tests
 
 step "C: CMake install, find_package examples, ctest plain / ASan+UBSan / valgrind"

@@ -106,10 +106,39 @@ pub(crate) fn scrub_stack(bytes: usize) {
     std::hint::black_box(&chunk);
 }
 
-/// Clears a worker thread's stack, all but the top 128 KiB (the thread's start and the
-/// function that calls this): call it last thing on a thread started with [`WORKER_STACK`].
+/// Clears what the worker thread's stack holds below the caller: call it last thing on a
+/// library worker thread. How much is measured, not assumed: the thread's stack may be smaller
+/// than asked (glibc puts static TLS at its top; a sanitizer's runtime takes more), and the
+/// scrub stops 64 KiB short of the stack's end, so it never reaches the guard page.
 pub(crate) fn scrub_worker_stack() {
-    scrub_stack(WORKER_STACK - (128 << 10));
+    if let Some(room) = stack_room_below_here() {
+        scrub_stack(room.saturating_sub(64 << 10).min(WORKER_STACK));
+    }
+}
+
+/// Bytes of this thread's stack between the current frame and the stack's lowest address, from
+/// the thread's own attributes; None where they cannot be read.
+fn stack_room_below_here() -> Option<usize> {
+    let here = 0u8;
+    let here = std::hint::black_box(&here) as *const u8 as usize;
+    let mut attr = std::mem::MaybeUninit::<libc::pthread_attr_t>::uninit();
+    let mut base: *mut libc::c_void = std::ptr::null_mut();
+    let mut size: libc::size_t = 0;
+    // SAFETY: pthread_getattr_np initialises `attr` for the calling thread when it returns 0;
+    // pthread_attr_getstack then only writes the two out-parameters; the attribute object is
+    // destroyed once, after use.
+    unsafe {
+        if libc::pthread_getattr_np(libc::pthread_self(), attr.as_mut_ptr()) != 0 {
+            return None;
+        }
+        let r = libc::pthread_attr_getstack(attr.as_ptr(), &mut base, &mut size);
+        libc::pthread_attr_destroy(attr.as_mut_ptr());
+        if r != 0 {
+            return None;
+        }
+    }
+    let low = base as usize;
+    (here > low && here <= low.saturating_add(size)).then(|| here - low)
 }
 
 #[cfg(feature = "wipe-heap")]

@@ -1069,21 +1069,21 @@ pub unsafe extern "C" fn fleetprov_provision_async(
         hooks.cancel = Some(cancel.clone());
         let completion = Completion::new();
         let done = completion.clone();
-        let thread = std::thread::Builder::new()
+        let builder = std::thread::Builder::new()
             .name("fleetprov-provision".into())
-            .stack_size(super::alloc::WORKER_STACK)
-            .spawn(move || {
-                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    super::inject::point("provision-async");
-                    provision::provision(&request, &hooks)
-                }));
-                complete(callback, &user, outcome.map(|r| r.map(provisioned_object)));
-                drop(hooks);
-                drop(user);
-                super::alloc::scrub_worker_stack();
-                done.finish();
-            })
-            .map_err(|e| Error::Internal(format!("cannot start a worker thread: {e}")))?;
+            .stack_size(super::alloc::WORKER_STACK);
+        let thread = super::inject::spawn_worker(builder, move || {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                super::inject::point("provision-async");
+                provision::provision(&request, &hooks)
+            }));
+            complete(callback, &user, outcome.map(|r| r.map(provisioned_object)));
+            drop(hooks);
+            drop(user);
+            super::alloc::scrub_worker_stack();
+            done.finish();
+        })
+        .map_err(|e| Error::Internal(format!("cannot start a worker thread: {e}")))?;
         let op = Box::new(fleetprov_operation {
             cancel,
             completion,
@@ -1379,22 +1379,22 @@ impl fleetprov_client {
         }
         workers.0.reserve(1);
         let inner = self.inner.clone();
-        let spawned = std::thread::Builder::new()
+        let builder = std::thread::Builder::new()
             .name("fleetprov-client".into())
-            .stack_size(super::alloc::WORKER_STACK)
-            .spawn(move || {
-                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    with_client(&inner, |c| {
-                        super::inject::point("client-worker");
-                        op(c)
-                    })
-                }));
-                // Not busy before the callback: it may start the next operation.
-                drop(not_busy);
-                complete(callback, &user, outcome);
-                drop(user);
-                super::alloc::scrub_worker_stack();
-            });
+            .stack_size(super::alloc::WORKER_STACK);
+        let spawned = super::inject::spawn_worker(builder, move || {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                with_client(&inner, |c| {
+                    super::inject::point("client-worker");
+                    op(c)
+                })
+            }));
+            // Not busy before the callback: it may start the next operation.
+            drop(not_busy);
+            complete(callback, &user, outcome);
+            drop(user);
+            super::alloc::scrub_worker_stack();
+        });
         match spawned {
             Ok(h) => {
                 // Stored before the lock is released: fleetprov_client_free() joins it.

@@ -543,6 +543,28 @@ static void case_panic_provision(void) {
     fleetprov_config_free(c);
 }
 
+/* A worker thread that cannot start (FLEETPROV_TEST_FAIL=thread-spawn): FLEETPROV_INTERNAL, not
+ * retryable, no operation handle, the userdata released. */
+static void case_internal_thread_spawn(void) {
+    fleetprov_config *c = refused_config(1);
+    struct waited w;
+    memset(&w, 0, sizeof w);
+    pthread_mutex_init(&w.op_lock, NULL);
+    setenv("FLEETPROV_TEST_FAIL", "thread-spawn", 1);
+    CHECK_RESULT(fleetprov_provision_async(c, waited_done, &w, waited_free, &w.op),
+                 FLEETPROV_INTERNAL);
+    unsetenv("FLEETPROV_TEST_FAIL");
+    CHECK(w.op == NULL);
+    CHECK(atomic_load(&w.done) == 0 && atomic_load(&w.freed) == 1);
+    fleetprov_error *e = fleetprov_last_error();
+    CHECK(e != NULL && fleetprov_error_result(e) == FLEETPROV_INTERNAL);
+    CHECK(e != NULL && !fleetprov_error_is_retryable(e));
+    CHECK(e != NULL && strstr(fleetprov_error_message(e), "cannot start a worker thread") != NULL);
+    fleetprov_error_free(e);
+    fleetprov_config_free(c);
+    pthread_mutex_destroy(&w.op_lock);
+}
+
 /* ---------------------------------------------------------------------------------------- */
 
 static const struct {
@@ -560,6 +582,7 @@ static const struct {
     {"last_error", case_last_error},
     {"panic_host", case_panic_host},
     {"panic_provision", case_panic_provision},
+    {"internal_thread_spawn", case_internal_thread_spawn},
 };
 
 int main(int argc, char **argv) {
