@@ -2,8 +2,7 @@
 
 use std::fmt;
 
-use crate::engine::Step;
-use crate::protocol::{DecodeError, ServiceError};
+use crate::protocol::{DecodeError, ServiceError, Step};
 
 /// Why an operation failed. Texts never contain private keys or ownership tokens.
 #[derive(Debug, Clone, PartialEq, Eq)]

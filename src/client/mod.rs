@@ -27,15 +27,7 @@ pub use tls::Roots;
 /// Largest packet sent or received: AWS IoT's 128 KB payload plus headers.
 const MAX_PACKET: usize = 128 * 1024 + 2048;
 
-/// Severity of a log line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-#[repr(C)]
-pub enum LogLevel {
-    Error = 1,
-    Warn = 2,
-    Info = 3,
-    Debug = 4,
-}
+pub use crate::engine::LogLevel;
 
 /// Receives log lines. Lines never contain private keys or ownership tokens.
 pub type LogFn = Arc<dyn Fn(LogLevel, &str) + Send + Sync>;

@@ -24,7 +24,7 @@ use std::path::PathBuf;
 
 use zeroize::Zeroizing;
 
-use crate::client::LogLevel;
+use super::LogLevel;
 use crate::engine::retry::{Jitter, RetryPolicy};
 use crate::engine::{Action, CertificateSource, Engine, Event, Operation, Outcome, Settings, Step};
 use crate::error::Error;

@@ -2,6 +2,7 @@
 
 pub mod codec;
 pub mod error;
+pub mod step;
 pub mod topics;
 
 pub use codec::{
@@ -9,4 +10,5 @@ pub use codec::{
     decode_rejection, encode_create_keys_request, encode_csr_request, encode_register_request,
 };
 pub use error::ServiceError;
+pub use step::Step;
 pub use topics::{Api, Format, validate_template_name};
