@@ -184,6 +184,42 @@ typedef struct fleetprov_provisioned fleetprov_provisioned;
 // The accepted reply of RegisterThing.
 typedef struct fleetprov_registration fleetprov_registration;
 
+// Completion of a certificate operation started with an `_async` client function. `certificate`
+// is owned by the callee (fleetprov_certificate_free()); `error` as in fleetprov_provision_callback.
+//
+// Thread: the client's worker thread. The client is no longer busy when this runs: it may
+// start the client's next `_async` operation, make blocking calls, or free the client (which
+// then waits for the other workers, not for this one).
+typedef void (*fleetprov_certificate_callback)(void *userdata,
+                                               enum fleetprov_result result,
+                                               struct fleetprov_certificate *certificate,
+                                               const struct fleetprov_error *error);
+
+// Releases a callback's userdata when the library no longer needs it. Called exactly once, from
+// whichever thread drops the last reference (the caller's, or a worker thread) — also when the
+// function that was given it fails (FLEETPROV_BUSY, a NULL argument, ...): the caller never
+// frees userdata it handed over together with a free function. Same rules as the progress
+// callback for what it may call.
+//
+// Rules for every callback of this library:
+// - It must return normally: no C++ exception, longjmp() or thread exit may leave it (the
+//   library's cleanup would be skipped, and unwinding through its frames is undefined).
+// - Blocking calls from inside a progress, log, signer, host transport or userdata_free
+//   callback return FLEETPROV_IN_CALLBACK without doing anything: fleetprov_provision(),
+//   fleetprov_rotate(), the blocking fleetprov_client_* operations and
+//   fleetprov_operation_wait(). The `_async` functions, cancels, getters and frees may be
+//   called (see each callback for freeing the object it belongs to).
+// - Pointers a callback receives are valid only until it returns.
+typedef void (*fleetprov_userdata_free)(void *userdata);
+
+// Completion of fleetprov_client_register_thing_async(). `registration` is owned by the callee
+// (fleetprov_registration_free()); `error` as in fleetprov_provision_callback. Thread and what
+// it may call: as fleetprov_certificate_callback.
+typedef void (*fleetprov_registration_callback)(void *userdata,
+                                                enum fleetprov_result result,
+                                                struct fleetprov_registration *registration,
+                                                const struct fleetprov_error *error);
+
 // Signs for fleetprov_config_set_signer(): ECDSA over `message` (`message_len` bytes) with
 // SHA-256 (P-256) or SHA-384 (P-384); `digest` (`digest_len` bytes) is that hash of the
 // message, for signers that take a digest. Write the signature, DER (ECDSA-Sig-Value) or raw
@@ -202,23 +238,6 @@ typedef int32_t (*fleetprov_sign_callback)(void *userdata,
                                            size_t digest_len,
                                            uint8_t *signature,
                                            size_t *signature_len);
-
-// Releases a callback's userdata when the library no longer needs it. Called exactly once, from
-// whichever thread drops the last reference (the caller's, or a worker thread) — also when the
-// function that was given it fails (FLEETPROV_BUSY, a NULL argument, ...): the caller never
-// frees userdata it handed over together with a free function. Same rules as the progress
-// callback for what it may call.
-//
-// Rules for every callback of this library:
-// - It must return normally: no C++ exception, longjmp() or thread exit may leave it (the
-//   library's cleanup would be skipped, and unwinding through its frames is undefined).
-// - Blocking calls from inside a progress, log, signer, host transport or userdata_free
-//   callback return FLEETPROV_IN_CALLBACK without doing anything: fleetprov_provision(),
-//   fleetprov_rotate(), the blocking fleetprov_client_* operations and
-//   fleetprov_operation_wait(). The `_async` functions, cancels, getters and frees may be
-//   called (see each callback for freeing the object it belongs to).
-// - Pointers a callback receives are valid only until it returns.
-typedef void (*fleetprov_userdata_free)(void *userdata);
 
 // Receives log lines.
 //
@@ -254,40 +273,6 @@ typedef struct fleetprov_progress {
 // of the client running it is deferred).
 typedef void (*fleetprov_progress_callback)(void *userdata,
                                             const struct fleetprov_progress *progress);
-
-// Completion of fleetprov_provision_async().
-//
-// Thread: a library worker thread, once per operation; two operations may complete at once on
-// two threads. On success `provisioned` is a new object owned by the callee (free it with
-// fleetprov_provisioned_free()) and `error` is NULL; on failure `provisioned` is NULL and
-// `error` describes the failure, valid only during the call.
-//
-// What it may call: anything, blocking calls included, except fleetprov_operation_wait() on its
-// own operation (FLEETPROV_IN_CALLBACK). fleetprov_operation_free() on its own operation frees
-// the handle; the worker then finishes on its own (userdata_free runs after this callback).
-typedef void (*fleetprov_provision_callback)(void *userdata,
-                                             enum fleetprov_result result,
-                                             struct fleetprov_provisioned *provisioned,
-                                             const struct fleetprov_error *error);
-
-// Completion of a certificate operation started with an `_async` client function. `certificate`
-// is owned by the callee (fleetprov_certificate_free()); `error` as in fleetprov_provision_callback.
-//
-// Thread: the client's worker thread. The client is no longer busy when this runs: it may
-// start the client's next `_async` operation, make blocking calls, or free the client (which
-// then waits for the other workers, not for this one).
-typedef void (*fleetprov_certificate_callback)(void *userdata,
-                                               enum fleetprov_result result,
-                                               struct fleetprov_certificate *certificate,
-                                               const struct fleetprov_error *error);
-
-// Completion of fleetprov_client_register_thing_async(). `registration` is owned by the callee
-// (fleetprov_registration_free()); `error` as in fleetprov_provision_callback. Thread and what
-// it may call: as fleetprov_certificate_callback.
-typedef void (*fleetprov_registration_callback)(void *userdata,
-                                                enum fleetprov_result result,
-                                                struct fleetprov_registration *registration,
-                                                const struct fleetprov_error *error);
 
 // Credentials the host must connect with, as given to fleetprov_host_callbacks.connect.
 typedef struct fleetprov_identity {
@@ -338,9 +323,108 @@ typedef struct fleetprov_host_callbacks {
   int32_t (*publish)(void *userdata, const char *topic, const uint8_t *payload, size_t len);
 } fleetprov_host_callbacks;
 
+// Completion of fleetprov_provision_async().
+//
+// Thread: a library worker thread, once per operation; two operations may complete at once on
+// two threads. On success `provisioned` is a new object owned by the callee (free it with
+// fleetprov_provisioned_free()) and `error` is NULL; on failure `provisioned` is NULL and
+// `error` describes the failure, valid only during the call.
+//
+// What it may call: anything, blocking calls included, except fleetprov_operation_wait() on its
+// own operation (FLEETPROV_IN_CALLBACK). fleetprov_operation_free() on its own operation frees
+// the handle; the worker then finishes on its own (userdata_free runs after this callback).
+typedef void (*fleetprov_provision_callback)(void *userdata,
+                                             enum fleetprov_result result,
+                                             struct fleetprov_provisioned *provisioned,
+                                             const struct fleetprov_error *error);
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
+
+// Creates a cancellation switch, not triggered. Writes it to `*out`.
+enum fleetprov_result fleetprov_cancel_new(struct fleetprov_cancel **out);
+
+// Triggers the switch: every blocking call of a config it is set on stops at its next step
+// with FLEETPROV_CANCELLED, keeping the resume journal (a later call resumes), and so does every
+// later call until fleetprov_cancel_reset(). A call whose credentials were already committed
+// reports its success. Async-signal-safe (one atomic store): it may be called from a signal
+// handler, and from any thread. NULL is a no-op.
+void fleetprov_cancel_trigger(const struct fleetprov_cancel *cancel);
+
+// Whether the switch was triggered (and not reset since); false for NULL.
+bool fleetprov_cancel_is_triggered(const struct fleetprov_cancel *cancel);
+
+// Untriggers the switch, so that later calls run.
+enum fleetprov_result fleetprov_cancel_reset(struct fleetprov_cancel *cancel);
+
+// Frees the switch. A config it was set on keeps working with it (it holds a reference); a
+// signal handler must not trigger it after this. NULL is a no-op.
+void fleetprov_cancel_free(struct fleetprov_cancel *cancel);
+
+// Creates a client from `config` (copied: endpoint, credentials, timeouts, format, callbacks,
+// template and parameters). Checks the credentials; does not connect yet. Writes it to `*out`.
+enum fleetprov_result fleetprov_client_new(const struct fleetprov_config *config,
+                                           struct fleetprov_client **out);
+
+// Cancels the client's running `_async` operations, waits for their callbacks (except the one
+// it is called from) and their userdata_free, disconnects and frees the client. NULL is a
+// no-op. From a progress or log callback of a blocking call on this client, the free is
+// deferred until that call returns (make no further call on the client). Otherwise it must not
+// run while another thread is inside a call on the same client.
+void fleetprov_client_free(struct fleetprov_client *client);
+
+// Asks the running operation of this client to stop with FLEETPROV_CANCELLED. Thread-safe.
+enum fleetprov_result fleetprov_client_cancel(struct fleetprov_client *client);
+
+// Connects now (operations also connect when needed). Blocking; callbacks on this thread.
+enum fleetprov_result fleetprov_client_connect(struct fleetprov_client *client);
+
+// CreateKeysAndCertificate, blocking. On success writes a new certificate (with its private
+// key) to `*out`; free it with fleetprov_certificate_free().
+enum fleetprov_result fleetprov_client_create_keys_and_certificate(struct fleetprov_client *client,
+                                                                   struct fleetprov_certificate **out);
+
+// CreateKeysAndCertificate on a worker thread; `callback` gets the outcome (see
+// fleetprov_certificate_callback), then `userdata_free` (may be NULL) is called on `userdata`.
+enum fleetprov_result fleetprov_client_create_keys_and_certificate_async(struct fleetprov_client *client,
+                                                                         fleetprov_certificate_callback callback,
+                                                                         void *userdata,
+                                                                         fleetprov_userdata_free userdata_free);
+
+// CreateCertificateFromCsr, blocking, with `csr_pem`. `key_pem` (may be NULL) is the key the
+// CSR was made from; when given, the returned certificate is checked against it
+// (FLEETPROV_CERTIFICATE_MISMATCH). On success writes a new certificate to `*out`.
+enum fleetprov_result fleetprov_client_create_certificate_from_csr(struct fleetprov_client *client,
+                                                                   const char *csr_pem,
+                                                                   const char *key_pem,
+                                                                   struct fleetprov_certificate **out);
+
+// CreateCertificateFromCsr on a worker thread (arguments copied); see
+// fleetprov_client_create_keys_and_certificate_async().
+enum fleetprov_result fleetprov_client_create_certificate_from_csr_async(struct fleetprov_client *client,
+                                                                         const char *csr_pem,
+                                                                         const char *key_pem,
+                                                                         fleetprov_certificate_callback callback,
+                                                                         void *userdata,
+                                                                         fleetprov_userdata_free userdata_free);
+
+// RegisterThing, blocking, for `certificate` (its ownership token) with template
+// `template_name` (NULL: the config's) and the config's parameters. On success writes a new
+// registration to `*out` (free with fleetprov_registration_free()).
+enum fleetprov_result fleetprov_client_register_thing(struct fleetprov_client *client,
+                                                      const struct fleetprov_certificate *certificate,
+                                                      const char *template_name,
+                                                      struct fleetprov_registration **out);
+
+// RegisterThing on a worker thread (arguments copied); `callback` gets the outcome (see
+// fleetprov_registration_callback), then `userdata_free` is called on `userdata`.
+enum fleetprov_result fleetprov_client_register_thing_async(struct fleetprov_client *client,
+                                                            const struct fleetprov_certificate *certificate,
+                                                            const char *template_name,
+                                                            fleetprov_registration_callback callback,
+                                                            void *userdata,
+                                                            fleetprov_userdata_free userdata_free);
 
 // Creates a configuration with defaults: port 8883, system roots, keep-alive 60 s, JSON,
 // 10 s per step, 60 s overall, FLEETPROV_METHOD_CSR with a P-256 key, verification on, no
@@ -483,26 +567,6 @@ enum fleetprov_result fleetprov_config_set_token_lifetime(struct fleetprov_confi
 enum fleetprov_result fleetprov_config_set_reprovision(struct fleetprov_config *config,
                                                        bool reprovision);
 
-// Creates a cancellation switch, not triggered. Writes it to `*out`.
-enum fleetprov_result fleetprov_cancel_new(struct fleetprov_cancel **out);
-
-// Triggers the switch: every blocking call of a config it is set on stops at its next step
-// with FLEETPROV_CANCELLED, keeping the resume journal (a later call resumes), and so does every
-// later call until fleetprov_cancel_reset(). A call whose credentials were already committed
-// reports its success. Async-signal-safe (one atomic store): it may be called from a signal
-// handler, and from any thread. NULL is a no-op.
-void fleetprov_cancel_trigger(const struct fleetprov_cancel *cancel);
-
-// Whether the switch was triggered (and not reset since); false for NULL.
-bool fleetprov_cancel_is_triggered(const struct fleetprov_cancel *cancel);
-
-// Untriggers the switch, so that later calls run.
-enum fleetprov_result fleetprov_cancel_reset(struct fleetprov_cancel *cancel);
-
-// Frees the switch. A config it was set on keeps working with it (it holds a reference); a
-// signal handler must not trigger it after this. NULL is a no-op.
-void fleetprov_cancel_free(struct fleetprov_cancel *cancel);
-
 // Makes fleetprov_provision() and fleetprov_rotate() with this config stop when `cancel` is
 // triggered (NULL: no switch, the default). The config holds a reference to the switch.
 // Asynchronous operations have their own (fleetprov_operation_cancel()).
@@ -523,118 +587,6 @@ enum fleetprov_result fleetprov_config_set_progress_callback(struct fleetprov_co
                                                              fleetprov_progress_callback callback,
                                                              void *userdata,
                                                              fleetprov_userdata_free userdata_free);
-
-// Rotates the certificate of a provisioned device, blocking: connects with the credentials in
-// `credentials_dir` (certificate.pem, private.key and device.json, as fleetprov_provision()
-// wrote them; the thing name is the client id unless the config sets one) instead of a claim
-// certificate, which the config need not have; creates a new certificate (the config's method,
-// normally FLEETPROV_METHOD_CSR) and registers it through the config's template (a rotation
-// template); connects with it; and only then replaces the credentials in `credentials_dir`
-// (or the output directory, if one is set), atomically. Until that moment the old credentials
-// stay as they were. Unless the config sets a state directory, the resume journal lives in
-// `credentials_dir`/rotation-journal. The old certificate stays active in AWS IoT. On success
-// writes a new result to `*out` (free with fleetprov_provisioned_free()).
-enum fleetprov_result fleetprov_rotate(const struct fleetprov_config *config,
-                                       const char *credentials_dir,
-                                       struct fleetprov_provisioned **out);
-
-// Provisions a device in one call, blocking: connects with the claim certificate, creates the
-// certificate, registers the thing, checks the certificate against the key, connects once with
-// the new credentials (unless verification is off) and writes them to the output directory if
-// one is set. On success writes a new result to `*out` (free with fleetprov_provisioned_free()).
-// Callbacks run on the calling thread. Thread-safe with respect to other configs.
-enum fleetprov_result fleetprov_provision(const struct fleetprov_config *config,
-                                          struct fleetprov_provisioned **out);
-
-// Starts the one-call flow on a library worker thread and returns at once, writing an
-// operation handle to `*out`. `callback` is called exactly once, on the worker thread, with
-// the outcome (see fleetprov_provision_callback); progress and log callbacks also run there.
-// `userdata_free` (may be NULL) is called on `userdata` after the callback returned. The
-// config is copied: it may be freed right away.
-enum fleetprov_result fleetprov_provision_async(const struct fleetprov_config *config,
-                                                fleetprov_provision_callback callback,
-                                                void *userdata,
-                                                fleetprov_userdata_free userdata_free,
-                                                struct fleetprov_operation **out);
-
-// Asks the operation to stop; its callback then reports FLEETPROV_CANCELLED (unless it had
-// already finished). Thread-safe; may be called from any thread, callbacks included.
-enum fleetprov_result fleetprov_operation_cancel(struct fleetprov_operation *operation);
-
-// Blocks until the operation's callback has returned and its userdata was released. Any
-// number of threads may wait at once; each returns only then. From the operation's own
-// callback (which would wait for itself) or from any progress or log callback it returns
-// FLEETPROV_IN_CALLBACK without waiting.
-enum fleetprov_result fleetprov_operation_wait(struct fleetprov_operation *operation);
-
-// Cancels the operation if still running, waits until its callback returned and its userdata
-// was released (unless called from that callback: then the worker finishes on its own) and frees
-// the handle. NULL is a no-op. Call it once, after every other call on the operation returned.
-void fleetprov_operation_free(struct fleetprov_operation *operation);
-
-// Creates a client from `config` (copied: endpoint, credentials, timeouts, format, callbacks,
-// template and parameters). Checks the credentials; does not connect yet. Writes it to `*out`.
-enum fleetprov_result fleetprov_client_new(const struct fleetprov_config *config,
-                                           struct fleetprov_client **out);
-
-// Cancels the client's running `_async` operations, waits for their callbacks (except the one
-// it is called from) and their userdata_free, disconnects and frees the client. NULL is a
-// no-op. From a progress or log callback of a blocking call on this client, the free is
-// deferred until that call returns (make no further call on the client). Otherwise it must not
-// run while another thread is inside a call on the same client.
-void fleetprov_client_free(struct fleetprov_client *client);
-
-// Asks the running operation of this client to stop with FLEETPROV_CANCELLED. Thread-safe.
-enum fleetprov_result fleetprov_client_cancel(struct fleetprov_client *client);
-
-// Connects now (operations also connect when needed). Blocking; callbacks on this thread.
-enum fleetprov_result fleetprov_client_connect(struct fleetprov_client *client);
-
-// CreateKeysAndCertificate, blocking. On success writes a new certificate (with its private
-// key) to `*out`; free it with fleetprov_certificate_free().
-enum fleetprov_result fleetprov_client_create_keys_and_certificate(struct fleetprov_client *client,
-                                                                   struct fleetprov_certificate **out);
-
-// CreateKeysAndCertificate on a worker thread; `callback` gets the outcome (see
-// fleetprov_certificate_callback), then `userdata_free` (may be NULL) is called on `userdata`.
-enum fleetprov_result fleetprov_client_create_keys_and_certificate_async(struct fleetprov_client *client,
-                                                                         fleetprov_certificate_callback callback,
-                                                                         void *userdata,
-                                                                         fleetprov_userdata_free userdata_free);
-
-// CreateCertificateFromCsr, blocking, with `csr_pem`. `key_pem` (may be NULL) is the key the
-// CSR was made from; when given, the returned certificate is checked against it
-// (FLEETPROV_CERTIFICATE_MISMATCH). On success writes a new certificate to `*out`.
-enum fleetprov_result fleetprov_client_create_certificate_from_csr(struct fleetprov_client *client,
-                                                                   const char *csr_pem,
-                                                                   const char *key_pem,
-                                                                   struct fleetprov_certificate **out);
-
-// CreateCertificateFromCsr on a worker thread (arguments copied); see
-// fleetprov_client_create_keys_and_certificate_async().
-enum fleetprov_result fleetprov_client_create_certificate_from_csr_async(struct fleetprov_client *client,
-                                                                         const char *csr_pem,
-                                                                         const char *key_pem,
-                                                                         fleetprov_certificate_callback callback,
-                                                                         void *userdata,
-                                                                         fleetprov_userdata_free userdata_free);
-
-// RegisterThing, blocking, for `certificate` (its ownership token) with template
-// `template_name` (NULL: the config's) and the config's parameters. On success writes a new
-// registration to `*out` (free with fleetprov_registration_free()).
-enum fleetprov_result fleetprov_client_register_thing(struct fleetprov_client *client,
-                                                      const struct fleetprov_certificate *certificate,
-                                                      const char *template_name,
-                                                      struct fleetprov_registration **out);
-
-// RegisterThing on a worker thread (arguments copied); `callback` gets the outcome (see
-// fleetprov_registration_callback), then `userdata_free` is called on `userdata`.
-enum fleetprov_result fleetprov_client_register_thing_async(struct fleetprov_client *client,
-                                                            const struct fleetprov_certificate *certificate,
-                                                            const char *template_name,
-                                                            fleetprov_registration_callback callback,
-                                                            void *userdata,
-                                                            fleetprov_userdata_free userdata_free);
 
 // Creates a host-transport flow from `config` (template, parameters, method, key type or CSR,
 // verify, output and state directories, format, timeouts, retries, callbacks; the claim
@@ -704,6 +656,54 @@ enum fleetprov_result fleetprov_host_wake_at(const struct fleetprov_host *host, 
 // error (every call). FLEETPROV_PANIC when a panic inside the library (a bug) ended the flow.
 enum fleetprov_result fleetprov_host_result(struct fleetprov_host *host,
                                             struct fleetprov_provisioned **out);
+
+// Starts the one-call flow on a library worker thread and returns at once, writing an
+// operation handle to `*out`. `callback` is called exactly once, on the worker thread, with
+// the outcome (see fleetprov_provision_callback); progress and log callbacks also run there.
+// `userdata_free` (may be NULL) is called on `userdata` after the callback returned. The
+// config is copied: it may be freed right away.
+enum fleetprov_result fleetprov_provision_async(const struct fleetprov_config *config,
+                                                fleetprov_provision_callback callback,
+                                                void *userdata,
+                                                fleetprov_userdata_free userdata_free,
+                                                struct fleetprov_operation **out);
+
+// Asks the operation to stop; its callback then reports FLEETPROV_CANCELLED (unless it had
+// already finished). Thread-safe; may be called from any thread, callbacks included.
+enum fleetprov_result fleetprov_operation_cancel(struct fleetprov_operation *operation);
+
+// Blocks until the operation's callback has returned and its userdata was released. Any
+// number of threads may wait at once; each returns only then. From the operation's own
+// callback (which would wait for itself) or from any progress or log callback it returns
+// FLEETPROV_IN_CALLBACK without waiting.
+enum fleetprov_result fleetprov_operation_wait(struct fleetprov_operation *operation);
+
+// Cancels the operation if still running, waits until its callback returned and its userdata
+// was released (unless called from that callback: then the worker finishes on its own) and frees
+// the handle. NULL is a no-op. Call it once, after every other call on the operation returned.
+void fleetprov_operation_free(struct fleetprov_operation *operation);
+
+// Rotates the certificate of a provisioned device, blocking: connects with the credentials in
+// `credentials_dir` (certificate.pem, private.key and device.json, as fleetprov_provision()
+// wrote them; the thing name is the client id unless the config sets one) instead of a claim
+// certificate, which the config need not have; creates a new certificate (the config's method,
+// normally FLEETPROV_METHOD_CSR) and registers it through the config's template (a rotation
+// template); connects with it; and only then replaces the credentials in `credentials_dir`
+// (or the output directory, if one is set), atomically. Until that moment the old credentials
+// stay as they were. Unless the config sets a state directory, the resume journal lives in
+// `credentials_dir`/rotation-journal. The old certificate stays active in AWS IoT. On success
+// writes a new result to `*out` (free with fleetprov_provisioned_free()).
+enum fleetprov_result fleetprov_rotate(const struct fleetprov_config *config,
+                                       const char *credentials_dir,
+                                       struct fleetprov_provisioned **out);
+
+// Provisions a device in one call, blocking: connects with the claim certificate, creates the
+// certificate, registers the thing, checks the certificate against the key, connects once with
+// the new credentials (unless verification is off) and writes them to the output directory if
+// one is set. On success writes a new result to `*out` (free with fleetprov_provisioned_free()).
+// Callbacks run on the calling thread. Thread-safe with respect to other configs.
+enum fleetprov_result fleetprov_provision(const struct fleetprov_config *config,
+                                          struct fleetprov_provisioned **out);
 
 // The name of a result code ("FLEETPROV_OK", ...); "FLEETPROV_UNKNOWN" for other values.
 // The string is static. Thread-safe.

@@ -7,7 +7,8 @@ use std::ffi::{CString, c_char, c_void};
 use std::ptr;
 use std::sync::{Mutex, MutexGuard, TryLockError};
 
-use super::handles::{config_ref, fleetprov_config, provisioned_object};
+use super::config::{config_ref, fleetprov_config};
+use super::provision::provisioned_object;
 use super::types::*;
 use crate::engine::flow::{Flow, FlowAction, FlowEvent, FlowSpec, Identity, Provisioned};
 use crate::error::Error;

@@ -7,13 +7,24 @@
 #![allow(non_camel_case_types)]
 #![allow(clippy::missing_safety_doc)]
 
-mod alloc;
-mod handles;
+// One file per handle (cancel, client, config, host, operation, provision's result), the
+// shared types and the panic boundary in types.rs.
+mod cancel;
+mod client;
+mod config;
 mod host;
-mod inject;
+mod operation;
+mod provision;
 mod types;
 
+mod alloc;
+mod inject;
+
 pub use alloc::WipingAllocator;
-pub use handles::*;
+pub use cancel::*;
+pub use client::*;
+pub use config::*;
 pub use host::*;
+pub use operation::*;
+pub use provision::*;
 pub use types::*;
