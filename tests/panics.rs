@@ -8,29 +8,18 @@
 //! One test (the environment variable is process-wide), run in its own process; no server: the
 //! connections go to a loopback port that refuses them.
 
+mod common;
+
 use std::ffi::{CStr, CString, c_char, c_void};
 use std::net::TcpListener;
 use std::ptr;
 use std::sync::mpsc;
 
+use common::{last_error, ok};
 use fleetprov::ffi::*;
 use fleetprov_result::*;
 
 const PANIC_TEXT: &str = "internal error: the library panicked";
-
-fn last_error() -> String {
-    let mut buf = vec![0 as c_char; 512];
-    // SAFETY: a buffer of the length given.
-    unsafe { fleetprov_last_error_message(buf.as_mut_ptr(), buf.len(), ptr::null_mut()) };
-    // SAFETY: NUL-terminated by the library.
-    unsafe { CStr::from_ptr(buf.as_ptr()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn ok(r: fleetprov_result) {
-    assert_eq!(r, FLEETPROV_OK, "{}", last_error());
-}
 
 /// Runs `body` with `site` armed.
 fn panicking<R>(site: &str, body: impl FnOnce() -> R) -> R {

@@ -12,22 +12,9 @@ use std::ptr;
 use std::sync::mpsc;
 use std::time::Duration;
 
+use common::{last_error, ok};
 use fleetprov::ffi::*;
 use fleetprov_result::*;
-
-fn last_error() -> String {
-    let mut buf = vec![0 as c_char; 512];
-    // SAFETY: a buffer of the length given.
-    unsafe { fleetprov_last_error_message(buf.as_mut_ptr(), buf.len(), ptr::null_mut()) };
-    // SAFETY: NUL-terminated by the library.
-    unsafe { CStr::from_ptr(buf.as_ptr()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn ok(r: fleetprov_result) {
-    assert_eq!(r, FLEETPROV_OK, "{}", last_error());
-}
 
 fn cs(s: &str) -> CString {
     CString::new(s).unwrap()

@@ -427,17 +427,23 @@ static void *waiter(void *arg) {
     return NULL;
 }
 
+/* Starts provisioning against the refusing port (`attempts` attempts, 50 ms apart) on a worker
+ * thread, reporting to `w`; `w->op` is stored before the callback can look at it. */
+static void start_waited(struct waited *w, uint32_t attempts) {
+    fleetprov_config *c = refused_config(attempts);
+    memset(w, 0, sizeof *w);
+    pthread_mutex_init(&w->op_lock, NULL);
+    pthread_mutex_lock(&w->op_lock);
+    CHECK_RESULT(fleetprov_provision_async(c, waited_done, w, waited_free, &w->op), FLEETPROV_OK);
+    pthread_mutex_unlock(&w->op_lock);
+    fleetprov_config_free(c);
+}
+
 /* Two threads wait for one operation: each returns only after its callback and userdata_free;
  * the callback's own wait is refused; free after the waits. */
 static void case_two_waiters(void) {
-    fleetprov_config *c = refused_config(3); /* about 100 ms of retries */
     struct waited w;
-    memset(&w, 0, sizeof w);
-    pthread_mutex_init(&w.op_lock, NULL);
-    pthread_mutex_lock(&w.op_lock);
-    CHECK_RESULT(fleetprov_provision_async(c, waited_done, &w, waited_free, &w.op), FLEETPROV_OK);
-    pthread_mutex_unlock(&w.op_lock);
-    fleetprov_config_free(c);
+    start_waited(&w, 3); /* about 100 ms of retries */
     pthread_t a, b;
     pthread_create(&a, NULL, waiter, &w);
     pthread_create(&b, NULL, waiter, &w);
@@ -451,14 +457,8 @@ static void case_two_waiters(void) {
 /* fleetprov_operation_free while the operation runs: cancels it and returns only after the
  * callback and userdata_free. */
 static void case_free_running_operation(void) {
-    fleetprov_config *c = refused_config(5);
     struct waited w;
-    memset(&w, 0, sizeof w);
-    pthread_mutex_init(&w.op_lock, NULL);
-    pthread_mutex_lock(&w.op_lock);
-    CHECK_RESULT(fleetprov_provision_async(c, waited_done, &w, waited_free, &w.op), FLEETPROV_OK);
-    pthread_mutex_unlock(&w.op_lock);
-    fleetprov_config_free(c);
+    start_waited(&w, 5);
     CHECK_RESULT(fleetprov_operation_cancel(w.op), FLEETPROV_OK);
     fleetprov_operation_free(w.op);
     CHECK(atomic_load(&w.done) == 1 && atomic_load(&w.freed) == 1);

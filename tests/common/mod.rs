@@ -91,3 +91,30 @@ pub fn device_certificates(emu: &Emulator) -> Vec<(String, String)> {
         .filter(|(id, _)| *id != claim)
         .collect()
 }
+
+/// This thread's last error text from the C API (`fleetprov_last_error_message`).
+pub fn last_error() -> String {
+    let mut buf = vec![0 as std::ffi::c_char; 512];
+    // SAFETY: a buffer of the length given.
+    unsafe {
+        fleetprov::ffi::fleetprov_last_error_message(
+            buf.as_mut_ptr(),
+            buf.len(),
+            std::ptr::null_mut(),
+        )
+    };
+    // SAFETY: NUL-terminated by the library.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Asserts that a C API call succeeded, with the last error's text if not.
+pub fn ok(r: fleetprov::ffi::fleetprov_result) {
+    assert_eq!(
+        r,
+        fleetprov::ffi::fleetprov_result::FLEETPROV_OK,
+        "{}",
+        last_error()
+    );
+}
