@@ -267,21 +267,11 @@ pub(crate) async fn drive(
         }
     }
     .await;
-    if let Some(c) = conn.take() {
-        // Let the DISCONNECT go out, briefly.
-        let Live {
-            client, mut events, ..
-        } = c;
-        let _ = client.try_disconnect();
-        let _ = tokio::time::timeout(std::time::Duration::from_millis(200), async {
-            loop {
-                match events.poll().await {
-                    Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await;
+    if let Some(Live {
+        client, mut events, ..
+    }) = conn.take()
+    {
+        super::close(&client, &mut events).await;
     }
     result
 }

@@ -110,6 +110,24 @@ impl Config {
     }
 }
 
+/// How long a connection being closed may take to get its DISCONNECT out.
+const DISCONNECT_GRACE: Duration = Duration::from_millis(300);
+
+/// Sends DISCONNECT and drives the event loop until it is out (or the connection failed), for
+/// [`DISCONNECT_GRACE`] at most: the one close every transport of the library uses.
+pub(crate) async fn close(client: &AsyncClient, events: &mut EventLoop) {
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(DISCONNECT_GRACE, async {
+        loop {
+            match events.poll().await {
+                Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
 /// How often a running operation looks at its cancel flag.
 const CANCEL_POLL: Duration = Duration::from_millis(20);
 
@@ -334,19 +352,7 @@ impl Client {
             let Connection {
                 client, mut events, ..
             } = conn;
-            let _ = client.try_disconnect();
-            // Let the DISCONNECT go out, briefly.
-            self.runtime.block_on(async {
-                let _ = tokio::time::timeout(Duration::from_millis(500), async {
-                    loop {
-                        match events.poll().await {
-                            Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                            Ok(_) => {}
-                        }
-                    }
-                })
-                .await;
-            });
+            self.runtime.block_on(close(&client, &mut events));
         }
     }
 
