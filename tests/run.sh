@@ -43,7 +43,8 @@ cargo test --workspace --locked
 
 step "emulator: --bind ::1 (needs an IPv6 loopback)"
 if python3 -c 'import socket; s = socket.socket(socket.AF_INET6); s.bind(("::1", 0))' 2>/dev/null; then
-    cargo test --locked -p fleetprov-emulator --test cli -- --ignored --exact bind_ipv6_loopback
+    # --workspace: the same feature set as the run above, so nothing is rebuilt.
+    cargo test --workspace --locked --test cli -- --ignored --exact bind_ipv6_loopback
 else
     echo "skipped: bind_ipv6_loopback (this machine has no IPv6 loopback)"
 fi
