@@ -16,6 +16,9 @@ pub struct Material {
     pub private_key_pem: String,
     pub certificate_id: String,
     pub csr_pem: String,
+    /// The ownership token of the replies built here: different in each process, so a fuzz
+    /// input cannot easily carry it elsewhere (a log line must never show it).
+    pub token: String,
 }
 
 pub fn material() -> &'static Material {
@@ -32,6 +35,7 @@ pub fn material() -> &'static Material {
         let certificate_id =
             fleetprov::keys::certificate_id(&certificate_pem).expect("certificate id");
         Material {
+            token: format!("token-{}", &certificate_id[..24]),
             certificate_pem,
             private_key_pem: key.serialize_pem(),
             certificate_id,
@@ -57,7 +61,7 @@ pub fn certificate_reply(with_key: bool) -> Value {
     let mut v = json!({
         "certificateId": m.certificate_id,
         "certificatePem": m.certificate_pem,
-        "certificateOwnershipToken": "fuzz-ownership-token",
+        "certificateOwnershipToken": m.token,
     });
     if with_key {
         v["privateKey"] = json!(m.private_key_pem);

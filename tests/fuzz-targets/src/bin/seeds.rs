@@ -2,6 +2,8 @@
 //! layouts in `fleetprov_fuzz`: valid replies of every API in JSON and CBOR and their topics,
 //! journals as the library writes them, and host event sequences that provision successfully.
 //!
+//! The certificate and key are made anew each time, so every file with them changes.
+//!
 //! cd tests/fuzz-targets && cargo run --bin seeds
 
 use std::collections::BTreeMap;
