@@ -4,7 +4,9 @@
 //!
 //! The certificate and key are made anew each time, so every file with them changes.
 //!
-//! cd tests/fuzz-targets && cargo run --bin seeds
+//! From the repository root:
+//! cargo +nightly fuzz build --fuzz-dir tests/fuzz-targets
+//! tests/fuzz-targets/target/x86_64-unknown-linux-gnu/release/seeds
 
 use std::collections::BTreeMap;
 use std::fs;
