@@ -1,4 +1,4 @@
-//! Certificate rotation (issue 6 item 4) against the emulator: a provisioned device gets a new
+//! Certificate rotation against the emulator: a provisioned device gets a new
 //! certificate with its current one, through RotationTemplate, and its credentials are replaced
 //! only after the new certificate connected.
 

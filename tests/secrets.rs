@@ -1,4 +1,4 @@
-//! Issue 5 item 7: every flow, with the most verbose logging, against the emulator; fails if a
+//! Every flow, with the most verbose logging, against the emulator; fails if a
 //! private key or an ownership token appears in a log line, a progress report, an error text or
 //! the `Debug` output of anything the library hands out.
 //!
