@@ -215,6 +215,7 @@ pub fn prepare(request: &Request) -> Result<(FlowSpec, Option<Journal>), Error> 
         already_provisioned(request, journal.as_ref())?
     };
     let (source, device_key) = match &request.method {
+        // No key or CSR for a flow that ends at start with the credentials in place.
         _ if existing.is_some() => (CertificateSource::CreateKeys, None),
         Method::CreateKeys => (CertificateSource::CreateKeys, None),
         Method::Csr(kind) => {

@@ -191,7 +191,8 @@ pub(crate) async fn drive(
                 }
                 wake = wake.min(until);
             }
-            let cancellable = !(deferred && cancel.is_cancelled());
+            // Past this point a cancel seen is a deferred one: wake for new cancels only.
+            let cancellable = !cancel.is_cancelled();
             let event = match &mut conn {
                 Some(c) => tokio::select! {
                     ev = c.events.poll() => Some(ev),
