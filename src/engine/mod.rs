@@ -410,7 +410,16 @@ impl Engine {
             && let Err(e) =
                 keys::certificate_matches_key(&certificate.certificate_pem, key.expose())
         {
-            return self.finish(Err(e.into()), out);
+            // The device's own key was checked before it was used: what cannot be read here
+            // is the reply's certificate (or, from CreateKeysAndCertificate, its key).
+            let e = match e {
+                keys::KeyError::Mismatch => Error::CertificateMismatch,
+                other => Error::MalformedReply(protocol::DecodeError {
+                    what: format!("{} accepted", api.name()),
+                    reason: other.to_string(),
+                }),
+            };
+            return self.finish(Err(e), out);
         }
         self.enter(Step::CertificateCreated, now, out);
         match self.op.clone() {

@@ -413,6 +413,20 @@ fn certificate_for_another_key_is_refused() {
 }
 
 #[test]
+fn a_certificate_that_cannot_be_read_is_a_malformed_reply() {
+    let m = material();
+    let garbage = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+    let (_, a) = after_csr_reply(&m, garbage);
+    match done(&a) {
+        Some(Err(Error::MalformedReply(e))) => {
+            assert_eq!(e.what, "CreateCertificateFromCsr accepted");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(published(&a).is_empty(), "no RegisterThing for it");
+}
+
+#[test]
 fn create_keys_checks_the_returned_key_and_disconnect_fails() {
     let m = material();
     let op = Operation::CreateCertificate(CertificateSource::CreateKeys);

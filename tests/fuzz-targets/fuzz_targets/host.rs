@@ -270,10 +270,9 @@ struct Outcome {
     taken: bool,
 }
 
-/// The codes a flow can end with. FLEETPROV_INVALID_ARGUMENT is among them: a certificate
-/// reply whose PEM the key check cannot read ends the flow with it ("unusable PEM").
-const FLOW_FAILURES: [fleetprov_result; 9] = [
-    FLEETPROV_INVALID_ARGUMENT,
+/// The codes a flow can end with (a certificate reply whose PEM cannot be read is a
+/// FLEETPROV_MALFORMED_REPLY like any other bad reply).
+const FLOW_FAILURES: [fleetprov_result; 8] = [
     FLEETPROV_TLS,
     FLEETPROV_CONNECTION,
     FLEETPROV_TIMEOUT,
