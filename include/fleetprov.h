@@ -33,6 +33,12 @@
 #define FLEETPROV_VERSION_PATCH 0
 
 
+// A storage callback's return value: done (a load found the blob).
+#define FLEETPROV_STORAGE_OK 0
+
+// A load callback's return value: there is no blob of that name (not an error).
+#define FLEETPROV_STORAGE_NOT_FOUND 1
+
 // Result of every fallible function. Numbers are never reused.
 typedef enum fleetprov_result {
   // Success.
@@ -337,6 +343,47 @@ typedef void (*fleetprov_provision_callback)(void *userdata,
                                              enum fleetprov_result result,
                                              struct fleetprov_provisioned *provisioned,
                                              const struct fleetprov_error *error);
+
+// A store of named blobs the firmware owns, for fleetprov_config_set_storage().
+//
+// The library stores four blobs, by these names:
+// - "journal": the resume journal (holds the private key and the ownership token while a
+//   provisioning is in progress: keep it as secret as the key),
+// - "private.key": the device's private key, PEM (secret),
+// - "certificate.pem": the device certificate, PEM,
+// - "device.json": thingName, certificateId and deviceConfiguration, JSON.
+//
+// A commit removes "device.json", stores "private.key" and "certificate.pem", then
+// "device.json": a present "device.json" means a complete, matching set.
+//
+// Contract of each callback (all three are required):
+// - store: replace the blob `name` with `len` bytes at `data`, **atomically**: after a crash
+//   or power loss at any point a later load gives the old content or the new, never a mix or
+//   a truncation (write a new copy, then switch to it). Return FLEETPROV_STORAGE_OK, or any
+//   other value on failure.
+// - load: if there is no blob `name`, return FLEETPROV_STORAGE_NOT_FOUND. Otherwise write its
+//   size to `*len`, copy it into `buf` if it fits in `capacity` bytes, and return
+//   FLEETPROV_STORAGE_OK; when it did not fit, the library calls again with a buffer of at
+//   least `*len` bytes. Any other return value is a failure.
+// - remove: delete the blob `name`; no such blob is success. Return FLEETPROV_STORAGE_OK, or
+//   any other value on failure.
+//
+// A failure ends the provisioning with FLEETPROV_STORAGE and loses nothing: what was committed
+// stays, the journal keeps a pending certificate for the next call.
+//
+// Thread: called on the thread running the provisioning (the caller of fleetprov_provision(),
+// fleetprov_rotate() or the fleetprov_host_* functions, or the worker thread of an `_async`
+// call), never two at once for one config. May not make blocking calls
+// (FLEETPROV_IN_CALLBACK, see fleetprov_userdata_free). `name` and the buffers are valid only
+// during the call; do not log `data` or `buf` (they hold keys and tokens).
+typedef struct fleetprov_storage {
+  // sizeof(fleetprov_storage): lets later versions grow this struct without breaking
+  // callers built against this one.
+  size_t size;
+  int32_t (*load)(void *userdata, const char *name, uint8_t *buf, size_t capacity, size_t *len);
+  int32_t (*store)(void *userdata, const char *name, const uint8_t *data, size_t len);
+  int32_t (*remove)(void *userdata, const char *name);
+} fleetprov_storage;
 
 #ifdef __cplusplus
 extern "C" {
@@ -704,6 +751,22 @@ enum fleetprov_result fleetprov_rotate(const struct fleetprov_config *config,
 // Callbacks run on the calling thread. Thread-safe with respect to other configs.
 enum fleetprov_result fleetprov_provision(const struct fleetprov_config *config,
                                           struct fleetprov_provisioned **out);
+
+// Keeps the resume journal and the credentials in the firmware's own store (see
+// fleetprov_storage) instead of files: for fleetprov_provision(), fleetprov_provision_async(),
+// fleetprov_rotate() (the current credentials are read from the store and replaced there) and
+// the host transport. `storage` is copied; its `size` must be sizeof(fleetprov_storage) (or
+// more, from a later header). Excludes fleetprov_config_set_output_dir() and
+// fleetprov_config_set_state_dir(): a provisioning with both fails with
+// FLEETPROV_INVALID_ARGUMENT. No state lock is taken: one provisioning at a time per store is
+// the firmware's to ensure. NULL `storage` goes back to files (and releases the userdata).
+// `userdata` is passed to every callback and released with `userdata_free` (may be NULL) when
+// the config and every provisioning started from it are done with it, or at once if this
+// function fails.
+enum fleetprov_result fleetprov_config_set_storage(struct fleetprov_config *config,
+                                                   const struct fleetprov_storage *storage,
+                                                   void *userdata,
+                                                   fleetprov_userdata_free userdata_free);
 
 // The name of a result code ("FLEETPROV_OK", ...); "FLEETPROV_UNKNOWN" for other values.
 // The string is static. Thread-safe.

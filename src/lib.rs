@@ -5,6 +5,7 @@
 //! service errors), and [`keys`] / [`store`] (keys, CSRs, credential files).
 
 pub mod client;
+pub mod driver;
 pub mod engine;
 pub mod error;
 pub mod ffi;

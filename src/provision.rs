@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::client::{self, Cancel, Config, LogFn, ProgressFn};
-use crate::engine::flow::{Flow, FlowSpec};
+use crate::driver::Driver;
+use crate::engine::flow::{Flow, FlowSpec, Journaled};
 use crate::engine::retry::RetryPolicy;
 use crate::engine::{CertificateSource, Settings};
 use crate::error::Error;
 use crate::keys::signer::ExternalKey;
 use crate::keys::{self, DeviceKey, KeyType};
-use crate::store::{self, journal::Journal};
+use crate::store::{self, BlobStorage, FileStorage, SharedBlobs, Storage, journal::Journal};
 
 /// How the device gets its certificate.
 #[derive(Debug, Clone)]
@@ -51,6 +52,9 @@ pub struct Request {
     /// How long an ownership token stays valid after its certificate was created (AWS: one
     /// hour). A journal older than this starts over.
     pub token_lifetime: Duration,
+    /// Keep the resume journal and commit the credentials in this store of named blobs instead
+    /// of files ([`store::BlobStorage`]); excludes `output_dir` and `state_dir`.
+    pub storage: Option<SharedBlobs>,
     /// Provision even when `output_dir` already holds a complete credential set from an
     /// earlier call (default false: that set is returned, marked
     /// [`Provisioned::already_provisioned`], and nothing is sent).
@@ -71,6 +75,7 @@ impl Request {
             state_dir: None,
             retry: RetryPolicy::default(),
             token_lifetime: Duration::from_secs(3600),
+            storage: None,
             reprovision: false,
         }
     }
@@ -88,7 +93,7 @@ pub struct Hooks {
 
 /// Provisions a device in one call.
 pub fn provision(request: &Request, hooks: &Hooks) -> Result<Provisioned, Error> {
-    let (mut spec, journal) = prepare(request)?;
+    let (mut spec, storage) = prepare(request)?;
     spec.settings.deadline_ms = request
         .connection
         .overall_timeout
@@ -98,13 +103,13 @@ pub fn provision(request: &Request, hooks: &Hooks) -> Result<Provisioned, Error>
     if cancel.is_cancelled() && spec.existing.is_none() {
         return Err(Error::Cancelled);
     }
-    client::run_flow(
-        Flow::new(spec, journal),
-        &request.connection,
-        hooks.progress.as_ref(),
-        hooks.log.as_ref(),
-        &cancel,
-    )
+    let driver = Driver::new(
+        Flow::new(spec),
+        storage,
+        hooks.progress.clone(),
+        hooks.log.clone(),
+    );
+    client::run_flow(driver, &request.connection, hooks.log.clone(), &cancel)
 }
 
 /// Provisions many devices at once, each as [`provision`] would, as tasks on one runtime in the
@@ -129,13 +134,13 @@ pub fn provision_many(requests: &[Request], hooks: &Hooks) -> Vec<Result<Provisi
                 let (progress, log, cancel) =
                     (hooks.progress.clone(), hooks.log.clone(), cancel.clone());
                 tokio::task::spawn_local(async move {
-                    let (mut spec, journal) = prepared?;
+                    let (mut spec, storage) = prepared?;
                     spec.settings.deadline_ms = overall.map(client::deadline_after);
                     if cancel.is_cancelled() {
                         return Err(Error::Cancelled);
                     }
-                    let flow = Flow::new(spec, journal);
-                    client::drive(flow, &config, progress.as_ref(), log.as_ref(), &cancel).await
+                    let driver = Driver::new(Flow::new(spec), storage, progress, log.clone());
+                    client::drive(driver, &config, log, &cancel).await
                 })
             })
             .collect();
@@ -159,19 +164,31 @@ pub fn provision_many(requests: &[Request], hooks: &Hooks) -> Vec<Result<Provisi
 /// resume journal goes to `current/rotation-journal`, so an interrupted rotation resumes
 /// instead of minting another certificate. The old certificate stays ACTIVE in AWS IoT: retiring
 /// it is the fleet backend's decision.
+///
+/// With a blob store ([`Request::storage`]) the current credentials are read from it and
+/// replaced there, and `current` is not used.
 pub fn rotate(request: &Request, current: &Path, hooks: &Hooks) -> Result<Provisioned, Error> {
-    let stored = store::read_credentials(current)
-        .map_err(|e| Error::Storage(format!("reading the current credentials: {e}")))?;
+    let stored = match &request.storage {
+        Some(blobs) => BlobStorage::new(blobs.clone())
+            .load_credentials()?
+            .ok_or_else(|| {
+                Error::Storage(
+                    "reading the current credentials: the storage holds no complete set".into(),
+                )
+            })?,
+        None => store::read_credentials(current)
+            .map_err(|e| Error::Storage(format!("reading the current credentials: {e}")))?,
+    };
     let mut r = request.clone();
     r.connection.cert_pem = stored.certificate_pem;
     r.connection.key_pem = stored.private_key_pem;
     if r.connection.client_id.is_empty() {
         r.connection.client_id = stored.thing_name;
     }
-    if r.output_dir.is_none() {
+    if r.storage.is_none() && r.output_dir.is_none() {
         r.output_dir = Some(current.to_path_buf());
     }
-    if r.state_dir.is_none() {
+    if r.storage.is_none() && r.state_dir.is_none() {
         r.state_dir = Some(current.join("rotation-journal"));
     }
     // Never replace working credentials with ones that were not seen to work; and the
@@ -181,10 +198,16 @@ pub fn rotate(request: &Request, current: &Path, hooks: &Hooks) -> Result<Provis
     provision(&r, hooks)
 }
 
-/// Checks `request`, opens (locks) the state directory, and either finds the credentials of an
-/// earlier call in the output directory or makes the device key and CSR if the method needs
-/// them: what a [`Flow`] for the request needs, with no deadline set yet.
-pub fn prepare(request: &Request) -> Result<(FlowSpec, Option<Journal>), Error> {
+/// Checks `request`, opens its storage (locking the state directory), reads the resume journal,
+/// and either finds the credentials of an earlier call in the storage or makes the device key
+/// and CSR if the method needs them: what a [`Flow`] for the request needs, with no deadline set
+/// yet, and the storage its actions are performed on.
+pub fn prepare(request: &Request) -> Result<(FlowSpec, Box<dyn Storage + Send>), Error> {
+    if request.storage.is_some() && (request.output_dir.is_some() || request.state_dir.is_some()) {
+        return Err(Error::InvalidArgument(
+            "a storage and an output or state directory are both set: choose one".into(),
+        ));
+    }
     if request.output_dir.is_some()
         && matches!(
             request.method,
@@ -209,10 +232,23 @@ pub fn prepare(request: &Request) -> Result<(FlowSpec, Option<Journal>), Error> 
         })?),
         None => None,
     };
-    let existing = if request.reprovision {
-        None
+    let mut storage: Box<dyn Storage + Send> = match &request.storage {
+        Some(blobs) => Box::new(BlobStorage::new(blobs.clone())),
+        None => Box::new(FileStorage::new(request.output_dir.clone(), journal)),
+    };
+    let journaled = if storage.keeps_journal() {
+        match storage.load_journal() {
+            Ok(entry) => Journaled::Loaded(entry),
+            Err(e) => Journaled::Unreadable(e),
+        }
     } else {
-        already_provisioned(request, journal.as_ref())?
+        Journaled::Off
+    };
+    let existing = match &journaled {
+        // A pending certificate is the flow's to finish; an unreadable journal its to report.
+        Journaled::Loaded(Some(_)) | Journaled::Unreadable(_) => None,
+        _ if request.reprovision => None,
+        _ => already_provisioned(request, storage.as_mut())?,
     };
     let (source, device_key) = match &request.method {
         // No key or CSR for a flow that ends at start with the credentials in place.
@@ -272,31 +308,25 @@ pub fn prepare(request: &Request) -> Result<(FlowSpec, Option<Journal>), Error> 
             Method::CreateKeys | Method::Csr(_) => None,
         },
         token_lifetime_s: request.token_lifetime.as_secs(),
-        output_dir: request.output_dir.clone(),
+        store_credentials: storage.keeps_credentials(),
+        journal: journaled,
         seed: client::random_u64(),
         existing,
     };
-    Ok((spec, journal))
+    Ok((spec, storage))
 }
 
-/// The credential set an earlier call committed to the output directory, when there is one and
-/// nothing is pending in the journal (a pending certificate is the flow's to finish). A set
-/// whose key does not match its certificate is no set: the flow provisions anew and replaces it.
+/// The credential set an earlier call committed to the storage, when there is one (the caller
+/// checked that nothing is pending in the journal). A set whose key does not match its
+/// certificate is no set: the flow provisions anew and replaces it.
 fn already_provisioned(
     request: &Request,
-    journal: Option<&Journal>,
+    storage: &mut dyn Storage,
 ) -> Result<Option<Provisioned>, Error> {
-    let Some(dir) = &request.output_dir else {
-        return Ok(None);
-    };
-    if let Some(j) = journal
-        && j.load()
-            .map_err(|e| Error::Storage(format!("reading the resume journal: {e}")))?
-            .is_some()
-    {
+    if !storage.keeps_credentials() {
         return Ok(None);
     }
-    let Ok(stored) = store::read_credentials(dir) else {
+    let Some(stored) = storage.load_credentials()? else {
         return Ok(None);
     };
     if keys::certificate_matches_key(&stored.certificate_pem, stored.private_key_pem.expose())
@@ -310,7 +340,7 @@ fn already_provisioned(
         certificate_pem: stored.certificate_pem,
         private_key_pem: Some(stored.private_key_pem),
         device_configuration: stored.device_configuration,
-        stored: Some(store::StoredPaths {
+        stored: request.output_dir.as_ref().map(|dir| store::StoredPaths {
             certificate: dir.join(store::CERTIFICATE_FILE),
             private_key: dir.join(store::PRIVATE_KEY_FILE),
             metadata: dir.join(store::METADATA_FILE),

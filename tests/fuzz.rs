@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use fleetprov::engine::flow::{Flow, FlowAction, FlowEvent, FlowSpec};
+use fleetprov::engine::flow::{Flow, FlowAction, FlowEvent, FlowSpec, Journaled};
 use fleetprov::engine::retry::RetryPolicy;
 use fleetprov::engine::{Action, CertificateSource, Engine, Event, Operation, Settings};
 use fleetprov::error::Error;
@@ -265,7 +265,7 @@ proptest! {
     #[test]
     fn flow_survives_any_event_sequence_and_finishes_once(
         format in format(),
-        events in prop::collection::vec((0u8..7, 0u64..3_000, prop::collection::vec(any::<bool>(), 0..6), json_value(), 0usize..6), 0..60),
+        events in prop::collection::vec((0u8..9, 0u64..3_000, prop::collection::vec(any::<bool>(), 0..6), json_value(), 0usize..6), 0..60),
     ) {
         let topics = [
             "$aws/certificates/create/json/accepted",
@@ -287,11 +287,12 @@ proptest! {
             external_key_connects: false,
             external_public_key: None,
             token_lifetime_s: 3600,
-            output_dir: None,
+            store_credentials: true,
+            journal: Journaled::Loaded(None),
             seed: 7,
             existing: None,
         };
-        let mut flow = Flow::new(spec, None);
+        let mut flow = Flow::new(spec);
         let mut done = 0;
         let mut count = |actions: Vec<FlowAction>| {
             for a in actions {
@@ -311,15 +312,25 @@ proptest! {
                 2 => FlowEvent::SubAck(granted),
                 3 | 4 => FlowEvent::Message { topic: topics[*topic], payload: &payload },
                 5 => FlowEvent::Disconnected(Error::Connection("y".into())),
+                6 => FlowEvent::Stored(Ok(None)),
+                7 => FlowEvent::Stored(Err(Error::Storage("z".into()))),
                 _ => FlowEvent::Tick,
             };
             count(flow.handle(event, now));
         }
-        // Whatever happened, ticking to each wake time ends it within the deadline.
+        // Whatever happened, ticking to each wake time (and completing a storage action the
+        // flow waits for) ends it within the deadline.
         for _ in 0..100 {
-            let Some(w) = flow.wake_at() else { break };
-            now = now.max(w);
-            count(flow.handle(FlowEvent::Tick, now));
+            if flow.is_finished() {
+                break;
+            }
+            match flow.wake_at() {
+                Some(w) => {
+                    now = now.max(w);
+                    count(flow.handle(FlowEvent::Tick, now));
+                }
+                None => count(flow.handle(FlowEvent::Stored(Ok(None)), now)),
+            }
         }
         prop_assert!(flow.is_finished(), "finished after ticking past the deadline");
         prop_assert_eq!(done, 1, "Done exactly once");

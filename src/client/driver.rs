@@ -1,34 +1,13 @@
-//! Runs a [`Flow`] over the built-in transport: rumqttc over rustls, on a current-thread tokio
-//! runtime in the calling thread.
+//! The built-in transport as a host of the one driver ([`crate::driver::Driver`]): rumqttc over
+//! rustls, on a current-thread tokio runtime in the calling thread.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
-use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, Outgoing, Packet, QoS};
-
-use super::{
-    Cancel, Config, LogFn, LogLevel, ProgressFn, at_ms, connection_error, granted,
-    leftover_publishes, now_ms, open_connection, tls,
-};
-use crate::engine::flow::{Flow, FlowAction, FlowEvent, Identity, Provisioned};
+use super::link::{Link, LinkEvent};
+use super::{Cancel, Config, LogLevel, at_ms, now_ms, tls};
+use crate::driver::{Driver, LogFn, Transport};
+use crate::engine::flow::{FlowEvent, Identity, Provisioned};
 use crate::error::Error;
-
-/// One connection the flow asked for.
-struct Live {
-    client: AsyncClient,
-    events: EventLoop,
-    /// Until CONNACK.
-    connecting: bool,
-    /// The SUBSCRIBE in flight: its filters, and its packet id once rumqttc assigns it.
-    pending: Option<(Vec<String>, Option<u16>)>,
-}
-
-impl Live {
-    fn close(self) {
-        // Best effort: the DISCONNECT is queued; dropping the event loop closes the socket.
-        let _ = self.client.try_disconnect();
-    }
-}
 
 /// A current-thread runtime for the built-in transport. Its blocking pool (host name lookups)
 /// lets idle threads go at once rather than keeping one per device for 10 s.
@@ -40,239 +19,177 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Error> {
         .map_err(|e| Error::Internal(format!("cannot start the I/O runtime: {e}")))
 }
 
-/// Performs the flow's actions and feeds it the connection's events until it is done, on a
-/// runtime of its own in the calling thread.
+/// Runs `driver` over the built-in transport until its flow is done, on a runtime of its own in
+/// the calling thread.
 pub(crate) fn run_flow(
-    flow: Flow,
+    driver: Driver,
     config: &Config,
-    progress: Option<&ProgressFn>,
-    log: Option<&LogFn>,
+    log: Option<LogFn>,
     cancel: &Arc<Cancel>,
 ) -> Result<Provisioned, Error> {
     let runtime = runtime()?;
-    runtime.block_on(drive(flow, config, progress, log, cancel))
+    runtime.block_on(drive(driver, config, log, cancel))
 }
 
 /// How long a cancel waits for the reply of a request on the wire (a certificate request or
-/// RegisterThing, see [`Flow::cancel_deferred`]) before it stops anyway.
+/// RegisterThing, see [`crate::engine::flow::Flow::cancel_deferred`]) before it stops anyway.
 const CANCEL_GRACE_MS: u64 = 1_000;
+
+/// The flow's connections, made with rumqttc.
+struct Builtin<'a> {
+    config: &'a Config,
+    claim_tls: Arc<rustls::ClientConfig>,
+    alpn: bool,
+    link: Option<Link>,
+    log: Option<LogFn>,
+}
+
+impl Transport for Builtin<'_> {
+    fn connect(&mut self, identity: Identity) -> Result<(), Error> {
+        if let Some(old) = self.link.take() {
+            old.abandon();
+        }
+        let (tls, client_id) = match identity {
+            Identity::Claim => (self.claim_tls.clone(), self.config.client_id.clone()),
+            Identity::Device {
+                certificate_pem,
+                private_key,
+                client_id,
+            } => {
+                let key = private_key.ok_or_else(|| {
+                    Error::InvalidArgument("the built-in transport needs the private key".into())
+                })?;
+                let roots = &self.config.roots;
+                let tls = tls::client_config(roots, &certificate_pem, &key, self.alpn)?;
+                (tls, client_id)
+            }
+        };
+        if let Some(log) = &self.log {
+            let line = format!("connecting to {}:{}", self.config.host, self.config.port);
+            log(LogLevel::Info, &line);
+        }
+        self.link = Some(Link::open(self.config, tls, &client_id));
+        Ok(())
+    }
+
+    fn disconnect(&mut self) {
+        if let Some(old) = self.link.take() {
+            old.abandon();
+        }
+    }
+
+    fn subscribe(&mut self, filters: &[String]) -> Result<(), Error> {
+        let Some(link) = &mut self.link else {
+            return Ok(());
+        };
+        link.subscribe(filters).inspect_err(|_| self.link = None)
+    }
+
+    fn publish(&mut self, topic: &str, payload: &[u8]) -> Result<(), Error> {
+        let Some(link) = &mut self.link else {
+            return Ok(());
+        };
+        link.publish(topic, payload)
+            .inspect_err(|_| self.link = None)
+    }
+}
 
 /// [`run_flow`] as a future, for running many flows on one runtime.
 pub(crate) async fn drive(
-    mut flow: Flow,
+    mut driver: Driver,
     config: &Config,
-    progress: Option<&ProgressFn>,
-    log: Option<&LogFn>,
+    log: Option<LogFn>,
     cancel: &Arc<Cancel>,
 ) -> Result<Provisioned, Error> {
-    let say = |level: LogLevel, line: &str| {
-        if let Some(log) = log {
-            log(level, line);
-        }
-    };
     let alpn = config.alpn.unwrap_or(config.port == 443);
     let claim_tls = tls::client_config(&config.roots, &config.cert_pem, &config.key_pem, alpn)?;
-    let mut actions: VecDeque<FlowAction> = flow.start(now_ms()).into();
-    let mut conn: Option<Live> = None;
+    let mut t = Builtin {
+        config,
+        claim_tls,
+        alpn,
+        link: None,
+        log,
+    };
+    driver.start(now_ms(), &mut t);
     // When a deferred cancel stops waiting for the reply in flight.
     let mut grace_until: Option<u64> = None;
-    let result = async {
-        loop {
-            while let Some(action) = actions.pop_front() {
-                match action {
-                    FlowAction::Connect(identity) => {
-                        if let Some(old) = conn.take() {
-                            old.close();
-                        }
-                        let (tls, client_id) = match identity {
-                            Identity::Claim => (claim_tls.clone(), config.client_id.clone()),
-                            Identity::Device {
-                                certificate_pem,
-                                private_key,
-                                client_id,
-                            } => {
-                                let tls = match &private_key {
-                                    Some(key) => tls::client_config(
-                                        &config.roots,
-                                        &certificate_pem,
-                                        key,
-                                        alpn,
-                                    ),
-                                    None => Err(Error::InvalidArgument(
-                                        "the built-in transport needs the private key".into(),
-                                    )),
-                                };
-                                match tls {
-                                    Ok(tls) => (tls, client_id),
-                                    Err(e) => {
-                                        actions.extend(
-                                            flow.handle(FlowEvent::ConnectFailed(e), now_ms()),
-                                        );
-                                        continue;
-                                    }
-                                }
-                            }
-                        };
-                        say(
-                            LogLevel::Info,
-                            &format!("connecting to {}:{}", config.host, config.port),
-                        );
-                        let (client, events) = open_connection(config, tls, &client_id);
-                        conn = Some(Live {
-                            client,
-                            events,
-                            connecting: true,
-                            pending: None,
-                        });
-                    }
-                    FlowAction::Disconnect => {
-                        if let Some(old) = conn.take() {
-                            old.close();
-                        }
-                    }
-                    FlowAction::Subscribe(filters) => {
-                        say(LogLevel::Debug, &format!("subscribing to {filters:?}"));
-                        if let Some(c) = &mut conn {
-                            let subs = filters.iter().map(|f| {
-                                rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)
-                            });
-                            if let Err(e) = c.client.try_subscribe_many(subs) {
-                                conn = None;
-                                let e = Error::Connection(e.to_string());
-                                actions.extend(flow.handle(FlowEvent::Disconnected(e), now_ms()));
-                                continue;
-                            }
-                            c.pending = Some((filters, None));
-                        }
-                    }
-                    FlowAction::Publish { topic, payload } => {
-                        say(
-                            LogLevel::Debug,
-                            &format!("publishing to {topic} ({} bytes)", payload.len()),
-                        );
-                        if let Some(c) = &mut conn
-                            && let Err(e) = c.client.try_publish(
-                                topic,
-                                QoS::AtLeastOnce,
-                                false,
-                                payload.to_vec(),
-                            )
-                        {
-                            conn = None;
-                            let e = Error::Connection(e.to_string());
-                            actions.extend(flow.handle(FlowEvent::Disconnected(e), now_ms()));
-                        }
-                    }
-                    FlowAction::Progress(p) => {
-                        say(LogLevel::Debug, &format!("step: {}", p.step.doing()));
-                        if let Some(cb) = progress {
-                            cb(&p);
-                        }
-                    }
-                    FlowAction::Log(level, line) => say(level, &line),
-                    FlowAction::Done(result) => return result,
-                }
-            }
-            // Bounded by the flow: every wait ends at its wake time at the latest.
-            let mut wake = flow
-                .wake_at()
-                .unwrap_or_else(|| now_ms().saturating_add(1000));
-            // A cancel is honoured between steps. While a request whose reply the device needs
-            // is on the wire (Flow::cancel_deferred) it waits for that reply, CANCEL_GRACE_MS at
-            // most.
-            let deferred = flow.cancel_deferred();
-            if cancel.is_cancelled() {
-                if !deferred {
-                    return Err(Error::Cancelled);
-                }
-                let until = *grace_until.get_or_insert_with(|| now_ms() + CANCEL_GRACE_MS);
-                if now_ms() >= until {
-                    return Err(Error::Cancelled);
-                }
-                wake = wake.min(until);
-            }
-            // Past this point a cancel seen is a deferred one: wake for new cancels only.
-            let cancellable = !cancel.is_cancelled();
-            let event = match &mut conn {
-                Some(c) => tokio::select! {
-                    ev = c.events.poll() => Some(ev),
-                    _ = tokio::time::sleep_until(at_ms(wake)) => None,
-                    _ = cancel.wait(), if cancellable => continue,
-                },
-                None => tokio::select! {
-                    _ = tokio::time::sleep_until(at_ms(wake)) => None,
-                    _ = cancel.wait(), if cancellable => continue,
-                },
-            };
-            let now = now_ms();
-            let produced = match (event, &mut conn) {
-                (None, _) | (Some(_), None) => flow.handle(FlowEvent::Tick, now),
-                (Some(Ok(MqttEvent::Incoming(Packet::ConnAck(_)))), Some(c)) if c.connecting => {
-                    c.connecting = false;
-                    say(LogLevel::Info, "connected");
-                    flow.handle(FlowEvent::Connected, now)
-                }
-                (Some(Ok(MqttEvent::Outgoing(Outgoing::Subscribe(pkid)))), Some(c)) => {
-                    if let Some((_, id @ None)) = &mut c.pending {
-                        *id = Some(pkid);
-                    }
-                    Vec::new()
-                }
-                (Some(Ok(MqttEvent::Incoming(Packet::SubAck(ack)))), Some(c)) => match &c.pending {
-                    Some((_, Some(pkid))) if *pkid == ack.pkid => {
-                        c.pending = None;
-                        flow.handle(FlowEvent::SubAck(&granted(&ack)), now)
-                    }
-                    _ => Vec::new(),
-                },
-                (Some(Ok(MqttEvent::Incoming(Packet::Publish(p)))), Some(_)) => {
-                    say(
-                        LogLevel::Debug,
-                        &format!("received on {} ({} bytes)", p.topic, p.payload.len()),
-                    );
-                    flow.handle(
-                        FlowEvent::Message {
-                            topic: &p.topic,
-                            payload: &p.payload,
-                        },
-                        now,
-                    )
-                }
-                (Some(Ok(_)), Some(_)) => flow.handle(FlowEvent::Tick, now),
-                (Some(Err(e)), Some(c)) => {
-                    let connecting = c.connecting;
-                    // Replies read in the same read as the close are still worth having.
-                    let mut produced = Vec::new();
-                    for p in leftover_publishes(&mut c.events) {
-                        produced.extend(flow.handle(
-                            FlowEvent::Message {
-                                topic: &p.topic,
-                                payload: &p.payload,
-                            },
-                            now,
-                        ));
-                    }
-                    conn = None;
-                    let err = connection_error(e);
-                    if connecting {
-                        say(LogLevel::Warn, &format!("connection failed: {err}"));
-                        produced.extend(flow.handle(FlowEvent::ConnectFailed(err), now));
-                    } else {
-                        say(LogLevel::Warn, &format!("connection lost: {err}"));
-                        produced.extend(flow.handle(FlowEvent::Disconnected(err), now));
-                    }
-                    produced
-                }
-            };
-            actions.extend(produced);
+    let result = loop {
+        if let Some(result) = driver.take_result() {
+            break result;
         }
-    }
-    .await;
-    if let Some(Live {
-        client, mut events, ..
-    }) = conn.take()
-    {
-        super::close(&client, &mut events).await;
+        // Bounded by the flow: every wait ends at its wake time at the latest.
+        let mut wake = driver
+            .wake_at()
+            .unwrap_or_else(|| now_ms().saturating_add(1000));
+        // A cancel is honoured between steps. While a request whose reply the device needs is
+        // on the wire (Flow::cancel_deferred) it waits for that reply, CANCEL_GRACE_MS at most.
+        if cancel.is_cancelled() {
+            if !driver.cancel_deferred() {
+                break Err(Error::Cancelled);
+            }
+            let until = *grace_until.get_or_insert_with(|| now_ms() + CANCEL_GRACE_MS);
+            if now_ms() >= until {
+                break Err(Error::Cancelled);
+            }
+            wake = wake.min(until);
+        }
+        // Past this point a cancel seen is a deferred one: wake for new cancels only.
+        let cancellable = !cancel.is_cancelled();
+        let event = match &mut t.link {
+            Some(link) => tokio::select! {
+                ev = link.next() => Some(ev),
+                _ = tokio::time::sleep_until(at_ms(wake)) => None,
+                _ = cancel.wait(), if cancellable => continue,
+            },
+            None => tokio::select! {
+                _ = tokio::time::sleep_until(at_ms(wake)) => None,
+                _ = cancel.wait(), if cancellable => continue,
+            },
+        };
+        let now = now_ms();
+        match event {
+            None | Some(LinkEvent::Other { .. }) => driver.handle(FlowEvent::Tick, now, &mut t),
+            Some(LinkEvent::Connected) => {
+                driver.say(LogLevel::Info, "connected");
+                driver.handle(FlowEvent::Connected, now, &mut t);
+            }
+            Some(LinkEvent::SubAck { granted, .. }) => {
+                driver.handle(FlowEvent::SubAck(&granted), now, &mut t)
+            }
+            Some(LinkEvent::Message(p)) => {
+                let line = format!("received on {} ({} bytes)", p.topic, p.payload.len());
+                driver.say(LogLevel::Debug, &line);
+                let event = FlowEvent::Message {
+                    topic: &p.topic,
+                    payload: &p.payload,
+                };
+                driver.handle(event, now, &mut t);
+            }
+            Some(LinkEvent::Lost {
+                error,
+                connecting,
+                leftovers,
+            }) => {
+                t.link = None;
+                for p in &leftovers {
+                    let event = FlowEvent::Message {
+                        topic: &p.topic,
+                        payload: &p.payload,
+                    };
+                    driver.handle(event, now, &mut t);
+                }
+                if connecting {
+                    driver.say(LogLevel::Warn, &format!("connection failed: {error}"));
+                    driver.handle(FlowEvent::ConnectFailed(error), now, &mut t);
+                } else {
+                    driver.say(LogLevel::Warn, &format!("connection lost: {error}"));
+                    driver.handle(FlowEvent::Disconnected(error), now, &mut t);
+                }
+            }
+        }
+    };
+    if let Some(link) = t.link.take() {
+        link.close().await;
     }
     result
 }

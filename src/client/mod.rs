@@ -4,6 +4,7 @@
 //! calling thread; the callback flavours in the C API run it on a worker thread.
 
 mod driver;
+mod link;
 pub mod tls;
 
 use std::collections::{BTreeMap, HashSet};
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use once_cell::sync::Lazy;
 use rumqttc::{
-    AsyncClient, ConnectionError, Event as MqttEvent, EventLoop, MqttOptions, Outgoing, Packet, QoS,
+    AsyncClient, ConnectionError, Event as MqttEvent, EventLoop, MqttOptions, Outgoing, Packet,
 };
 
 use crate::engine::flow::Progress;
@@ -22,6 +23,7 @@ use crate::error::Error;
 use crate::protocol::{CreatedCertificate, Format, Registered, validate_template_name};
 use crate::secret::Secret;
 pub(crate) use driver::{drive, run_flow, runtime};
+use link::{Link, LinkEvent};
 pub use tls::Roots;
 
 /// Largest packet sent or received: AWS IoT's 128 KB payload plus headers.
@@ -29,10 +31,7 @@ const MAX_PACKET: usize = 128 * 1024 + 2048;
 
 pub use crate::engine::LogLevel;
 
-/// Receives log lines. Lines never contain private keys or ownership tokens.
-pub type LogFn = Arc<dyn Fn(LogLevel, &str) + Send + Sync>;
-/// Receives each step reached, with its attempt (and, when retrying, the pause and the cause).
-pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
+pub use crate::driver::{LogFn, ProgressFn};
 
 /// Connection settings.
 #[derive(Clone)]
@@ -238,8 +237,7 @@ pub(crate) fn at_ms(ms: u64) -> tokio::time::Instant {
 }
 
 struct Connection {
-    client: AsyncClient,
-    events: EventLoop,
+    link: Link,
     subscribed: HashSet<String>,
 }
 
@@ -349,10 +347,7 @@ impl Client {
     /// Closes the connection, if any.
     pub fn disconnect(&mut self) {
         if let Some(conn) = self.conn.take() {
-            let Connection {
-                client, mut events, ..
-            } = conn;
-            self.runtime.block_on(close(&client, &mut events));
+            self.runtime.block_on(conn.link.close());
         }
     }
 
@@ -364,18 +359,17 @@ impl Client {
         self.log(LogLevel::Info, || {
             format!("connecting to {}:{}", self.config.host, self.config.port)
         });
-        let (client, mut events) =
-            open_connection(&self.config, self.tls.clone(), &self.config.client_id);
+        let mut link = Link::open(&self.config, self.tls.clone(), &self.config.client_id);
         let step_deadline = deadline_after(self.config.step_timeout);
         let limit = deadline.map_or(step_deadline, |d| d.min(step_deadline));
         let cancel = self.cancel.clone();
         let result = self.runtime.block_on(async {
             let connect = async {
                 loop {
-                    match events.poll().await {
-                        Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => return Ok(()),
-                        Ok(_) => {}
-                        Err(e) => return Err(connection_error(e)),
+                    match link.next().await {
+                        LinkEvent::Connected => return Ok(()),
+                        LinkEvent::Lost { error, .. } => return Err(error),
+                        _ => {}
                     }
                 }
             };
@@ -393,8 +387,7 @@ impl Client {
             Ok(()) => {
                 self.log(LogLevel::Info, || "connected".into());
                 self.conn = Some(Connection {
-                    client,
-                    events,
+                    link,
                     subscribed: HashSet::new(),
                 });
                 Ok(())
@@ -453,8 +446,6 @@ impl Client {
         };
         let mut heard = false;
         let (result, healthy) = self.runtime.block_on(async {
-            // The SUBSCRIBE in flight: its filters, and its packet id once rumqttc assigns it.
-            let mut pending: Option<(Vec<String>, Option<u16>)> = None;
             // The connection failed after a reply that completed the operation.
             let mut broken = false;
             loop {
@@ -462,26 +453,17 @@ impl Client {
                     match action {
                         Action::Subscribe(filters) => {
                             say(LogLevel::Debug, format!("subscribing to {filters:?}"));
-                            let subs = filters.iter().map(|f| {
-                                rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)
-                            });
-                            if let Err(e) = conn.client.try_subscribe_many(subs) {
-                                return (Err(Error::Connection(e.to_string())), false);
+                            if let Err(e) = conn.link.subscribe(&filters) {
+                                return (Err(e), false);
                             }
-                            pending = Some((filters, None));
                         }
                         Action::Publish { topic, payload } => {
                             say(
                                 LogLevel::Debug,
                                 format!("publishing to {topic} ({} bytes)", payload.len()),
                             );
-                            if let Err(e) = conn.client.try_publish(
-                                topic,
-                                QoS::AtLeastOnce,
-                                false,
-                                payload.to_vec(),
-                            ) {
-                                return (Err(Error::Connection(e.to_string())), false);
+                            if let Err(e) = conn.link.publish(&topic, &payload) {
+                                return (Err(e), false);
                             }
                         }
                         Action::Progress(step) => {
@@ -504,7 +486,7 @@ impl Client {
                 }
                 let wake = engine.wake_at().unwrap_or_else(now_ms);
                 let event = tokio::select! {
-                    ev = conn.events.poll() => ev,
+                    ev = conn.link.next() => ev,
                     _ = tokio::time::sleep_until(at_ms(wake)) => {
                         actions = engine.handle(Event::Tick, now_ms());
                         continue;
@@ -512,30 +494,22 @@ impl Client {
                     _ = cancel.wait() => return (Err(Error::Cancelled), false),
                 };
                 let now = now_ms();
-                if let Ok(MqttEvent::Incoming(_)) = &event {
+                if !matches!(
+                    event,
+                    LinkEvent::Other { incoming: false } | LinkEvent::Lost { .. }
+                ) {
                     heard = true;
                 }
                 actions = match event {
-                    Ok(MqttEvent::Outgoing(Outgoing::Subscribe(pkid))) => {
-                        if let Some((_, id @ None)) = &mut pending {
-                            *id = Some(pkid);
-                        }
-                        Vec::new()
-                    }
-                    Ok(MqttEvent::Incoming(Packet::SubAck(ack))) => match &pending {
-                        Some((filters, Some(pkid))) if *pkid == ack.pkid => {
-                            let granted = granted(&ack);
-                            for (f, ok) in filters.iter().zip(&granted) {
-                                if *ok {
-                                    conn.subscribed.insert(f.clone());
-                                }
+                    LinkEvent::SubAck { filters, granted } => {
+                        for (f, ok) in filters.into_iter().zip(&granted) {
+                            if *ok {
+                                conn.subscribed.insert(f);
                             }
-                            pending = None;
-                            engine.handle(Event::SubAck(&granted), now)
                         }
-                        _ => Vec::new(),
-                    },
-                    Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                        engine.handle(Event::SubAck(&granted), now)
+                    }
+                    LinkEvent::Message(p) => {
                         say(
                             LogLevel::Debug,
                             format!("received on {} ({} bytes)", p.topic, p.payload.len()),
@@ -548,12 +522,16 @@ impl Client {
                             now,
                         )
                     }
-                    Ok(_) => engine.handle(Event::Tick, now),
-                    Err(e) => {
-                        let err = connection_error(e);
-                        say(LogLevel::Warn, format!("connection lost: {err}"));
+                    LinkEvent::Connected | LinkEvent::Other { .. } => {
+                        engine.handle(Event::Tick, now)
+                    }
+                    LinkEvent::Lost {
+                        error, leftovers, ..
+                    } => {
+                        say(LogLevel::Warn, format!("connection lost: {error}"));
                         let mut a = Vec::new();
-                        for p in leftover_publishes(&mut conn.events) {
+                        for p in &leftovers {
+                            heard = true;
                             a.extend(engine.handle(
                                 Event::Message {
                                     topic: &p.topic,
@@ -572,7 +550,7 @@ impl Client {
                         // Keep the precise cause rather than the engine's generic text.
                         if let Some(Action::Done(Err(Error::Connection(_)))) = a.last() {
                             a.pop();
-                            a.push(Action::Done(Err(err)));
+                            a.push(Action::Done(Err(error)));
                         }
                         a
                     }

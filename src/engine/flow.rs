@@ -5,7 +5,10 @@
 //! The driver (the built-in client, or firmware with its own MQTT stack) performs the
 //! [`FlowAction`]s, reports [`FlowEvent`]s with the current time in ms from any monotonic
 //! origin, and calls [`Flow::handle`] with [`FlowEvent::Tick`] no later than
-//! [`Flow::wake_at`]. The flow writes the journal and the credential files itself.
+//! [`Flow::wake_at`]. Storage is an action like the network's: the flow asks for the journal
+//! to be saved or removed and for the credentials to be committed ([`FlowAction::Store`]), and
+//! waits for [`FlowEvent::Stored`] before it goes on. Where and how they are kept is the
+//! driver's storage ([`crate::store::Storage`]): files by default, or the firmware's own store.
 //!
 //! What it guarantees:
 //! - A certificate is persisted in the journal before RegisterThing is sent. While its ownership
@@ -20,7 +23,6 @@
 //!   backoff and jitter, up to [`RetryPolicy::max_attempts`] and the deadline; no others.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
 
 use zeroize::Zeroizing;
 
@@ -30,8 +32,8 @@ use crate::engine::{Action, CertificateSource, Engine, Event, Operation, Outcome
 use crate::error::Error;
 use crate::protocol::{Api, CreatedCertificate, Registered};
 use crate::secret::Secret;
-use crate::store::journal::{Entry, Journal, unix_now};
-use crate::store::{self, Credentials, StoredPaths};
+use crate::store::journal::{Entry, unix_now};
+use crate::store::{Stored, StoredPaths};
 
 /// The error code with which RegisterThing refuses an unknown, used or expired token.
 const TOKEN_REFUSED: &str = "InvalidCertificateOwnershipToken";
@@ -114,6 +116,19 @@ impl Progress {
     }
 }
 
+/// What the flow asks of the storage. Each is answered with one [`FlowEvent::Stored`], and the
+/// flow waits for it: a storage action is never abandoned halfway by a timeout or a cancel.
+#[derive(Debug)]
+pub enum StoreAction {
+    /// Replace the resume journal with this entry, atomically and durably.
+    SaveJournal(Entry),
+    /// Remove the resume journal (none is fine).
+    RemoveJournal,
+    /// Commit this credential set so that a reader sees the old set, or the new one whole, or
+    /// none; answered with where it went ([`StoredPaths`] for files, else `None`).
+    Commit(Stored),
+}
+
 /// Something the driver must do.
 #[derive(Debug)]
 pub enum FlowAction {
@@ -130,6 +145,8 @@ pub enum FlowAction {
         payload: Zeroizing<Vec<u8>>,
     },
     Progress(Progress),
+    /// Perform this on the storage; report [`FlowEvent::Stored`].
+    Store(StoreAction),
     /// A line for the log; never holds a key or a token.
     Log(LogLevel, String),
     /// Finished; no more actions will come.
@@ -149,8 +166,22 @@ pub enum FlowEvent<'a> {
     Message { topic: &'a str, payload: &'a [u8] },
     /// The connection broke.
     Disconnected(Error),
+    /// The last [`FlowAction::Store`] is done: `Ok` with where a commit went, or the failure.
+    Stored(Result<Option<StoredPaths>, Error>),
     /// Time passed.
     Tick,
+}
+
+/// The resume journal as the driver found it before the flow started.
+#[derive(Debug, Clone)]
+pub enum Journaled {
+    /// No journal is kept (no state directory): nothing survives the call.
+    Off,
+    /// A journal is kept; this is what it held.
+    Loaded(Option<Entry>),
+    /// A journal is kept but could not be read: the flow ends with this error at once (the
+    /// journal may hold the only copy of a key; it is left alone).
+    Unreadable(Error),
 }
 
 /// What the flow is asked to do.
@@ -176,8 +207,10 @@ pub struct FlowSpec {
     pub external_public_key: Option<Vec<u8>>,
     /// How long a token is good after its certificate was created, in seconds.
     pub token_lifetime_s: u64,
-    /// Where to commit the credentials.
-    pub output_dir: Option<PathBuf>,
+    /// Commit the credentials to the storage (when the library holds the key).
+    pub store_credentials: bool,
+    /// The resume journal.
+    pub journal: Journaled,
     /// Seeds the backoff jitter.
     pub seed: u64,
     /// The credentials the output directory already holds: the flow ends at once with them.
@@ -207,6 +240,32 @@ enum Link {
     },
 }
 
+/// What comes after the storage action in progress.
+#[derive(Debug)]
+enum Then {
+    /// The new certificate is journaled: register it.
+    Register,
+    /// The registration is journaled: verify or commit.
+    Registered,
+    /// The probe's finding is journaled: commit.
+    Probed,
+    /// The credentials are committed: remove the journal.
+    Committed(Box<Provisioned>),
+    /// The journal is gone after the commit: report success.
+    Succeed(Box<Provisioned>),
+    /// The journal of a dropped certificate is gone.
+    Forgotten(AfterForget),
+}
+
+/// What follows dropping a certificate and its journal.
+#[derive(Debug)]
+enum AfterForget {
+    /// Connect with the claim certificate for a new one.
+    Connect,
+    /// End the flow with this error.
+    Fail(Error),
+}
+
 /// The certificate in hand.
 #[derive(Debug)]
 struct Held {
@@ -218,7 +277,10 @@ struct Held {
 #[derive(Debug)]
 pub struct Flow {
     spec: FlowSpec,
-    journal: Option<Journal>,
+    /// A journal is kept.
+    journaled: bool,
+    /// A storage action is in progress; its continuation.
+    storing: Option<Then>,
     jitter: Jitter,
     attempt: u32,
     phase: Phase,
@@ -237,12 +299,14 @@ pub struct Flow {
 }
 
 impl Flow {
-    /// A flow for `spec`; with `journal`, the certificate in hand is persisted there.
-    pub fn new(spec: FlowSpec, journal: Option<Journal>) -> Flow {
+    /// A flow for `spec`; with a journal ([`FlowSpec::journal`]), the certificate in hand is
+    /// journaled before it is registered.
+    pub fn new(spec: FlowSpec) -> Flow {
         let jitter = Jitter::new(spec.seed);
         Flow {
+            journaled: !matches!(spec.journal, Journaled::Off),
+            storing: None,
             spec,
-            journal,
             jitter,
             attempt: 1,
             phase: Phase::Create,
@@ -270,16 +334,17 @@ impl Flow {
             self.finish(Ok(existing), &mut out);
             return out;
         }
-        let loaded = match &self.journal {
-            Some(j) => j.load(),
-            None => Ok(None),
-        };
-        match loaded {
-            Err(e) => self.finish(Err(Error::Storage(e.to_string())), &mut out),
-            Ok(Some(entry)) => self.resume(entry, &mut out),
-            Ok(None) => {}
+        match std::mem::replace(&mut self.spec.journal, Journaled::Loaded(None)) {
+            Journaled::Unreadable(e) => self.finish(Err(e), &mut out),
+            Journaled::Loaded(Some(entry)) => self.resume(entry, now, &mut out),
+            Journaled::Loaded(None) | Journaled::Off => {}
         }
-        if self.phase != Phase::Finished {
+        // Unless the journal's certificate is being dropped (that connects when done) or
+        // committed: connect.
+        if self.phase != Phase::Finished
+            && self.storing.is_none()
+            && matches!(self.link, Link::Down)
+        {
             self.connect(now, &mut out);
         }
         out
@@ -291,13 +356,15 @@ impl Flow {
     /// thing name and device configuration would be lost (a rerun could only confirm the
     /// registration by connecting). The driver honours a cancel once this is false again: when
     /// the reply is in and journaled, or the step timed out, or the connection dropped.
+    /// A storage action in progress is waited for as well.
     pub fn cancel_deferred(&self) -> bool {
-        self.engine.is_some()
-            && match self.phase {
-                Phase::Create => self.create_sent,
-                Phase::Register => self.register_sent,
-                Phase::Verify { .. } | Phase::Finished => false,
-            }
+        self.storing.is_some()
+            || self.engine.is_some()
+                && match self.phase {
+                    Phase::Create => self.create_sent,
+                    Phase::Register => self.register_sent,
+                    Phase::Verify { .. } | Phase::Finished => false,
+                }
     }
 
     /// Whether the flow is over.
@@ -305,9 +372,10 @@ impl Flow {
         self.phase == Phase::Finished
     }
 
-    /// When the driver must call with [`FlowEvent::Tick`] at the latest; `None` once finished.
+    /// When the driver must call with [`FlowEvent::Tick`] at the latest; `None` once finished,
+    /// and while a storage action is in progress (the flow waits for [`FlowEvent::Stored`]).
     pub fn wake_at(&self) -> Option<u64> {
-        if self.is_finished() {
+        if self.is_finished() || self.storing.is_some() {
             return None;
         }
         [
@@ -333,6 +401,19 @@ impl Flow {
     pub fn handle(&mut self, event: FlowEvent<'_>, now: u64) -> Vec<FlowAction> {
         let mut out = Vec::new();
         if self.is_finished() {
+            return out;
+        }
+        if self.storing.is_some() {
+            // Only the storage's answer moves the flow on; a lost connection is noted for
+            // when it does. Time does not run out on a write in progress.
+            match event {
+                FlowEvent::Stored(result) => self.stored(result, now, &mut out),
+                FlowEvent::Disconnected(_) => {
+                    self.link = Link::Down;
+                    self.engine = None;
+                }
+                _ => {}
+            }
             return out;
         }
         if let Some(deadline) = self.spec.settings.deadline_ms
@@ -402,8 +483,90 @@ impl Flow {
                     self.forward(Event::Message { topic, payload }, now, &mut out);
                 }
             }
+            // Not waited for (see above): nothing to do.
+            FlowEvent::Stored(_) => {}
         }
         out
+    }
+
+    /// Asks the storage for `action`; `then` runs once it is done.
+    fn store(&mut self, action: StoreAction, then: Then, out: &mut Vec<FlowAction>) {
+        self.storing = Some(then);
+        out.push(FlowAction::Store(action));
+    }
+
+    /// The storage action in progress is done.
+    fn stored(
+        &mut self,
+        result: Result<Option<StoredPaths>, Error>,
+        now: u64,
+        out: &mut Vec<FlowAction>,
+    ) {
+        let Some(then) = self.storing.take() else {
+            return;
+        };
+        match (then, result) {
+            (Then::Register, Ok(_)) => {
+                self.progress(Step::CertificateCreated, out);
+                self.phase = Phase::Register;
+                if matches!(self.link, Link::Up { .. }) {
+                    self.start_engine(now, out);
+                } else {
+                    let e = Error::Connection(
+                        "the connection dropped while the certificate was journaled".into(),
+                    );
+                    self.fail(e, now, out);
+                }
+            }
+            (Then::Registered, Ok(_)) => {
+                self.progress(Step::Registered, out);
+                self.drop_link(out);
+                if self.wants_verify() {
+                    self.phase = Phase::Verify { probe: false };
+                    self.connect(now, out);
+                } else {
+                    self.commit(out);
+                }
+            }
+            (Then::Probed, Ok(_)) => {
+                self.progress(Step::Verified, out);
+                self.commit(out);
+            }
+            (Then::Register | Then::Registered | Then::Probed, Err(e)) => {
+                self.drop_link(out);
+                let e = Error::Storage(format!("writing the resume journal: {}", storage_text(&e)));
+                self.finish(Err(e), out);
+            }
+            (Then::Committed(mut provisioned), Ok(paths)) => {
+                provisioned.stored = paths;
+                if self.journaled {
+                    self.store(StoreAction::RemoveJournal, Then::Succeed(provisioned), out);
+                } else {
+                    self.succeed(*provisioned, out);
+                }
+            }
+            (Then::Committed(_), Err(e)) => {
+                // The journal keeps everything for the next call.
+                self.finish(Err(e), out);
+            }
+            (Then::Succeed(provisioned), result) => {
+                if let Err(e) = result {
+                    let line = format!("could not remove the resume journal: {}", storage_text(&e));
+                    self.log(LogLevel::Warn, line, out);
+                }
+                self.succeed(*provisioned, out);
+            }
+            (Then::Forgotten(next), result) => {
+                if let Err(e) = result {
+                    let line = format!("could not remove the resume journal: {}", storage_text(&e));
+                    self.log(LogLevel::Warn, line, out);
+                }
+                match next {
+                    AfterForget::Connect => self.connect(now, out),
+                    AfterForget::Fail(e) => self.finish(Err(e), out),
+                }
+            }
+        }
     }
 
     fn progress(&mut self, step: Step, out: &mut Vec<FlowAction>) {
@@ -448,7 +611,7 @@ impl Flow {
     }
 
     /// Takes up a journal found at the start.
-    fn resume(&mut self, entry: Entry, out: &mut Vec<FlowAction>) {
+    fn resume(&mut self, entry: Entry, now: u64, out: &mut Vec<FlowAction>) {
         let id = entry.certificate.certificate_id.clone();
         let margin = (self.spec.token_lifetime_s / 60).min(60);
         let reason = if entry.registered.is_some() {
@@ -478,8 +641,8 @@ impl Flow {
                 format!("{reason}: starting over with a new certificate"),
                 out,
             );
-            self.forget_certificate(out);
             self.progress(Step::Restarting, out);
+            self.forget_certificate(AfterForget::Connect, now, out);
             return;
         }
         self.phase = if entry.registered.is_some() {
@@ -515,16 +678,21 @@ impl Flow {
         self.key().is_some() || self.spec.external_key_connects
     }
 
-    /// Drops the certificate in hand and its journal.
-    fn forget_certificate(&mut self, out: &mut Vec<FlowAction>) {
+    /// Drops the certificate in hand and its journal, then goes on with `next`.
+    fn forget_certificate(&mut self, next: AfterForget, now: u64, out: &mut Vec<FlowAction>) {
         self.held = None;
         self.phase = Phase::Create;
-        if let Some(j) = &self.journal
-            && let Err(e) = j.remove()
-        {
-            let line = format!("could not remove the resume journal: {e}");
-            self.log(LogLevel::Warn, line, out);
+        if self.journaled {
+            self.store(StoreAction::RemoveJournal, Then::Forgotten(next), out);
+        } else {
+            self.stored_now(Then::Forgotten(next), now, out);
         }
+    }
+
+    /// Runs `then` as if its storage action had been done (nothing to store).
+    fn stored_now(&mut self, then: Then, now: u64, out: &mut Vec<FlowAction>) {
+        self.storing = Some(then);
+        self.stored(Ok(None), now, out);
     }
 
     /// Asks for the connection the phase needs.
@@ -620,18 +788,15 @@ impl Flow {
         }
     }
 
-    fn save(&mut self, out: &mut Vec<FlowAction>) -> bool {
-        if let (Some(j), Some(held)) = (&self.journal, &self.held)
-            && let Err(e) = j.save(&held.entry)
-        {
-            self.drop_link(out);
-            self.finish(
-                Err(Error::Storage(format!("writing the resume journal: {e}"))),
-                out,
-            );
-            return false;
+    /// Journals the certificate in hand (when a journal is kept), then runs `then`.
+    fn save(&mut self, then: Then, now: u64, out: &mut Vec<FlowAction>) {
+        match (&self.held, self.journaled) {
+            (Some(held), true) => {
+                let entry = held.entry.clone();
+                self.store(StoreAction::SaveJournal(entry), then, out);
+            }
+            _ => self.stored_now(then, now, out),
         }
-        true
     }
 
     fn engine_done(&mut self, result: Result<Outcome, Error>, now: u64, out: &mut Vec<FlowAction>) {
@@ -645,28 +810,13 @@ impl Flow {
                     return self.finish(Err(Error::CertificateMismatch), out);
                 }
                 self.took_certificate(certificate);
-                if !self.save(out) {
-                    return;
-                }
-                self.progress(Step::CertificateCreated, out);
-                self.phase = Phase::Register;
-                self.start_engine(now, out);
+                self.save(Then::Register, now, out);
             }
             (Phase::Register, Ok(Outcome::Registered(registered))) => {
                 if let Some(held) = &mut self.held {
                     held.entry.registered = Some(registered);
                 }
-                if !self.save(out) {
-                    return;
-                }
-                self.progress(Step::Registered, out);
-                self.drop_link(out);
-                if self.wants_verify() {
-                    self.phase = Phase::Verify { probe: false };
-                    self.connect(now, out);
-                } else {
-                    self.commit(out);
-                }
+                self.save(Then::Registered, now, out);
             }
             (Phase::Register, Err(Error::Rejected { api, error }))
                 if error.status_code == 400 && error.error_code == TOKEN_REFUSED =>
@@ -730,8 +880,7 @@ impl Flow {
             }
             // Never sent: the token was bad from the start. The journal holds no key, so
             // dropping it loses nothing.
-            self.forget_certificate(out);
-            return self.finish(Err(e), out);
+            return self.forget_certificate(AfterForget::Fail(e), now, out);
         }
         self.log(
             LogLevel::Warn,
@@ -758,9 +907,8 @@ impl Flow {
                     out,
                 );
                 self.restarted = true;
-                self.forget_certificate(out);
                 self.progress(Step::Restarting, out);
-                self.connect(now, out);
+                self.forget_certificate(AfterForget::Connect, now, out);
             }
             (Phase::Verify { .. }, Error::Tls(m)) => self.fail(
                 Error::Connection(format!("the new certificate could not connect: {m}")),
@@ -772,7 +920,7 @@ impl Flow {
     }
 
     /// The new certificate connected.
-    fn verified(&mut self, probe: bool, _now: u64, out: &mut Vec<FlowAction>) {
+    fn verified(&mut self, probe: bool, now: u64, out: &mut Vec<FlowAction>) {
         self.link = Link::Down;
         out.push(FlowAction::Disconnect);
         if probe {
@@ -788,15 +936,14 @@ impl Flow {
             if let Some(held) = &mut self.held {
                 held.entry.registered = Some(Registered::default());
             }
-            if !self.save(out) {
-                return;
-            }
+            return self.save(Then::Probed, now, out);
         }
         self.progress(Step::Verified, out);
         self.commit(out);
     }
 
-    /// Writes the credentials, removes the journal, reports success.
+    /// Commits the credentials (when the storage keeps them), removes the journal, reports
+    /// success.
     fn commit(&mut self, out: &mut Vec<FlowAction>) {
         let Some(held) = self.held.take() else {
             return self.finish(
@@ -805,49 +952,40 @@ impl Flow {
             );
         };
         let Held { entry, resumed } = held;
-        let registered = entry.registered.clone().unwrap_or_default();
-        let thing_name = registered.thing_name.clone().unwrap_or_default();
-        let stored = match (&self.spec.output_dir, &entry.private_key) {
-            (Some(dir), Some(key)) => {
-                let written = store::write_credentials(
-                    dir,
-                    &Credentials {
-                        thing_name: &thing_name,
-                        certificate_id: &entry.certificate.certificate_id,
-                        certificate_pem: &entry.certificate.certificate_pem,
-                        private_key_pem: key,
-                        device_configuration: &registered.device_configuration,
-                    },
-                );
-                match written {
-                    Ok(paths) => Some(paths),
-                    Err(e) => {
-                        // The journal keeps everything for the next call.
-                        return self.finish(Err(Error::Storage(e.to_string())), out);
-                    }
-                }
-            }
-            _ => None,
-        };
-        if let Some(j) = &self.journal
-            && let Err(e) = j.remove()
-        {
-            let line = format!("could not remove the resume journal: {e}");
-            self.log(LogLevel::Warn, line, out);
-        }
-        self.progress(Step::Committed, out);
+        let registered = entry.registered.unwrap_or_default();
         let provisioned = Provisioned {
-            thing_name,
+            thing_name: registered.thing_name.unwrap_or_default(),
             certificate_id: entry.certificate.certificate_id,
             certificate_pem: entry.certificate.certificate_pem,
             private_key_pem: entry.private_key,
             device_configuration: registered.device_configuration,
-            stored,
+            stored: None,
             attempts: self.attempt,
             resumed,
             registration_confirmed: self.confirmed,
             already_provisioned: false,
         };
+        let then = Then::Committed(Box::new(provisioned.clone()));
+        match (&provisioned.private_key_pem, self.spec.store_credentials) {
+            (Some(key), true) => {
+                let set = Stored {
+                    thing_name: provisioned.thing_name.clone(),
+                    certificate_id: provisioned.certificate_id.clone(),
+                    certificate_pem: provisioned.certificate_pem.clone(),
+                    private_key_pem: key.clone(),
+                    device_configuration: provisioned.device_configuration.clone(),
+                };
+                self.store(StoreAction::Commit(set), then, out);
+            }
+            _ => {
+                self.storing = Some(then);
+                self.stored(Ok(None), 0, out);
+            }
+        }
+    }
+
+    fn succeed(&mut self, provisioned: Provisioned, out: &mut Vec<FlowAction>) {
+        self.progress(Step::Committed, out);
         self.finish(Ok(provisioned), out);
     }
 
@@ -889,6 +1027,14 @@ impl Flow {
         }));
         self.attempt += 1;
         self.wait_until = Some(resume_at);
+    }
+}
+
+/// A storage failure's text without the "storage error" prefix its code adds.
+fn storage_text(e: &Error) -> String {
+    match e {
+        Error::Storage(text) => text.clone(),
+        other => other.to_string(),
     }
 }
 

@@ -18,6 +18,7 @@ use crate::keys::{self, KeyType};
 use crate::protocol::{Format, validate_template_name};
 use crate::provision::{Hooks, Method, Request};
 use crate::secret::Secret;
+use crate::store::SharedBlobs;
 
 struct LogCallback {
     cb: unsafe extern "C" fn(*mut c_void, fleetprov_log_level, *const c_char, usize),
@@ -54,6 +55,7 @@ pub struct fleetprov_config {
     verify: bool,
     output_dir: Option<PathBuf>,
     state_dir: Option<PathBuf>,
+    pub(crate) storage: Option<SharedBlobs>,
     retry: RetryPolicy,
     token_lifetime_s: u64,
     reprovision: bool,
@@ -85,6 +87,7 @@ impl Default for fleetprov_config {
             verify: true,
             output_dir: None,
             state_dir: None,
+            storage: None,
             retry: RetryPolicy::default(),
             token_lifetime_s: 3600,
             reprovision: false,
@@ -199,6 +202,7 @@ impl fleetprov_config {
         request.verify = self.verify;
         request.output_dir = self.output_dir.clone();
         request.state_dir = self.state_dir.clone();
+        request.storage = self.storage.clone();
         request.retry = self.retry;
         request.token_lifetime = Duration::from_secs(self.token_lifetime_s);
         request.reprovision = self.reprovision;
@@ -208,7 +212,9 @@ impl fleetprov_config {
 
 /// # Safety
 /// `config` is NULL or a live config used by this thread only.
-unsafe fn config_mut<'a>(config: *mut fleetprov_config) -> Result<&'a mut fleetprov_config, Error> {
+pub(crate) unsafe fn config_mut<'a>(
+    config: *mut fleetprov_config,
+) -> Result<&'a mut fleetprov_config, Error> {
     // SAFETY: per the contract above.
     unsafe { config.as_mut() }.ok_or_else(|| invalid("config is NULL"))
 }

@@ -10,10 +10,11 @@ use std::sync::{Mutex, MutexGuard, TryLockError};
 use super::config::{config_ref, fleetprov_config};
 use super::provision::provisioned_object;
 use super::types::*;
-use crate::engine::flow::{Flow, FlowAction, FlowEvent, FlowSpec, Identity, Provisioned};
+use crate::driver::{Driver, Transport};
+use crate::engine::flow::{Flow, FlowEvent, FlowSpec, Identity, Provisioned};
 use crate::error::Error;
 use crate::provision::{self, Hooks};
-use crate::store::journal::Journal;
+use crate::store::Storage;
 
 /// Credentials the host must connect with, as given to fleetprov_host_callbacks.connect.
 #[repr(C)]
@@ -96,9 +97,9 @@ enum HostEvent {
 
 struct Inner {
     /// Until fleetprov_host_start().
-    prepared: Option<(FlowSpec, Option<Journal>)>,
+    prepared: Option<(FlowSpec, Box<dyn Storage + Send>)>,
     overall_ms: Option<u64>,
-    flow: Option<Flow>,
+    driver: Option<Driver>,
     result: Option<Result<Provisioned, Error>>,
     hooks: Hooks,
 }
@@ -160,7 +161,7 @@ pub unsafe extern "C" fn fleetprov_host_new(
             return Err(invalid("output pointer is NULL"));
         }
         let request = config.host_request()?;
-        let (mut spec, journal) = provision::prepare(&request)?;
+        let (mut spec, storage) = provision::prepare(&request)?;
         spec.external_key_connects = true;
         let overall_ms = request
             .connection
@@ -171,9 +172,9 @@ pub unsafe extern "C" fn fleetprov_host_new(
             user,
             queue: Mutex::new(VecDeque::new()),
             inner: Mutex::new(Inner {
-                prepared: Some((spec, journal)),
+                prepared: Some((spec, storage)),
                 overall_ms,
-                flow: None,
+                driver: None,
                 result: None,
                 hooks: config.hooks(),
             }),
@@ -221,7 +222,7 @@ impl fleetprov_host {
                 let mut inner = poisoned.into_inner();
                 self.inner.clear_poison();
                 inner.prepared = None;
-                inner.flow = None;
+                inner.driver = None;
                 inner.result = Some(Err(Error::Panicked));
                 lock(&self.queue).clear();
                 Some(inner)
@@ -257,25 +258,32 @@ impl fleetprov_host {
         if matches!(event, HostEvent::Tick) {
             super::inject::point("host-event");
         }
-        let actions = match (&mut inner.flow, event) {
+        let mut transport = Callbacks {
+            callbacks: &self.callbacks,
+            user: self.user.ptr,
+        };
+        let t = &mut transport;
+        match (&mut inner.driver, event) {
             (None, HostEvent::Start) => {
-                let Some((mut spec, journal)) = inner.prepared.take() else {
+                let Some((mut spec, storage)) = inner.prepared.take() else {
                     return;
                 };
                 spec.settings.deadline_ms = inner.overall_ms.map(|d| now.saturating_add(d));
-                let mut flow = Flow::new(spec, journal);
-                let actions = flow.start(now);
-                inner.flow = Some(flow);
-                actions
+                let (progress, log) = (inner.hooks.progress.clone(), inner.hooks.log.clone());
+                let driver =
+                    inner
+                        .driver
+                        .insert(Driver::new(Flow::new(spec), storage, progress, log));
+                driver.start(now, t);
             }
             (None, _) | (Some(_), HostEvent::Start) => return,
-            (Some(flow), HostEvent::SubAck(codes)) => {
+            (Some(driver), HostEvent::SubAck(codes)) => {
                 // MQTT 3.1.1: 0x00-0x02 grant that QoS, 0x80 is a failure; MQTT 5: every
                 // reason code from 0x80 up is a failure.
                 let granted: Vec<bool> = codes.iter().map(|c| *c < 0x80).collect();
-                flow.handle(FlowEvent::SubAck(&granted), now)
+                driver.handle(FlowEvent::SubAck(&granted), now, t);
             }
-            (Some(flow), event) => {
+            (Some(driver), event) => {
                 let event = match &event {
                     HostEvent::Connected => FlowEvent::Connected,
                     HostEvent::ConnectFailed(e) => FlowEvent::ConnectFailed(e.clone()),
@@ -285,95 +293,100 @@ impl fleetprov_host {
                     )),
                     HostEvent::Tick | HostEvent::Start | HostEvent::SubAck(_) => FlowEvent::Tick,
                 };
-                flow.handle(event, now)
+                driver.handle(event, now, t);
             }
+        }
+        if let Some(result) = inner.driver.as_mut().and_then(Driver::take_result) {
+            inner.result = Some(result);
+        }
+    }
+}
+
+/// The host's MQTT stack, reached through its callbacks.
+struct Callbacks<'a> {
+    callbacks: &'a fleetprov_host_callbacks,
+    user: *mut c_void,
+}
+
+impl Transport for Callbacks<'_> {
+    fn connect(&mut self, identity: Identity) -> Result<(), Error> {
+        let (claim, cert, key, client_id) = match &identity {
+            Identity::Claim => (true, None, None, String::new()),
+            Identity::Device {
+                certificate_pem,
+                private_key,
+                client_id,
+            } => (
+                false,
+                Some(cstring(certificate_pem)),
+                private_key.as_ref().map(|k| SecretCString::new(k.expose())),
+                client_id.clone(),
+            ),
         };
-        for action in actions {
-            self.perform(inner, action, now);
+        let client_id = cstring(&client_id);
+        let view = fleetprov_identity {
+            claim,
+            certificate_pem: cert.as_ref().map_or(ptr::null(), |c| c.as_ptr()),
+            private_key_pem: key.as_ref().map_or(ptr::null(), |k| k.as_ptr()),
+            client_id: client_id.as_ptr(),
+        };
+        let Some(connect) = self.callbacks.connect else {
+            return Err(invalid("no connect callback"));
+        };
+        let user = self.user;
+        // SAFETY: a callback the host registered; `view` and the strings it points to outlive
+        // the call.
+        let r = in_callback(|| unsafe { connect(user, &view) });
+        if r != 0 {
+            return Err(Error::Connection(format!(
+                "the host's connect callback failed ({})",
+                result_name(r)
+            )));
+        }
+        Ok(())
+    }
+
+    fn disconnect(&mut self) {
+        if let Some(disconnect) = self.callbacks.disconnect {
+            let user = self.user;
+            // SAFETY: a callback the host registered.
+            in_callback(|| unsafe { disconnect(user) })
         }
     }
 
-    fn perform(&self, inner: &mut Inner, action: FlowAction, now: u64) {
-        let user = self.user.ptr;
-        match action {
-            FlowAction::Connect(identity) => {
-                let (claim, cert, key, client_id) = match &identity {
-                    Identity::Claim => (true, None, None, String::new()),
-                    Identity::Device {
-                        certificate_pem,
-                        private_key,
-                        client_id,
-                    } => (
-                        false,
-                        Some(cstring(certificate_pem)),
-                        private_key.as_ref().map(|k| SecretCString::new(k.expose())),
-                        client_id.clone(),
-                    ),
-                };
-                let client_id = cstring(&client_id);
-                let view = fleetprov_identity {
-                    claim,
-                    certificate_pem: cert.as_ref().map_or(ptr::null(), |c| c.as_ptr()),
-                    private_key_pem: key.as_ref().map_or(ptr::null(), |k| k.as_ptr()),
-                    client_id: client_id.as_ptr(),
-                };
-                let Some(connect) = self.callbacks.connect else {
-                    return;
-                };
-                // SAFETY: a callback the host registered; `view` and the strings it points to
-                // outlive the call.
-                let r = in_callback(|| unsafe { connect(user, &view) });
-                if r != 0 {
-                    let e = Error::Connection(format!(
-                        "the host's connect callback failed ({})",
-                        result_name(r)
-                    ));
-                    lock(&self.queue).push_back((HostEvent::ConnectFailed(e), now));
-                }
-            }
-            FlowAction::Disconnect => {
-                if let Some(disconnect) = self.callbacks.disconnect {
-                    // SAFETY: a callback the host registered.
-                    in_callback(|| unsafe { disconnect(user) })
-                }
-            }
-            FlowAction::Subscribe(filters) => {
-                let owned: Vec<CString> = filters.iter().map(|f| cstring(f)).collect();
-                let ptrs: Vec<*const c_char> = owned.iter().map(|c| c.as_ptr()).collect();
-                let Some(subscribe) = self.callbacks.subscribe else {
-                    return;
-                };
-                // SAFETY: a callback the host registered; `ptrs` and `owned` outlive the call.
-                let r = in_callback(|| unsafe { subscribe(user, ptrs.as_ptr(), ptrs.len()) });
-                if r != 0 {
-                    lock(&self.queue).push_back((HostEvent::Disconnected, now));
-                }
-            }
-            FlowAction::Publish { topic, payload } => {
-                let topic = cstring(&topic);
-                let Some(publish) = self.callbacks.publish else {
-                    return;
-                };
-                // SAFETY: a callback the host registered; `topic` and `payload` outlive the call.
-                let r = in_callback(|| unsafe {
-                    publish(user, topic.as_ptr(), payload.as_ptr(), payload.len())
-                });
-                if r != 0 {
-                    lock(&self.queue).push_back((HostEvent::Disconnected, now));
-                }
-            }
-            FlowAction::Progress(p) => {
-                if let Some(cb) = &inner.hooks.progress {
-                    cb(&p);
-                }
-            }
-            FlowAction::Log(level, line) => {
-                if let Some(log) = &inner.hooks.log {
-                    log(level, &line);
-                }
-            }
-            FlowAction::Done(result) => inner.result = Some(result),
+    fn subscribe(&mut self, filters: &[String]) -> Result<(), Error> {
+        let owned: Vec<CString> = filters.iter().map(|f| cstring(f)).collect();
+        let ptrs: Vec<*const c_char> = owned.iter().map(|c| c.as_ptr()).collect();
+        let Some(subscribe) = self.callbacks.subscribe else {
+            return Err(invalid("no subscribe callback"));
+        };
+        let user = self.user;
+        // SAFETY: a callback the host registered; `ptrs` and `owned` outlive the call.
+        let r = in_callback(|| unsafe { subscribe(user, ptrs.as_ptr(), ptrs.len()) });
+        if r != 0 {
+            return Err(Error::Connection(format!(
+                "the host's subscribe callback failed ({r})"
+            )));
         }
+        Ok(())
+    }
+
+    fn publish(&mut self, topic: &str, payload: &[u8]) -> Result<(), Error> {
+        let topic = cstring(topic);
+        let Some(publish) = self.callbacks.publish else {
+            return Err(invalid("no publish callback"));
+        };
+        let user = self.user;
+        // SAFETY: a callback the host registered; `topic` and `payload` outlive the call.
+        let r = in_callback(|| unsafe {
+            publish(user, topic.as_ptr(), payload.as_ptr(), payload.len())
+        });
+        if r != 0 {
+            return Err(Error::Connection(format!(
+                "the host's publish callback failed ({r})"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -523,9 +536,9 @@ pub unsafe extern "C" fn fleetprov_host_wake_at(
         let wake = match h.state() {
             None => 0,
             Some(inner) => inner
-                .flow
+                .driver
                 .as_ref()
-                .and_then(Flow::wake_at)
+                .and_then(Driver::wake_at)
                 .unwrap_or(u64::MAX),
         };
         // SAFETY: NULL or valid for writes, per the header.
@@ -555,7 +568,7 @@ pub unsafe extern "C" fn fleetprov_host_result(
             return Ok(());
         };
         match inner.result.take() {
-            None if inner.flow.as_ref().is_some_and(Flow::is_finished) => {
+            None if inner.driver.as_ref().is_some_and(Driver::is_finished) => {
                 Err(invalid("the result was already taken"))
             }
             None => {

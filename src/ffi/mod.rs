@@ -7,7 +7,7 @@
 #![allow(non_camel_case_types)]
 #![allow(clippy::missing_safety_doc)]
 
-// One file per handle (cancel, client, config, host, operation, provision's result), the
+// One file per handle (cancel, client, config, host, operation, provision's result, storage), the
 // shared types and the panic boundary in types.rs.
 mod cancel;
 mod client;
@@ -15,6 +15,7 @@ mod config;
 mod host;
 mod operation;
 mod provision;
+mod storage;
 mod types;
 
 mod alloc;
@@ -27,4 +28,5 @@ pub use config::*;
 pub use host::*;
 pub use operation::*;
 pub use provision::*;
+pub use storage::*;
 pub use types::*;

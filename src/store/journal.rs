@@ -190,7 +190,7 @@ impl Journal {
     }
 }
 
-fn serialize(entry: &Entry) -> Zeroizing<Vec<u8>> {
+pub(crate) fn serialize(entry: &Entry) -> Zeroizing<Vec<u8>> {
     let wire = Wire {
         version: VERSION,
         host: entry.host.clone(),

@@ -8,6 +8,9 @@
 mod tests;
 
 pub mod journal;
+mod storage;
+
+pub use storage::{BlobStorage, Blobs, FileStorage, JOURNAL_BLOB, SharedBlobs, Storage};
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -94,8 +97,8 @@ struct Metadata<'a> {
     device_configuration: &'a BTreeMap<String, String>,
 }
 
-/// A credential set read back from a directory [`write_credentials`] wrote.
-#[derive(Debug)]
+/// A credential set: as committed, or read back from a store.
+#[derive(Debug, Clone)]
 pub struct Stored {
     pub thing_name: String,
     pub certificate_id: String,
@@ -107,18 +110,10 @@ pub struct Stored {
 /// Reads the credential set in `dir`. Without `device.json` the set is incomplete (a write was
 /// interrupted) and this is an error of kind `NotFound` for `device.json`.
 pub fn read_credentials(dir: &Path) -> Result<Stored, StoreError> {
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Meta {
-        thing_name: String,
-        certificate_id: String,
-        #[serde(default)]
-        device_configuration: BTreeMap<String, String>,
-    }
     let meta_path = dir.join(METADATA_FILE);
     let meta = fs::read(&meta_path).map_err(at(&meta_path))?;
-    let meta: Meta = serde_json::from_slice(&meta)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+    let meta = parse_metadata(&meta)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
         .map_err(at(&meta_path))?;
     let cert_path = dir.join(CERTIFICATE_FILE);
     let certificate_pem = fs::read_to_string(&cert_path).map_err(at(&cert_path))?;
@@ -134,6 +129,33 @@ pub fn read_credentials(dir: &Path) -> Result<Stored, StoreError> {
         private_key_pem: Secret::new(key),
         device_configuration: meta.device_configuration,
     })
+}
+
+/// `device.json` as read back.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Meta {
+    pub(crate) thing_name: String,
+    pub(crate) certificate_id: String,
+    #[serde(default)]
+    pub(crate) device_configuration: BTreeMap<String, String>,
+}
+
+pub(crate) fn parse_metadata(bytes: &[u8]) -> Result<Meta, String> {
+    serde_json::from_slice(bytes).map_err(|e| format!("not a device.json: {e}"))
+}
+
+/// `device.json`'s content for `c`: thingName, certificateId and deviceConfiguration.
+pub(crate) fn metadata_json(c: &Credentials<'_>) -> Vec<u8> {
+    // Serializing plain strings and a map cannot fail.
+    let mut metadata = serde_json::to_vec_pretty(&Metadata {
+        thing_name: c.thing_name,
+        certificate_id: c.certificate_id,
+        device_configuration: c.device_configuration,
+    })
+    .unwrap_or_default();
+    metadata.push(b'\n');
+    metadata
 }
 
 /// Writes a credential set into `dir`: `private.key` (0600), `certificate.pem` (0644) and
@@ -160,14 +182,7 @@ pub fn write_credentials(dir: &Path, c: &Credentials<'_>) -> Result<StoredPaths,
         private_key: dir.join(PRIVATE_KEY_FILE),
         metadata: dir.join(METADATA_FILE),
     };
-    let mut metadata = serde_json::to_vec_pretty(&Metadata {
-        thing_name: c.thing_name,
-        certificate_id: c.certificate_id,
-        device_configuration: c.device_configuration,
-    })
-    .map_err(io::Error::other)
-    .map_err(at(&paths.metadata))?;
-    metadata.push(b'\n');
+    let metadata = metadata_json(c);
     remove_stale_temp_files(dir);
 
     // Phase 1: stage. Dropping a staged file removes it.

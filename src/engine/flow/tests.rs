@@ -1,12 +1,14 @@
 //! The flow driven by a scripted service: faults at each step, retries, the journal.
 
 use std::collections::VecDeque;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
 use super::*;
 use crate::protocol::Format;
+use crate::store::journal::Journal;
+use crate::store::{FileStorage, Storage};
 
 const STEP: u64 = 1_000;
 const TEMPLATE: &str = "Tpl";
@@ -113,13 +115,15 @@ impl Sim {
             external_key_connects: false,
             external_public_key: None,
             token_lifetime_s: 3600,
-            output_dir: dir.map(|d| d.join("out")),
+            store_credentials: dir.is_some(),
+            journal: Journaled::Off,
             seed: 1,
         }
     }
 
     /// Runs the flow to the end; every loop is bounded.
-    fn run(&mut self, flow: &mut Flow) -> Result<Provisioned, Error> {
+    fn run(&mut self, tested: &mut Tested) -> Result<Provisioned, Error> {
+        let Tested { flow, storage } = tested;
         let mut actions: VecDeque<FlowAction> = flow.start(self.now).into();
         let mut verifying = false;
         for _ in 0..1000 {
@@ -136,6 +140,10 @@ impl Sim {
                 FlowAction::Progress(p) => self.progress.push(p),
                 FlowAction::Log(_, line) => self.logs.push(line),
                 FlowAction::Disconnect => {}
+                FlowAction::Store(action) => {
+                    let stored = storage.perform(&action);
+                    actions.extend(flow.handle(FlowEvent::Stored(stored), self.now));
+                }
                 FlowAction::Connect(identity) => {
                     let (name, tls_ok) = match &identity {
                         Identity::Claim => ("claim".to_string(), true),
@@ -278,11 +286,44 @@ fn journal(dir: &Path) -> Journal {
     Journal::open(&dir.join("state")).unwrap()
 }
 
+/// A flow with the default file storage, as the drivers set it up.
+#[derive(Debug)]
+struct Tested {
+    flow: Flow,
+    storage: FileStorage,
+}
+
+/// A flow for `spec`; with `journal` (in `<dir>/state`), the credentials go to `<dir>/out`.
+fn tested(mut spec: FlowSpec, journal: Option<Journal>) -> Tested {
+    let out = match &journal {
+        Some(j) if spec.store_credentials => j
+            .path()
+            .parent()
+            .and_then(Path::parent)
+            .map(|d| d.join("out")),
+        _ => None,
+    };
+    spec.store_credentials = out.is_some();
+    let mut storage = FileStorage::new(out, journal);
+    spec.journal = if storage.keeps_journal() {
+        match storage.load_journal() {
+            Ok(entry) => Journaled::Loaded(entry),
+            Err(e) => Journaled::Unreadable(e),
+        }
+    } else {
+        Journaled::Off
+    };
+    Tested {
+        flow: Flow::new(spec),
+        storage,
+    }
+}
+
 #[test]
 fn clean_run_subscribes_once_persists_before_registering_and_commits() {
     let dir = temp("clean");
     let mut sim = Sim::new(&[]);
-    let mut flow = Flow::new(sim.spec(Some(&dir)), Some(journal(&dir)));
+    let mut flow = tested(sim.spec(Some(&dir)), Some(journal(&dir)));
     let p = sim.run(&mut flow).unwrap();
     assert_eq!(p.thing_name, "dev-S1");
     assert_eq!((p.attempts, p.resumed), (1, false));
@@ -332,7 +373,7 @@ fn a_cut_at_each_step_is_retried_without_minting_a_second_certificate_once_one_i
     for (at, fault, certificates) in rows {
         let dir = temp("cut");
         let mut sim = Sim::new(&[(at, *fault)]);
-        let mut flow = Flow::new(sim.spec(Some(&dir)), Some(journal(&dir)));
+        let mut flow = tested(sim.spec(Some(&dir)), Some(journal(&dir)));
         let p = sim
             .run(&mut flow)
             .unwrap_or_else(|e| panic!("{at} {fault:?}: {e}"));
@@ -358,7 +399,7 @@ fn a_cut_at_each_step_is_retried_without_minting_a_second_certificate_once_one_i
 fn a_lost_register_reply_is_confirmed_by_connecting_with_the_certificate() {
     let dir = temp("lost-reply");
     let mut sim = Sim::new(&[("register", Fault::DropAfterProcessing)]);
-    let mut flow = Flow::new(sim.spec(Some(&dir)), Some(journal(&dir)));
+    let mut flow = tested(sim.spec(Some(&dir)), Some(journal(&dir)));
     let p = sim.run(&mut flow).unwrap();
     assert_eq!(sim.issued.len(), 1);
     assert_eq!(p.thing_name, "", "the reply with the thing name was lost");
@@ -392,7 +433,7 @@ fn a_refused_token_for_a_certificate_that_is_not_active_starts_over_once() {
         registered: None,
     })
     .unwrap();
-    let mut flow = Flow::new(spec, Some(j));
+    let mut flow = tested(spec, Some(j));
     let p = sim.run(&mut flow).unwrap();
     assert!(!p.resumed);
     assert_eq!(sim.issued.len(), 1);
@@ -409,7 +450,7 @@ fn a_journal_with_a_valid_token_resumes_at_register_thing() {
     let mut sim = Sim::new(&[("register", Fault::DropBeforeProcessing)]);
     let mut spec = sim.spec(Some(&dir));
     spec.retry = RetryPolicy::none();
-    let mut flow = Flow::new(spec, Some(journal(&dir)));
+    let mut flow = tested(spec, Some(journal(&dir)));
     assert!(matches!(sim.run(&mut flow), Err(Error::Connection(_))));
     // The flow holds the certificate, its key and token: its Debug shows neither.
     let shown = format!("{flow:?}");
@@ -425,7 +466,7 @@ fn a_journal_with_a_valid_token_resumes_at_register_thing() {
     // Second run: no new certificate.
     sim.publishes.clear();
     sim.progress.clear();
-    let mut flow = Flow::new(sim.spec(Some(&dir)), Some(journal(&dir)));
+    let mut flow = tested(sim.spec(Some(&dir)), Some(journal(&dir)));
     let p = sim.run(&mut flow).unwrap();
     assert!(p.resumed);
     assert_eq!(p.thing_name, "dev-S1");
@@ -442,11 +483,11 @@ fn an_expired_journal_starts_over_and_says_so() {
     let mut spec = sim.spec(Some(&dir));
     spec.retry = RetryPolicy::none();
     spec.token_lifetime_s = 0;
-    let mut flow = Flow::new(spec, Some(journal(&dir)));
+    let mut flow = tested(spec, Some(journal(&dir)));
     assert!(sim.run(&mut flow).is_err());
     drop(flow);
     sim.progress.clear();
-    let mut flow = Flow::new(sim.spec(Some(&dir)), Some(journal(&dir)));
+    let mut flow = tested(sim.spec(Some(&dir)), Some(journal(&dir)));
     let p = sim.run(&mut flow).unwrap();
     assert!(!p.resumed);
     assert_eq!(sim.issued.len(), 2);
@@ -464,7 +505,7 @@ fn a_registered_journal_is_only_verified_and_committed() {
     let mut sim = Sim::new(&[("connect-device", Fault::Refuse)]);
     let mut spec = sim.spec(Some(&dir));
     spec.retry = RetryPolicy::none();
-    let mut flow = Flow::new(spec, Some(journal(&dir)));
+    let mut flow = tested(spec, Some(journal(&dir)));
     assert!(
         sim.run(&mut flow).is_err(),
         "the new certificate could not connect"
@@ -476,7 +517,7 @@ fn a_registered_journal_is_only_verified_and_committed() {
     );
     sim.publishes.clear();
     sim.connects.clear();
-    let mut flow = Flow::new(sim.spec(Some(&dir)), Some(journal(&dir)));
+    let mut flow = tested(sim.spec(Some(&dir)), Some(journal(&dir)));
     let p = sim.run(&mut flow).unwrap();
     assert_eq!(p.thing_name, "dev-S1", "kept in the journal");
     assert!(sim.publishes.is_empty());
@@ -494,7 +535,7 @@ fn only_retryable_rejections_are_retried() {
         (404, false),
     ] {
         let mut sim = Sim::new(&[("csr", Fault::Reject(status))]);
-        let mut flow = Flow::new(sim.spec(None), None);
+        let mut flow = tested(sim.spec(None), None);
         let result = sim.run(&mut flow);
         assert_eq!(result.is_ok(), retried, "{status}");
         if !retried {
@@ -511,7 +552,7 @@ fn only_retryable_rejections_are_retried() {
 fn backoff_grows_and_attempts_are_bounded() {
     let faults: Vec<_> = (0..10).map(|_| ("csr", Fault::Reject(429))).collect();
     let mut sim = Sim::new(&faults);
-    let mut flow = Flow::new(sim.spec(None), None);
+    let mut flow = tested(sim.spec(None), None);
     let result = sim.run(&mut flow);
     assert!(matches!(result, Err(Error::Rejected { .. })));
     assert_eq!(sim.csr_requests(), 6, "max_attempts");
@@ -541,7 +582,7 @@ fn the_deadline_stops_retries() {
     let mut sim = Sim::new(&faults);
     let mut spec = sim.spec(None);
     spec.settings.deadline_ms = Some(200);
-    let mut flow = Flow::new(spec, None);
+    let mut flow = tested(spec, None);
     let result = sim.run(&mut flow);
     assert!(matches!(result, Err(Error::Connection(_))), "{result:?}");
     assert!(sim.now < 200);
@@ -554,7 +595,7 @@ fn an_unreadable_journal_is_a_storage_error_and_is_kept() {
     let j = journal(&dir);
     std::fs::write(j.path(), b"{ not json").unwrap();
     let mut sim = Sim::new(&[]);
-    let mut flow = Flow::new(sim.spec(Some(&dir)), Some(j));
+    let mut flow = tested(sim.spec(Some(&dir)), Some(j));
     assert!(matches!(sim.run(&mut flow), Err(Error::Storage(_))));
     assert!(sim.connects.is_empty());
     assert!(dir.join("state/journal.json").exists());
@@ -573,7 +614,7 @@ fn external_spec(sim: &Sim, dir: &Path) -> FlowSpec {
         key: None,
     };
     spec.device_key = None;
-    spec.output_dir = None;
+    spec.store_credentials = false;
     spec
 }
 
@@ -581,7 +622,7 @@ fn external_spec(sim: &Sim, dir: &Path) -> FlowSpec {
 fn an_external_key_with_a_lost_register_reply_is_handed_over_unconfirmed() {
     let dir = temp("external-lost");
     let mut sim = Sim::new(&[("register", Fault::DropAfterProcessing)]);
-    let mut flow = Flow::new(external_spec(&sim, &dir), Some(journal(&dir)));
+    let mut flow = tested(external_spec(&sim, &dir), Some(journal(&dir)));
     let p = sim.run(&mut flow).unwrap();
     assert!(!p.registration_confirmed);
     assert_eq!(p.certificate_pem, sim.cert_pem);
@@ -594,7 +635,7 @@ fn an_external_key_with_a_lost_register_reply_is_handed_over_unconfirmed() {
     );
     // A normal run is confirmed.
     let mut sim = Sim::new(&[]);
-    let mut flow = Flow::new(external_spec(&sim, &temp("external-ok")), None);
+    let mut flow = tested(external_spec(&sim, &temp("external-ok")), None);
     assert!(sim.run(&mut flow).unwrap().registration_confirmed);
 }
 
@@ -607,7 +648,7 @@ fn an_external_key_refuses_certificates_and_journals_for_other_keys() {
     let (_, other_cert) = material();
     sim.cert_pem = other_cert;
     spec.retry = RetryPolicy::none();
-    let mut flow = Flow::new(spec, None);
+    let mut flow = tested(spec, None);
     assert_eq!(sim.run(&mut flow).unwrap_err(), Error::CertificateMismatch);
 
     // A journal for another key: start over, not resume.
@@ -630,7 +671,7 @@ fn an_external_key_refuses_certificates_and_journals_for_other_keys() {
     })
     .unwrap();
     let mut sim = sim;
-    let mut flow = Flow::new(external_spec(&sim, &dir), Some(j));
+    let mut flow = tested(external_spec(&sim, &dir), Some(j));
     let p = sim.run(&mut flow).unwrap();
     assert!(!p.resumed);
     assert_eq!(sim.steps()[0], Step::Restarting);

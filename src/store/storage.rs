@@ -1,0 +1,284 @@
+//! The storage port: what the flow's storage actions ([`crate::engine::flow::StoreAction`]) are
+//! performed on. [`FileStorage`] is the default (files 0600 in 0700 directories, atomic,
+//! fsynced); [`BlobStorage`] keeps the same records as named blobs in a store of the
+//! firmware's own (a secure element's slots, a flash partition, an encrypted filesystem).
+
+use std::path::{Path, PathBuf};
+
+use zeroize::Zeroizing;
+
+use super::journal::{self, Entry, Journal};
+use super::{
+    CERTIFICATE_FILE, Credentials, METADATA_FILE, PRIVATE_KEY_FILE, Stored, StoredPaths,
+    metadata_json, parse_metadata,
+};
+use crate::engine::flow::StoreAction;
+use crate::error::Error;
+use crate::secret::Secret;
+
+/// The resume journal's blob name in a [`BlobStorage`].
+pub const JOURNAL_BLOB: &str = "journal";
+
+/// Where a flow keeps its resume journal and commits its credentials.
+pub trait Storage {
+    /// The resume journal, if there is one. One that cannot be read is an error (it may hold
+    /// the only copy of a key, so it is never dropped silently).
+    fn load_journal(&mut self) -> Result<Option<Entry>, Error>;
+    /// The complete credential set an earlier commit left, if there is one; an incomplete set
+    /// (a commit cut short) is `None`.
+    fn load_credentials(&mut self) -> Result<Option<Stored>, Error>;
+    /// Replaces the journal, atomically and durably.
+    fn save_journal(&mut self, entry: &Entry) -> Result<(), Error>;
+    /// Removes the journal; none is fine.
+    fn remove_journal(&mut self) -> Result<(), Error>;
+    /// Commits a credential set: a reader sees the old set, the new one whole, or none.
+    fn commit(&mut self, set: &Stored) -> Result<Option<StoredPaths>, Error>;
+    /// Whether a journal is kept at all.
+    fn keeps_journal(&self) -> bool;
+    /// Whether credentials are committed at all.
+    fn keeps_credentials(&self) -> bool;
+
+    /// Performs a flow's storage action; the result is the flow's [`FlowEvent::Stored`].
+    ///
+    /// [`FlowEvent::Stored`]: crate::engine::flow::FlowEvent::Stored
+    fn perform(&mut self, action: &StoreAction) -> Result<Option<StoredPaths>, Error> {
+        match action {
+            StoreAction::SaveJournal(entry) => self.save_journal(entry).map(|()| None),
+            StoreAction::RemoveJournal => self.remove_journal().map(|()| None),
+            StoreAction::Commit(set) => self.commit(set),
+        }
+    }
+}
+
+fn credentials(set: &Stored) -> Credentials<'_> {
+    Credentials {
+        thing_name: &set.thing_name,
+        certificate_id: &set.certificate_id,
+        certificate_pem: &set.certificate_pem,
+        private_key_pem: &set.private_key_pem,
+        device_configuration: &set.device_configuration,
+    }
+}
+
+/// The default storage: credentials in an output directory ([`super::write_credentials`]), the
+/// journal in a locked state directory ([`Journal`]). Either may be absent.
+#[derive(Debug, Default)]
+pub struct FileStorage {
+    output_dir: Option<PathBuf>,
+    journal: Option<Journal>,
+}
+
+impl FileStorage {
+    /// Storage in `output_dir` and the state directory `journal` holds open.
+    pub fn new(output_dir: Option<PathBuf>, journal: Option<Journal>) -> FileStorage {
+        FileStorage {
+            output_dir,
+            journal,
+        }
+    }
+
+    /// The output directory.
+    pub fn output_dir(&self) -> Option<&Path> {
+        self.output_dir.as_deref()
+    }
+}
+
+impl Storage for FileStorage {
+    fn load_journal(&mut self) -> Result<Option<Entry>, Error> {
+        match &self.journal {
+            Some(j) => j
+                .load()
+                .map_err(|e| Error::Storage(format!("reading the resume journal: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    fn load_credentials(&mut self) -> Result<Option<Stored>, Error> {
+        Ok(self
+            .output_dir
+            .as_deref()
+            .and_then(|dir| super::read_credentials(dir).ok()))
+    }
+
+    fn save_journal(&mut self, entry: &Entry) -> Result<(), Error> {
+        match &self.journal {
+            Some(j) => j.save(entry).map_err(|e| Error::Storage(e.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    fn remove_journal(&mut self) -> Result<(), Error> {
+        match &self.journal {
+            Some(j) => j.remove().map_err(|e| Error::Storage(e.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    fn commit(&mut self, set: &Stored) -> Result<Option<StoredPaths>, Error> {
+        match &self.output_dir {
+            Some(dir) => super::write_credentials(dir, &credentials(set))
+                .map(Some)
+                .map_err(|e| Error::Storage(e.to_string())),
+            None => Ok(None),
+        }
+    }
+
+    fn keeps_journal(&self) -> bool {
+        self.journal.is_some()
+    }
+
+    fn keeps_credentials(&self) -> bool {
+        self.output_dir.is_some()
+    }
+}
+
+/// A store of named blobs: the firmware's own (a secure element, a flash partition, a TEE).
+///
+/// The names are [`JOURNAL_BLOB`], [`PRIVATE_KEY_FILE`] (secret), [`CERTIFICATE_FILE`] and
+/// [`METADATA_FILE`]. Errors are texts for the user; they must not hold the data.
+pub trait Blobs {
+    /// The blob's content, or `None` when there is no such blob.
+    fn load(&self, name: &str) -> Result<Option<Zeroizing<Vec<u8>>>, String>;
+    /// Replaces the blob atomically: after a crash or power loss at any point, a later load
+    /// gives the old content or the new, never a mix.
+    fn store(&self, name: &str, data: &[u8]) -> Result<(), String>;
+    /// Removes the blob; no such blob is fine.
+    fn remove(&self, name: &str) -> Result<(), String>;
+}
+
+/// A [`Blobs`] store shared by every flow of a configuration.
+#[derive(Clone)]
+pub struct SharedBlobs(pub std::sync::Arc<dyn Blobs + Send + Sync>);
+
+impl std::fmt::Debug for SharedBlobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedBlobs")
+    }
+}
+
+impl Blobs for SharedBlobs {
+    fn load(&self, name: &str) -> Result<Option<Zeroizing<Vec<u8>>>, String> {
+        self.0.load(name)
+    }
+    fn store(&self, name: &str, data: &[u8]) -> Result<(), String> {
+        self.0.store(name, data)
+    }
+    fn remove(&self, name: &str) -> Result<(), String> {
+        self.0.remove(name)
+    }
+}
+
+/// The journal and credentials kept as named blobs in a [`Blobs`] store.
+///
+/// A commit removes `device.json`, stores `private.key` and `certificate.pem`, and stores
+/// `device.json` last: with each store atomic, a present `device.json` always means a complete,
+/// matching set, and a commit cut short at any point leaves none (the journal still holds the
+/// credentials, and the next call finishes the job).
+#[derive(Debug)]
+pub struct BlobStorage<B> {
+    blobs: B,
+}
+
+impl<B> BlobStorage<B> {
+    pub fn new(blobs: B) -> BlobStorage<B> {
+        BlobStorage { blobs }
+    }
+}
+
+fn failed(what: &str, name: &str, e: String) -> Error {
+    Error::Storage(format!("{what} {name:?}: {e}"))
+}
+
+impl<B: Blobs> BlobStorage<B> {
+    fn load_text(&mut self, name: &str) -> Result<Option<Zeroizing<String>>, Error> {
+        let Some(bytes) = self
+            .blobs
+            .load(name)
+            .map_err(|e| failed("loading", name, e))?
+        else {
+            return Ok(None);
+        };
+        match std::str::from_utf8(&bytes) {
+            Ok(text) => Ok(Some(Zeroizing::new(text.to_owned()))),
+            Err(_) => Err(failed("loading", name, "not UTF-8".into())),
+        }
+    }
+}
+
+impl<B: Blobs> Storage for BlobStorage<B> {
+    fn load_journal(&mut self) -> Result<Option<Entry>, Error> {
+        let Some(bytes) = self
+            .blobs
+            .load(JOURNAL_BLOB)
+            .map_err(|e| failed("loading", JOURNAL_BLOB, e))?
+        else {
+            return Ok(None);
+        };
+        journal::parse(&bytes).map(Some).map_err(|reason| {
+            Error::Storage(format!(
+                "reading the resume journal: unreadable ({reason}); remove the {JOURNAL_BLOB:?} \
+                 blob to start over"
+            ))
+        })
+    }
+
+    fn load_credentials(&mut self) -> Result<Option<Stored>, Error> {
+        let Some(meta) = self.load_text(METADATA_FILE)? else {
+            return Ok(None);
+        };
+        let Ok(meta) = parse_metadata(meta.as_bytes()) else {
+            return Ok(None);
+        };
+        let (Some(certificate), Some(key)) = (
+            self.load_text(CERTIFICATE_FILE)?,
+            self.load_text(PRIVATE_KEY_FILE)?,
+        ) else {
+            return Ok(None);
+        };
+        Ok(Some(Stored {
+            thing_name: meta.thing_name,
+            certificate_id: meta.certificate_id,
+            certificate_pem: certificate.to_string(),
+            private_key_pem: Secret::new(key.to_string()),
+            device_configuration: meta.device_configuration,
+        }))
+    }
+
+    fn save_journal(&mut self, entry: &Entry) -> Result<(), Error> {
+        let bytes = journal::serialize(entry);
+        self.blobs
+            .store(JOURNAL_BLOB, &bytes)
+            .map_err(|e| failed("storing", JOURNAL_BLOB, e))
+    }
+
+    fn remove_journal(&mut self) -> Result<(), Error> {
+        self.blobs
+            .remove(JOURNAL_BLOB)
+            .map_err(|e| failed("removing", JOURNAL_BLOB, e))
+    }
+
+    fn commit(&mut self, set: &Stored) -> Result<Option<StoredPaths>, Error> {
+        let metadata = metadata_json(&credentials(set));
+        self.blobs
+            .remove(METADATA_FILE)
+            .map_err(|e| failed("removing", METADATA_FILE, e))?;
+        self.blobs
+            .store(PRIVATE_KEY_FILE, set.private_key_pem.expose().as_bytes())
+            .map_err(|e| failed("storing", PRIVATE_KEY_FILE, e))?;
+        self.blobs
+            .store(CERTIFICATE_FILE, set.certificate_pem.as_bytes())
+            .map_err(|e| failed("storing", CERTIFICATE_FILE, e))?;
+        self.blobs
+            .store(METADATA_FILE, &metadata)
+            .map_err(|e| failed("storing", METADATA_FILE, e))?;
+        Ok(None)
+    }
+
+    fn keeps_journal(&self) -> bool {
+        true
+    }
+
+    fn keeps_credentials(&self) -> bool {
+        true
+    }
+}
