@@ -2,6 +2,8 @@
 //! real TLS on loopback. Every case must end with the device provisioned, exactly one ACTIVE
 //! certificate for it, no certificate minted by a retry while a token was in hand, and the key
 //! on disk matching the certificate (checked by connecting with the stored credentials).
+//! Parts of it run again with the credentials and journal in a store of named blobs (the
+//! firmware's own store) instead of files.
 
 mod common;
 
@@ -9,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::blobs::MemBlobs;
 use fleetprov::engine::Step;
 use fleetprov::engine::flow::Progress;
 use fleetprov::engine::retry::RetryPolicy;
@@ -93,10 +96,22 @@ struct Run {
     registry: Value,
     out: PathBuf,
     state: PathBuf,
+    /// The blob store, when the run used one instead of files.
+    blobs: Option<Arc<MemBlobs>>,
     emu: Emulator,
 }
 
 fn run(name: &str, api: Api, format: Format, rule: Option<&str>) -> Run {
+    run_with(name, api, format, rule, None)
+}
+
+fn run_with(
+    name: &str,
+    api: Api,
+    format: Format,
+    rule: Option<&str>,
+    blobs: Option<Arc<MemBlobs>>,
+) -> Run {
     let dir = common::scratch("resilience", name);
     let emu = common::emulator(&dir, rule.as_slice());
     let mut request = Request::new(
@@ -107,8 +122,13 @@ fn run(name: &str, api: Api, format: Format, rule: Option<&str>) -> Run {
     request
         .parameters
         .insert("SerialNumber".into(), name.replace(['*', ':', '@'], "-"));
-    request.output_dir = Some(dir.join("out"));
-    request.state_dir = Some(dir.join("state"));
+    match &blobs {
+        Some(b) => request.storage = Some(b.shared()),
+        None => {
+            request.output_dir = Some(dir.join("out"));
+            request.state_dir = Some(dir.join("state"));
+        }
+    }
     request.retry = RetryPolicy {
         max_attempts: 6,
         initial_backoff: Duration::from_millis(50),
@@ -137,6 +157,7 @@ fn run(name: &str, api: Api, format: Format, rule: Option<&str>) -> Run {
         registry,
         out: dir.join("out"),
         state: dir.join("state"),
+        blobs,
         emu,
     }
 }
@@ -179,11 +200,30 @@ fn check(what: &str, r: &Run, case: &Case) {
     if !(case.name_may_be_lost && p.thing_name.is_empty()) {
         assert_eq!(p.thing_name, thing, "{what}");
     }
-    // Stored, and the key on disk goes with the certificate: the emulator admits a TLS client
+    // Stored, and the stored key goes with the certificate: the emulator admits a TLS client
     // only if it proves possession of the key of an ACTIVE certificate.
-    let stored = p.stored.as_ref().expect("stored");
-    let cert = std::fs::read_to_string(&stored.certificate).unwrap();
-    let key = std::fs::read_to_string(&stored.private_key).unwrap();
+    let (cert, key) = match &r.blobs {
+        Some(b) => {
+            let meta: Value = serde_json::from_str(&b.text("device.json").expect("device.json"))
+                .expect("device.json is JSON");
+            assert_eq!(meta["certificateId"], p.certificate_id.as_str(), "{what}");
+            assert!(
+                b.text("journal").is_none(),
+                "{what}: journal removed after the commit"
+            );
+            (
+                b.text("certificate.pem").expect("certificate.pem"),
+                b.text("private.key").expect("private.key"),
+            )
+        }
+        None => {
+            let stored = p.stored.as_ref().expect("stored");
+            (
+                std::fs::read_to_string(&stored.certificate).unwrap(),
+                std::fs::read_to_string(&stored.private_key).unwrap(),
+            )
+        }
+    };
     assert_eq!(cert, p.certificate_pem, "{what}");
     fleetprov::keys::certificate_matches_key(&cert, &key).expect("key matches");
     let mut c = common::connection(&r.emu, Format::Json);
@@ -201,10 +241,17 @@ fn check(what: &str, r: &Run, case: &Case) {
 }
 
 fn matrix(api: Api, format: Format, cases: &[Case]) {
+    matrix_in(api, format, cases, false)
+}
+
+/// The matrix; with `blob_store`, each case keeps its journal and credentials in a fresh
+/// store of named blobs.
+fn matrix_in(api: Api, format: Format, cases: &[Case], blob_store: bool) {
     for case in cases {
         let rule = case.rule.replace("{api}", api.rule());
-        let name = format!("{api:?}-{format:?}-{rule}");
-        let r = run(&name, api, format, Some(&rule));
+        let name = format!("{api:?}-{format:?}-{rule}-{blob_store}");
+        let blobs = blob_store.then(MemBlobs::new);
+        let r = run_with(&name, api, format, Some(&rule), blobs);
         check(&name, &r, case);
         let p = r.result.as_ref().unwrap();
         // Every case here needs a second attempt and says so, except duplicates and cuts
@@ -241,6 +288,21 @@ fn cuts_csr_json() {
 #[test]
 fn cuts_csr_cbor() {
     matrix(Api::Csr, Format::Cbor, CUTS);
+}
+
+#[test]
+fn cuts_csr_json_with_a_blob_store() {
+    matrix_in(Api::Csr, Format::Json, CUTS, true);
+}
+
+#[test]
+fn cuts_keys_cbor_with_a_blob_store() {
+    matrix_in(Api::Keys, Format::Cbor, CUTS, true);
+}
+
+#[test]
+fn throttling_errors_delays_and_duplicates_with_a_blob_store() {
+    matrix_in(Api::Keys, Format::Json, OTHERS, true);
 }
 
 #[test]

@@ -3,6 +3,7 @@
 // Each test crate uses part of this module.
 #![allow(dead_code)]
 
+pub mod blobs;
 pub mod host;
 
 use std::path::{Path, PathBuf};
