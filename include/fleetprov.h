@@ -27,10 +27,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define FLEETPROV_VERSION "0.2.0"
+#define FLEETPROV_VERSION "0.2.1"
 #define FLEETPROV_VERSION_MAJOR 0
 #define FLEETPROV_VERSION_MINOR 2
-#define FLEETPROV_VERSION_PATCH 0
+#define FLEETPROV_VERSION_PATCH 1
 
 
 // A storage callback's return value: done (a load found the blob).
@@ -574,7 +574,9 @@ enum fleetprov_result fleetprov_config_set_signer(struct fleetprov_config *confi
 enum fleetprov_result fleetprov_config_set_verify(struct fleetprov_config *config, bool verify);
 
 // Makes the one-call flow write certificate.pem, private.key (0600) and device.json into
-// `path` (created 0700), each atomically. NULL: do not write (the default).
+// `path` (created 0700; an existing directory open to group or others is refused, never
+// chmod-ed), each atomically. NULL: do not write (the default). For a store of the firmware's
+// own, see fleetprov_config_set_storage() (the two exclude each other).
 enum fleetprov_result fleetprov_config_set_output_dir(struct fleetprov_config *config,
                                                       const char *path);
 
@@ -582,8 +584,9 @@ enum fleetprov_result fleetprov_config_set_output_dir(struct fleetprov_config *c
 // flow is written there (journal.json, 0600, atomically) before RegisterThing, so that a
 // call after a crash, power loss or failure resumes with it instead of creating another while
 // its ownership token is valid. The journal is removed once the credentials are committed.
-// One flow at a time may use a state directory (FLEETPROV_BUSY otherwise). NULL: no journal
-// (the default).
+// One flow at a time may use a state directory (FLEETPROV_BUSY otherwise); the lock is taken
+// before any key is generated or signer called. NULL: no journal (the default). For a store of
+// the firmware's own, see fleetprov_config_set_storage() (the two exclude each other).
 enum fleetprov_result fleetprov_config_set_state_dir(struct fleetprov_config *config,
                                                      const char *path);
 
@@ -634,6 +637,43 @@ enum fleetprov_result fleetprov_config_set_progress_callback(struct fleetprov_co
                                                              fleetprov_progress_callback callback,
                                                              void *userdata,
                                                              fleetprov_userdata_free userdata_free);
+
+// Copies the full text of the calling thread's last error into `buf` of `len` bytes,
+// NUL-terminated, and writes the needed size including the NUL to `needed` (may be NULL).
+// The last error is set by the last fleetprov call on this thread that returned a result code:
+// its text after a failure, "" after a success (and before any call). Returns FLEETPROV_OK when
+// the whole text fit; FLEETPROV_BUFFER_TOO_SMALL when `buf` is NULL, `len` is 0 (nothing
+// written) or the text did not fit (`buf` then holds as much as fits, cut at a character
+// boundary and NUL-terminated).
+enum fleetprov_result fleetprov_last_error_message(char *buf, size_t len, size_t *needed);
+
+// A copy of the calling thread's last error, or NULL when there is none. Free it with
+// fleetprov_error_free().
+struct fleetprov_error *fleetprov_last_error(void);
+
+// The result code of an error (FLEETPROV_INVALID_ARGUMENT for NULL).
+enum fleetprov_result fleetprov_error_result(const struct fleetprov_error *error);
+
+// The full text of an error. Borrowed: valid until the error is freed (or, for an error
+// passed to a callback, until the callback returns). NULL for NULL.
+const char *fleetprov_error_message(const struct fleetprov_error *error);
+
+// For FLEETPROV_REJECTED: the service's errorCode (e.g. "InvalidCertificateOwnershipToken");
+// "" otherwise. Borrowed like fleetprov_error_message().
+const char *fleetprov_error_code(const struct fleetprov_error *error);
+
+// For FLEETPROV_REJECTED: the service's errorMessage; "" otherwise. Borrowed like
+// fleetprov_error_message().
+const char *fleetprov_error_service_message(const struct fleetprov_error *error);
+
+// For FLEETPROV_REJECTED: the service's statusCode (400, 403, 404, 429, 500...); 0 otherwise.
+uint16_t fleetprov_error_status_code(const struct fleetprov_error *error);
+
+// Whether retrying can help: connection failures, timeouts, and 429 / 5xx rejections.
+bool fleetprov_error_is_retryable(const struct fleetprov_error *error);
+
+// Frees an error from fleetprov_last_error(). NULL is a no-op.
+void fleetprov_error_free(struct fleetprov_error *error);
 
 // Creates a host-transport flow from `config` (template, parameters, method, key type or CSR,
 // verify, output and state directories, format, timeouts, retries, callbacks; the claim
@@ -752,67 +792,6 @@ enum fleetprov_result fleetprov_rotate(const struct fleetprov_config *config,
 enum fleetprov_result fleetprov_provision(const struct fleetprov_config *config,
                                           struct fleetprov_provisioned **out);
 
-// Keeps the resume journal and the credentials in the firmware's own store (see
-// fleetprov_storage) instead of files: for fleetprov_provision(), fleetprov_provision_async(),
-// fleetprov_rotate() (the current credentials are read from the store and replaced there) and
-// the host transport. `storage` is copied; its `size` must be sizeof(fleetprov_storage) (or
-// more, from a later header). Excludes fleetprov_config_set_output_dir() and
-// fleetprov_config_set_state_dir(): a provisioning with both fails with
-// FLEETPROV_INVALID_ARGUMENT. No state lock is taken: one provisioning at a time per store is
-// the firmware's to ensure. NULL `storage` goes back to files (and releases the userdata).
-// `userdata` is passed to every callback and released with `userdata_free` (may be NULL) when
-// the config and every provisioning started from it are done with it, or at once if this
-// function fails.
-enum fleetprov_result fleetprov_config_set_storage(struct fleetprov_config *config,
-                                                   const struct fleetprov_storage *storage,
-                                                   void *userdata,
-                                                   fleetprov_userdata_free userdata_free);
-
-// The name of a result code ("FLEETPROV_OK", ...); "FLEETPROV_UNKNOWN" for other values.
-// The string is static. Thread-safe.
-const char *fleetprov_result_name(int32_t result);
-
-// The library's version, e.g. "0.2.0" (static string; agrees with the FLEETPROV_VERSION_*
-// macros of the header the program was compiled with when both come from one release).
-const char *fleetprov_version(void);
-
-// Copies the full text of the calling thread's last error into `buf` of `len` bytes,
-// NUL-terminated, and writes the needed size including the NUL to `needed` (may be NULL).
-// The last error is set by the last fleetprov call on this thread that returned a result code:
-// its text after a failure, "" after a success (and before any call). Returns FLEETPROV_OK when
-// the whole text fit; FLEETPROV_BUFFER_TOO_SMALL when `buf` is NULL, `len` is 0 (nothing
-// written) or the text did not fit (`buf` then holds as much as fits, cut at a character
-// boundary and NUL-terminated).
-enum fleetprov_result fleetprov_last_error_message(char *buf, size_t len, size_t *needed);
-
-// A copy of the calling thread's last error, or NULL when there is none. Free it with
-// fleetprov_error_free().
-struct fleetprov_error *fleetprov_last_error(void);
-
-// The result code of an error (FLEETPROV_INVALID_ARGUMENT for NULL).
-enum fleetprov_result fleetprov_error_result(const struct fleetprov_error *error);
-
-// The full text of an error. Borrowed: valid until the error is freed (or, for an error
-// passed to a callback, until the callback returns). NULL for NULL.
-const char *fleetprov_error_message(const struct fleetprov_error *error);
-
-// For FLEETPROV_REJECTED: the service's errorCode (e.g. "InvalidCertificateOwnershipToken");
-// "" otherwise. Borrowed like fleetprov_error_message().
-const char *fleetprov_error_code(const struct fleetprov_error *error);
-
-// For FLEETPROV_REJECTED: the service's errorMessage; "" otherwise. Borrowed like
-// fleetprov_error_message().
-const char *fleetprov_error_service_message(const struct fleetprov_error *error);
-
-// For FLEETPROV_REJECTED: the service's statusCode (400, 403, 404, 429, 500...); 0 otherwise.
-uint16_t fleetprov_error_status_code(const struct fleetprov_error *error);
-
-// Whether retrying can help: connection failures, timeouts, and 429 / 5xx rejections.
-bool fleetprov_error_is_retryable(const struct fleetprov_error *error);
-
-// Frees an error from fleetprov_last_error(). NULL is a no-op.
-void fleetprov_error_free(struct fleetprov_error *error);
-
 // certificateId (64 hex characters). Borrowed: valid until the certificate is freed.
 const char *fleetprov_certificate_id(const struct fleetprov_certificate *certificate);
 
@@ -894,6 +873,30 @@ enum fleetprov_result fleetprov_provisioned_config_entry(const struct fleetprov_
 
 // Frees a provisioning result (wiping the key). NULL is a no-op.
 void fleetprov_provisioned_free(struct fleetprov_provisioned *provisioned);
+
+// Keeps the resume journal and the credentials in the firmware's own store (see
+// fleetprov_storage) instead of files: for fleetprov_provision(), fleetprov_provision_async(),
+// fleetprov_rotate() (the current credentials are read from the store and replaced there) and
+// the host transport. `storage` is copied; its `size` must be sizeof(fleetprov_storage) (or
+// more, from a later header). Excludes fleetprov_config_set_output_dir() and
+// fleetprov_config_set_state_dir(): a provisioning with both fails with
+// FLEETPROV_INVALID_ARGUMENT. No state lock is taken: one provisioning at a time per store is
+// the firmware's to ensure. NULL `storage` goes back to files (and releases the userdata).
+// `userdata` is passed to every callback and released with `userdata_free` (may be NULL) when
+// the config and every provisioning started from it are done with it, or at once if this
+// function fails.
+enum fleetprov_result fleetprov_config_set_storage(struct fleetprov_config *config,
+                                                   const struct fleetprov_storage *storage,
+                                                   void *userdata,
+                                                   fleetprov_userdata_free userdata_free);
+
+// The name of a result code ("FLEETPROV_OK", ...); "FLEETPROV_UNKNOWN" for other values.
+// The string is static. Thread-safe.
+const char *fleetprov_result_name(int32_t result);
+
+// The library's version, e.g. "0.2.1" (static string; agrees with the FLEETPROV_VERSION_*
+// macros of the header the program was compiled with when both come from one release).
+const char *fleetprov_version(void);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -8,6 +8,7 @@ use std::thread::JoinHandle;
 
 use super::config::*;
 use super::operation::*;
+use super::results::*;
 use super::types::*;
 use crate::client::{Cancel, Client};
 use crate::error::Error;

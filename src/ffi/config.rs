@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::cancel::*;
+use super::error::*;
 use super::types::*;
 use crate::client::{Cancel, Config, LogFn, LogLevel, ProgressFn, Roots};
 use crate::engine::flow::Progress;
@@ -663,7 +664,9 @@ pub unsafe extern "C" fn fleetprov_config_set_verify(
 }
 
 /// Makes the one-call flow write certificate.pem, private.key (0600) and device.json into
-/// `path` (created 0700), each atomically. NULL: do not write (the default).
+/// `path` (created 0700; an existing directory open to group or others is refused, never
+/// chmod-ed), each atomically. NULL: do not write (the default). For a store of the firmware's
+/// own, see fleetprov_config_set_storage() (the two exclude each other).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fleetprov_config_set_output_dir(
     config: *mut fleetprov_config,
@@ -681,8 +684,9 @@ pub unsafe extern "C" fn fleetprov_config_set_output_dir(
 /// flow is written there (journal.json, 0600, atomically) before RegisterThing, so that a
 /// call after a crash, power loss or failure resumes with it instead of creating another while
 /// its ownership token is valid. The journal is removed once the credentials are committed.
-/// One flow at a time may use a state directory (FLEETPROV_BUSY otherwise). NULL: no journal
-/// (the default).
+/// One flow at a time may use a state directory (FLEETPROV_BUSY otherwise); the lock is taken
+/// before any key is generated or signer called. NULL: no journal (the default). For a store of
+/// the firmware's own, see fleetprov_config_set_storage() (the two exclude each other).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fleetprov_config_set_state_dir(
     config: *mut fleetprov_config,

@@ -9,6 +9,7 @@ use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use super::config::{config_ref, fleetprov_config};
 use super::provision::provisioned_object;
+use super::results::*;
 use super::types::*;
 use crate::driver::{Driver, Transport};
 use crate::engine::flow::{Flow, FlowEvent, FlowSpec, Identity, Provisioned};

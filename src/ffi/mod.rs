@@ -7,14 +7,16 @@
 #![allow(non_camel_case_types)]
 #![allow(clippy::missing_safety_doc)]
 
-// One file per handle (cancel, client, config, host, operation, provision's result, storage), the
-// shared types and the panic boundary in types.rs.
+// One file per handle (cancel, client, config, error, host, operation, provision, the result
+// objects, storage), the shared types and the panic boundary in types.rs.
 mod cancel;
 mod client;
 mod config;
+mod error;
 mod host;
 mod operation;
 mod provision;
+mod results;
 mod storage;
 mod types;
 
@@ -25,8 +27,10 @@ pub use alloc::WipingAllocator;
 pub use cancel::*;
 pub use client::*;
 pub use config::*;
+pub use error::*;
 pub use host::*;
 pub use operation::*;
 pub use provision::*;
+pub use results::*;
 pub use storage::*;
 pub use types::*;

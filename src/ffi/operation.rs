@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use super::config::*;
+use super::error::*;
 use super::provision::*;
 use super::types::*;
 use crate::client::Cancel;

@@ -3,6 +3,7 @@
 use std::ffi::c_char;
 
 use super::config::*;
+use super::results::*;
 use super::types::*;
 use crate::provision::{self, Provisioned};
 use crate::secret::Secret;

@@ -1,12 +1,14 @@
-//! Result codes, enums, callbacks, result objects and the helpers every export uses.
+//! Result codes, enums, callbacks and the helpers every export uses (the panic boundary, the
+//! callback and in-use tracking, argument conversions).
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
 use std::ffi::{CStr, CString, c_char, c_void};
 use std::ptr;
 
 use zeroize::Zeroize;
 
+use super::error::*;
+use super::results::*;
 use crate::engine::Step;
 use crate::error::Error;
 
@@ -417,94 +419,6 @@ pub(crate) fn cstring(s: &str) -> CString {
     CString::new(s.replace('\0', "")).unwrap_or_default()
 }
 
-/// A certificate from CreateKeysAndCertificate or CreateCertificateFromCsr.
-pub struct fleetprov_certificate {
-    pub(crate) id: CString,
-    pub(crate) pem: CString,
-    pub(crate) private_key: Option<SecretCString>,
-    pub(crate) token: SecretCString,
-    pub(crate) inner: crate::protocol::CreatedCertificate,
-}
-
-/// The accepted reply of RegisterThing.
-pub struct fleetprov_registration {
-    pub(crate) thing_name: CString,
-    pub(crate) config: Vec<(CString, CString)>,
-}
-
-/// The result of the one-call flow.
-pub struct fleetprov_provisioned {
-    pub(crate) thing_name: CString,
-    pub(crate) certificate_id: CString,
-    pub(crate) certificate_pem: CString,
-    pub(crate) private_key: Option<SecretCString>,
-    pub(crate) config: Vec<(CString, CString)>,
-    pub(crate) output_dir: Option<CString>,
-    pub(crate) attempts: u32,
-    pub(crate) resumed: bool,
-    pub(crate) registration_confirmed: bool,
-    pub(crate) already_provisioned: bool,
-}
-
-/// A failure: its result code, full text and, for rejections, the service's fields.
-#[derive(Clone)]
-pub struct fleetprov_error {
-    pub(crate) result: fleetprov_result,
-    pub(crate) message: CString,
-    pub(crate) status_code: u16,
-    pub(crate) error_code: CString,
-    pub(crate) error_message: CString,
-    pub(crate) retryable: bool,
-}
-
-impl fleetprov_error {
-    pub(crate) fn new(e: &Error) -> fleetprov_error {
-        let (status, code, msg) = match e {
-            Error::Rejected { error, .. } => (
-                error.status_code,
-                error.error_code.as_str(),
-                error.error_message.as_str(),
-            ),
-            _ => (0, "", ""),
-        };
-        fleetprov_error {
-            result: fleetprov_result::of(e),
-            message: cstring(&e.to_string()),
-            status_code: status,
-            error_code: cstring(code),
-            error_message: cstring(msg),
-            retryable: e.is_retryable(),
-        }
-    }
-
-    pub(crate) fn panic() -> fleetprov_error {
-        fleetprov_error::new(&Error::Panicked)
-    }
-}
-
-pub(crate) fn config_entries(config: &BTreeMap<String, String>) -> Vec<(CString, CString)> {
-    config
-        .iter()
-        .map(|(k, v)| (cstring(k), cstring(v)))
-        .collect()
-}
-
-thread_local! {
-    static LAST_ERROR: RefCell<Option<fleetprov_error>> = const { RefCell::new(None) };
-}
-
-/// Records `e` as this thread's last error and returns its code.
-pub(crate) fn fail(e: &Error) -> fleetprov_result {
-    let err = fleetprov_error::new(e);
-    let code = err.result;
-    LAST_ERROR.with(|l| *l.borrow_mut() = Some(err));
-    code
-}
-
-pub(crate) fn set_last_error(err: fleetprov_error) {
-    LAST_ERROR.with(|l| *l.borrow_mut() = Some(err));
-}
-
 pub(crate) fn invalid(message: impl Into<String>) -> Error {
     Error::InvalidArgument(message.into())
 }
@@ -591,7 +505,7 @@ pub(crate) fn defer_free<T>(handle: *const T) -> bool {
 pub(crate) fn guard(body: impl FnOnce() -> Result<(), Error>) -> fleetprov_result {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
         Ok(Ok(())) => {
-            LAST_ERROR.with(|l| *l.borrow_mut() = None);
+            clear_last_error();
             fleetprov_result::FLEETPROV_OK
         }
         Ok(Err(e)) => fail(&e),
@@ -690,7 +604,7 @@ pub(crate) unsafe fn copy_out(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Exports: names, version, errors, result objects.
+// Exports: names, version.
 
 /// The name of a result code ("FLEETPROV_OK", ...); "FLEETPROV_UNKNOWN" for other values.
 /// The string is static. Thread-safe.
@@ -721,7 +635,7 @@ pub extern "C" fn fleetprov_result_name(result: i32) -> *const c_char {
     name.as_ptr()
 }
 
-/// The library's version, e.g. "0.2.0" (static string; agrees with the FLEETPROV_VERSION_*
+/// The library's version, e.g. "0.2.1" (static string; agrees with the FLEETPROV_VERSION_*
 /// macros of the header the program was compiled with when both come from one release).
 #[unsafe(no_mangle)]
 pub extern "C" fn fleetprov_version() -> *const c_char {
@@ -733,370 +647,16 @@ pub extern "C" fn fleetprov_version() -> *const c_char {
     VERSION.as_ptr()
 }
 
-/// Copies the full text of the calling thread's last error into `buf` of `len` bytes,
-/// NUL-terminated, and writes the needed size including the NUL to `needed` (may be NULL).
-/// The last error is set by the last fleetprov call on this thread that returned a result code:
-/// its text after a failure, "" after a success (and before any call). Returns FLEETPROV_OK when
-/// the whole text fit; FLEETPROV_BUFFER_TOO_SMALL when `buf` is NULL, `len` is 0 (nothing
-/// written) or the text did not fit (`buf` then holds as much as fits, cut at a character
-/// boundary and NUL-terminated).
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_last_error_message(
-    buf: *mut c_char,
-    len: usize,
-    needed: *mut usize,
-) -> fleetprov_result {
-    guard_value(fleetprov_result::FLEETPROV_PANIC, || {
-        let text = LAST_ERROR.with(|l| {
-            l.borrow()
-                .as_ref()
-                .map(|e| e.message.clone())
-                .unwrap_or_default()
-        });
-        // SAFETY: forwarded caller contract.
-        unsafe { copy_out(&text, buf, len, needed) }
-    })
-}
-
-/// A copy of the calling thread's last error, or NULL when there is none. Free it with
-/// fleetprov_error_free().
-#[unsafe(no_mangle)]
-pub extern "C" fn fleetprov_last_error() -> *mut fleetprov_error {
-    guard_value(ptr::null_mut(), || {
-        LAST_ERROR.with(|l| {
-            l.borrow()
-                .as_ref()
-                .map_or(ptr::null_mut(), |e| Box::into_raw(Box::new(e.clone())))
-        })
-    })
-}
-
 /// A borrowed string field of a live object, NULL for a NULL object.
-fn borrowed<T>(object: *const T, field: impl FnOnce(&T) -> *const c_char) -> *const c_char {
+pub(crate) fn borrowed<T>(
+    object: *const T,
+    field: impl FnOnce(&T) -> *const c_char,
+) -> *const c_char {
     guard_value(ptr::null(), || {
         // SAFETY: NULL or a live object from this library, per the header.
         match unsafe { object.as_ref() } {
             Some(o) => field(o),
             None => ptr::null(),
-        }
-    })
-}
-
-/// The result code of an error (FLEETPROV_INVALID_ARGUMENT for NULL).
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_error_result(error: *const fleetprov_error) -> fleetprov_result {
-    guard_value(fleetprov_result::FLEETPROV_PANIC, || {
-        // SAFETY: NULL or a live error, per the header.
-        unsafe { error.as_ref() }.map_or(fleetprov_result::FLEETPROV_INVALID_ARGUMENT, |e| e.result)
-    })
-}
-
-/// The full text of an error. Borrowed: valid until the error is freed (or, for an error
-/// passed to a callback, until the callback returns). NULL for NULL.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_error_message(error: *const fleetprov_error) -> *const c_char {
-    borrowed(error, |o| o.message.as_ptr())
-}
-/// For FLEETPROV_REJECTED: the service's errorCode (e.g. "InvalidCertificateOwnershipToken");
-/// "" otherwise. Borrowed like fleetprov_error_message().
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_error_code(error: *const fleetprov_error) -> *const c_char {
-    borrowed(error, |o| o.error_code.as_ptr())
-}
-/// For FLEETPROV_REJECTED: the service's errorMessage; "" otherwise. Borrowed like
-/// fleetprov_error_message().
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_error_service_message(
-    error: *const fleetprov_error,
-) -> *const c_char {
-    borrowed(error, |o| o.error_message.as_ptr())
-}
-
-/// For FLEETPROV_REJECTED: the service's statusCode (400, 403, 404, 429, 500...); 0 otherwise.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_error_status_code(error: *const fleetprov_error) -> u16 {
-    guard_value(0, || {
-        // SAFETY: NULL or a live error, per the header.
-        unsafe { error.as_ref() }.map_or(0, |e| e.status_code)
-    })
-}
-
-/// Whether retrying can help: connection failures, timeouts, and 429 / 5xx rejections.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_error_is_retryable(error: *const fleetprov_error) -> bool {
-    guard_value(false, || {
-        // SAFETY: NULL or a live error, per the header.
-        unsafe { error.as_ref() }.is_some_and(|e| e.retryable)
-    })
-}
-
-/// Frees an error from fleetprov_last_error(). NULL is a no-op.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_error_free(error: *mut fleetprov_error) {
-    guard_value((), || {
-        if !error.is_null() {
-            // SAFETY: created by Box::into_raw in this library and freed once, per the header.
-            drop(unsafe { Box::from_raw(error) });
-        }
-    })
-}
-
-/// certificateId (64 hex characters). Borrowed: valid until the certificate is freed.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_certificate_id(
-    certificate: *const fleetprov_certificate,
-) -> *const c_char {
-    borrowed(certificate, |o| o.id.as_ptr())
-}
-/// The certificate PEM. Borrowed like fleetprov_certificate_id().
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_certificate_pem(
-    certificate: *const fleetprov_certificate,
-) -> *const c_char {
-    borrowed(certificate, |o| o.pem.as_ptr())
-}
-/// The ownership token, a secret: needed for RegisterThing, valid one hour. Borrowed like
-/// fleetprov_certificate_id(); wiped when the certificate is freed.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_certificate_ownership_token(
-    certificate: *const fleetprov_certificate,
-) -> *const c_char {
-    borrowed(certificate, |o| o.token.as_ptr())
-}
-
-/// The private key PEM returned by CreateKeysAndCertificate (PKCS#1 RSA on AWS); NULL for a
-/// certificate from a CSR. Borrowed like fleetprov_certificate_id(); wiped when freed.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_certificate_private_key(
-    certificate: *const fleetprov_certificate,
-) -> *const c_char {
-    guard_value(ptr::null(), || {
-        // SAFETY: NULL or a live certificate, per the header.
-        unsafe { certificate.as_ref() }
-            .and_then(|c| c.private_key.as_ref())
-            .map_or(ptr::null(), SecretCString::as_ptr)
-    })
-}
-
-/// Frees a certificate (wiping its key and token). NULL is a no-op.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_certificate_free(certificate: *mut fleetprov_certificate) {
-    guard_value((), || {
-        if !certificate.is_null() {
-            // SAFETY: created by Box::into_raw in this library and freed once, per the header.
-            drop(unsafe { Box::from_raw(certificate) });
-        }
-    })
-}
-
-/// The thing name ("" when the template creates no thing). Borrowed: valid until the
-/// registration is freed.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_registration_thing_name(
-    registration: *const fleetprov_registration,
-) -> *const c_char {
-    borrowed(registration, |o| o.thing_name.as_ptr())
-}
-
-/// Attempts the provisioning took (1 when nothing was retried); 0 for NULL.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_provisioned_attempts(
-    provisioned: *const fleetprov_provisioned,
-) -> u32 {
-    guard_value(0, || {
-        // SAFETY: NULL or a live result, per the header.
-        unsafe { provisioned.as_ref() }.map_or(0, |p| p.attempts)
-    })
-}
-
-/// Whether the certificate came from the resume journal (an earlier call created it); false
-/// for NULL.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_provisioned_resumed(
-    provisioned: *const fleetprov_provisioned,
-) -> bool {
-    guard_value(false, || {
-        // SAFETY: NULL or a live result, per the header.
-        unsafe { provisioned.as_ref() }.is_some_and(|p| p.resumed)
-    })
-}
-
-/// false in one case only: RegisterThing refused the ownership token after an earlier attempt
-/// sent it and lost the reply, and the certificate could not be tried because its key is not
-/// the library's (FLEETPROV_METHOD_EXTERNAL_CSR or _EXTERNAL_SIGNER with fleetprov_provision()).
-/// That attempt most likely registered it (it used the token); the thing name and device
-/// configuration are then empty. Connect with the certificate to be sure. false for NULL.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_provisioned_registration_confirmed(
-    provisioned: *const fleetprov_provisioned,
-) -> bool {
-    guard_value(false, || {
-        // SAFETY: NULL or a live result, per the header.
-        unsafe { provisioned.as_ref() }.is_some_and(|p| p.registration_confirmed)
-    })
-}
-
-/// true when the output directory already held the complete credentials of an earlier call (and
-/// nothing was pending in the journal): they were returned as they are, nothing was sent and no
-/// certificate was made; attempts is 0. See fleetprov_config_set_reprovision(). false for NULL.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_provisioned_already_provisioned(
-    provisioned: *const fleetprov_provisioned,
-) -> bool {
-    guard_value(false, || {
-        // SAFETY: NULL or a live result, per the header.
-        unsafe { provisioned.as_ref() }.is_some_and(|p| p.already_provisioned)
-    })
-}
-
-/// Number of deviceConfiguration entries.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_registration_config_count(
-    registration: *const fleetprov_registration,
-) -> usize {
-    guard_value(0, || {
-        // SAFETY: NULL or a live registration, per the header.
-        unsafe { registration.as_ref() }.map_or(0, |r| r.config.len())
-    })
-}
-
-/// deviceConfiguration entry `index` (sorted by key): writes borrowed key and value pointers
-/// (valid until the registration is freed). FLEETPROV_INVALID_ARGUMENT if out of range.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_registration_config_entry(
-    registration: *const fleetprov_registration,
-    index: usize,
-    key: *mut *const c_char,
-    value: *mut *const c_char,
-) -> fleetprov_result {
-    guard(|| {
-        // SAFETY: NULL or a live registration, per the header.
-        let r = unsafe { registration.as_ref() }.ok_or_else(|| invalid("registration is NULL"))?;
-        // SAFETY: forwarded caller contract for the output pointers.
-        unsafe { entry_out(&r.config, index, key, value) }
-    })
-}
-
-/// # Safety
-/// `key` and `value` are NULL or valid for writes.
-unsafe fn entry_out(
-    config: &[(CString, CString)],
-    index: usize,
-    key: *mut *const c_char,
-    value: *mut *const c_char,
-) -> Result<(), Error> {
-    let (k, v) = config.get(index).ok_or_else(|| {
-        invalid(format!(
-            "index {index} is out of range ({} entries)",
-            config.len()
-        ))
-    })?;
-    if key.is_null() || value.is_null() {
-        return Err(invalid("output pointer is NULL"));
-    }
-    // SAFETY: both checked non-NULL; valid for writes per the contract.
-    unsafe {
-        key.write(k.as_ptr());
-        value.write(v.as_ptr());
-    }
-    Ok(())
-}
-
-/// Frees a registration. NULL is a no-op.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_registration_free(registration: *mut fleetprov_registration) {
-    guard_value((), || {
-        if !registration.is_null() {
-            // SAFETY: created by Box::into_raw in this library and freed once, per the header.
-            drop(unsafe { Box::from_raw(registration) });
-        }
-    })
-}
-
-/// The thing name. Borrowed: valid until the result is freed.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_provisioned_thing_name(
-    provisioned: *const fleetprov_provisioned,
-) -> *const c_char {
-    borrowed(provisioned, |o| o.thing_name.as_ptr())
-}
-/// The new certificate's id. Borrowed like fleetprov_provisioned_thing_name().
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_provisioned_certificate_id(
-    provisioned: *const fleetprov_provisioned,
-) -> *const c_char {
-    borrowed(provisioned, |o| o.certificate_id.as_ptr())
-}
-/// The new certificate PEM. Borrowed like fleetprov_provisioned_thing_name().
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_provisioned_certificate_pem(
-    provisioned: *const fleetprov_provisioned,
-) -> *const c_char {
-    borrowed(provisioned, |o| o.certificate_pem.as_ptr())
-}
-
-/// The device's private key PEM; NULL with FLEETPROV_METHOD_EXTERNAL_CSR. Borrowed like
-/// fleetprov_provisioned_thing_name(); wiped when the result is freed.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_provisioned_private_key(
-    provisioned: *const fleetprov_provisioned,
-) -> *const c_char {
-    guard_value(ptr::null(), || {
-        // SAFETY: NULL or a live result, per the header.
-        unsafe { provisioned.as_ref() }
-            .and_then(|p| p.private_key.as_ref())
-            .map_or(ptr::null(), SecretCString::as_ptr)
-    })
-}
-
-/// The directory the credentials were written to (certificate.pem, private.key, device.json),
-/// or NULL when no output directory was configured. Borrowed like the other getters.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_provisioned_output_dir(
-    provisioned: *const fleetprov_provisioned,
-) -> *const c_char {
-    guard_value(ptr::null(), || {
-        // SAFETY: NULL or a live result, per the header.
-        unsafe { provisioned.as_ref() }
-            .and_then(|p| p.output_dir.as_ref())
-            .map_or(ptr::null(), |d| d.as_ptr())
-    })
-}
-
-/// Number of deviceConfiguration entries.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_provisioned_config_count(
-    provisioned: *const fleetprov_provisioned,
-) -> usize {
-    guard_value(0, || {
-        // SAFETY: NULL or a live result, per the header.
-        unsafe { provisioned.as_ref() }.map_or(0, |p| p.config.len())
-    })
-}
-
-/// deviceConfiguration entry `index` (sorted by key), as fleetprov_registration_config_entry().
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_provisioned_config_entry(
-    provisioned: *const fleetprov_provisioned,
-    index: usize,
-    key: *mut *const c_char,
-    value: *mut *const c_char,
-) -> fleetprov_result {
-    guard(|| {
-        // SAFETY: NULL or a live result, per the header.
-        let p = unsafe { provisioned.as_ref() }.ok_or_else(|| invalid("provisioned is NULL"))?;
-        // SAFETY: forwarded caller contract for the output pointers.
-        unsafe { entry_out(&p.config, index, key, value) }
-    })
-}
-
-/// Frees a provisioning result (wiping the key). NULL is a no-op.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fleetprov_provisioned_free(provisioned: *mut fleetprov_provisioned) {
-    guard_value((), || {
-        if !provisioned.is_null() {
-            // SAFETY: created by Box::into_raw in this library and freed once, per the header.
-            drop(unsafe { Box::from_raw(provisioned) });
         }
     })
 }
