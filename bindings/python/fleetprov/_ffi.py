@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 #: The library version this package is written for (agrees with pyproject.toml).
-EXPECTED_VERSION = "0.2.0"
+EXPECTED_VERSION = "0.2.1"
 _LIB_NAME = "libfleetprov.so"
 
 
