@@ -9,9 +9,11 @@
 use std::collections::VecDeque;
 
 use crate::engine::LogLevel;
-use crate::engine::flow::{Flow, FlowAction, FlowEvent, Identity, Progress, Provisioned};
+use crate::engine::flow::{
+    Flow, FlowAction, FlowEvent, Identity, Progress, Provisioned, StoreAction,
+};
 use crate::error::Error;
-use crate::store::Storage;
+use crate::store::{Storage, StoredPaths};
 
 /// Receives log lines. Lines never contain private keys or ownership tokens.
 pub type LogFn = std::sync::Arc<dyn Fn(LogLevel, &str) + Send + Sync>;
@@ -110,6 +112,16 @@ impl Driver {
         }
     }
 
+    /// Performs a storage action; the result is the flow's [`FlowEvent::Stored`].
+    fn store(&mut self, action: &StoreAction) -> Result<Option<StoredPaths>, Error> {
+        let storage = self.storage.as_mut();
+        match action {
+            StoreAction::SaveJournal(entry) => storage.save_journal(entry).map(|()| None),
+            StoreAction::RemoveJournal => storage.remove_journal().map(|()| None),
+            StoreAction::Commit(set) => storage.commit(set),
+        }
+    }
+
     fn perform(&mut self, actions: Vec<FlowAction>, now: u64, transport: &mut dyn Transport) {
         let mut queue: VecDeque<FlowAction> = actions.into();
         for _ in 0..MAX_ACTIONS_PER_EVENT {
@@ -140,7 +152,7 @@ impl Driver {
                         .err()
                         .map(FlowEvent::Disconnected)
                 }
-                FlowAction::Store(action) => Some(FlowEvent::Stored(self.storage.perform(&action))),
+                FlowAction::Store(action) => Some(FlowEvent::Stored(self.store(&action))),
                 FlowAction::Progress(p) => {
                     self.say(LogLevel::Debug, &format!("step: {}", p.step.doing()));
                     if let Some(cb) = &self.progress {

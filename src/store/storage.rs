@@ -1,5 +1,4 @@
-//! The storage port: what the flow's storage actions ([`crate::engine::flow::StoreAction`]) are
-//! performed on. [`FileStorage`] is the default (files 0600 in 0700 directories, atomic,
+//! The storage port: what the driver performs the flow's storage actions on. [`FileStorage`] is the default (files 0600 in 0700 directories, atomic,
 //! fsynced); [`BlobStorage`] keeps the same records as named blobs in a store of the
 //! firmware's own (a secure element's slots, a flash partition, an encrypted filesystem).
 
@@ -12,7 +11,6 @@ use super::{
     CERTIFICATE_FILE, Credentials, METADATA_FILE, PRIVATE_KEY_FILE, Stored, StoredPaths,
     metadata_json, parse_metadata,
 };
-use crate::engine::flow::StoreAction;
 use crate::error::Error;
 use crate::secret::Secret;
 
@@ -37,17 +35,6 @@ pub trait Storage {
     fn keeps_journal(&self) -> bool;
     /// Whether credentials are committed at all.
     fn keeps_credentials(&self) -> bool;
-
-    /// Performs a flow's storage action; the result is the flow's [`FlowEvent::Stored`].
-    ///
-    /// [`FlowEvent::Stored`]: crate::engine::flow::FlowEvent::Stored
-    fn perform(&mut self, action: &StoreAction) -> Result<Option<StoredPaths>, Error> {
-        match action {
-            StoreAction::SaveJournal(entry) => self.save_journal(entry).map(|()| None),
-            StoreAction::RemoveJournal => self.remove_journal().map(|()| None),
-            StoreAction::Commit(set) => self.commit(set),
-        }
-    }
 }
 
 fn credentials(set: &Stored) -> Credentials<'_> {

@@ -141,7 +141,13 @@ impl Sim {
                 FlowAction::Log(_, line) => self.logs.push(line),
                 FlowAction::Disconnect => {}
                 FlowAction::Store(action) => {
-                    let stored = storage.perform(&action);
+                    let stored = match &action {
+                        StoreAction::SaveJournal(entry) => {
+                            storage.save_journal(entry).map(|()| None)
+                        }
+                        StoreAction::RemoveJournal => storage.remove_journal().map(|()| None),
+                        StoreAction::Commit(set) => storage.commit(set),
+                    };
                     actions.extend(flow.handle(FlowEvent::Stored(stored), self.now));
                 }
                 FlowAction::Connect(identity) => {
