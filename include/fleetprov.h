@@ -175,7 +175,9 @@ typedef struct fleetprov_error fleetprov_error;
 // 5. After any call, fleetprov_host_result() says FLEETPROV_IN_PROGRESS or gives the outcome.
 //
 // Time is one monotonic clock in milliseconds, the same origin in every call. The library never
-// blocks: no call waits for the network (writing the journal and the credentials does fsync).
+// blocks: no call waits for the network. Storage happens inside these calls, on the calling
+// thread: with files (the output and state directories) a write is fsynced; with a store of the
+// firmware's own (fleetprov_config_set_storage()) its callbacks are called.
 // Calls on one host object must not run on two threads at once; calling the event functions
 // from inside a callback is allowed (the event is queued and handled before the outer call
 // returns). Create with fleetprov_host_new(), free with fleetprov_host_free().
@@ -676,9 +678,10 @@ bool fleetprov_error_is_retryable(const struct fleetprov_error *error);
 void fleetprov_error_free(struct fleetprov_error *error);
 
 // Creates a host-transport flow from `config` (template, parameters, method, key type or CSR,
-// verify, output and state directories, format, timeouts, retries, callbacks; the claim
-// credentials and port are the host's business and are not needed; the endpoint, if set,
-// names the endpoint the resume journal belongs to). `callbacks` is copied; `userdata` is
+// verify, output and state directories or storage, format, timeouts, retries, callbacks; the
+// claim credentials and port are the host's business and are not needed; the endpoint, if
+// set, names the endpoint the resume journal belongs to), and reads the resume journal and any
+// stored credentials (locking the state directory, generating the key). `callbacks` is copied; `userdata` is
 // passed to each callback and released with `userdata_free` (may be NULL) when the host object
 // is freed, or at once if this function fails. Nothing is sent before fleetprov_host_start().
 enum fleetprov_result fleetprov_host_new(const struct fleetprov_config *config,
@@ -694,7 +697,8 @@ enum fleetprov_result fleetprov_host_new(const struct fleetprov_config *config,
 void fleetprov_host_free(struct fleetprov_host *host);
 
 // Starts the flow at `now_ms` (milliseconds from any monotonic origin, the same in every call):
-// reads the journal, then asks for the first connection through the connect callback.
+// asks for the first connection through the connect callback, or finishes at once when the
+// storage already holds the credentials.
 enum fleetprov_result fleetprov_host_start(struct fleetprov_host *host, uint64_t now_ms);
 
 // The connection asked for by the last connect callback is up (CONNACK accepted).

@@ -121,7 +121,9 @@ struct Inner {
 /// 5. After any call, fleetprov_host_result() says FLEETPROV_IN_PROGRESS or gives the outcome.
 ///
 /// Time is one monotonic clock in milliseconds, the same origin in every call. The library never
-/// blocks: no call waits for the network (writing the journal and the credentials does fsync).
+/// blocks: no call waits for the network. Storage happens inside these calls, on the calling
+/// thread: with files (the output and state directories) a write is fsynced; with a store of the
+/// firmware's own (fleetprov_config_set_storage()) its callbacks are called.
 /// Calls on one host object must not run on two threads at once; calling the event functions
 /// from inside a callback is allowed (the event is queued and handled before the outer call
 /// returns). Create with fleetprov_host_new(), free with fleetprov_host_free().
@@ -133,9 +135,10 @@ pub struct fleetprov_host {
 }
 
 /// Creates a host-transport flow from `config` (template, parameters, method, key type or CSR,
-/// verify, output and state directories, format, timeouts, retries, callbacks; the claim
-/// credentials and port are the host's business and are not needed; the endpoint, if set,
-/// names the endpoint the resume journal belongs to). `callbacks` is copied; `userdata` is
+/// verify, output and state directories or storage, format, timeouts, retries, callbacks; the
+/// claim credentials and port are the host's business and are not needed; the endpoint, if
+/// set, names the endpoint the resume journal belongs to), and reads the resume journal and any
+/// stored credentials (locking the state directory, generating the key). `callbacks` is copied; `userdata` is
 /// passed to each callback and released with `userdata_free` (may be NULL) when the host object
 /// is freed, or at once if this function fails. Nothing is sent before fleetprov_host_start().
 #[unsafe(no_mangle)]
@@ -417,7 +420,8 @@ fn feed(
 }
 
 /// Starts the flow at `now_ms` (milliseconds from any monotonic origin, the same in every call):
-/// reads the journal, then asks for the first connection through the connect callback.
+/// asks for the first connection through the connect callback, or finishes at once when the
+/// storage already holds the credentials.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fleetprov_host_start(
     host: *mut fleetprov_host,
