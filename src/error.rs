@@ -46,6 +46,16 @@ pub enum Error {
 }
 
 impl Error {
+    /// The error with `note` added to its text, for the kinds whose text describes a
+    /// connection (the others are returned unchanged).
+    pub fn noted(self, note: &str) -> Error {
+        match self {
+            Error::Connection(m) => Error::Connection(format!("{m} {note}")),
+            Error::Tls(m) => Error::Tls(format!("{m} {note}")),
+            other => other,
+        }
+    }
+
     /// Whether trying again can help: connection trouble, timeouts, 429 and 5xx rejections.
     pub fn is_retryable(&self) -> bool {
         match self {

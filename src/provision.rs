@@ -181,6 +181,7 @@ pub fn rotate(request: &Request, current: &Path, hooks: &Hooks) -> Result<Provis
     };
     let mut r = request.clone();
     r.connection.cert_pem = stored.certificate_pem;
+    r.connection.certificate_name = "device's current certificate".into();
     r.connection.key_pem = stored.private_key_pem;
     if r.connection.client_id.is_empty() {
         r.connection.client_id = stored.thing_name;

@@ -870,15 +870,21 @@ fn bad_arguments_table() {
         );
     }
 
-    // The good config was not damaged by the rejected changes: it still provisions.
+    // The config remembers the setters that failed (each with its last failure): using it
+    // reports the first one to fail, not a later error its missing setting would cause.
     let mut p = ptr::null_mut();
     // SAFETY: live config, valid output pointer.
-    ok(unsafe { fleetprov_provision(good.0, &mut p) });
-    // SAFETY: live result, freed once.
-    unsafe {
-        assert_eq!(s(fleetprov_provisioned_thing_name(p)), "demo-bad-args");
-        fleetprov_provisioned_free(p);
-    }
+    let r = unsafe { fleetprov_provision(good.0, &mut p) };
+    assert_eq!(r, FLEETPROV_INVALID_ARGUMENT);
+    let message = last_error();
+    assert!(
+        message.starts_with(
+            "invalid argument: fleetprov_config_set_endpoint() failed earlier, so the config \
+             lacks what it was to set: host is not valid UTF-8"
+        ),
+        "{message}"
+    );
+    assert!(p.is_null());
 
     // A config without credentials or template.
     let bare = Config::new();

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::link::{Link, LinkEvent};
-use super::{Cancel, Config, LogLevel, at_ms, now_ms, tls};
+use super::{Cancel, Config, Credential, LogLevel, at_ms, now_ms, tls};
 use crate::driver::{Driver, LogFn, Transport};
 use crate::engine::flow::{FlowEvent, Identity, Provisioned};
 use crate::error::Error;
@@ -49,8 +49,12 @@ impl Transport for Builtin<'_> {
         if let Some(old) = self.link.take() {
             old.abandon();
         }
-        let (tls, client_id) = match identity {
-            Identity::Claim => (self.claim_tls.clone(), self.config.client_id.clone()),
+        let (tls, client_id, who) = match identity {
+            Identity::Claim => (
+                self.claim_tls.clone(),
+                self.config.client_id.clone(),
+                Credential::Configured,
+            ),
             Identity::Device {
                 certificate_pem,
                 private_key,
@@ -61,14 +65,14 @@ impl Transport for Builtin<'_> {
                 })?;
                 let roots = &self.config.roots;
                 let tls = tls::client_config(roots, &certificate_pem, &key, self.alpn)?;
-                (tls, client_id)
+                (tls, client_id, Credential::New)
             }
         };
         if let Some(log) = &self.log {
             let line = format!("connecting to {}:{}", self.config.host, self.config.port);
             log(LogLevel::Info, &line);
         }
-        self.link = Some(Link::open(self.config, tls, &client_id));
+        self.link = Some(Link::open(self.config, tls, &client_id, who));
         Ok(())
     }
 

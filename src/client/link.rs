@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, Outgoing, Packet, QoS};
 
-use super::{Config, connection_error, granted, leftover_publishes, open_connection};
+use super::{Config, Credential, connection_error, granted, leftover_publishes, open_connection};
 use crate::error::Error;
 
 /// What a connection reported.
@@ -40,18 +40,29 @@ pub(crate) struct Link {
     connecting: bool,
     /// The SUBSCRIBE in flight: its filters, and its packet id once rumqttc assigns it.
     pending: Option<(Vec<String>, Option<u16>)>,
+    /// The endpoint and trust settings, for error messages.
+    config: Config,
+    /// Whose certificate this connection authenticates with.
+    who: Credential,
 }
 
 impl Link {
-    /// Opens a connection to `config`'s endpoint with credentials `tls` (the first poll
-    /// connects). An empty `client_id` gets a random one.
-    pub(crate) fn open(config: &Config, tls: Arc<rustls::ClientConfig>, client_id: &str) -> Link {
+    /// Opens a connection to `config`'s endpoint with credentials `tls`, the certificate of
+    /// `who` (the first poll connects). An empty `client_id` gets a random one.
+    pub(crate) fn open(
+        config: &Config,
+        tls: Arc<rustls::ClientConfig>,
+        client_id: &str,
+        who: Credential,
+    ) -> Link {
         let (client, events) = open_connection(config, tls, client_id);
         Link {
             client,
             events,
             connecting: true,
             pending: None,
+            config: config.clone(),
+            who,
         }
     }
 
@@ -102,7 +113,7 @@ impl Link {
             Ok(MqttEvent::Outgoing(_)) => LinkEvent::Other { incoming: false },
             Err(e) => LinkEvent::Lost {
                 leftovers: leftover_publishes(&mut self.events),
-                error: connection_error(e),
+                error: connection_error(e, &self.config, self.who),
                 connecting: self.connecting,
             },
         }

@@ -53,6 +53,11 @@ pub struct Config {
     pub step_timeout: Duration,
     /// Longest time for a whole operation (the one-call flow: everything).
     pub overall_timeout: Option<Duration>,
+    /// The file `roots` was read from, if any: named when the server is not trusted.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// What `cert_pem` is, in messages: "claim certificate", or the device's current
+    /// certificate when rotating.
+    pub certificate_name: String,
 }
 
 impl std::fmt::Debug for Config {
@@ -82,6 +87,17 @@ impl Config {
             format: Format::Json,
             step_timeout: Duration::from_secs(10),
             overall_timeout: Some(Duration::from_secs(60)),
+            ca_file: None,
+            certificate_name: "claim certificate".into(),
+        }
+    }
+
+    /// The trusted CAs in words: the CA file, the CA certificates given, or the system's.
+    pub(crate) fn trust_name(&self) -> String {
+        match (&self.roots, &self.ca_file) {
+            (Roots::System, _) => "the system's trust store".into(),
+            (Roots::Pem(_), Some(file)) => format!("the CA file {}", file.display()),
+            (Roots::Pem(_), None) => "the CA certificates given".into(),
         }
     }
 
@@ -261,25 +277,88 @@ impl std::fmt::Debug for Client {
     }
 }
 
-pub(crate) fn connection_error(e: ConnectionError) -> Error {
+/// Whose certificate a connection authenticates with, for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Credential {
+    /// The configuration's certificate: the claim certificate (or, when rotating, the current
+    /// device certificate).
+    Configured,
+    /// The certificate the flow just obtained.
+    New,
+}
+
+/// The rustls error somewhere in `e`'s chain: rumqttc nests it in its own errors and in
+/// `io::Error`s (whose `source()` skips the error they wrap), differently for TLS 1.2 (during
+/// the handshake) and TLS 1.3 (a client certificate refused after it).
+fn find_rustls<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut current = Some(e);
+    // Bounded: error chains are a few links long.
+    for _ in 0..16 {
+        let err = current?;
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        current = match err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    None
+}
+
+/// A failed or lost connection as the user should read it: which side refused what, with the
+/// endpoint, and typed so that only what can pass is retried.
+pub(crate) fn connection_error(e: ConnectionError, config: &Config, who: Credential) -> Error {
+    use rustls::AlertDescription as Alert;
+    let endpoint = format!("{}:{}", config.host, config.port);
+    if let Some(tls) = find_rustls(&e) {
+        return match tls {
+            rustls::Error::AlertReceived(
+                alert @ (Alert::BadCertificate
+                | Alert::UnsupportedCertificate
+                | Alert::CertificateRevoked
+                | Alert::CertificateExpired
+                | Alert::CertificateUnknown
+                | Alert::UnknownCA
+                | Alert::AccessDenied
+                | Alert::CertificateRequired
+                | Alert::HandshakeFailure),
+            ) => Error::Tls(match who {
+                Credential::Configured => format!(
+                    "{endpoint} refused the {} (TLS alert {alert:?}): the certificate, or the CA \
+                     that issued it, is not registered and ACTIVE in the AWS account and Region \
+                     of this endpoint, or it expired or was revoked",
+                    config.certificate_name
+                ),
+                Credential::New => format!(
+                    "{endpoint} refused the new device certificate (TLS alert {alert:?}): it is \
+                     not active"
+                ),
+            }),
+            rustls::Error::InvalidCertificate(why) => Error::Tls(format!(
+                "the server at {endpoint} is not trusted: its certificate does not verify with \
+                 {} ({why:?}); check the CA (AWS IoT Core: AmazonRootCA1.pem) and the endpoint",
+                config.trust_name()
+            )),
+            other => Error::Tls(format!("TLS with {endpoint}: {other}")),
+        };
+    }
     match e {
-        ConnectionError::Tls(e) => Error::Tls(e.to_string()),
         ConnectionError::ConnectionRefused(code) => {
-            Error::Connection(format!("the broker refused the connection: {code:?}"))
+            Error::Connection(format!("{endpoint} refused the MQTT connection: {code:?}"))
         }
-        ConnectionError::Io(e) => {
-            // rustls reports handshake failures (a refused client certificate, an untrusted
-            // server) as I/O errors carrying a rustls::Error.
-            let tls = e
-                .get_ref()
-                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some());
-            if tls {
-                Error::Tls(e.to_string())
-            } else {
-                Error::Connection(e.to_string())
-            }
+        ConnectionError::Io(io) if io.to_string().contains("lookup address") => {
+            Error::Connection(format!(
+                "the endpoint host {:?} does not resolve ({io}); retried in case the network is \
+                 still coming up",
+                config.host
+            ))
         }
-        other => Error::Connection(other.to_string()),
+        ConnectionError::Io(io) => Error::Connection(format!("{endpoint}: {io}")),
+        other => Error::Connection(format!("{endpoint}: {other}")),
     }
 }
 
@@ -359,7 +438,12 @@ impl Client {
         self.log(LogLevel::Info, || {
             format!("connecting to {}:{}", self.config.host, self.config.port)
         });
-        let mut link = Link::open(&self.config, self.tls.clone(), &self.config.client_id);
+        let mut link = Link::open(
+            &self.config,
+            self.tls.clone(),
+            &self.config.client_id,
+            Credential::Configured,
+        );
         let step_deadline = deadline_after(self.config.step_timeout);
         let limit = deadline.map_or(step_deadline, |d| d.min(step_deadline));
         let cancel = self.cancel.clone();

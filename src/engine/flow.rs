@@ -296,6 +296,8 @@ pub struct Flow {
     create_sent: bool,
     /// Cleared when the registration is inferred rather than seen (see [`Provisioned`]).
     confirmed: bool,
+    /// When the flow started.
+    started: u64,
 }
 
 impl Flow {
@@ -319,12 +321,14 @@ impl Flow {
             register_sent: false,
             create_sent: false,
             confirmed: true,
+            started: 0,
         }
     }
 
     /// Starts: reads the journal, then asks for the first connection.
     pub fn start(&mut self, now: u64) -> Vec<FlowAction> {
         let mut out = Vec::new();
+        self.started = now;
         if let Some(existing) = self.spec.existing.take() {
             let line = format!(
                 "already provisioned: certificate {} of thing {:?} is in place; nothing to do",
@@ -993,13 +997,18 @@ impl Flow {
     /// time are left; else give up with this error.
     fn fail(&mut self, e: Error, now: u64, out: &mut Vec<FlowAction>) {
         self.drop_link(out);
+        let spent = now.saturating_sub(self.started) as f64 / 1000.0;
+        let tried = match self.attempt {
+            1 => format!("(1 attempt, {spent:.1} s)"),
+            n => format!("({n} attempts, {spent:.1} s)"),
+        };
         if !e.is_retryable() {
-            return self.finish(Err(e), out);
+            return self.finish(Err(e.noted(&tried)), out);
         }
         if self.attempt >= self.spec.retry.max_attempts {
             let line = format!("giving up after {} attempts: {e}", self.attempt);
             self.log(LogLevel::Warn, line, out);
-            return self.finish(Err(e), out);
+            return self.finish(Err(e.noted(&tried)), out);
         }
         let pause = self.spec.retry.backoff_ms(self.attempt, self.jitter.draw());
         let resume_at = now.saturating_add(pause);
@@ -1008,7 +1017,7 @@ impl Flow {
         {
             let line = format!("no time left for another attempt: {e}");
             self.log(LogLevel::Warn, line, out);
-            return self.finish(Err(e), out);
+            return self.finish(Err(e.noted(&tried)), out);
         }
         self.log(
             LogLevel::Warn,

@@ -39,6 +39,7 @@ pub struct fleetprov_config {
     host: String,
     port: u16,
     roots: Roots,
+    ca_file: Option<PathBuf>,
     cert_pem: Option<String>,
     key_pem: Option<Secret>,
     client_id: String,
@@ -63,6 +64,9 @@ pub struct fleetprov_config {
     cancel: Option<Arc<Cancel>>,
     log: Option<Arc<LogCallback>>,
     progress: Option<Arc<ProgressCallback>>,
+    /// The setters whose last call failed, in the order they first failed, and how: using the
+    /// config reports the first.
+    setter_failures: Vec<(&'static str, Error)>,
 }
 
 impl Default for fleetprov_config {
@@ -71,6 +75,7 @@ impl Default for fleetprov_config {
             host: String::new(),
             port: 8883,
             roots: Roots::System,
+            ca_file: None,
             cert_pem: None,
             key_pem: None,
             client_id: String::new(),
@@ -95,12 +100,14 @@ impl Default for fleetprov_config {
             cancel: None,
             log: None,
             progress: None,
+            setter_failures: Vec::new(),
         }
     }
 }
 
 impl fleetprov_config {
     pub(crate) fn connection(&self) -> Result<Config, Error> {
+        self.check_setters()?;
         let cert = self
             .cert_pem
             .clone()
@@ -117,6 +124,7 @@ impl fleetprov_config {
         let mut c = Config::new(self.host.clone(), cert, key);
         c.port = self.port;
         c.roots = self.roots.clone();
+        c.ca_file = self.ca_file.clone();
         c.client_id = self.client_id.clone();
         c.keep_alive = Duration::from_secs(u64::from(self.keep_alive));
         c.alpn = self.alpn;
@@ -167,7 +175,21 @@ impl fleetprov_config {
 
     /// The one-call request for a host transport: the host holds the claim credentials and the
     /// connection, so none are needed here; the endpoint (if set) names the journal's endpoint.
+    /// The failure of an earlier setter, if one failed: a config missing what it was meant to
+    /// set would otherwise fail later with a misleading error (a missing CA file as an untrusted
+    /// server, a bad template name as "no template").
+    fn check_setters(&self) -> Result<(), Error> {
+        match self.setter_failures.first() {
+            None => Ok(()),
+            Some((setter, Error::InvalidArgument(m))) => Err(invalid(format!(
+                "{setter}() failed earlier, so the config lacks what it was to set: {m}"
+            ))),
+            Some((_, e)) => Err(e.clone()),
+        }
+    }
+
     pub(crate) fn host_request(&self) -> Result<Request, Error> {
+        self.check_setters()?;
         let mut connection = self.connection_with(String::new(), Secret::new(String::new()));
         if connection.host.is_empty() {
             connection.host = "host-transport".into();
@@ -180,6 +202,7 @@ impl fleetprov_config {
     }
 
     pub(crate) fn request_with(&self, connection: Config) -> Result<Request, Error> {
+        self.check_setters()?;
         let template = self
             .template
             .clone()
@@ -209,6 +232,36 @@ impl fleetprov_config {
         request.reprovision = self.reprovision;
         Ok(request)
     }
+}
+
+/// Runs a setter's body under the panic boundary and remembers a failure on the config (until
+/// the same setter succeeds), so that using the config returns the first failed setter's error
+/// and message rather than a later, misleading one.
+pub(crate) fn remember(
+    config: *mut fleetprov_config,
+    setter: &'static str,
+    body: impl FnOnce() -> Result<(), Error>,
+) -> fleetprov_result {
+    let mut failure = None;
+    let result = guard(|| body().inspect_err(|e| failure = Some(e.clone())));
+    // SAFETY: NULL or a live config used by this thread only, per the header; the body's
+    // borrow of it has ended.
+    if let Some(config) = unsafe { config.as_mut() } {
+        if result == fleetprov_result::FLEETPROV_OK {
+            config.setter_failures.retain(|(s, _)| *s != setter);
+        } else {
+            let failure = failure.unwrap_or(Error::Panicked);
+            match config
+                .setter_failures
+                .iter_mut()
+                .find(|(s, _)| *s == setter)
+            {
+                Some(entry) => entry.1 = failure,
+                None => config.setter_failures.push((setter, failure)),
+            }
+        }
+    }
+    result
 }
 
 /// # Safety
@@ -280,7 +333,7 @@ pub unsafe extern "C" fn fleetprov_config_set_endpoint(
     host: *const c_char,
     port: u16,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_set_endpoint", || {
         // SAFETY: pointers per the header.
         let (config, host) = unsafe { (config_mut(config)?, str_arg(host, "host")?) };
         if host.is_empty() || port == 0 {
@@ -299,12 +352,13 @@ pub unsafe extern "C" fn fleetprov_config_set_ca_file(
     config: *mut fleetprov_config,
     path: *const c_char,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_set_ca_file", || {
         // SAFETY: pointers per the header.
         let (config, path) = unsafe { (config_mut(config)?, str_arg(path, "path")?) };
         let pem = read_file(path, "CA file")?;
         keys::parse_certificate_pem(&pem).map_err(|e| invalid(format!("CA file: {e}")))?;
         config.roots = Roots::Pem(pem);
+        config.ca_file = Some(PathBuf::from(path));
         Ok(())
     })
 }
@@ -315,11 +369,12 @@ pub unsafe extern "C" fn fleetprov_config_set_ca_pem(
     config: *mut fleetprov_config,
     pem: *const c_char,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_set_ca_pem", || {
         // SAFETY: pointers per the header.
         let (config, pem) = unsafe { (config_mut(config)?, str_arg(pem, "pem")?) };
         keys::parse_certificate_pem(pem).map_err(|e| invalid(format!("CA: {e}")))?;
         config.roots = Roots::Pem(pem.to_owned());
+        config.ca_file = None;
         Ok(())
     })
 }
@@ -329,9 +384,11 @@ pub unsafe extern "C" fn fleetprov_config_set_ca_pem(
 pub unsafe extern "C" fn fleetprov_config_use_system_roots(
     config: *mut fleetprov_config,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_use_system_roots", || {
         // SAFETY: pointer per the header.
-        unsafe { config_mut(config)? }.roots = Roots::System;
+        let config = unsafe { config_mut(config)? };
+        config.roots = Roots::System;
+        config.ca_file = None;
         Ok(())
     })
 }
@@ -355,7 +412,7 @@ pub unsafe extern "C" fn fleetprov_config_set_claim_files(
     cert_path: *const c_char,
     key_path: *const c_char,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_set_claim_files", || {
         // SAFETY: pointers per the header.
         let (config, cert_path, key_path) = unsafe {
             (
@@ -377,7 +434,7 @@ pub unsafe extern "C" fn fleetprov_config_set_claim_pem(
     cert_pem: *const c_char,
     key_pem: *const c_char,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_set_claim_pem", || {
         // SAFETY: pointers per the header.
         let (config, cert, key) = unsafe {
             (
@@ -397,7 +454,7 @@ pub unsafe extern "C" fn fleetprov_config_set_client_id(
     config: *mut fleetprov_config,
     client_id: *const c_char,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_set_client_id", || {
         // SAFETY: pointers per the header.
         let (config, id) = unsafe { (config_mut(config)?, str_arg(client_id, "client_id")?) };
         if id.len() > 128 {
@@ -414,7 +471,7 @@ pub unsafe extern "C" fn fleetprov_config_set_keep_alive(
     config: *mut fleetprov_config,
     seconds: u16,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_set_keep_alive", || {
         // SAFETY: pointer per the header.
         let config = unsafe { config_mut(config)? };
         if !(5..=1200).contains(&seconds) {
@@ -432,7 +489,7 @@ pub unsafe extern "C" fn fleetprov_config_set_alpn(
     config: *mut fleetprov_config,
     enabled: bool,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_set_alpn", || {
         // SAFETY: pointer per the header.
         unsafe { config_mut(config)? }.alpn = Some(enabled);
         Ok(())
@@ -445,7 +502,7 @@ pub unsafe extern "C" fn fleetprov_config_set_format(
     config: *mut fleetprov_config,
     format: i32,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_set_format", || {
         // SAFETY: pointer per the header.
         let config = unsafe { config_mut(config)? };
         config.format = match fleetprov_format::from_c(format)? {
@@ -465,7 +522,7 @@ pub unsafe extern "C" fn fleetprov_config_set_timeouts(
     step_ms: u32,
     overall_ms: u32,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_set_timeouts", || {
         // SAFETY: pointer per the header.
         let config = unsafe { config_mut(config)? };
         if step_ms == 0 {
@@ -483,7 +540,7 @@ pub unsafe extern "C" fn fleetprov_config_set_template(
     config: *mut fleetprov_config,
     name: *const c_char,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_set_template", || {
         // SAFETY: pointers per the header.
         let (config, name) = unsafe { (config_mut(config)?, str_arg(name, "name")?) };
         validate_template_name(name).map_err(|e| invalid(e.0))?;
@@ -499,7 +556,7 @@ pub unsafe extern "C" fn fleetprov_config_set_parameter(
     key: *const c_char,
     value: *const c_char,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_set_parameter", || {
         // SAFETY: pointers per the header.
         let (config, key, value) = unsafe {
             (
@@ -521,7 +578,7 @@ pub unsafe extern "C" fn fleetprov_config_set_parameter(
 pub unsafe extern "C" fn fleetprov_config_clear_parameters(
     config: *mut fleetprov_config,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_clear_parameters", || {
         // SAFETY: pointer per the header.
         unsafe { config_mut(config)? }.parameters.clear();
         Ok(())
@@ -534,7 +591,7 @@ pub unsafe extern "C" fn fleetprov_config_set_method(
     config: *mut fleetprov_config,
     method: i32,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_set_method", || {
         // SAFETY: pointer per the header.
         let config = unsafe { config_mut(config)? };
         config.method = fleetprov_method::from_c(method)?;
@@ -548,7 +605,7 @@ pub unsafe extern "C" fn fleetprov_config_set_key_type(
     config: *mut fleetprov_config,
     key_type: i32,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_set_key_type", || {
         // SAFETY: pointer per the header.
         let config = unsafe { config_mut(config)? };
         config.key_type = match fleetprov_key_type::from_c(key_type)? {
@@ -566,7 +623,7 @@ pub unsafe extern "C" fn fleetprov_config_set_csr_pem(
     config: *mut fleetprov_config,
     csr_pem: *const c_char,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_set_csr_pem", || {
         // SAFETY: pointers per the header.
         let (config, csr) = unsafe { (config_mut(config)?, str_arg(csr_pem, "csr_pem")?) };
         keys::check_csr_pem(csr).map_err(|e| invalid(format!("CSR: {e}")))?;
@@ -631,7 +688,7 @@ pub unsafe extern "C" fn fleetprov_config_set_signer(
     userdata: *mut c_void,
     userdata_free: fleetprov_userdata_free,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_set_signer", || {
         let user = UserData::new(userdata, userdata_free);
         // SAFETY: pointer per the header.
         let config = unsafe { config_mut(config)? };
@@ -656,7 +713,7 @@ pub unsafe extern "C" fn fleetprov_config_set_verify(
     config: *mut fleetprov_config,
     verify: bool,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_set_verify", || {
         // SAFETY: pointer per the header.
         unsafe { config_mut(config)? }.verify = verify;
         Ok(())
@@ -672,7 +729,7 @@ pub unsafe extern "C" fn fleetprov_config_set_output_dir(
     config: *mut fleetprov_config,
     path: *const c_char,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_set_output_dir", || {
         // SAFETY: pointers per the header.
         let (config, path) = unsafe { (config_mut(config)?, dir_arg(path)?) };
         config.output_dir = path;
@@ -692,7 +749,7 @@ pub unsafe extern "C" fn fleetprov_config_set_state_dir(
     config: *mut fleetprov_config,
     path: *const c_char,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_set_state_dir", || {
         // SAFETY: pointers per the header.
         let (config, path) = unsafe { (config_mut(config)?, dir_arg(path)?) };
         config.state_dir = path;
@@ -713,7 +770,7 @@ pub unsafe extern "C" fn fleetprov_config_set_retry(
     initial_backoff_ms: u32,
     max_backoff_ms: u32,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_set_retry", || {
         // SAFETY: pointer per the header.
         let config = unsafe { config_mut(config)? };
         if max_attempts == 0 {
@@ -739,7 +796,7 @@ pub unsafe extern "C" fn fleetprov_config_set_token_lifetime(
     config: *mut fleetprov_config,
     seconds: u32,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_set_token_lifetime", || {
         // SAFETY: pointer per the header.
         let config = unsafe { config_mut(config)? };
         config.token_lifetime_s = u64::from(seconds);
@@ -759,7 +816,7 @@ pub unsafe extern "C" fn fleetprov_config_set_reprovision(
     config: *mut fleetprov_config,
     reprovision: bool,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_set_reprovision", || {
         // SAFETY: pointer per the header.
         unsafe { config_mut(config)? }.reprovision = reprovision;
         Ok(())
@@ -774,7 +831,7 @@ pub unsafe extern "C" fn fleetprov_config_set_cancel(
     config: *mut fleetprov_config,
     cancel: *const fleetprov_cancel,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_set_cancel", || {
         // SAFETY: pointers per the header.
         let (config, cancel) = unsafe { (config_mut(config)?, cancel.as_ref()) };
         config.cancel = cancel.map(|c| c.cancel.clone());
@@ -793,7 +850,7 @@ pub unsafe extern "C" fn fleetprov_config_set_log_callback(
     userdata_free: fleetprov_userdata_free,
     max_level: i32,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_set_log_callback", || {
         let user = UserData::new(userdata, userdata_free);
         // SAFETY: pointer per the header.
         let config = unsafe { config_mut(config)? };
@@ -811,7 +868,7 @@ pub unsafe extern "C" fn fleetprov_config_set_progress_callback(
     userdata: *mut c_void,
     userdata_free: fleetprov_userdata_free,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_set_progress_callback", || {
         let user = UserData::new(userdata, userdata_free);
         // SAFETY: pointer per the header.
         let config = unsafe { config_mut(config)? };

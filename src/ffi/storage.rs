@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use zeroize::Zeroizing;
 
-use super::config::{config_mut, fleetprov_config};
+use super::config::{config_mut, fleetprov_config, remember};
 use super::types::*;
 use crate::store::{Blobs, SharedBlobs};
 
@@ -185,7 +185,7 @@ pub unsafe extern "C" fn fleetprov_config_set_storage(
     userdata: *mut c_void,
     userdata_free: fleetprov_userdata_free,
 ) -> fleetprov_result {
-    guard(|| {
+    remember(config, "fleetprov_config_set_storage", || {
         let user = UserData::new(userdata, userdata_free);
         // SAFETY: pointer per the header.
         let config = unsafe { config_mut(config)? };

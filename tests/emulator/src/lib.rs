@@ -75,6 +75,8 @@ pub struct Config {
     pub hook_timeout: Duration,
     /// Refuse connections that did not negotiate ALPN `x-amzn-mqtt-ca` (as AWS on port 443).
     pub require_alpn: bool,
+    /// Offer TLS 1.2 only (AWS IoT with a TLS 1.2-only security policy); default 1.3 and 1.2.
+    pub tls12_only: bool,
     /// Fault rules in force from the start.
     pub faults: Vec<Fault>,
     /// Port of the control interface on the bind address; `None` for no control interface.
@@ -95,6 +97,7 @@ impl Config {
             token_ttl: Duration::from_secs(3600),
             hook_timeout: Duration::from_secs(5),
             require_alpn: false,
+            tls12_only: false,
             faults: Vec::new(),
             control_port: None,
             auto_sweep: true,
@@ -132,6 +135,7 @@ impl Emulator {
             &prepared.server_cert_pem,
             &prepared.server_key_pem,
             store.clone(),
+            config.tls12_only,
         )?;
         let faults = Arc::new(Faults::default());
         for f in &config.faults {

@@ -25,6 +25,7 @@ SERVE OPTIONS:
     --token-ttl SECS      ownership token lifetime in seconds, fractions allowed (default 3600)
     --hook-timeout SECS   time a pre-provisioning hook has to answer (default 5)
     --require-alpn        refuse clients that do not negotiate ALPN x-amzn-mqtt-ca (as AWS on port 443)
+    --tls12-only          offer TLS 1.2 only (as AWS with a TLS 1.2-only security policy)
     --fault RULE          fault rule in force from the start, repeatable (see README: Fault injection)
     --control-port N      serve the line-based control interface on this port (0: a free port)
     --verbose             log connections and requests on stderr (never keys or tokens)
@@ -106,6 +107,7 @@ fn run(args: Vec<String>) -> Result<ExitCode, String> {
             "--token-ttl" => config.token_ttl = seconds(value(rest, &mut i, arg)?, arg)?,
             "--hook-timeout" => config.hook_timeout = seconds(value(rest, &mut i, arg)?, arg)?,
             "--require-alpn" => config.require_alpn = true,
+            "--tls12-only" => config.tls12_only = true,
             "--fault" => config
                 .faults
                 .push(value(rest, &mut i, arg)?.parse::<Fault>()?),

@@ -69,11 +69,17 @@ impl ClientCertVerifier for RegistryVerifier {
     }
 }
 
-/// The server's TLS configuration.
+const TLS12_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS12];
+const TLS13_AND_12: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+/// The server's TLS configuration; `tls12_only` offers TLS 1.2 alone (as an AWS IoT domain
+/// configuration with a TLS 1.2-only security policy does), else 1.3 and 1.2.
 pub fn server_config(
     cert_pem: &str,
     key_pem: &str,
     store: Arc<Store>,
+    tls12_only: bool,
 ) -> Result<Arc<ServerConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
@@ -86,7 +92,7 @@ pub fn server_config(
         algorithms: provider.signature_verification_algorithms,
     });
     let mut cfg = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .with_protocol_versions(if tls12_only { TLS12_ONLY } else { TLS13_AND_12 })
         .map_err(|e| e.to_string())?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
