@@ -2,7 +2,10 @@
 # The main job on a fresh machine: build the library with CMake (which drives cargo), install it
 # to build/prefix, build the C example `provision` against that installed package
 # (find_package(fleetprov)), start the bundled emulator, provision a demo device, and print the
-# thing name and where the credentials went.
+# thing name and the credentials it stored. Everything secret it makes (the emulator's CA and
+# claim keys, the device key) lives in one temporary directory, removed when the script ends,
+# also on failure or Ctrl-C. The first run builds the library and the emulator: about 5 minutes
+# on 2 cores; later runs take seconds.
 #   bash examples/demo.sh [SERIAL]
 # CMake comes from PyPI into .venv (created if missing).
 set -euo pipefail
@@ -17,20 +20,28 @@ fi
 cmake=$venv/bin/cmake
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}
 
-echo "== building the library (cmake -> cargo, release) and installing it to build/prefix"
+echo "== building the library (cmake -> cargo, release; the first time about 3 minutes)"
 "$cmake" -S . -B build/lib -DCMAKE_BUILD_TYPE=Release >/dev/null
-"$cmake" --build build/lib >/dev/null
+"$cmake" --build build/lib
+echo "== installing it to build/prefix (include/, lib/, lib/cmake/fleetprov, lib/pkgconfig)"
 "$cmake" --install build/lib --prefix build/prefix >/dev/null
 echo "== building the C example against the installed package"
 "$cmake" -S examples/c -B build/examples -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_PREFIX_PATH="$root/build/prefix" >/dev/null
-"$cmake" --build build/examples --target provision >/dev/null
-echo "== building and starting the emulator"
-cargo build --release --locked -p fleetprov-emulator --bin fleetprov-emulator 2>&1 | tail -n 1
+"$cmake" --build build/examples --target provision
+echo "== building the emulator (the first time about 2 minutes)"
+cargo build --release --locked -p fleetprov-emulator --bin fleetprov-emulator
 
 work=$(mktemp -d)
 emu=
-trap 'if [ -n "$emu" ]; then kill "$emu" 2>/dev/null || true; wait "$emu" 2>/dev/null || true; fi' EXIT
+cleanup() {
+    if [ -n "$emu" ]; then kill "$emu" 2>/dev/null || true; wait "$emu" 2>/dev/null || true; fi
+    # Keys first, then the rest.
+    find "$work" -type f \( -name '*.key' -o -name 'journal.json' \) -delete 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 target/release/fleetprov-emulator --data-dir "$work/emulator" --port 0 --key-type ec > "$work/emulator.out" &
 emu=$!
 for _ in $(seq 1 300); do
@@ -45,3 +56,6 @@ build/examples/provision --endpoint localhost --port "$port" \
     --ca "$work/emulator/ca.pem" --cert "$work/emulator/claim.pem" --key "$work/emulator/claim.key" \
     --template DemoTemplate --param "SerialNumber=$serial" --out "$work/device"
 ls -l "$work/device"
+echo "== device.json:"
+cat "$work/device/device.json"
+echo "== done; $work (the emulator's keys and the device's) is removed now"

@@ -235,7 +235,13 @@ pub fn prepare(request: &Request) -> Result<(FlowSpec, Box<dyn Storage + Send>),
     };
     let mut storage: Box<dyn Storage + Send> = match &request.storage {
         Some(blobs) => Box::new(BlobStorage::new(blobs.clone())),
-        None => Box::new(FileStorage::new(request.output_dir.clone(), journal)),
+        None => {
+            // Before any key is made or request sent: a directory that cannot hold the
+            // credentials would otherwise show only after the certificate is registered.
+            let files = FileStorage::new(request.output_dir.clone(), journal);
+            files.check()?;
+            Box::new(files)
+        }
     };
     let journaled = if storage.keeps_journal() {
         match storage.load_journal() {

@@ -353,7 +353,7 @@ fn a_failed_run_resumes_from_the_journal_without_a_second_certificate() {
     let first = fleetprov::provision(&request, &Hooks::default());
     assert!(matches!(first, Err(Error::Connection(_))), "{first:?}");
     assert!(dir.join("state/journal.json").exists());
-    assert!(!dir.join("out").exists());
+    assert!(!dir.join("out").exists(), "nothing committed");
     let pending = common::device_certificates(&emu);
     assert!(pending.iter().any(|(_, s)| s == "PENDING_ACTIVATION"));
 

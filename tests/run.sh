@@ -9,6 +9,25 @@ unset UPDATE_HEADER
 root=$PWD
 step() { printf '\n==> %s\n' "$*"; }
 
+# Private keys in /tmp before the run: a full run must leave no new one behind. Every test,
+# script and server of the run writes its temporary files (emulator CAs, claim keys, device keys,
+# journals) under one TMPDIR, removed at the end, keys first, also when a step fails or the run
+# is interrupted.
+key_files() {
+    find /tmp -xdev -type f -size -64k -print0 2>/dev/null \
+        | xargs -0 -r grep -l -e '-----BEGIN [A-Z ]*PRIVATE KEY-----' -e '"privateKeyPem"' 2>/dev/null \
+        | sort || true
+}
+keys_before=$(key_files)
+TMPDIR=$(mktemp -d /tmp/fleetprov-tests.XXXXXX)
+export TMPDIR
+remove_tmp() {
+    find "$TMPDIR" -type f \( -name '*.key' -o -name '*.pem' -o -name '*.json' \) -delete 2>/dev/null || true
+    rm -rf "$TMPDIR"
+}
+trap remove_tmp EXIT
+trap 'exit 130' INT TERM
+
 step "format and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
@@ -82,3 +101,13 @@ step "fuzzing: cargo-fuzz, ${FUZZ_SECONDS:-10} s per target (tests/fuzz-targets/
 # Bounded: with a cold sanitizer build on 2 cores this step stays under about 4 minutes.
 # A long run: bash tests/fuzz-targets/run.sh 600
 bash tests/fuzz-targets/run.sh "${FUZZ_SECONDS:-10}"
+
+step "nothing secret left behind: no new private key file in /tmp"
+remove_tmp
+left=$(comm -13 <(printf '%s\n' "$keys_before") <(key_files) | sed '/^$/d')
+if [ -n "$left" ]; then
+    echo "the run left private keys behind:" >&2
+    printf '  %s\n' $left >&2
+    exit 1
+fi
+echo "none ($(printf '%s\n' "$keys_before" | sed '/^$/d' | wc -l) key files were there before the run, none added)"

@@ -421,8 +421,8 @@ pub unsafe extern "C" fn fleetprov_config_set_claim_files(
                 str_arg(key_path, "key_path")?,
             )
         };
-        let cert = read_file(cert_path, "certificate file")?;
-        let key = Secret::new(read_file(key_path, "key file")?);
+        let cert = read_file(cert_path, "claim certificate file")?;
+        let key = Secret::new(read_file(key_path, "claim key file")?);
         set_claim(config, cert, key)
     })
 }

@@ -225,6 +225,26 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     sync_dir(&dir)
 }
 
+/// Checks, before anything irreversible happens, that credentials can be written into `dir`:
+/// creates it as [`ensure_private_dir`] does and creates and removes a probe file in it; then
+/// removes again the directories it had to create, so that the check leaves no trace.
+pub fn check_writable(dir: &Path) -> io::Result<()> {
+    // The directories that do not exist yet, deepest first.
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && fs::symlink_metadata(d).is_err())
+        .collect();
+    let checked = ensure_private_dir(dir).and_then(|()| {
+        let (probe, file) = create_temp(dir, std::ffi::OsStr::new("probe"), 0o600)?;
+        drop(file);
+        fs::remove_file(&probe)
+    });
+    for d in missing {
+        let _ = fs::remove_dir(d);
+    }
+    checked
+}
+
 /// Creates `dir` and any missing parents with mode 0700. An existing `dir` is left as it is
 /// (never `chmod`ed: it may be a mount point or a link the firmware set up), but one that group
 /// or others may enter is refused (`PermissionDenied`, saying its mode): keys are kept only where
@@ -234,6 +254,12 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "empty directory path",
+        ));
+    }
+    if fs::metadata(dir).is_ok_and(|m| !m.is_dir()) {
+        return Err(io::Error::new(
+            io::ErrorKind::NotADirectory,
+            "it exists and is not a directory",
         ));
     }
     let existed = fs::metadata(dir).is_ok_and(|m| m.is_dir());

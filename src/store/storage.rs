@@ -70,6 +70,92 @@ impl FileStorage {
     }
 }
 
+/// Where the credentials go when a commit into `dir` fails and no journal keeps them:
+/// `<dir>.fleetprov-recovery.json` next to it.
+pub fn recovery_path(dir: &Path) -> Option<PathBuf> {
+    let name = dir.file_name()?.to_string_lossy().into_owned();
+    Some(dir.with_file_name(format!("{name}.fleetprov-recovery.json")))
+}
+
+/// The recovery file's content: the credential set.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Recovery {
+    thing_name: String,
+    certificate_id: String,
+    certificate_pem: String,
+    private_key_pem: Zeroizing<String>,
+    #[serde(default)]
+    device_configuration: std::collections::BTreeMap<String, String>,
+}
+
+impl FileStorage {
+    /// Checks that the output directory can be written (see [`super::check_writable`]), before
+    /// anything is sent.
+    pub fn check(&self) -> Result<(), Error> {
+        match &self.output_dir {
+            Some(dir) => super::check_writable(dir).map_err(|e| {
+                Error::Storage(format!(
+                    "the output directory {} cannot hold the credentials: {e}",
+                    dir.display()
+                ))
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Saves a set whose commit failed next to the output directory (0600), for the next call.
+    fn save_recovery(dir: &Path, set: &Stored) -> Result<PathBuf, String> {
+        let path = recovery_path(dir).ok_or("the output directory has no name")?;
+        let wire = Recovery {
+            thing_name: set.thing_name.clone(),
+            certificate_id: set.certificate_id.clone(),
+            certificate_pem: set.certificate_pem.clone(),
+            private_key_pem: Zeroizing::new(set.private_key_pem.expose().to_owned()),
+            device_configuration: set.device_configuration.clone(),
+        };
+        let bytes = Zeroizing::new(serde_json::to_vec_pretty(&wire).map_err(|e| e.to_string())?);
+        super::write_atomic(&path, &bytes, 0o600)
+            .map(|()| path.clone())
+            .map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Commits the set a failed commit left in the recovery file, if there is one.
+    fn recover(dir: &Path) -> Result<Option<Stored>, Error> {
+        let Some(path) = recovery_path(dir) else {
+            return Ok(None);
+        };
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => Zeroizing::new(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::Storage(format!("{}: {e}", path.display()))),
+        };
+        let wire: Recovery = serde_json::from_slice(&bytes).map_err(|e| {
+            Error::Storage(format!(
+                "{}: unreadable recovery file ({}); move it away to start over",
+                path.display(),
+                e.classify() as u8
+            ))
+        })?;
+        let set = Stored {
+            thing_name: wire.thing_name,
+            certificate_id: wire.certificate_id,
+            certificate_pem: wire.certificate_pem,
+            private_key_pem: Secret::new(wire.private_key_pem.to_string()),
+            device_configuration: wire.device_configuration,
+        };
+        super::write_credentials(dir, &credentials(&set)).map_err(|e| {
+            Error::Storage(format!(
+                "the credentials kept in {} still cannot be stored: {e}",
+                path.display()
+            ))
+        })?;
+        std::fs::remove_file(&path)
+            .map_err(|e| Error::Storage(format!("{}: {e}", path.display())))?;
+        Ok(Some(set))
+    }
+}
+
 impl Storage for FileStorage {
     fn load_journal(&mut self) -> Result<Option<Entry>, Error> {
         match &self.journal {
@@ -81,10 +167,13 @@ impl Storage for FileStorage {
     }
 
     fn load_credentials(&mut self) -> Result<Option<Stored>, Error> {
-        Ok(self
-            .output_dir
-            .as_deref()
-            .and_then(|dir| super::read_credentials(dir).ok()))
+        let Some(dir) = self.output_dir.as_deref() else {
+            return Ok(None);
+        };
+        match super::read_credentials(dir) {
+            Ok(stored) => Ok(Some(stored)),
+            Err(_) => FileStorage::recover(dir),
+        }
     }
 
     fn save_journal(&mut self, entry: &Entry) -> Result<(), Error> {
@@ -102,11 +191,25 @@ impl Storage for FileStorage {
     }
 
     fn commit(&mut self, set: &Stored) -> Result<Option<StoredPaths>, Error> {
-        match &self.output_dir {
-            Some(dir) => super::write_credentials(dir, &credentials(set))
-                .map(Some)
-                .map_err(|e| Error::Storage(e.to_string())),
-            None => Ok(None),
+        let Some(dir) = &self.output_dir else {
+            return Ok(None);
+        };
+        match super::write_credentials(dir, &credentials(set)) {
+            Ok(paths) => Ok(Some(paths)),
+            // The journal keeps everything for the next call.
+            Err(e) if self.journal.is_some() => Err(Error::Storage(e.to_string())),
+            // Nothing else does: keep the set next to the output for the next call.
+            Err(e) => Err(Error::Storage(match FileStorage::save_recovery(dir, set) {
+                Ok(path) => format!(
+                    "{e}; the credentials were saved to {} (0600): the next call with this \
+                     output directory stores them",
+                    path.display()
+                ),
+                Err(why) => format!(
+                    "{e}; saving them for a later call failed too ({why}): the certificate is \
+                     registered but its key is lost"
+                ),
+            })),
         }
     }
 

@@ -167,7 +167,7 @@ def test_async_cancel_and_result_timeout(emulator_factory):
 def test_async_bad_arguments():
     with pytest.raises(TypeError, match="unexpected keyword"):
         fleetprov.provision_async(endpoint="x", template_name="T", cert_file="a", key_file="b", nope=1)
-    with pytest.raises(fleetprov.InvalidArgumentError, match="cannot read certificate file"):
+    with pytest.raises(fleetprov.InvalidArgumentError, match="cannot read claim certificate file"):
         fleetprov.provision_async(endpoint="x", template_name="T", cert_file="/nonexistent", key_file="/nonexistent")
 
 
