@@ -334,6 +334,14 @@ def check_provisioned(emu, out_dir, serial, max_created, exact_created=None, met
         check(meta_id == cert_id,
               f"device.json names certificate {meta_id}, certificate.pem is {cert_id}")
     key_matches_certificate(cert, key, required=True)
+    check_registry(emu, serial, cert_id, max_created, exact_created)
+    return cert_id
+
+
+def check_registry(emu, serial, cert_id, max_created, exact_created=None):
+    """In the emulator's registry: `cert_id` is the only ACTIVE certificate the service created
+    and the only one of the thing demo-SERIAL; at most `max_created` (exactly `exact_created`)
+    certificates were created."""
     reg = emu.registry()
     created = created_certificates(reg)
     summary = ", ".join(f"{c['id'][:12]}… {c['status']}" for c in created)
@@ -349,7 +357,6 @@ def check_provisioned(emu, out_dir, serial, max_created, exact_created=None, met
     check(f"demo-{serial}" in things, "the thing is not in the registry")
     attached = things[f"demo-{serial}"]["certificates"]
     check(attached == [cert_id], f"the thing has certificates {attached}, expected [{cert_id}]")
-    return cert_id
 
 
 def case_retry(cmd, emu, work, serial, timeout_s, extra, lost_reply):
