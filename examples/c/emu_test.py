@@ -5,18 +5,23 @@
                 [--arg=ARG]... [--fault RULE]... [--stop-at STEP]... -- [LAUNCHER...] PROGRAM
 
 CASE is ok, cbor, reject, badargs, timeout, cancel, retry, lostreply, resume, crash, fault,
-inactive, rotate, signer, signer_cbor or signer_broken (see the case_ functions).
+inactive, rotate, signer, signer_cbor or signer_broken (see the case_ functions); for the
+provision_flash example ok, cbor, reject, badargs, cancel, resume, crash, fault, already or
+store (see the flash_case_ functions: the checks read its flash partition, with the program's
+--show and with read_flash()).
 Everything after `--` is the command to run (a launcher such as valgrind may come first); the
 driver appends the connection arguments. The emulator runs with `--data-dir WORK/emulator
 --port 0 --key-type ec` (plus each --fault RULE) and is always killed at the end. Only the
 standard library is used.
 
-The crash case (the `provision` example only): the program runs with
+The crash case (the `provision` and `provision_flash` examples): the program runs with
 FLEETPROV_EXAMPLE_STOP_AT=STEP, which makes it print `stopped_at=STEP` and freeze inside the
 library's flow when its progress callback sees STEP; the driver waits for that line (bounded),
 kills the process with SIGKILL, checks what is on disk, and does the same for each further
 --stop-at; then it runs the program once more without the variable, with the same --state-dir
 and --out, and checks that the device ends up provisioned exactly once (see case_crash).
+provision_flash also takes --stop-at store:NAME:N / remove:NAME:N: a power loss emulated in the
+middle of its Nth flash write of blob NAME (see flash_case_crash).
 """
 import argparse
 import base64
@@ -29,10 +34,12 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 
 SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
                      "ERROR: UndefinedBehaviorSanitizer", "WARNING: ThreadSanitizer")
@@ -334,6 +341,14 @@ def check_provisioned(emu, out_dir, serial, max_created, exact_created=None, met
         check(meta_id == cert_id,
               f"device.json names certificate {meta_id}, certificate.pem is {cert_id}")
     key_matches_certificate(cert, key, required=True)
+    check_registry(emu, serial, cert_id, max_created, exact_created)
+    return cert_id
+
+
+def check_registry(emu, serial, cert_id, max_created, exact_created=None):
+    """In the emulator's registry: `cert_id` is the only ACTIVE certificate the service created
+    and the only one of the thing demo-SERIAL; at most `max_created` (exactly `exact_created`)
+    certificates were created."""
     reg = emu.registry()
     created = created_certificates(reg)
     summary = ", ".join(f"{c['id'][:12]}… {c['status']}" for c in created)
@@ -349,7 +364,6 @@ def check_provisioned(emu, out_dir, serial, max_created, exact_created=None, met
     check(f"demo-{serial}" in things, "the thing is not in the registry")
     attached = things[f"demo-{serial}"]["certificates"]
     check(attached == [cert_id], f"the thing has certificates {attached}, expected [{cert_id}]")
-    return cert_id
 
 
 def case_retry(cmd, emu, work, serial, timeout_s, extra, lost_reply):
@@ -755,6 +769,594 @@ def case_signer_broken(cmd, emu, work, serial, timeout_s):
     print("ok: a failing and a wrong signer refused, no certificate created")
 
 
+# ---------------------------------------------------------------------------------------------
+# provision_flash: the journal and the credentials kept through fleetprov_config_set_storage in
+# an emulated NOR flash partition (one file). The checks read the partition two ways: the
+# program's own `--show`, and read_flash() below, a second reader of the layout written from
+# its description at the top of provision_flash.c; the two must agree. Every run's output is
+# kept and checked at the end for the secrets the partition held (key lines, ownership token).
+
+FLASH = "provision_flash"
+FLASH_NAMES = ("journal", "private.key", "certificate.pem", "device.json")
+FLASH_SLOT_SIZE = 8192
+FLASH_SLOTS_PER_NAME = 2
+FLASH_PARTITION_SIZE = FLASH_SLOT_SIZE * FLASH_SLOTS_PER_NAME * len(FLASH_NAMES)
+FLASH_MAGIC = 0x31465046  # "FPF1"
+FLASH_HEADER = 36
+FLASH_TOMBSTONE = 1
+
+
+class FlashImage:
+    """A partition as read_flash() finds it: `blobs` (name -> content of the newest valid data
+    record), `slots` (one (name, slot, state, seq, flags) per slot, state erased, invalid or
+    valid) and `newest` (name -> (seq, flags) of its newest valid record)."""
+
+    def __init__(self, blobs, slots, newest):
+        self.blobs, self.slots, self.newest = blobs, slots, newest
+
+    def invalid(self, name=None):
+        return [s for s in self.slots if s[2] == "invalid" and (name is None or s[0] == name)]
+
+
+def read_flash(path):
+    check(os.path.exists(path), f"{path}: no partition")
+    check(mode(path) == 0o600, f"{path} has mode {oct(mode(path))}, expected 0o600")
+    data = open(path, "rb").read()
+    check(len(data) == FLASH_PARTITION_SIZE,
+          f"{path} is {len(data)} bytes, expected {FLASH_PARTITION_SIZE}")
+    blobs, slots, newest = {}, [], {}
+    for i, name in enumerate(FLASH_NAMES):
+        best = None
+        for k in range(FLASH_SLOTS_PER_NAME):
+            slot = i * FLASH_SLOTS_PER_NAME + k
+            raw = data[slot * FLASH_SLOT_SIZE:(slot + 1) * FLASH_SLOT_SIZE]
+            if raw == b"\xff" * FLASH_SLOT_SIZE:
+                slots.append((name, slot, "erased", None, None))
+                continue
+            (magic,) = struct.unpack_from("<I", raw, 0)
+            seq, flags, length, crc = struct.unpack_from("<IIII", raw, 20)
+            body = raw[FLASH_HEADER:FLASH_HEADER + length]
+            valid = (magic == FLASH_MAGIC and raw[4:20] == name.encode().ljust(16, b"\0")
+                     and length <= FLASH_SLOT_SIZE - FLASH_HEADER
+                     and (flags == 0 or (flags == FLASH_TOMBSTONE and length == 0))
+                     and zlib.crc32(raw[:32] + body) == crc)
+            if not valid:
+                slots.append((name, slot, "invalid", None, None))
+                continue
+            slots.append((name, slot, "valid", seq, flags))
+            check(best is None or best[0] != seq, f"{name}: two records with sequence {seq}")
+            if best is None or seq > best[0]:
+                best = (seq, flags, body)
+        if best is not None:
+            newest[name] = best[:2]
+            if best[1] != FLASH_TOMBSTONE:
+                blobs[name] = best[2]
+    return FlashImage(blobs, slots, newest)
+
+
+def pem_der_text(text, what):
+    m = re.search(r"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", text, re.S)
+    check(m is not None, f"{what}: no certificate PEM")
+    return base64.b64decode("".join(m.group(1).split()))
+
+
+def secret_strings(blobs):
+    """What must never be printed: the lines of every private key PEM the blobs hold, and the
+    ownership token of the journal."""
+    keys, found = [], set()
+    if "private.key" in blobs:
+        keys.append(blobs["private.key"].decode(errors="replace"))
+    if "journal" in blobs:
+        try:
+            j = json.loads(blobs["journal"])
+        except ValueError as e:
+            raise Failed(f"the journal blob is not JSON: {e}")
+        keys.append(j.get("private_key_pem") or "")
+        token = j.get("ownership_token") or ""
+        check(len(token) >= 16, "the journal blob holds no ownership token")
+        found.add(token)
+    for pem in keys:
+        found |= {line for line in pem.splitlines() if len(line) >= 32 and "-----" not in line}
+    return found
+
+
+def pem_key_matches(cert_pem, key_pem):
+    """With the openssl command, through pipes (no key file written): the key is the cert's."""
+    check(shutil.which("openssl") is not None,
+          "the openssl command is needed (Debian: apt-get install openssl)")
+    a = subprocess.run(["openssl", "x509", "-noout", "-pubkey"], input=cert_pem,
+                       capture_output=True, check=True, timeout=30).stdout
+    b = subprocess.run(["openssl", "pkey", "-pubout"], input=key_pem,
+                       capture_output=True, check=True, timeout=30).stdout
+    check(a.strip() == b.strip() and a.strip(), "private.key does not match certificate.pem")
+
+
+class Flash:
+    """One provision_flash case: the command (launcher included), the emulator, the partition
+    WORK/flash.img, and every run's output."""
+
+    def __init__(self, cmd, emu, work, serial, timeout_s):
+        self.cmd, self.emu, self.work, self.serial = cmd, emu, work, serial
+        self.timeout_s = timeout_s
+        self.path = os.path.join(work, "flash.img")
+        self.thing = f"demo-{serial}"
+        self.outputs = []
+        self.secrets = set()
+
+    def args(self, template="DemoTemplate", port=None, extra=()):
+        emu = self.emu
+        return self.cmd + ["--endpoint", "localhost", "--port", str(port or emu.port),
+                           "--ca", emu.path("ca.pem"), "--cert", emu.path("claim.pem"),
+                           "--key", emu.path("claim.key"), "--template", template,
+                           "--param", f"SerialNumber={self.serial}",
+                           "--flash", self.path] + list(extra)
+
+    def run(self, args, env=None):
+        p = run(args, self.timeout_s, env=env)
+        self.outputs.append(p.stdout + p.stderr)
+        return p
+
+    def image(self):
+        img = read_flash(self.path)
+        self.secrets |= secret_strings(img.blobs)
+        return img
+
+    def show(self):
+        """`--show`, checked against read_flash(): (complete, its fields, the image)."""
+        p = self.run(self.cmd + ["--show", "--flash", self.path])
+        check(p.returncode in (0, 2), f"--show: exit code {p.returncode}, expected 0 or 2")
+        f = fields(p.stdout)
+        img = self.image()
+        meta = None
+        if "device.json" in img.blobs:
+            try:
+                meta = json.loads(img.blobs["device.json"])
+            except ValueError:
+                meta = None
+        for name, key in (("certificate.pem", "certificate_pem"), ("private.key", "private_key"),
+                          ("journal", "journal"), ("device.json", "device_json")):
+            want = "present" if name in img.blobs else "absent"
+            if name == "device.json" and want == "present" and meta is None:
+                want = "invalid"
+            check(f.get(key) == want, f"--show says {key}={f.get(key)}, the partition {want}")
+        check(f.get("invalid_slots") == str(len(img.invalid())),
+              f"--show says invalid_slots={f.get('invalid_slots')}, the partition has "
+              f"{len(img.invalid())}")
+        complete = (meta is not None and "certificate.pem" in img.blobs
+                    and "private.key" in img.blobs)
+        check(f.get("complete") == ("1" if complete else "0") and
+              p.returncode == (0 if complete else 2),
+              f"--show: complete={f.get('complete')}, exit {p.returncode}; the partition "
+              f"{'holds' if complete else 'does not hold'} a complete set")
+        if meta is not None:
+            check(f.get("thing_name") == meta.get("thingName")
+                  and f.get("certificate_id") == meta.get("certificateId"),
+                  f"--show: thing_name={f.get('thing_name')} certificate_id="
+                  f"{f.get('certificate_id')}; device.json says {meta}")
+        return complete, f, img
+
+    def check_provisioned(self, max_created, exact_created=None, thing=None, registry=True):
+        """A complete set in flash and no journal (its data scrubbed); device.json names the
+        certificate, whose key matches it; in the registry the device is provisioned once.
+        Returns (certificate id, device.json)."""
+        complete, f, img = self.show()
+        check(complete, "--show: no complete credential set in flash")
+        check(f.get("journal") == "absent", "a journal is left in flash")
+        journal_data = [s for s in img.slots if s[0] == "journal" and s[2] == "valid"
+                        and s[4] != FLASH_TOMBSTONE]
+        check(not journal_data, f"the removed journal's data is still in slot {journal_data}")
+        cert_pem = img.blobs["certificate.pem"]
+        cert_id = hashlib.sha256(pem_der_text(cert_pem.decode(), "certificate.pem")).hexdigest()
+        meta = json.loads(img.blobs["device.json"])
+        check(meta.get("certificateId") == cert_id,
+              f"device.json names {meta.get('certificateId')}, certificate.pem is {cert_id}")
+        want_thing = self.thing if thing is None else thing
+        check(meta.get("thingName") == want_thing,
+              f"device.json thingName={meta.get('thingName')!r}, expected {want_thing!r}")
+        pem_key_matches(cert_pem, img.blobs["private.key"])
+        if registry:
+            check_registry(self.emu, self.serial, cert_id, max_created, exact_created)
+        return cert_id, meta
+
+    def finish(self):
+        """No run printed a secret the partition held at any check."""
+        texts = list(self.outputs)
+        for name in sorted(os.listdir(self.work)):
+            if name.startswith("killed-") and name.endswith(".stderr"):
+                texts.append(open(os.path.join(self.work, name), errors="replace").read())
+        check(self.secrets, "no secret was ever seen in flash")
+        for text in texts:
+            for secret in self.secrets:
+                check(secret not in text, "a run printed a secret held in flash (a key line or "
+                                          "the ownership token)")
+        print(f"ok: {len(texts)} outputs hold none of the {len(self.secrets)} secrets")
+
+
+def flash_success(fl, p):
+    check(p.returncode == 0, f"exit code {p.returncode}, expected 0")
+    f = fields(p.stdout)
+    check(f.get("flash") == fl.path, f"flash={f.get('flash')}")
+    check(re.fullmatch(r"[0-9a-f]{64}", f.get("certificate_id", "")),
+          f"certificate_id={f.get('certificate_id')}")
+    return f
+
+
+def flash_case_ok(fl, fmt, extra):
+    """Provisioned into an empty partition (created 0600): the journal stored and removed, the
+    three credential blobs stored; the device provisioned once."""
+    check(not os.path.exists(fl.path), "the partition exists before the first run")
+    p = fl.run(fl.args(extra=["--format", fmt] + extra))
+    f = flash_success(fl, p)
+    check(f.get("thing_name") == fl.thing, f"thing_name={f.get('thing_name')}")
+    check(f.get("attempts") == "1" and f.get("resumed") == "0",
+          f"attempts={f.get('attempts')} resumed={f.get('resumed')}")
+    check(int(f.get("flash_stores", "0")) >= 4, f"flash_stores={f.get('flash_stores')}")
+    check(f.get("flash_removes") != "0", f"flash_removes={f.get('flash_removes')}")
+    img = fl.image()
+    check(img.newest.get("journal", (0, 0))[1] == FLASH_TOMBSTONE,
+          "the journal was not stored and then removed (no tombstone)")
+    cert_id, _ = fl.check_provisioned(max_created=1, exact_created=1)
+    check(f.get("certificate_id") == cert_id, f"certificate_id={f.get('certificate_id')}")
+    print(f"ok: {fl.thing} with ACTIVE certificate {cert_id[:12]}… in flash ({fmt})")
+
+
+def flash_case_reject(fl):
+    p = fl.run(fl.args(template="NoSuchTemplate"))
+    check(p.returncode == 1, f"exit code {p.returncode}, expected 1")
+    f = fields(p.stdout)
+    check(f.get("result") == "FLEETPROV_REJECTED", f"result={f.get('result')}")
+    check(f.get("status_code") == "404", f"status_code={f.get('status_code')}")
+    check(f.get("error_code") == "ResourceNotFound", f"error_code={f.get('error_code')}")
+    complete, s, img = fl.show()
+    check(not complete and s.get("device_json") == "absent", "credentials were committed")
+    check("private.key" not in img.blobs, "a private.key blob was stored")
+    things = [t["name"] for t in fl.emu.registry()["things"]]
+    check(fl.thing not in things, "a thing was registered")
+    print(f"ok: rejected with 404 ResourceNotFound; journal {s.get('journal')}")
+
+
+def flash_case_resume(fl):
+    """A retryable 503 for RegisterThing with no retry left: the run fails and the certificate
+    stays in the journal blob; the next run resumes it (no second certificate)."""
+    args = fl.args()
+    p = fl.run(args + ["--retry", "1,100,100"])
+    check(p.returncode == 1, f"first run: exit code {p.returncode}, expected 1")
+    f = fields(p.stdout)
+    check(f.get("result") == "FLEETPROV_REJECTED" and f.get("status_code") == "503",
+          f"first run: result={f.get('result')} status_code={f.get('status_code')}")
+    complete, s, _ = fl.show()
+    check(s.get("journal") == "present" and not complete,
+          f"first run: journal={s.get('journal')} complete={s.get('complete')}")
+    p = fl.run(args)
+    f = flash_success(fl, p)
+    check(f.get("resumed") == "1" and f.get("attempts") == "1",
+          f"resumed={f.get('resumed')} attempts={f.get('attempts')}, expected 1 and 1")
+    check("step: resuming (attempt 1)" in p.stderr, "no RESUMING step reported")
+    cert_id, _ = fl.check_provisioned(max_created=1, exact_created=1)
+    check(f.get("certificate_id") == cert_id, f"certificate_id={f.get('certificate_id')}")
+    print(f"ok: failed with a journal in flash, then resumed certificate {cert_id[:12]}…")
+
+
+def flash_case_cancel(fl):
+    """SIGTERM once RegisterThing is sent (its reply held 600 ms by the emulator): the program
+    cancels through fleetprov_cancel (exit 1, FLEETPROV_CANCELLED), the journal stays in flash,
+    nothing is committed; the same command again resumes with no second certificate."""
+    args = fl.args()
+    print("+ " + " ".join(args), flush=True)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    killer = threading.Timer(fl.timeout_s, proc.kill)  # bound on the whole run
+    killer.start()
+    try:
+        seen = []
+        for line in proc.stderr:  # ends when the program exits
+            seen.append(line)
+            if "step: registering" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        out, err = proc.communicate()
+    finally:
+        killer.cancel()
+    err = "".join(seen) + err
+    fl.outputs.append(out + err)
+    sys.stdout.write("--- stdout\n" + out + "--- stderr\n" + err + "---\n")
+    for marker in SANITIZER_MARKERS:
+        check(marker not in err, f"sanitizer report ({marker!r})")
+    check(any("step: registering" in line for line in seen), "never reached RegisterThing")
+    check(proc.returncode == 1, f"cancelled run: exit code {proc.returncode}, expected 1")
+    check(fields(out).get("result") == "FLEETPROV_CANCELLED",
+          f"result={fields(out).get('result')}")
+    check("run the same command again to resume" in err, "no word about resuming")
+    complete, s, _ = fl.show()
+    check(s.get("journal") == "present", "the cancelled run left no journal in flash")
+    check(not complete and s.get("device_json") == "absent", "committed despite the cancel")
+    p = fl.run(args)
+    f = flash_success(fl, p)
+    check(f.get("resumed") == "1", f"resumed={f.get('resumed')}, expected 1")
+    check(f.get("thing_name") == fl.thing, f"thing_name={f.get('thing_name')}")
+    cert_id, _ = fl.check_provisioned(max_created=1, exact_created=1)
+    check(f.get("certificate_id") == cert_id, f"certificate_id={f.get('certificate_id')}")
+    print(f"ok: cancelled with a journal in flash, then resumed certificate {cert_id[:12]}…")
+
+
+def flash_case_fault(fl, rules, step_ms):
+    """The emulator misbehaves once (each rule has *1): the flow retries and the device ends up
+    provisioned with one certificate. A dropped RegisterThing reply (drop@register*1) is the
+    lost-reply path: the token is refused on attempt 2, the flow confirms the registration by
+    connecting, and the thing name stays unknown to the device ("")."""
+    lost_reply = any(r.startswith("drop@register") for r in rules)
+    extra = ["--retry", "3,50,200"] + (["--timeout", step_ms] if lost_reply else [])
+    p = fl.run(fl.args(extra=extra))
+    f = flash_success(fl, p)
+    check(f.get("attempts") == "2", f"attempts={f.get('attempts')}, expected 2")
+    check("step: retrying (attempt 1 failed" in p.stderr, "no RETRYING step reported")
+    thing = "" if lost_reply else fl.thing
+    check(f.get("thing_name") == thing, f"thing_name={f.get('thing_name')}, expected {thing!r}")
+    cert_id, _ = fl.check_provisioned(max_created=1, exact_created=1, thing=thing)
+    check(f.get("certificate_id") == cert_id, f"certificate_id={f.get('certificate_id')}")
+    print(f"ok: {', '.join(rules)}: attempt 2, one certificate {cert_id[:12]}…")
+
+
+def flash_case_already(fl):
+    """A complete set in flash: the next run (pointed at a port nothing listens on, so that any
+    connection would fail) returns it with attempts=0 and writes nothing; --reprovision then
+    makes a new certificate and replaces the set. The template (DemoTemplate plus large
+    deviceConfiguration entries) makes device.json larger than the library's first load
+    buffer (4096 bytes), so the second run reads it through the load protocol's size retry."""
+    with open(fl.emu.path("templates/DemoTemplate.json")) as f:
+        body = json.load(f)
+    big = {f"Blob{i}": f"https://example.com/{i}/" + chr(ord("a") + i) * 700 for i in range(7)}
+    body["DeviceConfiguration"].update(big)
+    with open(fl.emu.path("templates/BigConfigTemplate.json"), "w") as f:
+        json.dump(body, f)
+    args = fl.args(template="BigConfigTemplate")
+    flash_success(fl, fl.run(args))
+    old_id, meta = fl.check_provisioned(max_created=1, exact_created=1)
+    check(meta.get("deviceConfiguration", {}).get("Blob6") == big["Blob6"],
+          "device.json lacks the template's deviceConfiguration")
+    size = len(fl.image().blobs["device.json"])
+    check(size > 4096, f"device.json is {size} bytes, not more than the first load buffer")
+    before = open(fl.path, "rb").read()
+    p = fl.run(fl.args(template="BigConfigTemplate", port=free_port()))
+    f = flash_success(fl, p)
+    check(f.get("already_provisioned") == "1",
+          f"already_provisioned={f.get('already_provisioned')}")
+    check(f.get("attempts") == "0", f"attempts={f.get('attempts')}, expected 0")
+    check(int(f.get("flash_load_retries", "0")) >= 1,
+          f"flash_load_retries={f.get('flash_load_retries')}: device.json ({size} bytes) was "
+          "not loaded through the size retry")
+    check(all(f.get(f"device_config.{k}") == v for k, v in big.items()),
+          "the deviceConfiguration read back from flash differs")
+    check(f.get("certificate_id") == old_id and f.get("thing_name") == fl.thing,
+          f"certificate_id={f.get('certificate_id')} thing_name={f.get('thing_name')}")
+    check(f.get("flash_stores") == "0" and f.get("flash_removes") == "0",
+          f"flash_stores={f.get('flash_stores')} flash_removes={f.get('flash_removes')}")
+    check(open(fl.path, "rb").read() == before, "the partition changed")
+    check(len(created_certificates(fl.emu.registry())) == 1, "a certificate was created")
+    p = fl.run(args + ["--reprovision"])
+    f = flash_success(fl, p)
+    check("already_provisioned" not in f, "--reprovision: already_provisioned")
+    new_id, _ = fl.check_provisioned(max_created=2, registry=False)
+    check(new_id != old_id, "--reprovision: the same certificate")
+    check(f.get("certificate_id") == new_id, f"certificate_id={f.get('certificate_id')}")
+    reg = fl.emu.registry()
+    status = {c["id"]: c["status"] for c in created_certificates(reg)}
+    check(status == {old_id: "ACTIVE", new_id: "ACTIVE"}, f"certificates created: {status}")
+    attached = {t["name"]: t for t in reg["things"]}[fl.thing]["certificates"]
+    check(sorted(attached) == sorted([old_id, new_id]), f"the thing has certificates {attached}")
+    print(f"ok: second run sent and wrote nothing; --reprovision {old_id[:12]}… -> "
+          f"{new_id[:12]}…")
+
+
+def flash_case_badargs(fl):
+    good = fl.args()
+    not_flash = os.path.join(fl.work, "not-a-partition.bin")
+    with open(not_flash, "wb") as f:
+        f.write(b"firmware image, not a partition\n" * 3)
+    not_flash_bytes = open(not_flash, "rb").read()
+    missing_dir = os.path.join(fl.work, "no-such-dir", "flash.img")
+    unused = os.path.join(fl.work, "unused.img")  # the arguments are checked before it is made
+
+    def replace(args, flag, value):
+        args = list(args)
+        args[args.index(flag) + 1] = value
+        return args
+
+    def drop(args, flag):
+        args = list(args)
+        i = args.index(flag)
+        del args[i:i + 2]
+        return args
+
+    show = fl.cmd + ["--show"]
+    # (what, arguments, environment addition, expected result= line or a text on stderr)
+    table = [
+        ("no --flash", drop(good, "--flash"), {}, "--flash is required"),
+        ("--out as well", good + ["--out", os.path.join(fl.work, "out")], {}, "no --out"),
+        ("--state-dir as well", good + ["--state-dir", os.path.join(fl.work, "st")], {},
+         "no --out or --state-dir"),
+        ("no --endpoint", drop(good, "--endpoint"), {}, "--endpoint is required"),
+        ("a file that is not a partition", replace(good, "--flash", not_flash), {},
+         "not a flash partition"),
+        ("a partition in a missing directory", replace(good, "--flash", missing_dir), {},
+         "No such file or directory"),
+        ("missing CA file", replace(replace(good, "--ca", os.path.join(fl.work, "nope.pem")),
+                                    "--flash", unused), {}, "FLEETPROV_INVALID_ARGUMENT"),
+        ("nothing listening", replace(good, "--port", str(free_port()))
+         + ["--timeout", "3000", "--retry", "2,50,100"], {}, "FLEETPROV_CONNECTION"),
+        ("a stop point that is none", good, {STOP_ENV: "store:nosuch:1"}, "names no step"),
+        ("--show of a missing partition", show + ["--flash", missing_dir], {},
+         "No such file or directory"),
+        ("--show of a file that is not a partition", show + ["--flash", not_flash], {},
+         "not a flash partition"),
+        ("--show with another flag", show + ["--flash", fl.path, "--port", "1"], {},
+         "take --flash PATH only"),
+        ("--show and --self-test", show + ["--self-test", "--flash", fl.path], {}, "usage:"),
+    ]
+    failures = []
+    for what, args, env_add, expected in table:
+        print(f"\n# {what}")
+        p = fl.run(args, env=dict(os.environ, **env_add))
+        f = fields(p.stdout)
+        if p.returncode != 1:
+            failures.append(f"{what}: exit code {p.returncode}, expected 1")
+        elif expected.startswith("FLEETPROV_"):
+            if f.get("result") != expected or not f.get("error"):
+                failures.append(f"{what}: result={f.get('result')}, expected {expected}")
+        elif expected not in p.stderr:
+            failures.append(f"{what}: {expected!r} not on stderr")
+    check(not failures, "\n".join(failures))
+    check(open(not_flash, "rb").read() == not_flash_bytes, "the file that is not a partition "
+                                                           "was changed")
+    check(not os.path.exists(os.path.dirname(missing_dir)), "a missing directory was created")
+    check(not os.path.exists(unused), "a partition was created for a run with a bad argument")
+    check(not os.path.exists(os.path.join(fl.work, "out")), "an --out directory was created")
+    print(f"ok: {len(table)} bad-argument rows")
+
+
+def flash_case_store(fl):
+    """--self-test on a fresh partition (the store's callbacks called directly: the load
+    protocol's size retry, replacement, tombstones, a write cut short, a bad CRC, a blob too
+    big); then read_flash() must find what the self-test left, byte for byte: a second,
+    independent reader of the same layout (CRC-32 from zlib)."""
+    p = fl.run(fl.cmd + ["--self-test", "--flash", fl.path])
+    check(p.returncode == 0 and fields(p.stdout).get("self_test") == "ok",
+          f"exit code {p.returncode}, self_test={fields(p.stdout).get('self_test')}")
+    img = read_flash(fl.path)
+    pattern = bytes((i * 7 + 1) & 0xFF for i in range(FLASH_SLOT_SIZE))
+    want = {"journal": pattern[4:404], "private.key": pattern[2:12],
+            "certificate.pem": pattern[:FLASH_SLOT_SIZE - FLASH_HEADER], "device.json": b""}
+    for name, content in want.items():
+        check(img.blobs.get(name) == content,
+              f"{name}: read_flash found {len(img.blobs.get(name) or b'')} bytes, the self-test "
+              f"left {len(content)}")
+    check([s[1] for s in img.invalid()] == [s[1] for s in img.invalid("journal")]
+          and len(img.invalid()) == 1, f"invalid slots {img.invalid()}, expected the journal's "
+                                       "record with the flipped bit")
+    print("ok: self-test passed, and read_flash() reads what it left")
+
+
+def parse_tear(stop):
+    """store:NAME:N / remove:NAME:N -> (op, name, n); a step name -> None."""
+    m = re.fullmatch(r"(store|remove):([a-z.]+):([1-9][0-9]*)", stop)
+    return (m.group(1), m.group(2), int(m.group(3))) if m else None
+
+
+def flash_after_kill(fl, stop, first):
+    """What a kill at `stop` left in flash; returns (journal present, committed)."""
+    committed, s, img = fl.show()
+    has_journal = "journal" in img.blobs
+    if committed:
+        # Credentials are committed only after the new certificate connected.
+        cert_id = s.get("certificate_id")
+        status = {c["id"]: c["status"] for c in fl.emu.registry()["certificates"]}.get(cert_id)
+        check(status == "ACTIVE", f"committed certificate {cert_id} is {status}, not ACTIVE")
+    tear = parse_tear(stop)
+    if tear is not None:
+        op, name, n = tear
+        check(img.invalid(name), f"killed at {stop}: no record cut short in {name}'s slots")
+        if first:
+            # On a fresh partition the blob had a record before this write iff an earlier
+            # write of this run made one: the new record must not have destroyed it.
+            before = n >= 2 or op == "remove"
+            check((name in img.blobs) == before,
+                  f"killed at {stop}: {name} is {'present' if name in img.blobs else 'absent'}, "
+                  f"expected {'its previous record' if before else 'absent'}")
+    elif first and stop in JOURNALED:
+        check(has_journal, f"killed at {stop}: no journal in flash")
+        check("private.key" not in img.blobs,
+              f"killed at {stop}: credentials stored before the certificate connected")
+    elif first and stop in CRASH_STEPS[:CRASH_STEPS.index("certificate_created")]:
+        check(not has_journal, f"killed at {stop}: a journal before any certificate")
+        check(all(sl[2] == "erased" for sl in img.slots), f"killed at {stop}: flash written")
+    elif stop == "committed":
+        check(committed and not has_journal, "COMMITTED reported before the commit was complete")
+    elif stop == "resuming":
+        check(has_journal, "killed at resuming: the journal is gone")
+    print(f"killed at {stop}: journal {'present' if has_journal else 'absent'}, "
+          f"credentials {'committed' if committed else 'not committed'}")
+    return has_journal, committed
+
+
+def flash_case_crash(fl, extra, stops):
+    """provision_flash killed with SIGKILL at each of `stops` in turn (a step, or a power loss
+    emulated in the middle of a flash write: store:NAME:N / remove:NAME:N), each run on the same
+    partition, then run to the end: one ACTIVE certificate, the one in flash, whose key matches
+    it; no second certificate once one was persisted; --show reports a complete set and no
+    journal."""
+    check(stops, "the crash case needs --stop-at")
+    args = fl.args(extra=extra)
+    persisted_first = False
+    has_journal = committed = False
+    for n, stop in enumerate(stops):
+        stop_and_kill(args, stop, fl.work, n + 1, fl.timeout_s)
+        has_journal, committed = flash_after_kill(fl, stop, n == 0)
+        if n == 0:
+            persisted_first = has_journal or committed
+    env = dict(os.environ)
+    env.pop(STOP_ENV, None)
+    p = fl.run(args, env=env)
+    f = flash_success(fl, p)
+    # A write of the journal's registration cut short leaves the record from before
+    # RegisterThing: the token is refused when resumed (it was used), the flow confirms the
+    # registration by connecting, and the thing name is unknown to the device.
+    tear = parse_tear(stops[-1])
+    lost_name = tear is not None and tear[:2] == ("store", "journal") and tear[2] >= 2
+    if f.get("already_provisioned") == "1":
+        check(committed and not has_journal, "already_provisioned without committed credentials")
+        what, thing = "already provisioned", fl.thing
+    else:
+        check(not committed or has_journal, "provisioned again over committed credentials")
+        resumed = "1" if has_journal else "0"
+        check(f.get("resumed") == resumed, f"resumed={f.get('resumed')}, expected {resumed}")
+        check(re.fullmatch(r"[1-9]\d*", f.get("attempts", "")), f"attempts={f.get('attempts')}")
+        thing = f.get("thing_name")
+        check(thing == fl.thing or (lost_name and thing == ""),
+              f"thing_name={thing!r}, expected {fl.thing!r}")
+        what = f"resumed={resumed} attempts={f['attempts']} thing_name={thing!r}"
+    first = stops[0]
+    after_creation = CRASH_STEPS[CRASH_STEPS.index("certificate_created"):]
+    persisted = persisted_first or first in after_creation
+    cert_id, _ = fl.check_provisioned(max_created=1 + len(stops),
+                                      exact_created=1 if persisted else None, thing=thing)
+    if "certificate_id" in f:
+        check(f["certificate_id"] == cert_id, f"certificate_id={f['certificate_id']}")
+    print(f"ok: killed at {', '.join(stops)}; then {what}; one ACTIVE certificate "
+          f"{cert_id[:12]}…")
+
+
+FLASH_FAULTS = {"cancel": ["delay:600@register*1"], "resume": ["reject:503@register*1"]}
+
+
+def flash_main(a, cmd, emu, serial, step_ms):
+    """The provision_flash cases (CMakeLists.txt: provision_flash_*)."""
+    fl = Flash(cmd, emu, a.work, serial, a.timeout)
+    if a.case in ("ok", "cbor"):
+        flash_case_ok(fl, "json" if a.case == "ok" else "cbor", a.arg)
+    elif a.case == "reject":
+        flash_case_reject(fl)
+    elif a.case == "resume":
+        flash_case_resume(fl)
+    elif a.case == "cancel":
+        flash_case_cancel(fl)
+    elif a.case == "fault":
+        check(a.fault, "the fault case needs --fault")
+        flash_case_fault(fl, a.fault, step_ms)
+    elif a.case == "already":
+        flash_case_already(fl)
+    elif a.case == "crash":
+        flash_case_crash(fl, a.arg, a.stop_at)
+    elif a.case == "badargs":
+        flash_case_badargs(fl)
+        return  # nothing secret was ever stored
+    elif a.case == "store":
+        flash_case_store(fl)
+        return  # test patterns, not secrets
+    else:
+        raise Failed(f"provision_flash has no {a.case} case")
+    fl.finish()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--emulator", required=True)
@@ -762,7 +1364,7 @@ def main():
     ap.add_argument("--case", required=True,
                     choices=["ok", "cbor", "reject", "badargs", "timeout", "cancel", "retry",
                              "lostreply", "resume", "crash", "fault", "inactive", "rotate",
-                             "interrupt",
+                             "interrupt", "already", "store",
                              "signer", "signer_cbor", "signer_broken"])
     ap.add_argument("--serial", default=None)
     ap.add_argument("--arg", action="append", default=[],
@@ -796,10 +1398,14 @@ def main():
         faults = {"timeout": ["drop@register"], "cancel": ["drop@register"],
                   "retry": ["reject:503@register*1"], "resume": ["reject:503@register*1"],
                   "lostreply": ["drop@register*1"], "interrupt": ["delay:600@register*1"]}
+        if program(cmd) == FLASH:
+            faults = FLASH_FAULTS
         extra = ["--control-port", "0"] if a.case == "rotate" else []
         emu.start(extra + [arg for rule in faults.get(a.case, []) + a.fault
                            for arg in ("--fault", rule)])
-        if a.case in ("ok", "cbor"):
+        if program(cmd) == FLASH:
+            flash_main(a, cmd, emu, serial, step_ms)
+        elif a.case in ("ok", "cbor"):
             case_ok(cmd + a.arg, emu, a.work, serial, "json" if a.case == "ok" else "cbor",
                     a.timeout, a.state_dir)
         elif a.case == "fault":
