@@ -305,6 +305,64 @@ def case_badargs(cmd, emu, work, serial, timeout_s):
     check(not os.path.exists(out_dir), f"{out_dir} was created")
     check(not failures, "\n".join(failures))
     print(f"ok: {len(table)} bad-argument rows")
+    if program(cmd) == "provision":
+        mistakes(cmd, emu, work, good, replace, timeout_s)
+
+
+def mistakes(cmd, emu, work, good, replace, timeout_s):
+    """The mistakes a new user makes with the one-call example: each with the exact result code
+    and the texts its error= line must contain (it names the cause)."""
+    a_file = os.path.join(work, "a-file")
+    with open(a_file, "w") as f:
+        f.write("not a directory")
+    port = free_port()
+    quick = ["--retry", "2,50,100"]
+    # (mistake, arguments, result, texts the error line must contain)
+    table = [
+        # The emulator's server certificate: issued by its CA, but no device or claim certificate.
+        ("unregistered claim certificate",
+         replace(replace(good, "--cert", emu.path("server.pem")), "--key", emu.path("server.key")),
+         "FLEETPROV_TLS", ["refused the claim certificate", f"localhost:{emu.port}",
+                           "not registered and ACTIVE", "(1 attempt,"]),
+        ("wrong CA file", replace(good, "--ca", emu.path("claim.pem")),
+         "FLEETPROV_TLS", ["is not trusted", "the CA file " + emu.path("claim.pem")]),
+        ("missing CA file", replace(good, "--ca", os.path.join(work, "no-ca.pem")),
+         "FLEETPROV_INVALID_ARGUMENT", ["cannot read CA file", "no-ca.pem"]),
+        ("missing claim key", replace(good, "--key", os.path.join(work, "no.key")),
+         "FLEETPROV_INVALID_ARGUMENT", ["cannot read claim key file", "no.key"]),
+        ("mismatched claim key", replace(good, "--key", emu.path("server.key")),
+         "FLEETPROV_INVALID_ARGUMENT", ["the claim certificate does not match the claim key"]),
+        ("bad template name", replace(good, "--template", "no spaces"),
+         "FLEETPROV_INVALID_ARGUMENT", ["template name may only contain"]),
+        ("unknown template", replace(good, "--template", "NoSuchTemplate"),
+         "FLEETPROV_REJECTED", ["404", "NoSuchTemplate does not exist"]),
+        ("service down", replace(replace(good, "--endpoint", "127.0.0.1"), "--port", str(port))
+         + quick, "FLEETPROV_CONNECTION", [f"127.0.0.1:{port}", "(2 attempts,"]),
+        ("unresolvable host", replace(good, "--endpoint", "no-such-host.invalid") + quick,
+         "FLEETPROV_CONNECTION", ['"no-such-host.invalid" does not resolve', "(2 attempts,"]),
+        ("unwritable output directory", replace(good, "--out", "/proc/fleetprov-output"),
+         "FLEETPROV_STORAGE", ["/proc/fleetprov-output cannot hold the credentials"]),
+        ("output path that is a file", replace(good, "--out", a_file),
+         "FLEETPROV_STORAGE", [a_file + " cannot hold the credentials",
+                               "not a directory"]),
+    ]
+    failures = []
+    seen = []
+    for what, args, expected, texts in table:
+        print(f"\n# mistake: {what}")
+        p = run(cmd + args, timeout_s)
+        f = fields(p.stdout)
+        seen.append(f"{what}: {f.get('result')}: {f.get('error')}")
+        if p.returncode != 1:
+            failures.append(f"{what}: exit code {p.returncode}, expected 1")
+        elif f.get("result") != expected:
+            failures.append(f"{what}: result={f.get('result')}, expected {expected}")
+        else:
+            failures += [f"{what}: the error lacks {t!r}: {f.get('error')}"
+                         for t in texts if t not in (f.get("error") or "")]
+    print("\n".join(["", "mistakes and what the user sees:"] + seen))
+    check(not failures, "\n".join(failures))
+    print(f"ok: {len(table)} mistakes, each with its code and cause")
 
 # The one-call examples (fleetprov_provision), which take --state-dir and --retry.
 ONE_CALL = ("provision", "provision_with_csr")

@@ -69,8 +69,10 @@ export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
 pkg-config --exists --print-errors 'fleetprov >= 0.2'
 echo "pkg-config fleetprov: $(pkg-config --modversion fleetprov): $(pkg-config --cflags --libs fleetprov)"
 # shellcheck disable=SC2046
+# No rpath of our own: the .pc file's Libs carries it, so the program runs without
+# LD_LIBRARY_PATH.
 cc -std=c11 -Wall -Wextra -Werror -pedantic examples/c/header_test.c -o "$work/pc_shared" \
-    $(pkg-config --cflags --libs fleetprov) -Wl,-rpath,"$prefix/lib"
+    $(pkg-config --cflags --libs fleetprov)
 # shellcheck disable=SC2046
 cc -std=c11 -Wall -Wextra -Werror -pedantic examples/c/header_test.c -o "$work/pc_static" \
     $(pkg-config --cflags fleetprov) "$prefix/lib/libfleetprov.a" \
