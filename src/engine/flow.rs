@@ -997,10 +997,13 @@ impl Flow {
     /// time are left; else give up with this error.
     fn fail(&mut self, e: Error, now: u64, out: &mut Vec<FlowAction>) {
         self.drop_link(out);
-        let spent = now.saturating_sub(self.started) as f64 / 1000.0;
+        let spent = match now.saturating_sub(self.started) {
+            ms if ms < 1000 => format!("{ms} ms"),
+            ms => format!("{:.1} s", ms as f64 / 1000.0),
+        };
         let tried = match self.attempt {
-            1 => format!("(1 attempt, {spent:.1} s)"),
-            n => format!("({n} attempts, {spent:.1} s)"),
+            1 => format!("(1 attempt, {spent})"),
+            n => format!("({n} attempts, {spent})"),
         };
         if !e.is_retryable() {
             return self.finish(Err(e.noted(&tried)), out);
