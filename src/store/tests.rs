@@ -461,7 +461,7 @@ fn ensure_private_dir_table() {
         (private, Ok(())),
         (open, Err(io::ErrorKind::PermissionDenied)),
         (PathBuf::new(), Err(io::ErrorKind::InvalidInput)),
-        (file.clone(), Err(io::ErrorKind::AlreadyExists)),
+        (file.clone(), Err(io::ErrorKind::NotADirectory)),
         (file.join("d"), Err(io::ErrorKind::NotADirectory)),
     ];
     for (dir, want) in rows {
