@@ -266,6 +266,26 @@ fn an_external_signer_with_a_host_stack_keeps_the_key_in_the_element() {
             ),
             FLEETPROV_INVALID_ARGUMENT
         );
+        // The config remembers the failed setter until it succeeds: used now, it would report
+        // the last bad call. Set the signer again (the valid call above stays in force).
+        let mut p = ptr::null_mut();
+        assert_eq!(
+            fleetprov_host_new(c, &CALLBACKS, ptr::null_mut(), None, &mut p),
+            FLEETPROV_INVALID_ARGUMENT
+        );
+        let message = common::last_error();
+        assert!(
+            message.contains("fleetprov_config_set_signer() failed earlier"),
+            "{message}"
+        );
+        ok(fleetprov_config_set_signer(
+            c,
+            point.as_ptr(),
+            point.len(),
+            Some(element_sign),
+            &el as *const Element as *mut c_void,
+            None,
+        ));
     }
     let (r, p, seen) = drive(&env, c, Some(own_pem));
     assert_eq!(r, FLEETPROV_OK, "{seen:#?}");
