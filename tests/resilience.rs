@@ -70,7 +70,11 @@ const CUTS: &[Case] = &[
     case("close:suback*1", 1, false),
     case("close:request@{api}*1", 1, false),
     case("close:processed@{api}*1", 2, false),
-    case("close:reply@{api}*1", 1, false),
+    // The device may send RegisterThing between the certificate's reply and the cut, and the
+    // service may process it (its reply is then lost with the connection): the flow confirms
+    // the registration by connecting, without the thing name. Seen with a store that writes
+    // the journal without fsync, so the request goes out sooner.
+    case("close:reply@{api}*1", 1, true),
     case("close:request@register*1", 1, false),
     case("close:processed@register*1", 1, true),
     case("close:reply@register*1", 1, false),
