@@ -27,70 +27,151 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define FLEETPROV_VERSION "0.2.1"
+#define FLEETPROV_VERSION "0.3.0"
 #define FLEETPROV_VERSION_MAJOR 0
-#define FLEETPROV_VERSION_MINOR 2
-#define FLEETPROV_VERSION_PATCH 1
+#define FLEETPROV_VERSION_MINOR 3
+#define FLEETPROV_VERSION_PATCH 0
 
 
-// A storage callback's return value: done (a load found the blob).
+/*
+ A storage callback's return value: done (a load found the blob).
+ */
 #define FLEETPROV_STORAGE_OK 0
 
-// A load callback's return value: there is no blob of that name (not an error).
+/*
+ A load callback's return value: there is no blob of that name (not an error).
+ */
 #define FLEETPROV_STORAGE_NOT_FOUND 1
 
-// Result of every fallible function. Numbers are never reused.
-typedef enum fleetprov_result {
-  // Success.
-  FLEETPROV_OK = 0,
-  // A NULL pointer, invalid UTF-8, a bad template name, unusable PEM, an unknown enum value...
-  FLEETPROV_INVALID_ARGUMENT = 1,
-  // TLS could not be set up or the handshake failed.
-  FLEETPROV_TLS = 2,
-  // The connection could not be made or was lost.
-  FLEETPROV_CONNECTION = 3,
-  // A step took longer than the per-step timeout.
-  FLEETPROV_TIMEOUT = 4,
-  // The overall deadline passed.
-  FLEETPROV_DEADLINE = 5,
-  // The service rejected a request: see the error's status code, error code and message.
-  FLEETPROV_REJECTED = 6,
-  // A reply did not match the API.
-  FLEETPROV_MALFORMED_REPLY = 7,
-  // The broker refused a subscription.
-  FLEETPROV_SUBSCRIBE_FAILED = 8,
-  // The returned certificate does not match the device's key.
-  FLEETPROV_CERTIFICATE_MISMATCH = 9,
-  // Cancelled by the caller.
-  FLEETPROV_CANCELLED = 10,
-  // Writing the credentials failed.
-  FLEETPROV_STORAGE = 11,
-  // Another operation is running on this client.
-  FLEETPROV_BUSY = 12,
-  // The caller's buffer is too small; the needed size was written.
-  FLEETPROV_BUFFER_TOO_SMALL = 13,
-  // A bug: the library panicked. The operation did not complete.
-  FLEETPROV_PANIC = 14,
-  // Not finished yet (fleetprov_host_result()).
-  FLEETPROV_IN_PROGRESS = 15,
-  // Something inside the library failed that no change of input can fix (a thread that could
-  // not start, a key that could not be generated, an unexpected state). Not retryable.
-  FLEETPROV_INTERNAL = 16,
-  // A call that is not allowed from inside a fleetprov callback (a blocking call, or waiting
-  // for the operation whose callback is running) was made from one. Nothing was done.
-  FLEETPROV_IN_CALLBACK = 17,
-} fleetprov_result;
+/*
+ The version of the C ABI this header describes. It changes whenever the ABI changes in a way
+ that programs built against an older header cannot use (a function's parameters, a struct's
+ layout, a type's size); additions do not change it. It is also the number in the shared
+ library's SONAME (libfleetprov.so.3). Compare it with fleetprov_abi_version() at start-up:
+ FLEETPROV_ABI_COMPATIBLE() does.
+ */
+#define FLEETPROV_ABI_VERSION 3
 
-// Severity of a log line.
-typedef enum fleetprov_log_level {
+/*
+ Result of every fallible function. Numbers are never reused.
+ */
+enum fleetprov_result
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : int32_t
+#endif /* defined(__cplusplus) || __STDC_VERSION__ >= 202311L */
+ {
+  /*
+   Success.
+   */
+  FLEETPROV_OK = 0,
+  /*
+   A NULL pointer, invalid UTF-8, a bad template name, unusable PEM, an unknown enum value...
+   */
+  FLEETPROV_INVALID_ARGUMENT = 1,
+  /*
+   TLS could not be set up or the handshake failed.
+   */
+  FLEETPROV_TLS = 2,
+  /*
+   The connection could not be made or was lost.
+   */
+  FLEETPROV_CONNECTION = 3,
+  /*
+   A step took longer than the per-step timeout.
+   */
+  FLEETPROV_TIMEOUT = 4,
+  /*
+   The overall deadline passed.
+   */
+  FLEETPROV_DEADLINE = 5,
+  /*
+   The service rejected a request: see the error's status code, error code and message.
+   */
+  FLEETPROV_REJECTED = 6,
+  /*
+   A reply did not match the API.
+   */
+  FLEETPROV_MALFORMED_REPLY = 7,
+  /*
+   The broker refused a subscription.
+   */
+  FLEETPROV_SUBSCRIBE_FAILED = 8,
+  /*
+   The returned certificate does not match the device's key.
+   */
+  FLEETPROV_CERTIFICATE_MISMATCH = 9,
+  /*
+   Cancelled by the caller.
+   */
+  FLEETPROV_CANCELLED = 10,
+  /*
+   Writing the credentials failed.
+   */
+  FLEETPROV_STORAGE = 11,
+  /*
+   Another operation is running on this client.
+   */
+  FLEETPROV_BUSY = 12,
+  /*
+   The caller's buffer is too small; the needed size was written.
+   */
+  FLEETPROV_BUFFER_TOO_SMALL = 13,
+  /*
+   A bug: the library panicked. The operation did not complete.
+   */
+  FLEETPROV_PANIC = 14,
+  /*
+   Not finished yet (fleetprov_host_result()).
+   */
+  FLEETPROV_IN_PROGRESS = 15,
+  /*
+   Something inside the library failed that no change of input can fix (a thread that could
+   not start, a key that could not be generated, an unexpected state). Not retryable.
+   */
+  FLEETPROV_INTERNAL = 16,
+  /*
+   A call that is not allowed from inside a fleetprov callback (a blocking call, or waiting
+   for the operation whose callback is running) was made from one. Nothing was done.
+   */
+  FLEETPROV_IN_CALLBACK = 17,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum fleetprov_result fleetprov_result;
+#else
+typedef int32_t fleetprov_result;
+#endif /* __STDC_VERSION__ >= 202311L */
+#endif /* __cplusplus */
+
+/*
+ Severity of a log line.
+ */
+enum fleetprov_log_level
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : int32_t
+#endif /* defined(__cplusplus) || __STDC_VERSION__ >= 202311L */
+ {
   FLEETPROV_LOG_ERROR = 1,
   FLEETPROV_LOG_WARN = 2,
   FLEETPROV_LOG_INFO = 3,
   FLEETPROV_LOG_DEBUG = 4,
-} fleetprov_log_level;
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum fleetprov_log_level fleetprov_log_level;
+#else
+typedef int32_t fleetprov_log_level;
+#endif /* __STDC_VERSION__ >= 202311L */
+#endif /* __cplusplus */
 
-// Steps reported to the progress callback.
-typedef enum fleetprov_step {
+/*
+ Steps reported to the progress callback.
+ */
+enum fleetprov_step
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : int32_t
+#endif /* defined(__cplusplus) || __STDC_VERSION__ >= 202311L */
+ {
   FLEETPROV_STEP_CONNECTING = 0,
   FLEETPROV_STEP_SUBSCRIBING = 1,
   FLEETPROV_STEP_SUBSCRIBED = 2,
@@ -100,145 +181,233 @@ typedef enum fleetprov_step {
   FLEETPROV_STEP_REGISTERED = 6,
   FLEETPROV_STEP_VERIFYING = 7,
   FLEETPROV_STEP_VERIFIED = 8,
-  // A certificate from the resume journal in the state directory is taken up.
+  /*
+   A certificate from the resume journal in the state directory is taken up.
+   */
   FLEETPROV_STEP_RESUMING = 9,
-  // The journal's certificate cannot be used (its token expired or was refused and the
-  // certificate is not active): a new certificate is made.
+  /*
+   The journal's certificate cannot be used (its token expired or was refused and the
+   certificate is not active): a new certificate is made.
+   */
   FLEETPROV_STEP_RESTARTING = 10,
-  // An attempt failed with a retryable error; the next starts after a pause.
+  /*
+   An attempt failed with a retryable error; the next starts after a pause.
+   */
   FLEETPROV_STEP_RETRYING = 11,
-  // Done: the credentials are written (when there is an output directory) and the journal
-  // removed (when there is one).
+  /*
+   Done: the credentials are written (when there is an output directory) and the journal
+   removed (when there is one).
+   */
   FLEETPROV_STEP_COMMITTED = 12,
-} fleetprov_step;
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum fleetprov_step fleetprov_step;
+#else
+typedef int32_t fleetprov_step;
+#endif /* __STDC_VERSION__ >= 202311L */
+#endif /* __cplusplus */
 
-// Payload format of requests and replies.
-typedef enum fleetprov_format {
+/*
+ Payload format of requests and replies.
+ */
+enum fleetprov_format
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : int32_t
+#endif /* defined(__cplusplus) || __STDC_VERSION__ >= 202311L */
+ {
   FLEETPROV_FORMAT_JSON = 0,
   FLEETPROV_FORMAT_CBOR = 1,
-} fleetprov_format;
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum fleetprov_format fleetprov_format;
+#else
+typedef int32_t fleetprov_format;
+#endif /* __STDC_VERSION__ >= 202311L */
+#endif /* __cplusplus */
 
-// How the one-call flow gets the device's certificate.
-typedef enum fleetprov_method {
-  // CreateCertificateFromCsr with a key generated on the device (the default).
+/*
+ How the one-call flow gets the device's certificate.
+ */
+enum fleetprov_method
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : int32_t
+#endif /* defined(__cplusplus) || __STDC_VERSION__ >= 202311L */
+ {
+  /*
+   CreateCertificateFromCsr with a key generated on the device (the default).
+   */
   FLEETPROV_METHOD_CSR = 0,
-  // CreateKeysAndCertificate: the service generates the key.
+  /*
+   CreateKeysAndCertificate: the service generates the key.
+   */
   FLEETPROV_METHOD_CREATE_KEYS = 1,
-  // CreateCertificateFromCsr with the CSR given by fleetprov_config_set_csr_pem().
+  /*
+   CreateCertificateFromCsr with the CSR given by fleetprov_config_set_csr_pem().
+   */
   FLEETPROV_METHOD_EXTERNAL_CSR = 2,
-  // CreateCertificateFromCsr with a CSR the library builds and has signed through the
-  // callback given by fleetprov_config_set_signer() (the key stays in the secure element).
+  /*
+   CreateCertificateFromCsr with a CSR the library builds and has signed through the
+   callback given by fleetprov_config_set_signer() (the key stays in the secure element).
+   */
   FLEETPROV_METHOD_EXTERNAL_SIGNER = 3,
-} fleetprov_method;
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum fleetprov_method fleetprov_method;
+#else
+typedef int32_t fleetprov_method;
+#endif /* __STDC_VERSION__ >= 202311L */
+#endif /* __cplusplus */
 
-// Key generated on the device for FLEETPROV_METHOD_CSR.
-typedef enum fleetprov_key_type {
+/*
+ Key generated on the device for FLEETPROV_METHOD_CSR.
+ */
+enum fleetprov_key_type
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : int32_t
+#endif /* defined(__cplusplus) || __STDC_VERSION__ >= 202311L */
+ {
   FLEETPROV_KEY_P256 = 0,
   FLEETPROV_KEY_P384 = 1,
-} fleetprov_key_type;
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum fleetprov_key_type fleetprov_key_type;
+#else
+typedef int32_t fleetprov_key_type;
+#endif /* __STDC_VERSION__ >= 202311L */
+#endif /* __cplusplus */
 
-// A cancellation switch for the blocking calls fleetprov_provision() and fleetprov_rotate()
-// (fleetprov_config_set_cancel()): triggered from another thread or a signal handler, the
-// running call stops within about 20 ms with FLEETPROV_CANCELLED. Create with
-// fleetprov_cancel_new(), free with fleetprov_cancel_free().
+/*
+ A cancellation switch for the blocking calls fleetprov_provision() and fleetprov_rotate()
+ (fleetprov_config_set_cancel()): triggered from another thread or a signal handler, the
+ running call stops within about 20 ms with FLEETPROV_CANCELLED. Create with
+ fleetprov_cancel_new(), free with fleetprov_cancel_free().
+ */
 typedef struct fleetprov_cancel fleetprov_cancel;
 
-// A certificate from CreateKeysAndCertificate or CreateCertificateFromCsr.
+/*
+ A certificate from CreateKeysAndCertificate or CreateCertificateFromCsr.
+ */
 typedef struct fleetprov_certificate fleetprov_certificate;
 
-// A connection for step-by-step provisioning. Create with fleetprov_client_new(), free with
-// fleetprov_client_free(). One operation at a time: a call while another (an `_async` one)
-// runs returns FLEETPROV_BUSY. fleetprov_client_cancel() may be called from any thread.
+/*
+ A connection for step-by-step provisioning. Create with fleetprov_client_new(), free with
+ fleetprov_client_free(). One operation at a time: a call while another (an `_async` one)
+ runs returns FLEETPROV_BUSY. fleetprov_client_cancel() may be called from any thread.
+ */
 typedef struct fleetprov_client fleetprov_client;
 
-// Connection, claim credentials and provisioning settings. Create with fleetprov_config_new(),
-// free with fleetprov_config_free(). Not thread-safe: use one thread at a time. Clients and
-// operations copy what they need, so a config may be changed or freed while they run.
+/*
+ Connection, claim credentials and provisioning settings. Create with fleetprov_config_new(),
+ free with fleetprov_config_free(). Not thread-safe: use one thread at a time. Clients and
+ operations copy what they need, so a config may be changed or freed while they run.
+ */
 typedef struct fleetprov_config fleetprov_config;
 
-// A failure: its result code, full text and, for rejections, the service's fields.
+/*
+ A failure: its result code, full text and, for rejections, the service's fields.
+ */
 typedef struct fleetprov_error fleetprov_error;
 
-// A provisioning flow driven by the host's own MQTT connection (coreMQTT, Paho, libmosquitto):
-// the same flow as fleetprov_provision() (step timeouts, overall deadline, retries with backoff,
-// the resume journal, the lost-reply probe, the commit), with no socket of the library's.
-//
-// The event-loop contract:
-// 1. fleetprov_host_new() with the callbacks, then fleetprov_host_start(now_ms).
-// 2. The library asks through the callbacks: connect (with the claim or the new certificate),
-//    disconnect, subscribe, publish. Start each in your MQTT stack and return at once.
-// 3. Report what your stack sees: fleetprov_host_connected() / _connect_failed() for a connect,
-//    fleetprov_host_suback() for a subscribe, fleetprov_host_message() for every incoming
-//    PUBLISH, fleetprov_host_disconnected() when the connection drops.
-// 4. Call fleetprov_host_tick(now_ms) no later than fleetprov_host_wake_at() (that is how
-//    timeouts and retry pauses happen; the library has no timer of its own).
-// 5. After any call, fleetprov_host_result() says FLEETPROV_IN_PROGRESS or gives the outcome.
-//
-// Time is one monotonic clock in milliseconds, the same origin in every call. The library never
-// blocks: no call waits for the network. Storage happens inside these calls, on the calling
-// thread: with files (the output and state directories) a write is fsynced; with a store of the
-// firmware's own (fleetprov_config_set_storage()) its callbacks are called.
-// Calls on one host object must not run on two threads at once; calling the event functions
-// from inside a callback is allowed (the event is queued and handled before the outer call
-// returns). Create with fleetprov_host_new(), free with fleetprov_host_free().
+/*
+ A provisioning flow driven by the host's own MQTT connection (coreMQTT, Paho, libmosquitto):
+ the same flow as fleetprov_provision() (step timeouts, overall deadline, retries with backoff,
+ the resume journal, the lost-reply probe, the commit), with no socket of the library's.
+
+ The event-loop contract:
+ 1. fleetprov_host_new() with the callbacks, then fleetprov_host_start(now_ms).
+ 2. The library asks through the callbacks: connect (with the claim or the new certificate),
+    disconnect, subscribe, publish. Start each in your MQTT stack and return at once.
+ 3. Report what your stack sees: fleetprov_host_connected() / _connect_failed() for a connect,
+    fleetprov_host_suback() for a subscribe, fleetprov_host_message() for every incoming
+    PUBLISH, fleetprov_host_disconnected() when the connection drops.
+ 4. Call fleetprov_host_tick(now_ms) no later than fleetprov_host_wake_at() (that is how
+    timeouts and retry pauses happen; the library has no timer of its own).
+ 5. After any call, fleetprov_host_result() says FLEETPROV_IN_PROGRESS or gives the outcome.
+
+ Time is one monotonic clock in milliseconds, the same origin in every call. The library never
+ blocks: no call waits for the network. Storage happens inside these calls, on the calling
+ thread: with files (the output and state directories) a write is fsynced; with a store of the
+ firmware's own (fleetprov_config_set_storage()) its callbacks are called.
+ Calls on one host object must not run on two threads at once; calling the event functions
+ from inside a callback is allowed (the event is queued and handled before the outer call
+ returns). Create with fleetprov_host_new(), free with fleetprov_host_free().
+ */
 typedef struct fleetprov_host fleetprov_host;
 
-// A running asynchronous operation: cancel it, wait for it, free it.
+/*
+ A running asynchronous operation: cancel it, wait for it, free it.
+ */
 typedef struct fleetprov_operation fleetprov_operation;
 
-// The result of the one-call flow.
+/*
+ The result of the one-call flow.
+ */
 typedef struct fleetprov_provisioned fleetprov_provisioned;
 
-// The accepted reply of RegisterThing.
+/*
+ The accepted reply of RegisterThing.
+ */
 typedef struct fleetprov_registration fleetprov_registration;
 
-// Completion of a certificate operation started with an `_async` client function. `certificate`
-// is owned by the callee (fleetprov_certificate_free()); `error` as in fleetprov_provision_callback.
-//
-// Thread: the client's worker thread. The client is no longer busy when this runs: it may
-// start the client's next `_async` operation, make blocking calls, or free the client (which
-// then waits for the other workers, not for this one).
+/*
+ Completion of a certificate operation started with an `_async` client function. `certificate`
+ is owned by the callee (fleetprov_certificate_free()); `error` as in fleetprov_provision_callback.
+
+ Thread: the client's worker thread. The client is no longer busy when this runs: it may
+ start the client's next `_async` operation, make blocking calls, or free the client (which
+ then waits for the other workers, not for this one).
+ */
 typedef void (*fleetprov_certificate_callback)(void *userdata,
-                                               enum fleetprov_result result,
+                                               fleetprov_result result,
                                                struct fleetprov_certificate *certificate,
                                                const struct fleetprov_error *error);
 
-// Releases a callback's userdata when the library no longer needs it. Called exactly once, from
-// whichever thread drops the last reference (the caller's, or a worker thread) — also when the
-// function that was given it fails (FLEETPROV_BUSY, a NULL argument, ...): the caller never
-// frees userdata it handed over together with a free function. Same rules as the progress
-// callback for what it may call.
-//
-// Rules for every callback of this library:
-// - It must return normally: no C++ exception, longjmp() or thread exit may leave it (the
-//   library's cleanup would be skipped, and unwinding through its frames is undefined).
-// - Blocking calls from inside a progress, log, signer, host transport or userdata_free
-//   callback return FLEETPROV_IN_CALLBACK without doing anything: fleetprov_provision(),
-//   fleetprov_rotate(), the blocking fleetprov_client_* operations and
-//   fleetprov_operation_wait(). The `_async` functions, cancels, getters and frees may be
-//   called (see each callback for freeing the object it belongs to).
-// - Pointers a callback receives are valid only until it returns.
+/*
+ Releases a callback's userdata when the library no longer needs it. Called exactly once, from
+ whichever thread drops the last reference (the caller's, or a worker thread) — also when the
+ function that was given it fails (FLEETPROV_BUSY, a NULL argument, ...): the caller never
+ frees userdata it handed over together with a free function. Same rules as the progress
+ callback for what it may call.
+
+ Rules for every callback of this library:
+ - It must return normally: no C++ exception, longjmp() or thread exit may leave it (the
+   library's cleanup would be skipped, and unwinding through its frames is undefined).
+ - Blocking calls from inside a progress, log, signer, host transport or userdata_free
+   callback return FLEETPROV_IN_CALLBACK without doing anything: fleetprov_provision(),
+   fleetprov_rotate(), the blocking fleetprov_client_* operations and
+   fleetprov_operation_wait(). The `_async` functions, cancels, getters and frees may be
+   called (see each callback for freeing the object it belongs to).
+ - Pointers a callback receives are valid only until it returns.
+ */
 typedef void (*fleetprov_userdata_free)(void *userdata);
 
-// Completion of fleetprov_client_register_thing_async(). `registration` is owned by the callee
-// (fleetprov_registration_free()); `error` as in fleetprov_provision_callback. Thread and what
-// it may call: as fleetprov_certificate_callback.
+/*
+ Completion of fleetprov_client_register_thing_async(). `registration` is owned by the callee
+ (fleetprov_registration_free()); `error` as in fleetprov_provision_callback. Thread and what
+ it may call: as fleetprov_certificate_callback.
+ */
 typedef void (*fleetprov_registration_callback)(void *userdata,
-                                                enum fleetprov_result result,
+                                                fleetprov_result result,
                                                 struct fleetprov_registration *registration,
                                                 const struct fleetprov_error *error);
 
-// Signs for fleetprov_config_set_signer(): ECDSA over `message` (`message_len` bytes) with
-// SHA-256 (P-256) or SHA-384 (P-384); `digest` (`digest_len` bytes) is that hash of the
-// message, for signers that take a digest. Write the signature, DER (ECDSA-Sig-Value) or raw
-// r||s, to `signature` (room for `*signature_len` bytes, at least 104) and its length to
-// `*signature_len`; return 0, or anything else on failure. The library checks the signature
-// against the public key before using it.
-//
-// Thread: the one preparing the provisioning: the caller of fleetprov_provision() or
-// fleetprov_host_new(), or the worker thread of fleetprov_provision_async(); two provisionings
-// with the same config may call it on two threads at once. All pointers are valid only during
-// the call. May not make blocking calls (FLEETPROV_IN_CALLBACK, see fleetprov_userdata_free).
+/*
+ Signs for fleetprov_config_set_signer(): ECDSA over `message` (`message_len` bytes) with
+ SHA-256 (P-256) or SHA-384 (P-384); `digest` (`digest_len` bytes) is that hash of the
+ message, for signers that take a digest. Write the signature, DER (ECDSA-Sig-Value) or raw
+ r||s, to `signature` (room for `*signature_len` bytes, at least 104) and its length to
+ `*signature_len`; return 0, or anything else on failure. The library checks the signature
+ against the public key before using it.
+
+ Thread: the one preparing the provisioning: the caller of fleetprov_provision() or
+ fleetprov_host_new(), or the worker thread of fleetprov_provision_async(); two provisionings
+ with the same config may call it on two threads at once. All pointers are valid only during
+ the call. May not make blocking calls (FLEETPROV_IN_CALLBACK, see fleetprov_userdata_free).
+ */
 typedef int32_t (*fleetprov_sign_callback)(void *userdata,
                                            const uint8_t *message,
                                            size_t message_len,
@@ -247,140 +416,184 @@ typedef int32_t (*fleetprov_sign_callback)(void *userdata,
                                            uint8_t *signature,
                                            size_t *signature_len);
 
-// Receives log lines.
-//
-// Thread: the thread running the operation (the caller's for blocking calls and the host API,
-// a library worker thread for `_async` calls). Operations that share a config (or clients made
-// from one) call its callbacks concurrently, each on its own thread; one operation never calls
-// two at once. `message` is NUL-terminated, `len` bytes without the NUL, valid only during the
-// call. Lines never contain private keys or ownership tokens.
-//
-// What it may call: non-blocking functions, including `_async` operations, cancels and frees.
-// Blocking calls return FLEETPROV_IN_CALLBACK. fleetprov_client_free() on the client whose
-// blocking call is running on this thread is deferred until that call returns (make no further
-// call on that client); freeing other objects happens at once.
+/*
+ Receives log lines.
+
+ Thread: the thread running the operation (the caller's for blocking calls and the host API,
+ a library worker thread for `_async` calls). Operations that share a config (or clients made
+ from one) call its callbacks concurrently, each on its own thread; one operation never calls
+ two at once. `message` is NUL-terminated, `len` bytes without the NUL, valid only during the
+ call. Lines never contain private keys or ownership tokens.
+
+ What it may call: non-blocking functions, including `_async` operations, cancels and frees.
+ Blocking calls return FLEETPROV_IN_CALLBACK. fleetprov_client_free() on the client whose
+ blocking call is running on this thread is deferred until that call returns (make no further
+ call on that client); freeing other objects happens at once.
+ */
 typedef void (*fleetprov_log_callback)(void *userdata,
-                                       enum fleetprov_log_level level,
+                                       fleetprov_log_level level,
                                        const char *message,
                                        size_t len);
 
-// A step reached, as given to fleetprov_progress_callback.
+/*
+ A step reached, as given to fleetprov_progress_callback. The library fills it; later versions
+ may add fields at the end: `size` says how many bytes of it are valid.
+ */
 typedef struct fleetprov_progress {
-  enum fleetprov_step step;
-  // The attempt the step belongs to, from 1; it grows with each retry.
+  /*
+   sizeof(fleetprov_progress) of the library that filled it: a field lies within the struct
+   only if its offset plus its size is at most this.
+   */
+  size_t size;
+  fleetprov_step step;
+  /*
+   The attempt the step belongs to, from 1; it grows with each retry.
+   */
   uint32_t attempt;
-  // With FLEETPROV_STEP_RETRYING: the pause before the next attempt, in ms; otherwise 0.
+  /*
+   With FLEETPROV_STEP_RETRYING: the pause before the next attempt, in ms; otherwise 0.
+   */
   uint64_t retry_in_ms;
-  // With FLEETPROV_STEP_RETRYING: why the attempt failed (read it with the fleetprov_error_
-  // functions; do not free it); otherwise NULL. Valid only during the callback.
+  /*
+   With FLEETPROV_STEP_RETRYING: why the attempt failed (read it with the fleetprov_error_
+   functions; do not free it); otherwise NULL. Valid only during the callback.
+   */
   const struct fleetprov_error *error;
 } fleetprov_progress;
 
-// Receives each step reached. `progress` is valid only during the call. Same thread and
-// re-entrancy rules as fleetprov_log_callback (blocking calls give FLEETPROV_IN_CALLBACK; a free
-// of the client running it is deferred).
+/*
+ Receives each step reached. `progress` is valid only during the call. Same thread and
+ re-entrancy rules as fleetprov_log_callback (blocking calls give FLEETPROV_IN_CALLBACK; a free
+ of the client running it is deferred).
+ */
 typedef void (*fleetprov_progress_callback)(void *userdata,
                                             const struct fleetprov_progress *progress);
 
-// Credentials the host must connect with, as given to fleetprov_host_callbacks.connect.
+/*
+ Credentials the host must connect with, as given to fleetprov_host_callbacks.connect.
+ */
 typedef struct fleetprov_identity {
-  // true: connect with the host's claim certificate (certificate_pem and private_key_pem are
-  // NULL). false: connect with the new device certificate below, to check it works or to learn
-  // whether it was registered.
+  /*
+   true: connect with the host's claim certificate (certificate_pem and private_key_pem are
+   NULL). false: connect with the new device certificate below, to check it works or to learn
+   whether it was registered.
+   */
   bool claim;
-  // The new certificate, PEM; NULL with `claim`.
+  /*
+   The new certificate, PEM; NULL with `claim`.
+   */
   const char *certificate_pem;
-  // Its private key, PEM; NULL with `claim`, and when the key is the host's own (an external
-  // CSR or signer: connect with the key in the secure element).
+  /*
+   Its private key, PEM; NULL with `claim`, and when the key is the host's own (an external
+   CSR or signer: connect with the key in the secure element).
+   */
   const char *private_key_pem;
-  // The MQTT client id to use (the thing name when known); "" lets the host choose.
+  /*
+   The MQTT client id to use (the thing name when known); "" lets the host choose.
+   */
   const char *client_id;
 } fleetprov_identity;
 
-// What the library asks of the host's MQTT stack. All are required. Those returning int
-// return 0 when the operation was started and anything else when it could not be.
-//
-// Thread: each is called from inside a fleetprov_host_* function, on the thread that called
-// it, never two at once for one host object. Each must return promptly without waiting for the
-// network: start the operation and report its outcome later through the fleetprov_host_* event
-// functions.
-//
-// What a callback may call: the fleetprov_host_* event functions of this host (the event is
-// queued and handled before the outer call returns), fleetprov_host_result() and
-// fleetprov_host_wake_at() (IN_PROGRESS and "tick now" while events are being handled),
-// fleetprov_host_free() of this host (deferred: the host is freed when the outer call returns;
-// make no further call on it), and any non-blocking function. Blocking calls
-// (fleetprov_provision(), fleetprov_rotate(), the blocking fleetprov_client_* operations,
-// fleetprov_operation_wait()) return FLEETPROV_IN_CALLBACK.
-//
-// A callback must return normally: no C++ exception, longjmp() or thread exit may leave it
-// (that would skip the library's cleanup and unwinding through Rust frames is undefined).
-// Pointers passed to a callback are valid only during the call.
+/*
+ What the library asks of the host's MQTT stack. All are required. Those returning int
+ return 0 when the operation was started and anything else when it could not be.
+
+ Thread: each is called from inside a fleetprov_host_* function, on the thread that called
+ it, never two at once for one host object. Each must return promptly without waiting for the
+ network: start the operation and report its outcome later through the fleetprov_host_* event
+ functions.
+
+ What a callback may call: the fleetprov_host_* event functions of this host (the event is
+ queued and handled before the outer call returns), fleetprov_host_result() and
+ fleetprov_host_wake_at() (IN_PROGRESS and "tick now" while events are being handled),
+ fleetprov_host_free() of this host (deferred: the host is freed when the outer call returns;
+ make no further call on it), and any non-blocking function. Blocking calls
+ (fleetprov_provision(), fleetprov_rotate(), the blocking fleetprov_client_* operations,
+ fleetprov_operation_wait()) return FLEETPROV_IN_CALLBACK.
+
+ A callback must return normally: no C++ exception, longjmp() or thread exit may leave it
+ (that would skip the library's cleanup and unwinding through Rust frames is undefined).
+ Pointers passed to a callback are valid only during the call.
+ */
 typedef struct fleetprov_host_callbacks {
-  // Drop any current connection and open one with `identity` (MQTT clean session).
-  // Report fleetprov_host_connected() on CONNACK, or fleetprov_host_connect_failed().
-  // A non-zero return counts as a failed connection attempt.
+  /*
+   Drop any current connection and open one with `identity` (MQTT clean session).
+   Report fleetprov_host_connected() on CONNACK, or fleetprov_host_connect_failed().
+   A non-zero return counts as a failed connection attempt.
+   */
   int32_t (*connect)(void *userdata, const struct fleetprov_identity *identity);
-  // Close the current connection (no event expected afterwards for it).
+  /*
+   Close the current connection (no event expected afterwards for it).
+   */
   void (*disconnect)(void *userdata);
-  // Send one SUBSCRIBE with these `count` filters at QoS 1; report the SUBACK with
-  // fleetprov_host_suback(). A non-zero return counts as a lost connection.
+  /*
+   Send one SUBSCRIBE with these `count` filters at QoS 1; report the SUBACK with
+   fleetprov_host_suback(). A non-zero return counts as a lost connection.
+   */
   int32_t (*subscribe)(void *userdata, const char *const *filters, size_t count);
-  // Publish `len` bytes at QoS 1 (not retained). A non-zero return counts as a lost connection.
-  // The payload may hold an ownership token: do not log it.
+  /*
+   Publish `len` bytes at QoS 1 (not retained). A non-zero return counts as a lost connection.
+   The payload may hold an ownership token: do not log it.
+   */
   int32_t (*publish)(void *userdata, const char *topic, const uint8_t *payload, size_t len);
 } fleetprov_host_callbacks;
 
-// Completion of fleetprov_provision_async().
-//
-// Thread: a library worker thread, once per operation; two operations may complete at once on
-// two threads. On success `provisioned` is a new object owned by the callee (free it with
-// fleetprov_provisioned_free()) and `error` is NULL; on failure `provisioned` is NULL and
-// `error` describes the failure, valid only during the call.
-//
-// What it may call: anything, blocking calls included, except fleetprov_operation_wait() on its
-// own operation (FLEETPROV_IN_CALLBACK). fleetprov_operation_free() on its own operation frees
-// the handle; the worker then finishes on its own (userdata_free runs after this callback).
+/*
+ Completion of fleetprov_provision_async().
+
+ Thread: a library worker thread, once per operation; two operations may complete at once on
+ two threads. On success `provisioned` is a new object owned by the callee (free it with
+ fleetprov_provisioned_free()) and `error` is NULL; on failure `provisioned` is NULL and
+ `error` describes the failure, valid only during the call.
+
+ What it may call: anything, blocking calls included, except fleetprov_operation_wait() on its
+ own operation (FLEETPROV_IN_CALLBACK). fleetprov_operation_free() on its own operation frees
+ the handle; the worker then finishes on its own (userdata_free runs after this callback).
+ */
 typedef void (*fleetprov_provision_callback)(void *userdata,
-                                             enum fleetprov_result result,
+                                             fleetprov_result result,
                                              struct fleetprov_provisioned *provisioned,
                                              const struct fleetprov_error *error);
 
-// A store of named blobs the firmware owns, for fleetprov_config_set_storage().
-//
-// The library stores four blobs, by these names:
-// - "journal": the resume journal (holds the private key and the ownership token while a
-//   provisioning is in progress: keep it as secret as the key),
-// - "private.key": the device's private key, PEM (secret),
-// - "certificate.pem": the device certificate, PEM,
-// - "device.json": thingName, certificateId and deviceConfiguration, JSON.
-//
-// A commit removes "device.json", stores "private.key" and "certificate.pem", then
-// "device.json": a present "device.json" means a complete, matching set.
-//
-// Contract of each callback (all three are required):
-// - store: replace the blob `name` with `len` bytes at `data`, **atomically**: after a crash
-//   or power loss at any point a later load gives the old content or the new, never a mix or
-//   a truncation (write a new copy, then switch to it). Return FLEETPROV_STORAGE_OK, or any
-//   other value on failure.
-// - load: if there is no blob `name`, return FLEETPROV_STORAGE_NOT_FOUND. Otherwise write its
-//   size to `*len`, copy it into `buf` if it fits in `capacity` bytes, and return
-//   FLEETPROV_STORAGE_OK; when it did not fit, the library calls again with a buffer of at
-//   least `*len` bytes. Any other return value is a failure.
-// - remove: delete the blob `name`; no such blob is success. Return FLEETPROV_STORAGE_OK, or
-//   any other value on failure.
-//
-// A failure ends the provisioning with FLEETPROV_STORAGE and loses nothing: what was committed
-// stays, the journal keeps a pending certificate for the next call.
-//
-// Thread: called on the thread running the provisioning (the caller of fleetprov_provision(),
-// fleetprov_rotate() or the fleetprov_host_* functions, or the worker thread of an `_async`
-// call), never two at once for one config. May not make blocking calls
-// (FLEETPROV_IN_CALLBACK, see fleetprov_userdata_free). `name` and the buffers are valid only
-// during the call; do not log `data` or `buf` (they hold keys and tokens).
+/*
+ A store of named blobs the firmware owns, for fleetprov_config_set_storage().
+
+ The library stores four blobs, by these names:
+ - "journal": the resume journal (holds the private key and the ownership token while a
+   provisioning is in progress: keep it as secret as the key),
+ - "private.key": the device's private key, PEM (secret),
+ - "certificate.pem": the device certificate, PEM,
+ - "device.json": thingName, certificateId and deviceConfiguration, JSON.
+
+ A commit removes "device.json", stores "private.key" and "certificate.pem", then
+ "device.json": a present "device.json" means a complete, matching set.
+
+ Contract of each callback (all three are required):
+ - store: replace the blob `name` with `len` bytes at `data`, **atomically**: after a crash
+   or power loss at any point a later load gives the old content or the new, never a mix or
+   a truncation (write a new copy, then switch to it). Return FLEETPROV_STORAGE_OK, or any
+   other value on failure.
+ - load: if there is no blob `name`, return FLEETPROV_STORAGE_NOT_FOUND. Otherwise write its
+   size to `*len`, copy it into `buf` if it fits in `capacity` bytes, and return
+   FLEETPROV_STORAGE_OK; when it did not fit, the library calls again with a buffer of at
+   least `*len` bytes. Any other return value is a failure.
+ - remove: delete the blob `name`; no such blob is success. Return FLEETPROV_STORAGE_OK, or
+   any other value on failure.
+
+ A failure ends the provisioning with FLEETPROV_STORAGE and loses nothing: what was committed
+ stays, the journal keeps a pending certificate for the next call.
+
+ Thread: called on the thread running the provisioning (the caller of fleetprov_provision(),
+ fleetprov_rotate() or the fleetprov_host_* functions, or the worker thread of an `_async`
+ call), never two at once for one config. May not make blocking calls
+ (FLEETPROV_IN_CALLBACK, see fleetprov_userdata_free). `name` and the buffers are valid only
+ during the call; do not log `data` or `buf` (they hold keys and tokens).
+ */
 typedef struct fleetprov_storage {
-  // sizeof(fleetprov_storage): lets later versions grow this struct without breaking
-  // callers built against this one.
+  /*
+   sizeof(fleetprov_storage): lets later versions grow this struct without breaking
+   callers built against this one.
+   */
   size_t size;
   int32_t (*load)(void *userdata, const char *name, uint8_t *buf, size_t capacity, size_t *len);
   int32_t (*store)(void *userdata, const char *name, const uint8_t *data, size_t len);
@@ -389,521 +602,714 @@ typedef struct fleetprov_storage {
 
 #ifdef __cplusplus
 extern "C" {
-#endif // __cplusplus
+#endif /* __cplusplus */
 
-// Creates a cancellation switch, not triggered. Writes it to `*out`.
-enum fleetprov_result fleetprov_cancel_new(struct fleetprov_cancel **out);
+/*
+ Creates a cancellation switch, not triggered. Writes it to `*out`.
+ */
+fleetprov_result fleetprov_cancel_new(struct fleetprov_cancel **out);
 
-// Triggers the switch: every blocking call of a config it is set on stops at its next step
-// with FLEETPROV_CANCELLED, keeping the resume journal (a later call resumes), and so does every
-// later call until fleetprov_cancel_reset(). A call whose credentials were already committed
-// reports its success. Async-signal-safe (one atomic store): it may be called from a signal
-// handler, and from any thread. NULL is a no-op.
+/*
+ Triggers the switch: every blocking call of a config it is set on stops at its next step
+ with FLEETPROV_CANCELLED, keeping the resume journal (a later call resumes), and so does every
+ later call until fleetprov_cancel_reset(). A call whose credentials were already committed
+ reports its success. Async-signal-safe (one atomic store): it may be called from a signal
+ handler, and from any thread. NULL is a no-op.
+ */
 void fleetprov_cancel_trigger(const struct fleetprov_cancel *cancel);
 
-// Whether the switch was triggered (and not reset since); false for NULL.
+/*
+ Whether the switch was triggered (and not reset since); false for NULL.
+ */
 bool fleetprov_cancel_is_triggered(const struct fleetprov_cancel *cancel);
 
-// Untriggers the switch, so that later calls run.
-enum fleetprov_result fleetprov_cancel_reset(struct fleetprov_cancel *cancel);
+/*
+ Untriggers the switch, so that later calls run.
+ */
+fleetprov_result fleetprov_cancel_reset(struct fleetprov_cancel *cancel);
 
-// Frees the switch. A config it was set on keeps working with it (it holds a reference); a
-// signal handler must not trigger it after this. NULL is a no-op.
+/*
+ Frees the switch. A config it was set on keeps working with it (it holds a reference); a
+ signal handler must not trigger it after this. NULL is a no-op.
+ */
 void fleetprov_cancel_free(struct fleetprov_cancel *cancel);
 
-// Creates a client from `config` (copied: endpoint, credentials, timeouts, format, callbacks,
-// template and parameters). Checks the credentials; does not connect yet. Writes it to `*out`.
-enum fleetprov_result fleetprov_client_new(const struct fleetprov_config *config,
-                                           struct fleetprov_client **out);
+/*
+ Creates a client from `config` (copied: endpoint, credentials, timeouts, format, callbacks,
+ template and parameters). Checks the credentials; does not connect yet. Writes it to `*out`.
+ */
+fleetprov_result fleetprov_client_new(const struct fleetprov_config *config,
+                                      struct fleetprov_client **out);
 
-// Cancels the client's running `_async` operations, waits for their callbacks (except the one
-// it is called from) and their userdata_free, disconnects and frees the client. NULL is a
-// no-op. From a progress or log callback of a blocking call on this client, the free is
-// deferred until that call returns (make no further call on the client). Otherwise it must not
-// run while another thread is inside a call on the same client.
+/*
+ Cancels the client's running `_async` operations, waits for their callbacks (except the one
+ it is called from) and their userdata_free, disconnects and frees the client. NULL is a
+ no-op. From a progress or log callback of a blocking call on this client, the free is
+ deferred until that call returns (make no further call on the client). Otherwise it must not
+ run while another thread is inside a call on the same client.
+ */
 void fleetprov_client_free(struct fleetprov_client *client);
 
-// Asks the running operation of this client to stop with FLEETPROV_CANCELLED. Thread-safe.
-enum fleetprov_result fleetprov_client_cancel(struct fleetprov_client *client);
+/*
+ Asks the running operation of this client to stop with FLEETPROV_CANCELLED. Thread-safe.
+ */
+fleetprov_result fleetprov_client_cancel(struct fleetprov_client *client);
 
-// Connects now (operations also connect when needed). Blocking; callbacks on this thread.
-enum fleetprov_result fleetprov_client_connect(struct fleetprov_client *client);
+/*
+ Connects now (operations also connect when needed). Blocking; callbacks on this thread.
+ */
+fleetprov_result fleetprov_client_connect(struct fleetprov_client *client);
 
-// CreateKeysAndCertificate, blocking. On success writes a new certificate (with its private
-// key) to `*out`; free it with fleetprov_certificate_free().
-enum fleetprov_result fleetprov_client_create_keys_and_certificate(struct fleetprov_client *client,
-                                                                   struct fleetprov_certificate **out);
+/*
+ CreateKeysAndCertificate, blocking. On success writes a new certificate (with its private
+ key) to `*out`; free it with fleetprov_certificate_free().
+ */
+fleetprov_result fleetprov_client_create_keys_and_certificate(struct fleetprov_client *client,
+                                                              struct fleetprov_certificate **out);
 
-// CreateKeysAndCertificate on a worker thread; `callback` gets the outcome (see
-// fleetprov_certificate_callback), then `userdata_free` (may be NULL) is called on `userdata`.
-enum fleetprov_result fleetprov_client_create_keys_and_certificate_async(struct fleetprov_client *client,
-                                                                         fleetprov_certificate_callback callback,
-                                                                         void *userdata,
-                                                                         fleetprov_userdata_free userdata_free);
+/*
+ CreateKeysAndCertificate on a worker thread; `callback` gets the outcome (see
+ fleetprov_certificate_callback), then `userdata_free` (may be NULL) is called on `userdata`.
+ */
+fleetprov_result fleetprov_client_create_keys_and_certificate_async(struct fleetprov_client *client,
+                                                                    fleetprov_certificate_callback callback,
+                                                                    void *userdata,
+                                                                    fleetprov_userdata_free userdata_free);
 
-// CreateCertificateFromCsr, blocking, with `csr_pem`. `key_pem` (may be NULL) is the key the
-// CSR was made from; when given, the returned certificate is checked against it
-// (FLEETPROV_CERTIFICATE_MISMATCH). On success writes a new certificate to `*out`.
-enum fleetprov_result fleetprov_client_create_certificate_from_csr(struct fleetprov_client *client,
-                                                                   const char *csr_pem,
-                                                                   const char *key_pem,
-                                                                   struct fleetprov_certificate **out);
+/*
+ CreateCertificateFromCsr, blocking, with `csr_pem`. `key_pem` (may be NULL) is the key the
+ CSR was made from; when given, the returned certificate is checked against it
+ (FLEETPROV_CERTIFICATE_MISMATCH). On success writes a new certificate to `*out`.
+ */
+fleetprov_result fleetprov_client_create_certificate_from_csr(struct fleetprov_client *client,
+                                                              const char *csr_pem,
+                                                              const char *key_pem,
+                                                              struct fleetprov_certificate **out);
 
-// CreateCertificateFromCsr on a worker thread (arguments copied); see
-// fleetprov_client_create_keys_and_certificate_async().
-enum fleetprov_result fleetprov_client_create_certificate_from_csr_async(struct fleetprov_client *client,
-                                                                         const char *csr_pem,
-                                                                         const char *key_pem,
-                                                                         fleetprov_certificate_callback callback,
-                                                                         void *userdata,
-                                                                         fleetprov_userdata_free userdata_free);
+/*
+ CreateCertificateFromCsr on a worker thread (arguments copied); see
+ fleetprov_client_create_keys_and_certificate_async().
+ */
+fleetprov_result fleetprov_client_create_certificate_from_csr_async(struct fleetprov_client *client,
+                                                                    const char *csr_pem,
+                                                                    const char *key_pem,
+                                                                    fleetprov_certificate_callback callback,
+                                                                    void *userdata,
+                                                                    fleetprov_userdata_free userdata_free);
 
-// RegisterThing, blocking, for `certificate` (its ownership token) with template
-// `template_name` (NULL: the config's) and the config's parameters. On success writes a new
-// registration to `*out` (free with fleetprov_registration_free()).
-enum fleetprov_result fleetprov_client_register_thing(struct fleetprov_client *client,
-                                                      const struct fleetprov_certificate *certificate,
-                                                      const char *template_name,
-                                                      struct fleetprov_registration **out);
+/*
+ RegisterThing, blocking, for `certificate` (its ownership token) with template
+ `template_name` (NULL: the config's) and the config's parameters. On success writes a new
+ registration to `*out` (free with fleetprov_registration_free()).
+ */
+fleetprov_result fleetprov_client_register_thing(struct fleetprov_client *client,
+                                                 const struct fleetprov_certificate *certificate,
+                                                 const char *template_name,
+                                                 struct fleetprov_registration **out);
 
-// RegisterThing on a worker thread (arguments copied); `callback` gets the outcome (see
-// fleetprov_registration_callback), then `userdata_free` is called on `userdata`.
-enum fleetprov_result fleetprov_client_register_thing_async(struct fleetprov_client *client,
-                                                            const struct fleetprov_certificate *certificate,
-                                                            const char *template_name,
-                                                            fleetprov_registration_callback callback,
-                                                            void *userdata,
-                                                            fleetprov_userdata_free userdata_free);
+/*
+ RegisterThing on a worker thread (arguments copied); `callback` gets the outcome (see
+ fleetprov_registration_callback), then `userdata_free` is called on `userdata`.
+ */
+fleetprov_result fleetprov_client_register_thing_async(struct fleetprov_client *client,
+                                                       const struct fleetprov_certificate *certificate,
+                                                       const char *template_name,
+                                                       fleetprov_registration_callback callback,
+                                                       void *userdata,
+                                                       fleetprov_userdata_free userdata_free);
 
-// Creates a configuration with defaults: port 8883, system roots, keep-alive 60 s, JSON,
-// 10 s per step, 60 s overall, FLEETPROV_METHOD_CSR with a P-256 key, verification on, no
-// output directory. Writes it to `*out`.
-enum fleetprov_result fleetprov_config_new(struct fleetprov_config **out);
+/*
+ Creates a configuration with defaults: port 8883, system roots, keep-alive 60 s, JSON,
+ 10 s per step, 60 s overall, FLEETPROV_METHOD_CSR with a P-256 key, verification on, no
+ output directory. Writes it to `*out`.
+ */
+fleetprov_result fleetprov_config_new(struct fleetprov_config **out);
 
-// Frees a configuration (wiping the private key), releasing callback userdata once no client
-// or operation uses it any more. NULL is a no-op.
+/*
+ Frees a configuration (wiping the private key), releasing callback userdata once no client
+ or operation uses it any more. NULL is a no-op.
+ */
 void fleetprov_config_free(struct fleetprov_config *config);
 
-// Sets the endpoint: `host` (also the TLS server name, e.g.
-// "abc123-ats.iot.eu-west-1.amazonaws.com") and `port` (8883; 443 turns ALPN on).
-enum fleetprov_result fleetprov_config_set_endpoint(struct fleetprov_config *config,
-                                                    const char *host,
-                                                    uint16_t port);
+/*
+ Sets the endpoint: `host` (also the TLS server name, e.g.
+ "abc123-ats.iot.eu-west-1.amazonaws.com") and `port` (8883; 443 turns ALPN on).
+ */
+fleetprov_result fleetprov_config_set_endpoint(struct fleetprov_config *config,
+                                               const char *host,
+                                               uint16_t port);
 
-// Trusts the CA certificates in the PEM file at `path` (e.g. AmazonRootCA1.pem) instead of the
-// system's roots. The file is read now.
-enum fleetprov_result fleetprov_config_set_ca_file(struct fleetprov_config *config,
-                                                   const char *path);
+/*
+ Trusts the CA certificates in the PEM file at `path` (e.g. AmazonRootCA1.pem) instead of the
+ system's roots. The file is read now.
+ */
+fleetprov_result fleetprov_config_set_ca_file(struct fleetprov_config *config, const char *path);
 
-// Trusts the CA certificates in `pem` (copied) instead of the system's roots.
-enum fleetprov_result fleetprov_config_set_ca_pem(struct fleetprov_config *config, const char *pem);
+/*
+ Trusts the CA certificates in `pem` (copied) instead of the system's roots.
+ */
+fleetprov_result fleetprov_config_set_ca_pem(struct fleetprov_config *config, const char *pem);
 
-// Trusts the operating system's root certificates (the default).
-enum fleetprov_result fleetprov_config_use_system_roots(struct fleetprov_config *config);
+/*
+ Trusts the operating system's root certificates (the default).
+ */
+fleetprov_result fleetprov_config_use_system_roots(struct fleetprov_config *config);
 
-// Sets the claim certificate and key from PEM files (read now; the key is checked to match).
-enum fleetprov_result fleetprov_config_set_claim_files(struct fleetprov_config *config,
-                                                       const char *cert_path,
-                                                       const char *key_path);
+/*
+ Sets the claim certificate and key from PEM files (read now; the key is checked to match).
+ */
+fleetprov_result fleetprov_config_set_claim_files(struct fleetprov_config *config,
+                                                  const char *cert_path,
+                                                  const char *key_path);
 
-// Sets the claim certificate and key from PEM text (copied; the key copy is wiped on free).
-enum fleetprov_result fleetprov_config_set_claim_pem(struct fleetprov_config *config,
-                                                     const char *cert_pem,
-                                                     const char *key_pem);
+/*
+ Sets the claim certificate and key from PEM text (copied; the key copy is wiped on free).
+ */
+fleetprov_result fleetprov_config_set_claim_pem(struct fleetprov_config *config,
+                                                const char *cert_pem,
+                                                const char *key_pem);
 
-// Sets the MQTT client id (at most 128 bytes; default: a random "fleetprov-…" id). AWS IoT
-// policies often require it to match something, e.g. the serial number.
-enum fleetprov_result fleetprov_config_set_client_id(struct fleetprov_config *config,
-                                                     const char *client_id);
+/*
+ Sets the MQTT client id (at most 128 bytes; default: a random "fleetprov-…" id). AWS IoT
+ policies often require it to match something, e.g. the serial number.
+ */
+fleetprov_result fleetprov_config_set_client_id(struct fleetprov_config *config,
+                                                const char *client_id);
 
-// Sets the MQTT keep-alive in seconds (5 to 1200; default 60).
-enum fleetprov_result fleetprov_config_set_keep_alive(struct fleetprov_config *config,
-                                                      uint16_t seconds);
+/*
+ Sets the MQTT keep-alive in seconds (5 to 1200; default 60).
+ */
+fleetprov_result fleetprov_config_set_keep_alive(struct fleetprov_config *config, uint16_t seconds);
 
-// Offers ALPN "x-amzn-mqtt-ca" (required by AWS IoT on port 443) or not. Default: on exactly
-// when the port is 443.
-enum fleetprov_result fleetprov_config_set_alpn(struct fleetprov_config *config, bool enabled);
+/*
+ Offers ALPN "x-amzn-mqtt-ca" (required by AWS IoT on port 443) or not. Default: on exactly
+ when the port is 443.
+ */
+fleetprov_result fleetprov_config_set_alpn(struct fleetprov_config *config, bool enabled);
 
-// Sets the payload format: a fleetprov_format value (JSON by default).
-enum fleetprov_result fleetprov_config_set_format(struct fleetprov_config *config, int32_t format);
+/*
+ Sets the payload format: a fleetprov_format value (JSON by default).
+ */
+fleetprov_result fleetprov_config_set_format(struct fleetprov_config *config, int32_t format);
 
-// Sets the timeouts in milliseconds: `step_ms` for each step (connecting, SUBACK, each
-// reply; default 10000, must be > 0) and `overall_ms` for a whole operation, the one-call flow
-// included (default 60000; 0 means none).
-enum fleetprov_result fleetprov_config_set_timeouts(struct fleetprov_config *config,
-                                                    uint32_t step_ms,
-                                                    uint32_t overall_ms);
+/*
+ Sets the timeouts in milliseconds: `step_ms` for each step (connecting, SUBACK, each
+ reply; default 10000, must be > 0) and `overall_ms` for a whole operation, the one-call flow
+ included (default 60000; 0 means none).
+ */
+fleetprov_result fleetprov_config_set_timeouts(struct fleetprov_config *config,
+                                               uint32_t step_ms,
+                                               uint32_t overall_ms);
 
-// Sets the provisioning template name (1-36 of [0-9A-Za-z_-], checked now).
-enum fleetprov_result fleetprov_config_set_template(struct fleetprov_config *config,
-                                                    const char *name);
+/*
+ Sets the provisioning template name (1-36 of [0-9A-Za-z_-], checked now).
+ */
+fleetprov_result fleetprov_config_set_template(struct fleetprov_config *config, const char *name);
 
-// Adds (or replaces) a template parameter for RegisterThing, e.g. "SerialNumber".
-enum fleetprov_result fleetprov_config_set_parameter(struct fleetprov_config *config,
-                                                     const char *key,
-                                                     const char *value);
+/*
+ Adds (or replaces) a template parameter for RegisterThing, e.g. "SerialNumber".
+ */
+fleetprov_result fleetprov_config_set_parameter(struct fleetprov_config *config,
+                                                const char *key,
+                                                const char *value);
 
-// Removes every template parameter.
-enum fleetprov_result fleetprov_config_clear_parameters(struct fleetprov_config *config);
+/*
+ Removes every template parameter.
+ */
+fleetprov_result fleetprov_config_clear_parameters(struct fleetprov_config *config);
 
-// Chooses how the one-call flow gets the certificate: a fleetprov_method value.
-enum fleetprov_result fleetprov_config_set_method(struct fleetprov_config *config, int32_t method);
+/*
+ Chooses how the one-call flow gets the certificate: a fleetprov_method value.
+ */
+fleetprov_result fleetprov_config_set_method(struct fleetprov_config *config, int32_t method);
 
-// Chooses the key generated for FLEETPROV_METHOD_CSR: a fleetprov_key_type value.
-enum fleetprov_result fleetprov_config_set_key_type(struct fleetprov_config *config,
-                                                    int32_t key_type);
+/*
+ Chooses the key generated for FLEETPROV_METHOD_CSR: a fleetprov_key_type value.
+ */
+fleetprov_result fleetprov_config_set_key_type(struct fleetprov_config *config, int32_t key_type);
 
-// Sets the CSR (PEM, copied) for FLEETPROV_METHOD_EXTERNAL_CSR, e.g. made by a secure element,
-// and selects that method.
-enum fleetprov_result fleetprov_config_set_csr_pem(struct fleetprov_config *config,
-                                                   const char *csr_pem);
+/*
+ Sets the CSR (PEM, copied) for FLEETPROV_METHOD_EXTERNAL_CSR, e.g. made by a secure element,
+ and selects that method.
+ */
+fleetprov_result fleetprov_config_set_csr_pem(struct fleetprov_config *config, const char *csr_pem);
 
-// Selects FLEETPROV_METHOD_EXTERNAL_SIGNER: the library builds the CSR for the key whose public
-// half is `public_key` (`len` bytes: a SubjectPublicKeyInfo in DER, as OpenSSL's i2d_PUBKEY()
-// writes, or an uncompressed point; P-256 or P-384) and has it signed by `sign`, so the private
-// key never leaves the secure element. `userdata_free` as for the log callback. The built-in
-// transport cannot connect with a key it does not hold, so it skips the verification connection
-// (a host transport makes it with its own key), and an output directory is refused.
-enum fleetprov_result fleetprov_config_set_signer(struct fleetprov_config *config,
-                                                  const uint8_t *public_key,
-                                                  size_t len,
-                                                  fleetprov_sign_callback sign,
-                                                  void *userdata,
-                                                  fleetprov_userdata_free userdata_free);
+/*
+ Selects FLEETPROV_METHOD_EXTERNAL_SIGNER: the library builds the CSR for the key whose public
+ half is `public_key` (`len` bytes: a SubjectPublicKeyInfo in DER, as OpenSSL's i2d_PUBKEY()
+ writes, or an uncompressed point; P-256 or P-384) and has it signed by `sign`, so the private
+ key never leaves the secure element. `userdata_free` as for the log callback. The built-in
+ transport cannot connect with a key it does not hold, so it skips the verification connection
+ (a host transport makes it with its own key), and an output directory is refused.
+ */
+fleetprov_result fleetprov_config_set_signer(struct fleetprov_config *config,
+                                             const uint8_t *public_key,
+                                             size_t len,
+                                             fleetprov_sign_callback sign,
+                                             void *userdata,
+                                             fleetprov_userdata_free userdata_free);
 
-// Whether the one-call flow connects once with the new credentials before succeeding
-// (default true).
-enum fleetprov_result fleetprov_config_set_verify(struct fleetprov_config *config, bool verify);
+/*
+ Whether the one-call flow connects once with the new credentials before succeeding
+ (default true).
+ */
+fleetprov_result fleetprov_config_set_verify(struct fleetprov_config *config, bool verify);
 
-// Makes the one-call flow write certificate.pem, private.key (0600) and device.json into
-// `path` (created 0700; an existing directory open to group or others is refused, never
-// chmod-ed), each atomically. NULL: do not write (the default). For a store of the firmware's
-// own, see fleetprov_config_set_storage() (the two exclude each other).
-enum fleetprov_result fleetprov_config_set_output_dir(struct fleetprov_config *config,
-                                                      const char *path);
+/*
+ Makes the one-call flow write certificate.pem, private.key (0600) and device.json into
+ `path` (created 0700; an existing directory open to group or others is refused, never
+ chmod-ed), each atomically. NULL: do not write (the default). For a store of the firmware's
+ own, see fleetprov_config_set_storage() (the two exclude each other).
+ */
+fleetprov_result fleetprov_config_set_output_dir(struct fleetprov_config *config, const char *path);
 
-// Keeps the resume journal in `path` (created 0700): a certificate created by the one-call
-// flow is written there (journal.json, 0600, atomically) before RegisterThing, so that a
-// call after a crash, power loss or failure resumes with it instead of creating another while
-// its ownership token is valid. The journal is removed once the credentials are committed.
-// One flow at a time may use a state directory (FLEETPROV_BUSY otherwise); the lock is taken
-// before any key is generated or signer called. NULL: no journal (the default). For a store of
-// the firmware's own, see fleetprov_config_set_storage() (the two exclude each other).
-enum fleetprov_result fleetprov_config_set_state_dir(struct fleetprov_config *config,
-                                                     const char *path);
+/*
+ Keeps the resume journal in `path` (created 0700): a certificate created by the one-call
+ flow is written there (journal.json, 0600, atomically) before RegisterThing, so that a
+ call after a crash, power loss or failure resumes with it instead of creating another while
+ its ownership token is valid. The journal is removed once the credentials are committed.
+ One flow at a time may use a state directory (FLEETPROV_BUSY otherwise); the lock is taken
+ before any key is generated or signer called. NULL: no journal (the default). For a store of
+ the firmware's own, see fleetprov_config_set_storage() (the two exclude each other).
+ */
+fleetprov_result fleetprov_config_set_state_dir(struct fleetprov_config *config, const char *path);
 
-// How the one-call flow retries connection failures, timeouts and 429/5xx rejections (never
-// other rejections): at most `max_attempts` attempts in all (1 = no retries), pausing
-// `initial_backoff_ms` after the first failure, doubling up to `max_backoff_ms`, each pause
-// drawn between half and all of that (jitter), never under 25 ms, and never past the overall
-// timeout. Defaults: 5, 1000, 30000. `max_attempts` 0 or `max_backoff_ms` below
-// `initial_backoff_ms` is FLEETPROV_INVALID_ARGUMENT.
-enum fleetprov_result fleetprov_config_set_retry(struct fleetprov_config *config,
-                                                 uint32_t max_attempts,
-                                                 uint32_t initial_backoff_ms,
-                                                 uint32_t max_backoff_ms);
+/*
+ How the one-call flow retries connection failures, timeouts and 429/5xx rejections (never
+ other rejections): at most `max_attempts` attempts in all (1 = no retries), pausing
+ `initial_backoff_ms` after the first failure, doubling up to `max_backoff_ms`, each pause
+ drawn between half and all of that (jitter), never under 25 ms, and never past the overall
+ timeout. Defaults: 5, 1000, 30000. `max_attempts` 0 or `max_backoff_ms` below
+ `initial_backoff_ms` is FLEETPROV_INVALID_ARGUMENT.
+ */
+fleetprov_result fleetprov_config_set_retry(struct fleetprov_config *config,
+                                            uint32_t max_attempts,
+                                            uint32_t initial_backoff_ms,
+                                            uint32_t max_backoff_ms);
 
-// How long an ownership token stays valid after its certificate is created, in seconds
-// (AWS: 3600, the default). A journal older than this is not resumed: the flow starts over
-// and reports FLEETPROV_STEP_RESTARTING.
-enum fleetprov_result fleetprov_config_set_token_lifetime(struct fleetprov_config *config,
-                                                          uint32_t seconds);
+/*
+ How long an ownership token stays valid after its certificate is created, in seconds
+ (AWS: 3600, the default). A journal older than this is not resumed: the flow starts over
+ and reports FLEETPROV_STEP_RESTARTING.
+ */
+fleetprov_result fleetprov_config_set_token_lifetime(struct fleetprov_config *config,
+                                                     uint32_t seconds);
 
-// Whether the one-call flow (fleetprov_provision(), fleetprov_provision_async(), the host API)
-// provisions again when the output directory already holds a complete credential set from an
-// earlier call. Default false: firmware that runs provisioning at every boot gets that set back
-// (fleetprov_provisioned_already_provisioned() true) without a connection or a new
-// certificate, unless a certificate is pending in the state directory's journal, which the flow
-// then finishes. true: a new certificate is made and replaces the set once it works.
-// fleetprov_rotate() always makes a new certificate.
-enum fleetprov_result fleetprov_config_set_reprovision(struct fleetprov_config *config,
-                                                       bool reprovision);
+/*
+ Whether the one-call flow (fleetprov_provision(), fleetprov_provision_async(), the host API)
+ provisions again when the output directory already holds a complete credential set from an
+ earlier call. Default false: firmware that runs provisioning at every boot gets that set back
+ (fleetprov_provisioned_already_provisioned() true) without a connection or a new
+ certificate, unless a certificate is pending in the state directory's journal, which the flow
+ then finishes. true: a new certificate is made and replaces the set once it works.
+ fleetprov_rotate() always makes a new certificate.
+ */
+fleetprov_result fleetprov_config_set_reprovision(struct fleetprov_config *config,
+                                                  bool reprovision);
 
-// Makes fleetprov_provision() and fleetprov_rotate() with this config stop when `cancel` is
-// triggered (NULL: no switch, the default). The config holds a reference to the switch.
-// Asynchronous operations have their own (fleetprov_operation_cancel()).
-enum fleetprov_result fleetprov_config_set_cancel(struct fleetprov_config *config,
-                                                  const struct fleetprov_cancel *cancel);
+/*
+ Makes fleetprov_provision() and fleetprov_rotate() with this config stop when `cancel` is
+ triggered (NULL: no switch, the default). The config holds a reference to the switch.
+ Asynchronous operations have their own (fleetprov_operation_cancel()).
+ */
+fleetprov_result fleetprov_config_set_cancel(struct fleetprov_config *config,
+                                             const struct fleetprov_cancel *cancel);
 
-// Registers the log callback (NULL to remove) receiving lines up to `max_level` (a
-// fleetprov_log_level value). `userdata_free` (may be NULL) is called once on `userdata` when
-// the callback is replaced or the last config, client or operation using it is freed.
-enum fleetprov_result fleetprov_config_set_log_callback(struct fleetprov_config *config,
-                                                        fleetprov_log_callback callback,
+/*
+ Registers the log callback (NULL to remove) receiving lines up to `max_level` (a
+ fleetprov_log_level value). `userdata_free` (may be NULL) is called once on `userdata` when
+ the callback is replaced or the last config, client or operation using it is freed.
+ */
+fleetprov_result fleetprov_config_set_log_callback(struct fleetprov_config *config,
+                                                   fleetprov_log_callback callback,
+                                                   void *userdata,
+                                                   fleetprov_userdata_free userdata_free,
+                                                   int32_t max_level);
+
+/*
+ Registers the progress callback (NULL to remove); `userdata_free` as for the log callback.
+ */
+fleetprov_result fleetprov_config_set_progress_callback(struct fleetprov_config *config,
+                                                        fleetprov_progress_callback callback,
                                                         void *userdata,
-                                                        fleetprov_userdata_free userdata_free,
-                                                        int32_t max_level);
+                                                        fleetprov_userdata_free userdata_free);
 
-// Registers the progress callback (NULL to remove); `userdata_free` as for the log callback.
-enum fleetprov_result fleetprov_config_set_progress_callback(struct fleetprov_config *config,
-                                                             fleetprov_progress_callback callback,
-                                                             void *userdata,
-                                                             fleetprov_userdata_free userdata_free);
+/*
+ Copies the full text of the calling thread's last error into `buf` of `len` bytes,
+ NUL-terminated, and writes the needed size including the NUL to `needed` (may be NULL).
+ The last error is set by the last fleetprov call on this thread that returned a result code:
+ its text after a failure, "" after a success (and before any call). Returns FLEETPROV_OK when
+ the whole text fit; FLEETPROV_BUFFER_TOO_SMALL when `buf` is NULL, `len` is 0 (nothing
+ written) or the text did not fit (`buf` then holds as much as fits, cut at a character
+ boundary and NUL-terminated).
+ */
+fleetprov_result fleetprov_last_error_message(char *buf, size_t len, size_t *needed);
 
-// Copies the full text of the calling thread's last error into `buf` of `len` bytes,
-// NUL-terminated, and writes the needed size including the NUL to `needed` (may be NULL).
-// The last error is set by the last fleetprov call on this thread that returned a result code:
-// its text after a failure, "" after a success (and before any call). Returns FLEETPROV_OK when
-// the whole text fit; FLEETPROV_BUFFER_TOO_SMALL when `buf` is NULL, `len` is 0 (nothing
-// written) or the text did not fit (`buf` then holds as much as fits, cut at a character
-// boundary and NUL-terminated).
-enum fleetprov_result fleetprov_last_error_message(char *buf, size_t len, size_t *needed);
-
-// A copy of the calling thread's last error, or NULL when there is none. Free it with
-// fleetprov_error_free().
+/*
+ A copy of the calling thread's last error, or NULL when there is none. Free it with
+ fleetprov_error_free().
+ */
 struct fleetprov_error *fleetprov_last_error(void);
 
-// The result code of an error (FLEETPROV_INVALID_ARGUMENT for NULL).
-enum fleetprov_result fleetprov_error_result(const struct fleetprov_error *error);
+/*
+ The result code of an error (FLEETPROV_INVALID_ARGUMENT for NULL).
+ */
+fleetprov_result fleetprov_error_result(const struct fleetprov_error *error);
 
-// The full text of an error. Borrowed: valid until the error is freed (or, for an error
-// passed to a callback, until the callback returns). NULL for NULL.
+/*
+ The full text of an error. Borrowed: valid until the error is freed (or, for an error
+ passed to a callback, until the callback returns). NULL for NULL.
+ */
 const char *fleetprov_error_message(const struct fleetprov_error *error);
 
-// For FLEETPROV_REJECTED: the service's errorCode (e.g. "InvalidCertificateOwnershipToken");
-// "" otherwise. Borrowed like fleetprov_error_message().
+/*
+ For FLEETPROV_REJECTED: the service's errorCode (e.g. "InvalidCertificateOwnershipToken");
+ "" otherwise. Borrowed like fleetprov_error_message().
+ */
 const char *fleetprov_error_code(const struct fleetprov_error *error);
 
-// For FLEETPROV_REJECTED: the service's errorMessage; "" otherwise. Borrowed like
-// fleetprov_error_message().
+/*
+ For FLEETPROV_REJECTED: the service's errorMessage; "" otherwise. Borrowed like
+ fleetprov_error_message().
+ */
 const char *fleetprov_error_service_message(const struct fleetprov_error *error);
 
-// For FLEETPROV_REJECTED: the service's statusCode (400, 403, 404, 429, 500...); 0 otherwise.
+/*
+ For FLEETPROV_REJECTED: the service's statusCode (400, 403, 404, 429, 500...); 0 otherwise.
+ */
 uint16_t fleetprov_error_status_code(const struct fleetprov_error *error);
 
-// Whether retrying can help: connection failures, timeouts, and 429 / 5xx rejections.
+/*
+ Whether retrying can help: connection failures, timeouts, and 429 / 5xx rejections.
+ */
 bool fleetprov_error_is_retryable(const struct fleetprov_error *error);
 
-// Frees an error from fleetprov_last_error(). NULL is a no-op.
+/*
+ Frees an error from fleetprov_last_error(). NULL is a no-op.
+ */
 void fleetprov_error_free(struct fleetprov_error *error);
 
-// Creates a host-transport flow from `config` (template, parameters, method, key type or CSR,
-// verify, output and state directories or storage, format, timeouts, retries, callbacks; the
-// claim credentials and port are the host's business and are not needed; the endpoint, if
-// set, names the endpoint the resume journal belongs to), and reads the resume journal and any
-// stored credentials (locking the state directory, generating the key). `callbacks` is copied; `userdata` is
-// passed to each callback and released with `userdata_free` (may be NULL) when the host object
-// is freed, or at once if this function fails. Nothing is sent before fleetprov_host_start().
-enum fleetprov_result fleetprov_host_new(const struct fleetprov_config *config,
-                                         const struct fleetprov_host_callbacks *callbacks,
-                                         void *userdata,
-                                         fleetprov_userdata_free userdata_free,
-                                         struct fleetprov_host **out);
+/*
+ Creates a host-transport flow from `config` (template, parameters, method, key type or CSR,
+ verify, output and state directories or storage, format, timeouts, retries, callbacks; the
+ claim credentials and port are the host's business and are not needed; the endpoint, if
+ set, names the endpoint the resume journal belongs to), and reads the resume journal and any
+ stored credentials (locking the state directory, generating the key). `callbacks` is copied; `userdata` is
+ passed to each callback and released with `userdata_free` (may be NULL) when the host object
+ is freed, or at once if this function fails. Nothing is sent before fleetprov_host_start().
+ */
+fleetprov_result fleetprov_host_new(const struct fleetprov_config *config,
+                                    const struct fleetprov_host_callbacks *callbacks,
+                                    void *userdata,
+                                    fleetprov_userdata_free userdata_free,
+                                    struct fleetprov_host **out);
 
-// Frees the host object (NULL is a no-op): closes nothing (the connection is the host's), but
-// drops the flow; a journal it wrote stays for the next attempt. Called from inside one of the
-// host's callbacks, the free is deferred until the fleetprov_host_* call that ran the callback
-// returns; make no further call on the host after this one.
+/*
+ Frees the host object (NULL is a no-op): closes nothing (the connection is the host's), but
+ drops the flow; a journal it wrote stays for the next attempt. Called from inside one of the
+ host's callbacks, the free is deferred until the fleetprov_host_* call that ran the callback
+ returns; make no further call on the host after this one.
+ */
 void fleetprov_host_free(struct fleetprov_host *host);
 
-// Starts the flow at `now_ms` (milliseconds from any monotonic origin, the same in every call):
-// asks for the first connection through the connect callback, or finishes at once when the
-// storage already holds the credentials.
-enum fleetprov_result fleetprov_host_start(struct fleetprov_host *host, uint64_t now_ms);
+/*
+ Starts the flow at `now_ms` (milliseconds from any monotonic origin, the same in every call):
+ asks for the first connection through the connect callback, or finishes at once when the
+ storage already holds the credentials.
+ */
+fleetprov_result fleetprov_host_start(struct fleetprov_host *host, uint64_t now_ms);
 
-// The connection asked for by the last connect callback is up (CONNACK accepted).
-enum fleetprov_result fleetprov_host_connected(struct fleetprov_host *host, uint64_t now_ms);
+/*
+ The connection asked for by the last connect callback is up (CONNACK accepted).
+ */
+fleetprov_result fleetprov_host_connected(struct fleetprov_host *host, uint64_t now_ms);
 
-// The connection asked for could not be made. `tls` true when the TLS handshake failed (the
-// server refused the certificate, or it could not be verified): for a new certificate this
-// tells the flow it is not active.
-enum fleetprov_result fleetprov_host_connect_failed(struct fleetprov_host *host,
-                                                    bool tls,
-                                                    uint64_t now_ms);
+/*
+ The connection asked for could not be made. `tls` true when the TLS handshake failed (the
+ server refused the certificate, or it could not be verified): for a new certificate this
+ tells the flow it is not active.
+ */
+fleetprov_result fleetprov_host_connect_failed(struct fleetprov_host *host,
+                                               bool tls,
+                                               uint64_t now_ms);
 
-// The SUBACK for the last subscribe callback: `count` return codes, one per filter in order,
-// as the MQTT stack gives them (MQTT 3.1.1: 0x00, 0x01, 0x02 granted, 0x80 failure; MQTT 5
-// reason codes: below 0x80 granted, 0x80 and above refused). Any byte value is accepted.
-// Copied. `codes` may be NULL when `count` is 0.
-enum fleetprov_result fleetprov_host_suback(struct fleetprov_host *host,
-                                            const uint8_t *codes,
-                                            size_t count,
-                                            uint64_t now_ms);
+/*
+ The SUBACK for the last subscribe callback: `count` return codes, one per filter in order,
+ as the MQTT stack gives them (MQTT 3.1.1: 0x00, 0x01, 0x02 granted, 0x80 failure; MQTT 5
+ reason codes: below 0x80 granted, 0x80 and above refused). Any byte value is accepted.
+ Copied. `codes` may be NULL when `count` is 0.
+ */
+fleetprov_result fleetprov_host_suback(struct fleetprov_host *host,
+                                       const uint8_t *codes,
+                                       size_t count,
+                                       uint64_t now_ms);
 
-// An incoming PUBLISH (any topic: the flow ignores what is not for it). `topic` is
-// NUL-terminated UTF-8; `payload` is `len` bytes (NULL with len 0 is empty). Both are copied.
-enum fleetprov_result fleetprov_host_message(struct fleetprov_host *host,
-                                             const char *topic,
-                                             const uint8_t *payload,
-                                             size_t len,
-                                             uint64_t now_ms);
+/*
+ An incoming PUBLISH (any topic: the flow ignores what is not for it). `topic` is
+ NUL-terminated UTF-8; `payload` is `len` bytes (NULL with len 0 is empty). Both are copied.
+ */
+fleetprov_result fleetprov_host_message(struct fleetprov_host *host,
+                                        const char *topic,
+                                        const uint8_t *payload,
+                                        size_t len,
+                                        uint64_t now_ms);
 
-// The connection dropped.
-enum fleetprov_result fleetprov_host_disconnected(struct fleetprov_host *host, uint64_t now_ms);
+/*
+ The connection dropped.
+ */
+fleetprov_result fleetprov_host_disconnected(struct fleetprov_host *host, uint64_t now_ms);
 
-// Time passed: call at fleetprov_host_wake_at() at the latest (more often is fine).
-enum fleetprov_result fleetprov_host_tick(struct fleetprov_host *host, uint64_t now_ms);
+/*
+ Time passed: call at fleetprov_host_wake_at() at the latest (more often is fine).
+ */
+fleetprov_result fleetprov_host_tick(struct fleetprov_host *host, uint64_t now_ms);
 
-// Writes to `*out` when the host must call fleetprov_host_tick() at the latest (same clock as
-// `now_ms`): UINT64_MAX when no timer is pending (not started, or finished), 0 ("tick now")
-// while events are being handled (called from inside a callback). FLEETPROV_INVALID_ARGUMENT
-// (nothing written) for a NULL host or `out`.
-enum fleetprov_result fleetprov_host_wake_at(const struct fleetprov_host *host, uint64_t *out);
+/*
+ Writes to `*out` when the host must call fleetprov_host_tick() at the latest (same clock as
+ `now_ms`): UINT64_MAX when no timer is pending (not started, or finished), 0 ("tick now")
+ while events are being handled (called from inside a callback). FLEETPROV_INVALID_ARGUMENT
+ (nothing written) for a NULL host or `out`.
+ */
+fleetprov_result fleetprov_host_wake_at(const struct fleetprov_host *host, uint64_t *out);
 
-// The outcome: FLEETPROV_IN_PROGRESS until the flow finished (and while events are being
-// handled, when called from inside a callback); then FLEETPROV_OK with a new
-// result in `*out` (free with fleetprov_provisioned_free(); it can be taken once, later calls
-// give FLEETPROV_INVALID_ARGUMENT), or the failure's code with the details in the thread's last
-// error (every call). FLEETPROV_PANIC when a panic inside the library (a bug) ended the flow.
-enum fleetprov_result fleetprov_host_result(struct fleetprov_host *host,
-                                            struct fleetprov_provisioned **out);
-
-// Starts the one-call flow on a library worker thread and returns at once, writing an
-// operation handle to `*out`. `callback` is called exactly once, on the worker thread, with
-// the outcome (see fleetprov_provision_callback); progress and log callbacks also run there.
-// `userdata_free` (may be NULL) is called on `userdata` after the callback returned. The
-// config is copied: it may be freed right away.
-enum fleetprov_result fleetprov_provision_async(const struct fleetprov_config *config,
-                                                fleetprov_provision_callback callback,
-                                                void *userdata,
-                                                fleetprov_userdata_free userdata_free,
-                                                struct fleetprov_operation **out);
-
-// Asks the operation to stop; its callback then reports FLEETPROV_CANCELLED (unless it had
-// already finished). Thread-safe; may be called from any thread, callbacks included.
-enum fleetprov_result fleetprov_operation_cancel(struct fleetprov_operation *operation);
-
-// Blocks until the operation's callback has returned and its userdata was released. Any
-// number of threads may wait at once; each returns only then. From the operation's own
-// callback (which would wait for itself) or from any progress or log callback it returns
-// FLEETPROV_IN_CALLBACK without waiting.
-enum fleetprov_result fleetprov_operation_wait(struct fleetprov_operation *operation);
-
-// Cancels the operation if still running, waits until its callback returned and its userdata
-// was released (unless called from that callback: then the worker finishes on its own) and frees
-// the handle. NULL is a no-op. Call it once, after every other call on the operation returned.
-void fleetprov_operation_free(struct fleetprov_operation *operation);
-
-// Rotates the certificate of a provisioned device, blocking: connects with the credentials in
-// `credentials_dir` (certificate.pem, private.key and device.json, as fleetprov_provision()
-// wrote them; the thing name is the client id unless the config sets one) instead of a claim
-// certificate, which the config need not have; creates a new certificate (the config's method,
-// normally FLEETPROV_METHOD_CSR) and registers it through the config's template (a rotation
-// template); connects with it; and only then replaces the credentials in `credentials_dir`
-// (or the output directory, if one is set), atomically. Until that moment the old credentials
-// stay as they were. Unless the config sets a state directory, the resume journal lives in
-// `credentials_dir`/rotation-journal. The old certificate stays active in AWS IoT. On success
-// writes a new result to `*out` (free with fleetprov_provisioned_free()).
-enum fleetprov_result fleetprov_rotate(const struct fleetprov_config *config,
-                                       const char *credentials_dir,
+/*
+ The outcome: FLEETPROV_IN_PROGRESS until the flow finished (and while events are being
+ handled, when called from inside a callback); then FLEETPROV_OK with a new
+ result in `*out` (free with fleetprov_provisioned_free(); it can be taken once, later calls
+ give FLEETPROV_INVALID_ARGUMENT), or the failure's code with the details in the thread's last
+ error (every call). FLEETPROV_PANIC when a panic inside the library (a bug) ended the flow.
+ */
+fleetprov_result fleetprov_host_result(struct fleetprov_host *host,
                                        struct fleetprov_provisioned **out);
 
-// Provisions a device in one call, blocking: connects with the claim certificate, creates the
-// certificate, registers the thing, checks the certificate against the key, connects once with
-// the new credentials (unless verification is off) and writes them to the output directory if
-// one is set. On success writes a new result to `*out` (free with fleetprov_provisioned_free()).
-// Callbacks run on the calling thread. Thread-safe with respect to other configs.
-enum fleetprov_result fleetprov_provision(const struct fleetprov_config *config,
-                                          struct fleetprov_provisioned **out);
+/*
+ Starts the one-call flow on a library worker thread and returns at once, writing an
+ operation handle to `*out`. `callback` is called exactly once, on the worker thread, with
+ the outcome (see fleetprov_provision_callback); progress and log callbacks also run there.
+ `userdata_free` (may be NULL) is called on `userdata` after the callback returned. The
+ config is copied: it may be freed right away.
+ */
+fleetprov_result fleetprov_provision_async(const struct fleetprov_config *config,
+                                           fleetprov_provision_callback callback,
+                                           void *userdata,
+                                           fleetprov_userdata_free userdata_free,
+                                           struct fleetprov_operation **out);
 
-// certificateId (64 hex characters). Borrowed: valid until the certificate is freed.
+/*
+ Asks the operation to stop; its callback then reports FLEETPROV_CANCELLED (unless it had
+ already finished). Thread-safe; may be called from any thread, callbacks included.
+ */
+fleetprov_result fleetprov_operation_cancel(struct fleetprov_operation *operation);
+
+/*
+ Blocks until the operation's callback has returned and its userdata was released. Any
+ number of threads may wait at once; each returns only then. From the operation's own
+ callback (which would wait for itself) or from any progress or log callback it returns
+ FLEETPROV_IN_CALLBACK without waiting.
+ */
+fleetprov_result fleetprov_operation_wait(struct fleetprov_operation *operation);
+
+/*
+ Cancels the operation if still running, waits until its callback returned and its userdata
+ was released (unless called from that callback: then the worker finishes on its own) and frees
+ the handle. NULL is a no-op. Call it once, after every other call on the operation returned.
+ */
+void fleetprov_operation_free(struct fleetprov_operation *operation);
+
+/*
+ Rotates the certificate of a provisioned device, blocking: connects with the credentials in
+ `credentials_dir` (certificate.pem, private.key and device.json, as fleetprov_provision()
+ wrote them; the thing name is the client id unless the config sets one) instead of a claim
+ certificate, which the config need not have; creates a new certificate (the config's method,
+ normally FLEETPROV_METHOD_CSR) and registers it through the config's template (a rotation
+ template); connects with it; and only then replaces the credentials in `credentials_dir`
+ (or the output directory, if one is set), atomically. Until that moment the old credentials
+ stay as they were. Unless the config sets a state directory, the resume journal lives in
+ `credentials_dir`/rotation-journal. The old certificate stays active in AWS IoT. On success
+ writes a new result to `*out` (free with fleetprov_provisioned_free()).
+ */
+fleetprov_result fleetprov_rotate(const struct fleetprov_config *config,
+                                  const char *credentials_dir,
+                                  struct fleetprov_provisioned **out);
+
+/*
+ Provisions a device in one call, blocking: connects with the claim certificate, creates the
+ certificate, registers the thing, checks the certificate against the key, connects once with
+ the new credentials (unless verification is off) and writes them to the output directory if
+ one is set. On success writes a new result to `*out` (free with fleetprov_provisioned_free()).
+ Callbacks run on the calling thread. Thread-safe with respect to other configs.
+ */
+fleetprov_result fleetprov_provision(const struct fleetprov_config *config,
+                                     struct fleetprov_provisioned **out);
+
+/*
+ certificateId (64 hex characters). Borrowed: valid until the certificate is freed.
+ */
 const char *fleetprov_certificate_id(const struct fleetprov_certificate *certificate);
 
-// The certificate PEM. Borrowed like fleetprov_certificate_id().
+/*
+ The certificate PEM. Borrowed like fleetprov_certificate_id().
+ */
 const char *fleetprov_certificate_pem(const struct fleetprov_certificate *certificate);
 
-// The ownership token, a secret: needed for RegisterThing, valid one hour. Borrowed like
-// fleetprov_certificate_id(); wiped when the certificate is freed.
+/*
+ The ownership token, a secret: needed for RegisterThing, valid one hour. Borrowed like
+ fleetprov_certificate_id(); wiped when the certificate is freed.
+ */
 const char *fleetprov_certificate_ownership_token(const struct fleetprov_certificate *certificate);
 
-// The private key PEM returned by CreateKeysAndCertificate (PKCS#1 RSA on AWS); NULL for a
-// certificate from a CSR. Borrowed like fleetprov_certificate_id(); wiped when freed.
+/*
+ The private key PEM returned by CreateKeysAndCertificate (PKCS#1 RSA on AWS); NULL for a
+ certificate from a CSR. Borrowed like fleetprov_certificate_id(); wiped when freed.
+ */
 const char *fleetprov_certificate_private_key(const struct fleetprov_certificate *certificate);
 
-// Frees a certificate (wiping its key and token). NULL is a no-op.
+/*
+ Frees a certificate (wiping its key and token). NULL is a no-op.
+ */
 void fleetprov_certificate_free(struct fleetprov_certificate *certificate);
 
-// The thing name ("" when the template creates no thing). Borrowed: valid until the
-// registration is freed.
+/*
+ The thing name ("" when the template creates no thing). Borrowed: valid until the
+ registration is freed.
+ */
 const char *fleetprov_registration_thing_name(const struct fleetprov_registration *registration);
 
-// Attempts the provisioning took (1 when nothing was retried); 0 for NULL.
+/*
+ Attempts the provisioning took (1 when nothing was retried); 0 for NULL.
+ */
 uint32_t fleetprov_provisioned_attempts(const struct fleetprov_provisioned *provisioned);
 
-// Whether the certificate came from the resume journal (an earlier call created it); false
-// for NULL.
+/*
+ Whether the certificate came from the resume journal (an earlier call created it); false
+ for NULL.
+ */
 bool fleetprov_provisioned_resumed(const struct fleetprov_provisioned *provisioned);
 
-// false in one case only: RegisterThing refused the ownership token after an earlier attempt
-// sent it and lost the reply, and the certificate could not be tried because its key is not
-// the library's (FLEETPROV_METHOD_EXTERNAL_CSR or _EXTERNAL_SIGNER with fleetprov_provision()).
-// That attempt most likely registered it (it used the token); the thing name and device
-// configuration are then empty. Connect with the certificate to be sure. false for NULL.
+/*
+ false in one case only: RegisterThing refused the ownership token after an earlier attempt
+ sent it and lost the reply, and the certificate could not be tried because its key is not
+ the library's (FLEETPROV_METHOD_EXTERNAL_CSR or _EXTERNAL_SIGNER with fleetprov_provision()).
+ That attempt most likely registered it (it used the token); the thing name and device
+ configuration are then empty. Connect with the certificate to be sure. false for NULL.
+ */
 bool fleetprov_provisioned_registration_confirmed(const struct fleetprov_provisioned *provisioned);
 
-// true when the output directory already held the complete credentials of an earlier call (and
-// nothing was pending in the journal): they were returned as they are, nothing was sent and no
-// certificate was made; attempts is 0. See fleetprov_config_set_reprovision(). false for NULL.
+/*
+ true when the output directory already held the complete credentials of an earlier call (and
+ nothing was pending in the journal): they were returned as they are, nothing was sent and no
+ certificate was made; attempts is 0. See fleetprov_config_set_reprovision(). false for NULL.
+ */
 bool fleetprov_provisioned_already_provisioned(const struct fleetprov_provisioned *provisioned);
 
-// Number of deviceConfiguration entries.
+/*
+ Number of deviceConfiguration entries.
+ */
 size_t fleetprov_registration_config_count(const struct fleetprov_registration *registration);
 
-// deviceConfiguration entry `index` (sorted by key): writes borrowed key and value pointers
-// (valid until the registration is freed). FLEETPROV_INVALID_ARGUMENT if out of range.
-enum fleetprov_result fleetprov_registration_config_entry(const struct fleetprov_registration *registration,
-                                                          size_t index,
-                                                          const char **key,
-                                                          const char **value);
+/*
+ deviceConfiguration entry `index` (sorted by key): writes borrowed key and value pointers
+ (valid until the registration is freed). FLEETPROV_INVALID_ARGUMENT if out of range.
+ */
+fleetprov_result fleetprov_registration_config_entry(const struct fleetprov_registration *registration,
+                                                     size_t index,
+                                                     const char **key,
+                                                     const char **value);
 
-// Frees a registration. NULL is a no-op.
+/*
+ Frees a registration. NULL is a no-op.
+ */
 void fleetprov_registration_free(struct fleetprov_registration *registration);
 
-// The thing name. Borrowed: valid until the result is freed.
+/*
+ The thing name. Borrowed: valid until the result is freed.
+ */
 const char *fleetprov_provisioned_thing_name(const struct fleetprov_provisioned *provisioned);
 
-// The new certificate's id. Borrowed like fleetprov_provisioned_thing_name().
+/*
+ The new certificate's id. Borrowed like fleetprov_provisioned_thing_name().
+ */
 const char *fleetprov_provisioned_certificate_id(const struct fleetprov_provisioned *provisioned);
 
-// The new certificate PEM. Borrowed like fleetprov_provisioned_thing_name().
+/*
+ The new certificate PEM. Borrowed like fleetprov_provisioned_thing_name().
+ */
 const char *fleetprov_provisioned_certificate_pem(const struct fleetprov_provisioned *provisioned);
 
-// The device's private key PEM; NULL with FLEETPROV_METHOD_EXTERNAL_CSR. Borrowed like
-// fleetprov_provisioned_thing_name(); wiped when the result is freed.
+/*
+ The device's private key PEM; NULL with FLEETPROV_METHOD_EXTERNAL_CSR. Borrowed like
+ fleetprov_provisioned_thing_name(); wiped when the result is freed.
+ */
 const char *fleetprov_provisioned_private_key(const struct fleetprov_provisioned *provisioned);
 
-// The directory the credentials were written to (certificate.pem, private.key, device.json),
-// or NULL when no output directory was configured. Borrowed like the other getters.
+/*
+ The directory the credentials were written to (certificate.pem, private.key, device.json),
+ or NULL when no output directory was configured. Borrowed like the other getters.
+ */
 const char *fleetprov_provisioned_output_dir(const struct fleetprov_provisioned *provisioned);
 
-// Number of deviceConfiguration entries.
+/*
+ Number of deviceConfiguration entries.
+ */
 size_t fleetprov_provisioned_config_count(const struct fleetprov_provisioned *provisioned);
 
-// deviceConfiguration entry `index` (sorted by key), as fleetprov_registration_config_entry().
-enum fleetprov_result fleetprov_provisioned_config_entry(const struct fleetprov_provisioned *provisioned,
-                                                         size_t index,
-                                                         const char **key,
-                                                         const char **value);
+/*
+ deviceConfiguration entry `index` (sorted by key), as fleetprov_registration_config_entry().
+ */
+fleetprov_result fleetprov_provisioned_config_entry(const struct fleetprov_provisioned *provisioned,
+                                                    size_t index,
+                                                    const char **key,
+                                                    const char **value);
 
-// Frees a provisioning result (wiping the key). NULL is a no-op.
+/*
+ Frees a provisioning result (wiping the key). NULL is a no-op.
+ */
 void fleetprov_provisioned_free(struct fleetprov_provisioned *provisioned);
 
-// Keeps the resume journal and the credentials in the firmware's own store (see
-// fleetprov_storage) instead of files: for fleetprov_provision(), fleetprov_provision_async(),
-// fleetprov_rotate() (the current credentials are read from the store and replaced there) and
-// the host transport. `storage` is copied; its `size` must be sizeof(fleetprov_storage) (or
-// more, from a later header). Excludes fleetprov_config_set_output_dir() and
-// fleetprov_config_set_state_dir(): a provisioning with both fails with
-// FLEETPROV_INVALID_ARGUMENT. No state lock is taken: one provisioning at a time per store is
-// the firmware's to ensure. NULL `storage` goes back to files (and releases the userdata).
-// `userdata` is passed to every callback and released with `userdata_free` (may be NULL) when
-// the config and every provisioning started from it are done with it, or at once if this
-// function fails.
-enum fleetprov_result fleetprov_config_set_storage(struct fleetprov_config *config,
-                                                   const struct fleetprov_storage *storage,
-                                                   void *userdata,
-                                                   fleetprov_userdata_free userdata_free);
+/*
+ Keeps the resume journal and the credentials in the firmware's own store (see
+ fleetprov_storage) instead of files: for fleetprov_provision(), fleetprov_provision_async(),
+ fleetprov_rotate() (the current credentials are read from the store and replaced there) and
+ the host transport. `storage` is copied; its `size` must be sizeof(fleetprov_storage) (or
+ more, from a later header). Excludes fleetprov_config_set_output_dir() and
+ fleetprov_config_set_state_dir(): a provisioning with both fails with
+ FLEETPROV_INVALID_ARGUMENT. No state lock is taken: one provisioning at a time per store is
+ the firmware's to ensure. NULL `storage` goes back to files (and releases the userdata).
+ `userdata` is passed to every callback and released with `userdata_free` (may be NULL) when
+ the config and every provisioning started from it are done with it, or at once if this
+ function fails.
+ */
+fleetprov_result fleetprov_config_set_storage(struct fleetprov_config *config,
+                                              const struct fleetprov_storage *storage,
+                                              void *userdata,
+                                              fleetprov_userdata_free userdata_free);
 
-// The name of a result code ("FLEETPROV_OK", ...); "FLEETPROV_UNKNOWN" for other values.
-// The string is static. Thread-safe.
+/*
+ The name of a result code ("FLEETPROV_OK", ...); "FLEETPROV_UNKNOWN" for other values.
+ The string is static. Thread-safe.
+ */
 const char *fleetprov_result_name(int32_t result);
 
-// The library's version, e.g. "0.2.1" (static string; agrees with the FLEETPROV_VERSION_*
-// macros of the header the program was compiled with when both come from one release).
+/*
+ The ABI version of the library loaded at run time (see FLEETPROV_ABI_VERSION). Thread-safe.
+ */
+uint32_t fleetprov_abi_version(void);
+
+/*
+ The library's version, e.g. "0.3.0" (static string; agrees with the FLEETPROV_VERSION_*
+ macros of the header the program was compiled with when both come from one release).
+ */
 const char *fleetprov_version(void);
 
 #ifdef __cplusplus
-}  // extern "C"
-#endif  // __cplusplus
+}  /* extern "C" */
+#endif  /* __cplusplus */
 
 #endif  /* FLEETPROV_H */
+
+/*
+ * Nonzero when the library loaded at run time has the ABI this header describes. Check it once
+ * at start-up, before any other call: a library of another ABI version may read your arguments
+ * differently.
+ */
+#define FLEETPROV_ABI_COMPATIBLE() (fleetprov_abi_version() == FLEETPROV_ABI_VERSION)

@@ -21,7 +21,17 @@ fn generate() -> String {
         .generate()
         .expect("cbindgen generates the header")
         .write(&mut out);
-    String::from_utf8(out).expect("UTF-8 header")
+    let header = String::from_utf8(out).expect("UTF-8 header");
+    // cbindgen labels some #endif lines with // comments; C89 has only /* */ comments.
+    header
+        .lines()
+        .map(|line| match line.split_once("// ") {
+            Some((code, label)) if code.trim_start().starts_with(['#', '}']) => {
+                format!("{code}/* {label} */\n")
+            }
+            _ => format!("{line}\n"),
+        })
+        .collect()
 }
 
 #[test]

@@ -59,6 +59,12 @@ int example_parse_args(int argc, char **argv, struct example_args *a, int requir
 
 int example_parse_args_with(int argc, char **argv, struct example_args *a, unsigned flags,
                             const struct example_option *extra, size_t count) {
+    /* First thing: the library loaded must have the ABI of the header we were built with. */
+    if (!FLEETPROV_ABI_COMPATIBLE()) {
+        fprintf(stderr, "%s: built against the fleetprov ABI %d but loaded a library of ABI %u\n",
+                argv[0], FLEETPROV_ABI_VERSION, (unsigned)fleetprov_abi_version());
+        return -1;
+    }
     memset(a, 0, sizeof *a);
     a->port = 8883;
     a->format = FLEETPROV_FORMAT_JSON;

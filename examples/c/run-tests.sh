@@ -66,7 +66,7 @@ step "library: configure, build (cargo, debug) and install to $prefix"
 
 step "pkg-config: fleetprov.pc, shared and static"
 export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
-pkg-config --exists --print-errors 'fleetprov >= 0.2'
+pkg-config --exists --print-errors 'fleetprov >= 0.3'
 echo "pkg-config fleetprov: $(pkg-config --modversion fleetprov): $(pkg-config --cflags --libs fleetprov)"
 # shellcheck disable=SC2046
 # No rpath of our own: the .pc file's Libs carries it, so the program runs without
@@ -84,6 +84,9 @@ step "library with injectable panics (cargo feature test-panics) for the contrac
 cargo build --locked -p fleetprov --lib --features test-panics
 mkdir -p "$work/test-panics"
 cp "$target_dir/debug/libfleetprov.so" "$work/test-panics/"
+# Programs linked with it record its SONAME (libfleetprov.so.<ABI>) and look for that name.
+abi=$(sed -n 's/^#define FLEETPROV_ABI_VERSION \([0-9]*\)$/\1/p' include/fleetprov.h)
+ln -sf libfleetprov.so "$work/test-panics/libfleetprov.so.$abi"
 # Put the ordinary build back in place for whoever uses target/debug next.
 cargo build --locked -p fleetprov --lib
 

@@ -141,6 +141,7 @@ impl fleetprov_config {
                 Arc::new(move |progress: &Progress| {
                     let error = progress.error.as_ref().map(fleetprov_error::new);
                     let view = fleetprov_progress {
+                        size: std::mem::size_of::<fleetprov_progress>(),
                         step: progress.step.into(),
                         attempt: progress.attempt,
                         retry_in_ms: progress.retry_in_ms,

@@ -13,7 +13,7 @@ use crate::engine::Step;
 use crate::error::Error;
 
 /// Result of every fallible function. Numbers are never reused.
-#[repr(C)]
+#[repr(i32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum fleetprov_result {
     /// Success.
@@ -80,7 +80,7 @@ impl fleetprov_result {
 }
 
 /// Payload format of requests and replies.
-#[repr(C)]
+#[repr(i32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum fleetprov_format {
     FLEETPROV_FORMAT_JSON = 0,
@@ -88,7 +88,7 @@ pub enum fleetprov_format {
 }
 
 /// How the one-call flow gets the device's certificate.
-#[repr(C)]
+#[repr(i32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum fleetprov_method {
     /// CreateCertificateFromCsr with a key generated on the device (the default).
@@ -103,7 +103,7 @@ pub enum fleetprov_method {
 }
 
 /// Key generated on the device for FLEETPROV_METHOD_CSR.
-#[repr(C)]
+#[repr(i32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum fleetprov_key_type {
     FLEETPROV_KEY_P256 = 0,
@@ -111,7 +111,7 @@ pub enum fleetprov_key_type {
 }
 
 /// Steps reported to the progress callback.
-#[repr(C)]
+#[repr(i32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum fleetprov_step {
     FLEETPROV_STEP_CONNECTING = 0,
@@ -157,7 +157,7 @@ impl From<Step> for fleetprov_step {
 }
 
 /// Severity of a log line.
-#[repr(C)]
+#[repr(i32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum fleetprov_log_level {
     FLEETPROV_LOG_ERROR = 1,
@@ -299,10 +299,14 @@ pub type fleetprov_log_callback = Option<
     ),
 >;
 
-/// A step reached, as given to fleetprov_progress_callback.
+/// A step reached, as given to fleetprov_progress_callback. The library fills it; later versions
+/// may add fields at the end: `size` says how many bytes of it are valid.
 #[repr(C)]
 #[derive(Debug)]
 pub struct fleetprov_progress {
+    /// sizeof(fleetprov_progress) of the library that filled it: a field lies within the struct
+    /// only if its offset plus its size is at most this.
+    pub size: usize,
     pub step: fleetprov_step,
     /// The attempt the step belongs to, from 1; it grows with each retry.
     pub attempt: u32,
@@ -635,7 +639,20 @@ pub extern "C" fn fleetprov_result_name(result: i32) -> *const c_char {
     name.as_ptr()
 }
 
-/// The library's version, e.g. "0.2.1" (static string; agrees with the FLEETPROV_VERSION_*
+/// The version of the C ABI this header describes. It changes whenever the ABI changes in a way
+/// that programs built against an older header cannot use (a function's parameters, a struct's
+/// layout, a type's size); additions do not change it. It is also the number in the shared
+/// library's SONAME (libfleetprov.so.3). Compare it with fleetprov_abi_version() at start-up:
+/// FLEETPROV_ABI_COMPATIBLE() does.
+pub const FLEETPROV_ABI_VERSION: u32 = 3;
+
+/// The ABI version of the library loaded at run time (see FLEETPROV_ABI_VERSION). Thread-safe.
+#[unsafe(no_mangle)]
+pub extern "C" fn fleetprov_abi_version() -> u32 {
+    FLEETPROV_ABI_VERSION
+}
+
+/// The library's version, e.g. "0.3.0" (static string; agrees with the FLEETPROV_VERSION_*
 /// macros of the header the program was compiled with when both come from one release).
 #[unsafe(no_mangle)]
 pub extern "C" fn fleetprov_version() -> *const c_char {

@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 #: The library version this package is written for (agrees with pyproject.toml).
-EXPECTED_VERSION = "0.2.1"
+EXPECTED_VERSION = "0.3.0"
 _LIB_NAME = "libfleetprov.so"
 
 
@@ -96,7 +96,8 @@ class ProgressStruct(ctypes.Structure):
     """struct fleetprov_progress, borrowed by the progress callback for the call only."""
 
     _fields_ = [
-        ("step", c_int),  # enum fleetprov_step
+        ("size", c_size_t),  # sizeof(fleetprov_progress) of the library that filled it
+        ("step", ctypes.c_int32),  # fleetprov_step
         ("attempt", c_uint32),
         ("retry_in_ms", c_uint64),
         ("error", c_void_p),  # const fleetprov_error *, NULL unless retrying

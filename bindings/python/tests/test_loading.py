@@ -10,7 +10,7 @@ import fleetprov
 
 
 def test_version_matches():
-    assert fleetprov.__version__ == "0.2.1"
+    assert fleetprov.__version__ == "0.3.0"
     assert fleetprov.library_version() == fleetprov.__version__
     assert fleetprov.LIBRARY_PATH.name == "libfleetprov.so"
 
