@@ -188,14 +188,26 @@ fn host_api_arguments_are_checked() {
             FLEETPROV_INVALID_ARGUMENT
         );
         assert_eq!(wake_at(h), u64::MAX, "not started: no timer");
+        // NULL with a length is refused; NULL with 0 is empty (a topic of no interest, and
+        // an event before the start at that).
         assert_eq!(
-            fleetprov_host_message(h, ptr::null(), ptr::null(), 0, 0),
+            fleetprov_host_message(h, ptr::null(), 3, ptr::null(), 0, 0),
             FLEETPROV_INVALID_ARGUMENT
         );
         assert_eq!(
-            fleetprov_host_message(h, c"t".as_ptr(), ptr::null(), 5, 0),
+            fleetprov_host_message(h, b"t".as_ptr(), 1, ptr::null(), 5, 0),
             FLEETPROV_INVALID_ARGUMENT
         );
+        ok(fleetprov_host_message(h, ptr::null(), 0, ptr::null(), 0, 0));
+        // A topic that is not UTF-8 is not an error: it is no topic of the flow's.
+        ok(fleetprov_host_message(
+            h,
+            b"\xfft".as_ptr(),
+            2,
+            b"{}".as_ptr(),
+            2,
+            0,
+        ));
         assert_eq!(
             fleetprov_host_suback(h, ptr::null(), 2, 0),
             FLEETPROV_INVALID_ARGUMENT
