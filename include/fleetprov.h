@@ -514,8 +514,17 @@ typedef struct fleetprov_identity {
  A callback must return normally: no C++ exception, longjmp() or thread exit may leave it
  (that would skip the library's cleanup and unwinding through Rust frames is undefined).
  Pointers passed to a callback are valid only during the call.
+
+ Set `size` to sizeof(fleetprov_host_callbacks): fleetprov_host_new() refuses a smaller value
+ with FLEETPROV_INVALID_ARGUMENT. A larger one (from a later header, with more fields) is
+ accepted; this version reads only the fields it knows.
  */
 typedef struct fleetprov_host_callbacks {
+  /*
+   sizeof(fleetprov_host_callbacks): lets later versions grow this struct without breaking
+   callers built against this one.
+   */
+  size_t size;
   /*
    Drop any current connection and open one with `identity` (MQTT clean session).
    Report fleetprov_host_connected() on CONNACK, or fleetprov_host_connect_failed().
@@ -994,9 +1003,12 @@ void fleetprov_error_free(struct fleetprov_error *error);
  verify, output and state directories or storage, format, timeouts, retries, callbacks; the
  claim credentials and port are the host's business and are not needed; the endpoint, if
  set, names the endpoint the resume journal belongs to), and reads the resume journal and any
- stored credentials (locking the state directory, generating the key). `callbacks` is copied; `userdata` is
- passed to each callback and released with `userdata_free` (may be NULL) when the host object
- is freed, or at once if this function fails. Nothing is sent before fleetprov_host_start().
+ stored credentials (locking the state directory, generating the key). `callbacks` is copied;
+ its `size` must be sizeof(fleetprov_host_callbacks) (or more, from a later header: only the
+ fields this version knows are read), a smaller one is FLEETPROV_INVALID_ARGUMENT; every
+ callback is required. `userdata` is passed to each callback and released with
+ `userdata_free` (may be NULL) when the host object is freed, or at once if this function
+ fails. Nothing is sent before fleetprov_host_start().
  */
 fleetprov_result fleetprov_host_new(const struct fleetprov_config *config,
                                     const struct fleetprov_host_callbacks *callbacks,
@@ -1045,11 +1057,18 @@ fleetprov_result fleetprov_host_suback(struct fleetprov_host *host,
                                        uint64_t now_ms);
 
 /*
- An incoming PUBLISH (any topic: the flow ignores what is not for it). `topic` is
- NUL-terminated UTF-8; `payload` is `len` bytes (NULL with len 0 is empty). Both are copied.
+ An incoming PUBLISH, on any topic (the flow ignores what is not for it).
+
+ `topic` is `topic_len` bytes as the MQTT stack gives them: no NUL terminator is needed and
+ none is looked for (coreMQTT's topic points into the packet buffer); the library reads no
+ byte past `topic_len`. A topic that is not valid UTF-8 cannot be one of the flow's: the
+ message is ignored (FLEETPROV_OK). `payload` is `len` bytes. A NULL pointer with a length of
+ 0 is empty; with a larger length it is FLEETPROV_INVALID_ARGUMENT. Topic and payload are
+ copied: both buffers may be reused as soon as the call returns.
  */
 fleetprov_result fleetprov_host_message(struct fleetprov_host *host,
-                                        const char *topic,
+                                        const uint8_t *topic,
+                                        size_t topic_len,
                                         const uint8_t *payload,
                                         size_t len,
                                         uint64_t now_ms);

@@ -5,6 +5,7 @@
 use std::ffi::{CStr, c_void};
 use std::ptr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 mod common;
 
@@ -188,14 +189,26 @@ fn host_api_arguments_are_checked() {
             FLEETPROV_INVALID_ARGUMENT
         );
         assert_eq!(wake_at(h), u64::MAX, "not started: no timer");
+        // NULL with a length is refused; NULL with 0 is empty (a topic of no interest, and
+        // an event before the start at that).
         assert_eq!(
-            fleetprov_host_message(h, ptr::null(), ptr::null(), 0, 0),
+            fleetprov_host_message(h, ptr::null(), 3, ptr::null(), 0, 0),
             FLEETPROV_INVALID_ARGUMENT
         );
         assert_eq!(
-            fleetprov_host_message(h, c"t".as_ptr(), ptr::null(), 5, 0),
+            fleetprov_host_message(h, b"t".as_ptr(), 1, ptr::null(), 5, 0),
             FLEETPROV_INVALID_ARGUMENT
         );
+        ok(fleetprov_host_message(h, ptr::null(), 0, ptr::null(), 0, 0));
+        // A topic that is not UTF-8 is not an error: it is no topic of the flow's.
+        ok(fleetprov_host_message(
+            h,
+            b"\xfft".as_ptr(),
+            2,
+            b"{}".as_ptr(),
+            2,
+            0,
+        ));
         assert_eq!(
             fleetprov_host_suback(h, ptr::null(), 2, 0),
             FLEETPROV_INVALID_ARGUMENT
@@ -209,6 +222,145 @@ fn host_api_arguments_are_checked() {
         fleetprov_host_free(h);
         fleetprov_host_free(ptr::null_mut());
         fleetprov_config_free(c);
+    }
+}
+
+unsafe extern "C" fn count_free(userdata: *mut c_void) {
+    // SAFETY: the userdata of these calls is the test's counter.
+    unsafe { &*(userdata as *const AtomicUsize) }.fetch_add(1, Ordering::SeqCst);
+}
+
+#[test]
+fn host_new_checks_the_callbacks_size_and_releases_the_userdata_on_failure() {
+    let env = common::env("host", "size", &[]);
+    let c = host_config(&env, "size", fleetprov_method::FLEETPROV_METHOD_CSR, false);
+    let full = std::mem::size_of::<fleetprov_host_callbacks>();
+    let sized = |size| fleetprov_host_callbacks { size, ..CALLBACKS };
+    let (zero, eight, one_short) = (sized(0), sized(8), sized(full - 1));
+    let no_publish = fleetprov_host_callbacks {
+        publish: None,
+        ..CALLBACKS
+    };
+    let freed = AtomicUsize::new(0);
+    let u = &freed as *const AtomicUsize as *mut c_void;
+    let mut h = ptr::null_mut();
+    let rows: [(&str, *const fleetprov_host_callbacks, String); 5] = [
+        ("NULL", ptr::null(), "callbacks is NULL".into()),
+        (
+            "size 0",
+            &zero,
+            format!("callbacks->size is 0: set it to sizeof(fleetprov_host_callbacks) ({full})"),
+        ),
+        (
+            "size 8",
+            &eight,
+            format!("callbacks->size is 8: set it to sizeof(fleetprov_host_callbacks) ({full})"),
+        ),
+        (
+            "one byte short",
+            &one_short,
+            format!(
+                "callbacks->size is {}: set it to sizeof(fleetprov_host_callbacks) ({full})",
+                full - 1
+            ),
+        ),
+        (
+            "no publish",
+            &no_publish,
+            "every host callback is required".into(),
+        ),
+    ];
+    for (i, (what, callbacks, message)) in rows.into_iter().enumerate() {
+        // SAFETY: a live config; each table lives for the call; the counter outlives it.
+        let r = unsafe { fleetprov_host_new(c, callbacks, u, Some(count_free), &mut h) };
+        assert_eq!(r, FLEETPROV_INVALID_ARGUMENT, "{what}");
+        assert!(h.is_null(), "{what}: nothing written");
+        let text = common::last_error();
+        assert!(text.contains(&message), "{what}: {text}");
+        assert_eq!(
+            freed.load(Ordering::SeqCst),
+            i + 1,
+            "{what}: userdata released"
+        );
+    }
+
+    // A larger struct, from a later header with more callbacks: accepted, the known prefix read.
+    #[repr(C)]
+    struct Later {
+        known: fleetprov_host_callbacks,
+        added: [usize; 3],
+    }
+    let later = Later {
+        known: sized(std::mem::size_of::<Later>()),
+        added: [usize::MAX; 3],
+    };
+    let host = Host::default();
+    // SAFETY: a live config; `later` and `host` outlive the calls; the host object is freed once.
+    unsafe {
+        ok(fleetprov_host_new(
+            c,
+            &later.known,
+            &host as *const Host as *mut c_void,
+            None,
+            &mut h,
+        ));
+        ok(fleetprov_host_start(h, 0));
+        assert!(
+            matches!(
+                host.cmds.lock().unwrap().pop_front(),
+                Some(Cmd::Connect { claim: true, .. })
+            ),
+            "the known callbacks are used"
+        );
+        fleetprov_host_free(h);
+        // The sized one, with the counter: released once, when the host object is freed.
+        ok(fleetprov_host_new(
+            c,
+            &CALLBACKS,
+            u,
+            Some(count_free),
+            &mut h,
+        ));
+        fleetprov_host_free(h);
+        assert_eq!(freed.load(Ordering::SeqCst), 6);
+        fleetprov_config_free(c);
+    }
+}
+
+#[test]
+fn a_host_stack_topics_are_bytes_of_a_given_length() {
+    // Every incoming PUBLISH comes after two look-alikes whose topics are the real one with a
+    // byte that is not UTF-8 after it, and with a NUL and more after it: both are ignored (OK),
+    // not taken for the reply (their body would fail the step). The real one comes from a
+    // buffer with "#garbage" after the topic and a length without it: read as the real topic.
+    for (i, (method, cbor)) in [
+        (fleetprov_method::FLEETPROV_METHOD_CSR, false),
+        (fleetprov_method::FLEETPROV_METHOD_CREATE_KEYS, true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let env = common::env("host", &format!("topics-{i}"), &[]);
+        let c = host_config(&env, &format!("topics{i}"), method, cbor);
+        let (r, p, seen) = drive_with(&env, c, None, true);
+        assert_eq!(r, FLEETPROV_OK, "{seen:#?}");
+        // SAFETY: a live result and config, freed once.
+        unsafe {
+            assert_eq!(fleetprov_provisioned_attempts(p), 1, "{seen:#?}");
+            assert_eq!(
+                CStr::from_ptr(fleetprov_provisioned_thing_name(p)).to_str(),
+                Ok(format!("demo-topics{i}").as_str())
+            );
+            fleetprov_provisioned_free(p);
+            fleetprov_config_free(c);
+        }
+        assert_eq!(
+            seen.iter().filter(|s| s.starts_with("publish ")).count(),
+            2,
+            "one request per API, each answered once: {seen:#?}"
+        );
+        assert!(!seen.iter().any(|s| s.starts_with("connection error")));
+        assert_eq!(common::device_certificates(&env.emu).len(), 1);
     }
 }
 

@@ -225,6 +225,7 @@ fn every_catch_site_turns_a_panic_into_fleetprov_panic() {
 
         // 5. The host API: the flow ends with FLEETPROV_PANIC instead of hanging.
         let callbacks = fleetprov_host_callbacks {
+            size: std::mem::size_of::<fleetprov_host_callbacks>(),
             connect: Some(host_connect),
             disconnect: Some(host_disconnect),
             subscribe: Some(host_subscribe),

@@ -203,9 +203,10 @@ static void on_message(struct mosquitto *mosq, void *obj, const struct mosquitto
     if (!current(app, mosq) || app->state != LINK_UP || msg->payloadlen < 0) {
         return;
     }
+    /* libmosquitto's topic is a C string; the library takes any topic as bytes and a length. */
     reported(app, "fleetprov_host_message",
-             fleetprov_host_message(app->host, msg->topic, msg->payload,
-                                    (size_t)msg->payloadlen, now_ms()));
+             fleetprov_host_message(app->host, (const uint8_t *)msg->topic, strlen(msg->topic),
+                                    msg->payload, (size_t)msg->payloadlen, now_ms()));
 }
 
 static void on_log(struct mosquitto *mosq, void *obj, int level, const char *line) {
@@ -535,8 +536,13 @@ int main(int argc, char **argv) {
         r = fleetprov_config_set_progress_callback(cfg, on_progress,
                                                    (void *)"provision_mosquitto:", NULL);
     }
-    const fleetprov_host_callbacks callbacks = {host_connect, host_disconnect, host_subscribe,
-                                                host_publish};
+    const fleetprov_host_callbacks callbacks = {
+        .size = sizeof(fleetprov_host_callbacks),
+        .connect = host_connect,
+        .disconnect = host_disconnect,
+        .subscribe = host_subscribe,
+        .publish = host_publish,
+    };
     if (r == FLEETPROV_OK) {
         /* `app` outlives the host object: no userdata_free. */
         what = "fleetprov_host_new";

@@ -53,9 +53,16 @@ pub struct fleetprov_identity {
 /// A callback must return normally: no C++ exception, longjmp() or thread exit may leave it
 /// (that would skip the library's cleanup and unwinding through Rust frames is undefined).
 /// Pointers passed to a callback are valid only during the call.
+///
+/// Set `size` to sizeof(fleetprov_host_callbacks): fleetprov_host_new() refuses a smaller value
+/// with FLEETPROV_INVALID_ARGUMENT. A larger one (from a later header, with more fields) is
+/// accepted; this version reads only the fields it knows.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct fleetprov_host_callbacks {
+    /// sizeof(fleetprov_host_callbacks): lets later versions grow this struct without breaking
+    /// callers built against this one.
+    pub size: usize,
     /// Drop any current connection and open one with `identity` (MQTT clean session).
     /// Report fleetprov_host_connected() on CONNACK, or fleetprov_host_connect_failed().
     /// A non-zero return counts as a failed connection attempt.
@@ -91,7 +98,8 @@ enum HostEvent {
     Connected,
     ConnectFailed(Error),
     SubAck(Vec<u8>),
-    Message(String, Vec<u8>),
+    /// Topic and payload, as the host's stack gave them (the topic need not be UTF-8).
+    Message(Vec<u8>, Vec<u8>),
     Disconnected,
     Tick,
 }
@@ -138,9 +146,12 @@ pub struct fleetprov_host {
 /// verify, output and state directories or storage, format, timeouts, retries, callbacks; the
 /// claim credentials and port are the host's business and are not needed; the endpoint, if
 /// set, names the endpoint the resume journal belongs to), and reads the resume journal and any
-/// stored credentials (locking the state directory, generating the key). `callbacks` is copied; `userdata` is
-/// passed to each callback and released with `userdata_free` (may be NULL) when the host object
-/// is freed, or at once if this function fails. Nothing is sent before fleetprov_host_start().
+/// stored credentials (locking the state directory, generating the key). `callbacks` is copied;
+/// its `size` must be sizeof(fleetprov_host_callbacks) (or more, from a later header: only the
+/// fields this version knows are read), a smaller one is FLEETPROV_INVALID_ARGUMENT; every
+/// callback is required. `userdata` is passed to each callback and released with
+/// `userdata_free` (may be NULL) when the host object is freed, or at once if this function
+/// fails. Nothing is sent before fleetprov_host_start().
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fleetprov_host_new(
     config: *const fleetprov_config,
@@ -152,8 +163,20 @@ pub unsafe extern "C" fn fleetprov_host_new(
     guard(|| {
         let user = UserData::new(userdata, userdata_free);
         // SAFETY: pointers per the header.
-        let (config, callbacks) = unsafe { (config_ref(config)?, callbacks.as_ref()) };
-        let callbacks = *callbacks.ok_or_else(|| invalid("callbacks is NULL"))?;
+        let config = unsafe { config_ref(config)? };
+        if callbacks.is_null() {
+            return Err(invalid("callbacks is NULL"));
+        }
+        // SAFETY: non-NULL; the header requires at least the `size` field to be readable.
+        let size = unsafe { callbacks.cast::<usize>().read_unaligned() };
+        if size < std::mem::size_of::<fleetprov_host_callbacks>() {
+            return Err(invalid(format!(
+                "callbacks->size is {size}: set it to sizeof(fleetprov_host_callbacks) ({})",
+                std::mem::size_of::<fleetprov_host_callbacks>()
+            )));
+        }
+        // SAFETY: `size` says at least a whole fleetprov_host_callbacks is readable.
+        let callbacks = unsafe { callbacks.read_unaligned() };
         if callbacks.connect.is_none()
             || callbacks.disconnect.is_none()
             || callbacks.subscribe.is_none()
@@ -291,7 +314,13 @@ impl fleetprov_host {
                 let event = match &event {
                     HostEvent::Connected => FlowEvent::Connected,
                     HostEvent::ConnectFailed(e) => FlowEvent::ConnectFailed(e.clone()),
-                    HostEvent::Message(topic, payload) => FlowEvent::Message { topic, payload },
+                    HostEvent::Message(topic, payload) => FlowEvent::Message {
+                        // A topic that is not UTF-8 is none of the flow's (those are a request
+                        // topic and "/accepted" or "/rejected"): the flow sees it as a topic of
+                        // no interest, the empty one, and ignores the message like any other.
+                        topic: std::str::from_utf8(topic).unwrap_or(""),
+                        payload,
+                    },
                     HostEvent::Disconnected => FlowEvent::Disconnected(Error::Connection(
                         "the host reported the connection lost".into(),
                     )),
@@ -469,43 +498,55 @@ pub unsafe extern "C" fn fleetprov_host_suback(
     now_ms: u64,
 ) -> fleetprov_result {
     feed(host, now_ms, || {
-        if codes.is_null() && count > 0 {
-            return Err(invalid("codes is NULL"));
-        }
-        let list = if count == 0 {
-            Vec::new()
-        } else {
-            // SAFETY: `count` readable bytes, per the header; every byte value is valid.
-            unsafe { std::slice::from_raw_parts(codes, count) }.to_vec()
-        };
+        // SAFETY: `count` readable bytes, per the header; every byte value is valid.
+        let list = unsafe { bytes_arg(codes, count, "codes")? };
         Ok(HostEvent::SubAck(list))
     })
 }
 
-/// An incoming PUBLISH (any topic: the flow ignores what is not for it). `topic` is
-/// NUL-terminated UTF-8; `payload` is `len` bytes (NULL with len 0 is empty). Both are copied.
+/// An incoming PUBLISH, on any topic (the flow ignores what is not for it).
+///
+/// `topic` is `topic_len` bytes as the MQTT stack gives them: no NUL terminator is needed and
+/// none is looked for (coreMQTT's topic points into the packet buffer); the library reads no
+/// byte past `topic_len`. A topic that is not valid UTF-8 cannot be one of the flow's: the
+/// message is ignored (FLEETPROV_OK). `payload` is `len` bytes. A NULL pointer with a length of
+/// 0 is empty; with a larger length it is FLEETPROV_INVALID_ARGUMENT. Topic and payload are
+/// copied: both buffers may be reused as soon as the call returns.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fleetprov_host_message(
     host: *mut fleetprov_host,
-    topic: *const c_char,
+    topic: *const u8,
+    topic_len: usize,
     payload: *const u8,
     len: usize,
     now_ms: u64,
 ) -> fleetprov_result {
     feed(host, now_ms, || {
-        // SAFETY: pointers per the header.
-        let topic = unsafe { str_arg(topic, "topic")? }.to_owned();
-        if payload.is_null() && len > 0 {
-            return Err(invalid("payload is NULL"));
-        }
-        let bytes = if len == 0 {
-            Vec::new()
-        } else {
-            // SAFETY: `len` readable bytes, per the header.
-            unsafe { std::slice::from_raw_parts(payload, len) }.to_vec()
+        // SAFETY: `topic_len` and `len` readable bytes, per the header.
+        let (topic, payload) = unsafe {
+            (
+                bytes_arg(topic, topic_len, "topic")?,
+                bytes_arg(payload, len, "payload")?,
+            )
         };
-        Ok(HostEvent::Message(topic, bytes))
+        Ok(HostEvent::Message(topic, payload))
     })
+}
+
+/// A copy of the `len` bytes at `p`: NULL with `len` 0 is empty, with more an invalid argument
+/// named `what`.
+///
+/// # Safety
+/// `p` is NULL or points to `len` readable bytes.
+unsafe fn bytes_arg(p: *const u8, len: usize, what: &str) -> Result<Vec<u8>, Error> {
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    if p.is_null() {
+        return Err(invalid(format!("{what} is NULL")));
+    }
+    // SAFETY: non-NULL and `len` readable bytes, per the contract above.
+    Ok(unsafe { std::slice::from_raw_parts(p, len) }.to_vec())
 }
 
 /// The connection dropped.

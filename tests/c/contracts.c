@@ -113,6 +113,7 @@ struct fake_stack {
     int provision_in_connect;      /* fleetprov_provision() from the connect callback */
     fleetprov_result provision_r;  /* ... and what it returned */
     atomic_int freed;              /* userdata_free calls */
+    char last_topic[256];          /* the topic of the last publish */
 };
 
 static void fake_free(void *userdata) {
@@ -149,15 +150,21 @@ static int32_t fake_subscribe(void *userdata, const char *const *filters, size_t
 }
 
 static int32_t fake_publish(void *userdata, const char *topic, const uint8_t *payload, size_t len) {
-    (void)topic;
+    struct fake_stack *s = userdata;
     (void)payload;
     (void)len;
-    ((struct fake_stack *)userdata)->publishes++;
+    s->publishes++;
+    snprintf(s->last_topic, sizeof s->last_topic, "%s", topic);
     return 0;
 }
 
-static const fleetprov_host_callbacks FAKE = {fake_connect, fake_disconnect, fake_subscribe,
-                                              fake_publish};
+static const fleetprov_host_callbacks FAKE = {
+    .size = sizeof(fleetprov_host_callbacks),
+    .connect = fake_connect,
+    .disconnect = fake_disconnect,
+    .subscribe = fake_subscribe,
+    .publish = fake_publish,
+};
 
 static fleetprov_host *fake_host(struct fake_stack *s) {
     fleetprov_config *c = NULL;
@@ -210,6 +217,88 @@ static void case_suback_codes(void) {
     CHECK_RESULT(fleetprov_host_suback(h, NULL, 2, 0), FLEETPROV_INVALID_ARGUMENT);
     CHECK_RESULT(fleetprov_host_suback(h, NULL, 0, 0), FLEETPROV_OK);
     fleetprov_host_free(h);
+}
+
+/* fleetprov_host_callbacks.size: smaller than the struct is refused (the userdata released at
+ * once), larger (a later header's struct) is accepted. */
+static void case_host_callbacks_size(void) {
+    fleetprov_config *c = NULL;
+    CHECK_RESULT(fleetprov_config_new(&c), FLEETPROV_OK);
+    CHECK_RESULT(fleetprov_config_set_template(c, "DemoTemplate"), FLEETPROV_OK);
+    static const size_t too_small[] = {0, sizeof(size_t), sizeof(fleetprov_host_callbacks) - 1};
+    struct fake_stack s;
+    memset(&s, 0, sizeof s);
+    for (size_t i = 0; i < sizeof too_small / sizeof too_small[0]; i++) {
+        fleetprov_host_callbacks cb = FAKE;
+        cb.size = too_small[i];
+        fleetprov_host *h = NULL;
+        CHECK_RESULT(fleetprov_host_new(c, &cb, &s, fake_free, &h), FLEETPROV_INVALID_ARGUMENT);
+        CHECK(h == NULL);
+        CHECK(atomic_load(&s.freed) == (int)i + 1);
+        char message[256] = "";
+        fleetprov_last_error_message(message, sizeof message, NULL);
+        CHECK(strstr(message, "set it to sizeof(fleetprov_host_callbacks)") != NULL);
+    }
+    struct {
+        fleetprov_host_callbacks known;
+        void (*added[2])(void);
+    } later;
+    memset(&later, 0xA5, sizeof later); /* what this version does not know is never read */
+    later.known = FAKE;
+    later.known.size = sizeof later;
+    fleetprov_host *h = NULL;
+    CHECK_RESULT(fleetprov_host_new(c, &later.known, &s, fake_free, &h), FLEETPROV_OK);
+    CHECK_RESULT(fleetprov_host_start(h, 0), FLEETPROV_OK);
+    CHECK(s.connects == 1);
+    fleetprov_host_free(h);
+    CHECK(atomic_load(&s.freed) == 4);
+    fleetprov_config_free(c);
+}
+
+/* fleetprov_host_message takes the topic as bytes and a length: no NUL is needed (the reply's
+ * topic comes in a buffer of exactly its length, so ASan and valgrind would see a read past it),
+ * a NUL inside and bytes that are not UTF-8 make a topic of no interest (ignored, not an error),
+ * NULL with a length is refused. */
+static void case_host_topic_bytes(void) {
+    struct fake_stack s;
+    memset(&s, 0, sizeof s);
+    fleetprov_host *h = fake_host(&s);
+    CHECK_RESULT(fleetprov_host_start(h, 0), FLEETPROV_OK);
+    CHECK_RESULT(fleetprov_host_connected(h, 1), FLEETPROV_OK);
+    static const uint8_t granted[4] = {1, 1, 1, 1};
+    CHECK_RESULT(fleetprov_host_suback(h, granted, 4, 2), FLEETPROV_OK);
+    CHECK(s.publishes == 1);
+    char reply[300];
+    snprintf(reply, sizeof reply, "%s/accepted", s.last_topic);
+    size_t n = strlen(reply);
+    static const uint8_t body[] = "not a reply";
+    fleetprov_provisioned *p = NULL;
+
+    CHECK_RESULT(fleetprov_host_message(h, NULL, n, body, sizeof body - 1, 3),
+                 FLEETPROV_INVALID_ARGUMENT);
+    CHECK_RESULT(fleetprov_host_message(h, NULL, 0, NULL, 0, 3), FLEETPROV_OK);
+    uint8_t look_alike[310];
+    memcpy(look_alike, reply, n);
+    look_alike[n] = 0xFF; /* the reply's topic, then a byte that is not UTF-8 */
+    CHECK_RESULT(fleetprov_host_message(h, look_alike, n + 1, body, sizeof body - 1, 4),
+                 FLEETPROV_OK);
+    memcpy(look_alike + n, "\0/accepted", 10); /* ... then a NUL and more */
+    CHECK_RESULT(fleetprov_host_message(h, look_alike, n + 10, body, sizeof body - 1, 5),
+                 FLEETPROV_OK);
+    CHECK_RESULT(fleetprov_host_result(h, &p), FLEETPROV_IN_PROGRESS);
+
+    /* The reply's topic, alone in its buffer: taken for the reply, whose body is no reply. */
+    uint8_t *exact = malloc(n);
+    CHECK(exact != NULL);
+    if (exact != NULL) {
+        memcpy(exact, reply, n);
+        CHECK_RESULT(fleetprov_host_message(h, exact, n, body, sizeof body - 1, 6), FLEETPROV_OK);
+        free(exact);
+    }
+    CHECK_RESULT(fleetprov_host_result(h, &p), FLEETPROV_MALFORMED_REPLY);
+    CHECK(p == NULL);
+    fleetprov_host_free(h);
+    CHECK(atomic_load(&s.freed) == 1);
 }
 
 /* fleetprov_host_wake_at reports through an output parameter; NULL is an error. */
@@ -574,6 +663,8 @@ static const struct {
     {"suback_codes", case_suback_codes},
     {"wake_at", case_wake_at},
     {"host_callbacks_call_back", case_host_callbacks_call_back},
+    {"host_callbacks_size", case_host_callbacks_size},
+    {"host_topic_bytes", case_host_topic_bytes},
     {"blocking_in_callback", case_blocking_in_callback},
     {"free_in_own_callback", case_free_in_own_callback},
     {"async_from_completion", case_async_from_completion},

@@ -95,6 +95,7 @@ pub extern "C" fn on_publish(
 }
 
 pub const CALLBACKS: fleetprov_host_callbacks = fleetprov_host_callbacks {
+    size: std::mem::size_of::<fleetprov_host_callbacks>(),
     connect: Some(on_connect),
     disconnect: Some(on_disconnect),
     subscribe: Some(on_subscribe),
@@ -161,6 +162,23 @@ pub fn drive(
     env: &Env,
     config: *const fleetprov_config,
     own_key: Option<String>,
+) -> (fleetprov_result, *mut fleetprov_provisioned, Vec<String>) {
+    drive_with(env, config, own_key, false)
+}
+
+/// The body of a message a correct library ignores: taken for a reply, it would fail the step
+/// (JSON and CBOR alike).
+pub const NOT_A_REPLY: &[u8] = b"\xff not a reply";
+
+/// [`drive`]; `noisy`: every incoming PUBLISH is reported after two look-alikes the flow must
+/// ignore, each with the body [`NOT_A_REPLY`] — its topic followed by a byte that is not UTF-8,
+/// and followed by a NUL and more — and then from a buffer holding its topic and more bytes
+/// ("#garbage"), with a `topic_len` that covers the topic only.
+pub fn drive_with(
+    env: &Env,
+    config: *const fleetprov_config,
+    own_key: Option<String>,
+    noisy: bool,
 ) -> (fleetprov_result, *mut fleetprov_provisioned, Vec<String>) {
     let host = Host::default();
     let mut h = ptr::null_mut();
@@ -303,12 +321,32 @@ pub fn drive(
                     unsafe { fleetprov_host_suback(h, codes.as_ptr(), codes.len(), now()) }
                 }
                 Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
-                    let topic = cs(&p.topic);
-                    // SAFETY: live host object; the strings outlive the call.
+                    let topic = p.topic.as_bytes();
+                    let mut buf = topic.to_vec();
+                    if noisy {
+                        for suffix in [&b"\xff"[..], b"\0/accepted"] {
+                            let look_alike = [topic, suffix].concat();
+                            // SAFETY: live host object; the buffers outlive the call.
+                            ok(unsafe {
+                                fleetprov_host_message(
+                                    h,
+                                    look_alike.as_ptr(),
+                                    look_alike.len(),
+                                    NOT_A_REPLY.as_ptr(),
+                                    NOT_A_REPLY.len(),
+                                    now(),
+                                )
+                            });
+                        }
+                        buf.extend_from_slice(b"#garbage");
+                    }
+                    // SAFETY: live host object; `buf` holds at least `topic.len()` bytes and
+                    // outlives the call, as does the payload.
                     unsafe {
                         fleetprov_host_message(
                             h,
-                            topic.as_ptr(),
+                            buf.as_ptr(),
+                            topic.len(),
                             p.payload.as_ptr(),
                             p.payload.len(),
                             now(),

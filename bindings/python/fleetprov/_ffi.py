@@ -127,7 +127,8 @@ PROGRESS_CALLBACK = CFUNCTYPE(None, c_void_p, POINTER(ProgressStruct))
 PROVISION_CALLBACK = CFUNCTYPE(None, c_void_p, c_int, c_void_p, c_void_p)
 CERTIFICATE_CALLBACK = CFUNCTYPE(None, c_void_p, c_int, c_void_p, c_void_p)
 REGISTRATION_CALLBACK = CFUNCTYPE(None, c_void_p, c_int, c_void_p, c_void_p)
-# fleetprov_host_callbacks: connect, disconnect, subscribe, publish (payload as c_void_p + len).
+# fleetprov_host_callbacks: size, connect, disconnect, subscribe, publish (payload as c_void_p +
+# len).
 HOST_CONNECT_CALLBACK = CFUNCTYPE(c_int32, c_void_p, POINTER(IdentityStruct))
 HOST_DISCONNECT_CALLBACK = CFUNCTYPE(None, c_void_p)
 HOST_SUBSCRIBE_CALLBACK = CFUNCTYPE(c_int32, c_void_p, POINTER(c_char_p), c_size_t)
@@ -135,9 +136,11 @@ HOST_PUBLISH_CALLBACK = CFUNCTYPE(c_int32, c_void_p, c_char_p, c_void_p, c_size_
 
 
 class HostCallbacksStruct(ctypes.Structure):
-    """struct fleetprov_host_callbacks (copied by fleetprov_host_new)."""
+    """struct fleetprov_host_callbacks (copied by fleetprov_host_new); ``size`` is
+    ``ctypes.sizeof(HostCallbacksStruct)``."""
 
     _fields_ = [
+        ("size", c_size_t),
         ("connect", HOST_CONNECT_CALLBACK),
         ("disconnect", HOST_DISCONNECT_CALLBACK),
         ("subscribe", HOST_SUBSCRIBE_CALLBACK),
@@ -194,7 +197,7 @@ _SIGNATURES = [
     ("fleetprov_host_connected", _RES, _H, c_uint64),
     ("fleetprov_host_connect_failed", _RES, _H, c_bool, c_uint64),
     ("fleetprov_host_suback", _RES, _H, POINTER(c_uint8), c_size_t, c_uint64),
-    ("fleetprov_host_message", _RES, _H, c_char_p, c_void_p, c_size_t, c_uint64),
+    ("fleetprov_host_message", _RES, _H, c_void_p, c_size_t, c_void_p, c_size_t, c_uint64),
     ("fleetprov_host_disconnected", _RES, _H, c_uint64),
     ("fleetprov_host_tick", _RES, _H, c_uint64),
     ("fleetprov_host_wake_at", _RES, _H, POINTER(c_uint64)),

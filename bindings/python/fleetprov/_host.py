@@ -23,7 +23,6 @@ from ._api import (
     StrPath,
     _build_config,
     _Closeable,
-    _cstr,
     _method,
     _provisioned_to_result,
 )
@@ -168,6 +167,7 @@ def _host_publish(userdata: Optional[int], topic: Optional[bytes], payload: Opti
 # Module-level so they live as long as the library can call them; fleetprov_host_new copies the
 # struct.
 HOST_CALLBACKS = HostCallbacksStruct(
+    ctypes.sizeof(HostCallbacksStruct),
     HOST_CONNECT_CALLBACK(_host_connect),
     HOST_DISCONNECT_CALLBACK(_host_disconnect),
     HOST_SUBSCRIBE_CALLBACK(_host_subscribe),
@@ -374,13 +374,27 @@ class HostFlow(_Closeable):
         array = (ctypes.c_uint8 * len(raw))(*raw)
         self._feed(lib.fleetprov_host_suback, array, len(raw), now=now)
 
-    def message(self, topic: str, payload: Union[bytes, bytearray, memoryview], *, now: Optional[float] = None) -> None:
-        """An incoming PUBLISH on any topic (the flow ignores what is not for it)."""
-        topic_b = _cstr(topic, "topic")
+    def message(
+        self,
+        topic: Union[str, bytes, bytearray, memoryview],
+        payload: Union[bytes, bytearray, memoryview],
+        *,
+        now: Optional[float] = None,
+    ) -> None:
+        """An incoming PUBLISH on any topic (the flow ignores what is not for it). ``topic`` is a
+        str, or the topic's bytes as the MQTT stack gives them; a topic that is not valid UTF-8
+        (bytes, or a str with lone surrogates) cannot be one of the flow's, so its message is
+        ignored like any other."""
+        if isinstance(topic, str):
+            topic_b = topic.encode("utf-8", "surrogatepass")
+        elif isinstance(topic, (bytes, bytearray, memoryview)):
+            topic_b = bytes(topic)
+        else:
+            raise TypeError(f"topic must be str or bytes, not {type(topic).__name__}")
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
         data = bytes(payload)
-        self._feed(lib.fleetprov_host_message, topic_b, data, len(data), now=now)
+        self._feed(lib.fleetprov_host_message, topic_b, len(topic_b), data, len(data), now=now)
 
     def disconnected(self, *, now: Optional[float] = None) -> None:
         """The connection dropped (not for one the flow asked to close)."""

@@ -197,7 +197,8 @@ pub mod host {
 
     /// Topic selector: t % 8 below 6: the reply topics, API (t % 8) / 2 (see `apis()`),
     /// accepted when even; bit 3: in the other format than the flow's. 6 and 7: a u8 length and
-    /// that many raw bytes (a NUL ends the topic as C sees it).
+    /// that many raw bytes (given with their length: a NUL inside or bytes that are not UTF-8
+    /// make a topic of no interest, not an error).
     pub const T_RAW: u8 = 6;
     pub const T_OTHER_FORMAT: u8 = 8;
 
