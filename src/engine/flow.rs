@@ -554,22 +554,29 @@ impl Flow {
                 self.finish(Err(e), out);
             }
             (Then::Succeed(provisioned), result) => {
-                if let Err(e) = result {
-                    let line = format!("could not remove the resume journal: {}", storage_text(&e));
-                    self.log(LogLevel::Warn, line, out);
-                }
+                self.removal_failed(result, out);
                 self.succeed(*provisioned, out);
             }
             (Then::Forgotten(next), result) => {
-                if let Err(e) = result {
-                    let line = format!("could not remove the resume journal: {}", storage_text(&e));
-                    self.log(LogLevel::Warn, line, out);
-                }
+                self.removal_failed(result, out);
                 match next {
                     AfterForget::Connect => self.connect(now, out),
                     AfterForget::Fail(e) => self.finish(Err(e), out),
                 }
             }
+        }
+    }
+
+    /// A journal that could not be removed is worth a warning, not a failure: it holds nothing
+    /// the next call would act on wrongly (a committed set, or a certificate given up).
+    fn removal_failed(
+        &self,
+        result: Result<Option<StoredPaths>, Error>,
+        out: &mut Vec<FlowAction>,
+    ) {
+        if let Err(e) = result {
+            let line = format!("could not remove the resume journal: {}", storage_text(&e));
+            self.log(LogLevel::Warn, line, out);
         }
     }
 
@@ -981,10 +988,8 @@ impl Flow {
                 };
                 self.store(StoreAction::Commit(set), then, out);
             }
-            _ => {
-                self.storing = Some(then);
-                self.stored(Ok(None), 0, out);
-            }
+            // Nothing to store; the continuation of a commit does not use the time.
+            _ => self.stored_now(then, 0, out),
         }
     }
 

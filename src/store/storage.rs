@@ -132,9 +132,9 @@ impl FileStorage {
         };
         let wire: Recovery = serde_json::from_slice(&bytes).map_err(|e| {
             Error::Storage(format!(
-                "{}: unreadable recovery file ({}); move it away to start over",
+                "{}: unreadable recovery file ({:?} error); move it away to start over",
                 path.display(),
-                e.classify() as u8
+                e.classify()
             ))
         })?;
         let set = Stored {
