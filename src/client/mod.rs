@@ -347,6 +347,8 @@ pub(crate) fn connection_error(e: ConnectionError, config: &Config, who: Credent
         };
     }
     match e {
+        // TLS set-up errors that are not rustls's (a host name that cannot be a server name).
+        ConnectionError::Tls(e) => Error::Tls(format!("TLS with {endpoint}: {e}")),
         ConnectionError::ConnectionRefused(code) => {
             Error::Connection(format!("{endpoint} refused the MQTT connection: {code:?}"))
         }
