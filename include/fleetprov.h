@@ -470,9 +470,15 @@ typedef void (*fleetprov_progress_callback)(void *userdata,
                                             const struct fleetprov_progress *progress);
 
 /*
- Credentials the host must connect with, as given to fleetprov_host_callbacks.connect.
+ Credentials the host must connect with, as given to fleetprov_host_callbacks.connect. The
+ library fills it; later versions may add fields at the end: `size` says how many bytes of it
+ are valid.
  */
 typedef struct fleetprov_identity {
+  /*
+   sizeof(fleetprov_identity) of the library that filled it.
+   */
+  size_t size;
   /*
    true: connect with the host's claim certificate (certificate_pem and private_key_pem are
    NULL). false: connect with the new device certificate below, to check it works or to learn

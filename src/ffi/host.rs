@@ -17,10 +17,14 @@ use crate::error::Error;
 use crate::provision::{self, Hooks};
 use crate::store::Storage;
 
-/// Credentials the host must connect with, as given to fleetprov_host_callbacks.connect.
+/// Credentials the host must connect with, as given to fleetprov_host_callbacks.connect. The
+/// library fills it; later versions may add fields at the end: `size` says how many bytes of it
+/// are valid.
 #[repr(C)]
 #[derive(Debug)]
 pub struct fleetprov_identity {
+    /// sizeof(fleetprov_identity) of the library that filled it.
+    pub size: usize,
     /// true: connect with the host's claim certificate (certificate_pem and private_key_pem are
     /// NULL). false: connect with the new device certificate below, to check it works or to learn
     /// whether it was registered.
@@ -358,6 +362,7 @@ impl Transport for Callbacks<'_> {
         };
         let client_id = cstring(&client_id);
         let view = fleetprov_identity {
+            size: std::mem::size_of::<fleetprov_identity>(),
             claim,
             certificate_pem: cert.as_ref().map_or(ptr::null(), |c| c.as_ptr()),
             private_key_pem: key.as_ref().map_or(ptr::null(), |k| k.as_ptr()),

@@ -108,6 +108,7 @@ class IdentityStruct(ctypes.Structure):
     """struct fleetprov_identity, borrowed by the host connect callback for the call only."""
 
     _fields_ = [
+        ("size", c_size_t),  # sizeof(fleetprov_identity) of the library that filled it
         ("claim", c_bool),
         ("certificate_pem", c_char_p),  # NULL with claim
         ("private_key_pem", c_char_p),  # NULL with claim, or when the key is the host's own
