@@ -6,7 +6,11 @@
 //! A *turn* is counted each time the traffic of a connection flips from client->server to
 //! server->client: one round trip the client had to wait for. The proxy forwards each chunk
 //! after a few milliseconds, so that writes the client makes back to back reach the server
-//! before any reply can come back, as they do over a real network.
+//! before any reply can come back, as they do over a real network. A connection's turns are read
+//! when the flow has what it needed from it (the claim connection at REGISTERED, the
+//! verification connection at VERIFIED): what the server sends while the client closes it (a
+//! TLS close_notify answering the client's close) is no round trip anyone waits for, and its
+//! timing against the close varies.
 
 mod common;
 
@@ -23,7 +27,11 @@ use fleetprov::protocol::Format;
 use fleetprov::provision::{self, Hooks};
 use fleetprov::{Method, Request};
 
-const DELAY: Duration = Duration::from_millis(10);
+/// The emulated one-way latency. Long enough that a client which writes two packets back to back
+/// (TLS 1.3's Finished, then CONNECT) has both at the server before any answer could return,
+/// even when the client's thread is descheduled between the two writes: with 10 ms, about one
+/// run in twenty counted TLS 1.3's session tickets, which the client never waits for, as a turn.
+const DELAY: Duration = Duration::from_millis(30);
 
 #[derive(Default)]
 struct Conn {
@@ -71,8 +79,12 @@ impl Proxy {
     }
 
     fn turns(&self) -> Vec<usize> {
-        self.conns.lock().unwrap().iter().map(|c| c.turns).collect()
+        turns_of(&self.conns)
     }
+}
+
+fn turns_of(conns: &Mutex<Vec<Conn>>) -> Vec<usize> {
+    conns.lock().unwrap().iter().map(|c| c.turns).collect()
 }
 
 /// Forwards `from` to `to`, each chunk after DELAY, counting flips to server->client.
@@ -155,12 +167,25 @@ fn provisioning_takes_the_round_trips_it_took_and_sets_tcp_nodelay() {
         let nodelay = Arc::new(Mutex::new(Vec::new()));
         let seen = nodelay.clone();
         let port = proxy.port;
+        // Each connection's turns once the flow is done with it: [claim, verification].
+        let turns = Arc::new(Mutex::new(Vec::new()));
+        let (taken, conns) = (turns.clone(), proxy.conns.clone());
         let hooks = Hooks {
             progress: Some(Arc::new(move |p: &Progress| {
                 // Connected (with the claim certificate) at this step: look at the socket. The
                 // verification connection is opened by the same code.
                 if p.step == Step::Subscribed {
                     seen.lock().unwrap().push(nodelay_towards(port));
+                }
+                // A turn is counted when the proxy reads a reply, before the client has it: the
+                // reply the step reports on is counted already.
+                let index = match p.step {
+                    Step::Registered => 0,
+                    Step::Verified => 1,
+                    _ => return,
+                };
+                if let Some(n) = turns_of(&conns).get(index) {
+                    taken.lock().unwrap().push(*n);
                 }
             })),
             ..Hooks::default()
@@ -172,13 +197,13 @@ fn provisioning_takes_the_round_trips_it_took_and_sets_tcp_nodelay() {
             vec![Some(true)],
             "{name}: TCP_NODELAY on the library's socket"
         );
-        // Final already: a turn is counted when the proxy reads the reply, before the client
-        // can have it, and the call returned only after its last reply.
-        let turns = proxy.turns();
+        let turns = turns.lock().unwrap().clone();
         assert_eq!(
             turns,
             vec![claim_turns, verify_turns],
-            "{name}: round trips of the claim and the verification connection"
+            "{name}: round trips of the claim and the verification connection (all turns, the \
+             closes included: {:?})",
+            proxy.turns()
         );
         let _ = std::fs::remove_dir_all(&env.dir);
     }
