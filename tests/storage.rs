@@ -38,15 +38,7 @@ fn a_commit_stores_the_key_and_certificate_before_device_json_and_then_drops_the
         .collect();
     assert_eq!(
         stores,
-        [
-            "store journal",
-            "store journal",
-            "remove device.json",
-            "store private.key",
-            "store certificate.pem",
-            "store device.json",
-            "remove journal",
-        ],
+        common::blobs::STORES_OF_A_PROVISIONING,
         "journal at the certificate, again at the registration, then the commit"
     );
     assert_eq!(

@@ -205,18 +205,7 @@ fn a_host_flow_keeps_everything_in_the_firmware_store() {
         .into_iter()
         .filter(|c| !c.starts_with("load"))
         .collect();
-    assert_eq!(
-        stores,
-        [
-            "store journal",
-            "store journal",
-            "remove device.json",
-            "store private.key",
-            "store certificate.pem",
-            "store device.json",
-            "remove journal",
-        ]
-    );
+    assert_eq!(stores, common::blobs::STORES_OF_A_PROVISIONING);
     assert!(!env.dir.join("out").exists() && !env.dir.join("state").exists());
 
     // A later boot, with a device configuration bigger than the library's first buffer: the

@@ -6,6 +6,19 @@ use std::sync::{Arc, Mutex};
 use fleetprov::store::{Blobs, SharedBlobs};
 use zeroize::Zeroizing;
 
+/// The stores and removals of a provisioning with a blob store, in order: the journal at the
+/// certificate and again at the registration, then the commit (device.json removed first and
+/// stored last), then the journal removed.
+pub const STORES_OF_A_PROVISIONING: [&str; 7] = [
+    "store journal",
+    "store journal",
+    "remove device.json",
+    "store private.key",
+    "store certificate.pem",
+    "store device.json",
+    "remove journal",
+];
+
 /// Blobs in a map: each store replaces one whole, as the storage contract asks.
 #[derive(Default)]
 pub struct MemBlobs {
