@@ -8,10 +8,10 @@
 
 use std::collections::VecDeque;
 
-use crate::engine::LogLevel;
 use crate::engine::flow::{
     Flow, FlowAction, FlowEvent, Identity, Progress, Provisioned, StoreAction,
 };
+use crate::engine::LogLevel;
 use crate::error::Error;
 use crate::store::{Storage, StoredPaths};
 

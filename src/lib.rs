@@ -17,7 +17,7 @@ pub mod store;
 
 pub use client::{Cancel, Client, Config, Roots};
 pub use error::Error;
-pub use provision::{Method, Provisioned, Request, provision};
+pub use provision::{provision, Method, Provisioned, Request};
 pub use secret::Secret;
 
 /// The library's version (Cargo package version).

@@ -15,7 +15,7 @@ use crate::engine::{CertificateSource, Settings};
 use crate::error::Error;
 use crate::keys::signer::ExternalKey;
 use crate::keys::{self, DeviceKey, KeyType};
-use crate::store::{self, BlobStorage, FileStorage, SharedBlobs, Storage, journal::Journal};
+use crate::store::{self, journal::Journal, BlobStorage, FileStorage, SharedBlobs, Storage};
 
 /// How the device gets its certificate.
 #[derive(Debug, Clone)]

@@ -2,11 +2,11 @@
 //!
 //! Each `unsafe` block calls the C ABI with pointers this test owns; that is what is tested.
 
-use std::ffi::{CStr, CString, c_char, c_void};
+use std::ffi::{c_char, c_void, CStr, CString};
 use std::path::PathBuf;
 use std::ptr;
-use std::sync::Mutex;
 use std::sync::mpsc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use fleetprov::ffi::*;
@@ -298,12 +298,10 @@ fn one_call_both_methods_both_formats() {
                 ]
             );
             let lines = lines.lock().unwrap();
-            assert!(
-                lines
-                    .iter()
-                    .any(|(l, t)| *l == fleetprov_log_level::FLEETPROV_LOG_INFO
-                        && t.contains("connecting"))
-            );
+            assert!(lines
+                .iter()
+                .any(|(l, t)| *l == fleetprov_log_level::FLEETPROV_LOG_INFO
+                    && t.contains("connecting")));
             for (_, line) in lines.iter() {
                 assert!(!line.contains("PRIVATE KEY"), "{line}");
             }
@@ -324,7 +322,7 @@ fn step_by_step_both_apis_both_formats() {
         // SAFETY: live config, valid output pointer.
         ok(unsafe { fleetprov_client_new(c.0, &mut client) });
         drop(c); // the client copied what it needs
-        // SAFETY: live client.
+                 // SAFETY: live client.
         ok(unsafe { fleetprov_client_connect(client) });
 
         // CreateKeysAndCertificate, then RegisterThing.

@@ -13,11 +13,11 @@ use fleetprov::engine::retry::RetryPolicy;
 use fleetprov::engine::{Action, CertificateSource, Engine, Event, Operation, Settings};
 use fleetprov::error::Error;
 use fleetprov::keys;
-use fleetprov::protocol::{self, Api, Format, validate_template_name};
+use fleetprov::protocol::{self, validate_template_name, Api, Format};
 use fleetprov::secret::Secret;
 use fleetprov::store::journal;
 use proptest::prelude::*;
-use serde_json::{Value, json};
+use serde_json::{json, Value};
 
 fn cases() -> u32 {
     std::env::var("PROPTEST_CASES")

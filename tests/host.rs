@@ -2,10 +2,10 @@
 //! separate rumqttc client, owned by the test as firmware would own coreMQTT or libmosquitto,
 //! against the emulator over TLS. The library opens no socket in these tests.
 
-use std::ffi::{CStr, c_void};
+use std::ffi::{c_void, CStr};
 use std::ptr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 mod common;
 
@@ -366,7 +366,7 @@ fn a_host_stack_topics_are_bytes_of_a_given_length() {
 
 #[test]
 fn an_external_signer_with_a_host_stack_keeps_the_key_in_the_element() {
-    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+    use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
     let env = common::env("host", "signer", &[]);
     let rng = ring::rand::SystemRandom::new();
     let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();

@@ -4,8 +4,8 @@
 //! `deviceConfiguration`), never panic or hang, and never leave credential files behind.
 
 use std::path::{Path, PathBuf};
-use std::sync::Once;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use fleetprov::engine::retry::RetryPolicy;

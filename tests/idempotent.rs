@@ -7,8 +7,8 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use fleetprov::engine::Step;
 use fleetprov::engine::flow::Progress;
+use fleetprov::engine::Step;
 use fleetprov::keys::KeyType;
 use fleetprov::protocol::Format;
 use fleetprov::provision::{self, Hooks};

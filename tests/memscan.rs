@@ -20,7 +20,7 @@ use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
-use std::ffi::{CString, c_void};
+use std::ffi::{c_void, CString};
 use std::ptr;
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -41,9 +41,8 @@ fn main() {
         println!("memscan: test");
         return;
     }
-    if let Some(filter) = args.iter().skip(1).find(|a| !a.starts_with('-'))
-        && !"memscan".contains(filter.as_str())
-    {
+    let filter = args.iter().skip(1).find(|a| !a.starts_with('-'));
+    if filter.is_some_and(|filter| !"memscan".contains(filter.as_str())) {
         return;
     }
     if !cfg!(target_os = "linux") {

@@ -8,8 +8,8 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
-use fleetprov::engine::Step;
 use fleetprov::engine::flow::Progress;
+use fleetprov::engine::Step;
 use fleetprov::keys::KeyType;
 use fleetprov::protocol::Format;
 use fleetprov::provision::Hooks;

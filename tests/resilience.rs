@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::blobs::MemBlobs;
-use fleetprov::engine::Step;
 use fleetprov::engine::flow::Progress;
 use fleetprov::engine::retry::RetryPolicy;
+use fleetprov::engine::Step;
 use fleetprov::keys::KeyType;
 use fleetprov::protocol::Format;
 use fleetprov::provision::Hooks;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use fleetprov::engine::retry::RetryPolicy;
 use fleetprov::keys::KeyType;
 use fleetprov::protocol::Format;
-use fleetprov::provision::{Hooks, rotate};
+use fleetprov::provision::{rotate, Hooks};
 mod common;
 
 use common::Env;

@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use fleetprov::engine::Step;
 use fleetprov::engine::flow::Progress;
+use fleetprov::engine::Step;
 use fleetprov::keys::KeyType;
 use fleetprov::protocol::Format;
 use fleetprov::provision::{self, Hooks};

@@ -33,6 +33,9 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy --locked --features test-panics --test panics -- -D warnings
 
+step "the library builds with the oldest Rust it supports (Cargo.toml's rust-version)"
+bash tests/msrv.sh
+
 step "the library links nothing of the emulator"
 # The tree first (a failing cargo tree stops the script), then the search.
 tree=$(cargo tree --locked -p fleetprov -e normal,build --prefix none)

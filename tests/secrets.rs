@@ -15,7 +15,7 @@ use fleetprov::engine::flow::Progress;
 use fleetprov::engine::retry::RetryPolicy;
 use fleetprov::keys::{DeviceKey, KeyType};
 use fleetprov::protocol::Format;
-use fleetprov::provision::{Hooks, rotate};
+use fleetprov::provision::{rotate, Hooks};
 use fleetprov::store::journal::Journal;
 mod common;
 
@@ -261,12 +261,12 @@ fn rotation() {
 }
 
 mod host {
-    use std::ffi::{CStr, c_char, c_void};
+    use std::ffi::{c_char, c_void, CStr};
     use std::ptr;
     use std::sync::Mutex;
 
     use super::common::host::*;
-    use super::{Said, Secrets, common, read};
+    use super::{common, read, Said, Secrets};
     use fleetprov::ffi::*;
     use fleetprov_result::*;
 
@@ -356,7 +356,7 @@ mod host {
         }
 
         // The external signer: the element's key is the host's; the library signs through it.
-        use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+        use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
         let env = common::env("secrets", "signer", &[]);
         let rng = ring::rand::SystemRandom::new();
         let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();

@@ -6,10 +6,10 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::ffi::{CStr, c_char, c_void};
+use std::ffi::{c_char, c_void, CStr};
 use std::ptr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use common::host::{drive, host_config};
 use common::{last_error, ok};
@@ -71,10 +71,9 @@ unsafe extern "C" fn store(
     let f = flash(userdata);
     let name = name_of(name);
     f.calls.lock().unwrap().push(format!("store {name}"));
-    if let Some((n, code)) = &*f.fail.lock().unwrap()
-        && *n == name
-    {
-        return *code;
+    let fail = f.fail.lock().unwrap().clone();
+    if let Some((_, code)) = fail.filter(|(n, _)| *n == name) {
+        return code;
     }
     // SAFETY: `len` readable bytes.
     let bytes = unsafe { std::slice::from_raw_parts(data, len) }.to_vec();

@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::ffi::{CStr, CString, c_char, c_void};
+use std::ffi::{c_char, c_void, CStr, CString};
 use std::ptr;
 use std::sync::mpsc;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::link::{Link, LinkEvent};
-use super::{Cancel, Config, Credential, LogLevel, at_ms, now_ms, tls};
+use super::{at_ms, now_ms, tls, Cancel, Config, Credential, LogLevel};
 use crate::driver::{Driver, LogFn, Transport};
 use crate::engine::flow::{FlowEvent, Identity, Provisioned};
 use crate::error::Error;
@@ -86,15 +86,22 @@ impl Transport for Builtin<'_> {
         let Some(link) = &mut self.link else {
             return Ok(());
         };
-        link.subscribe(filters).inspect_err(|_| self.link = None)
+        let result = link.subscribe(filters);
+        if result.is_err() {
+            self.link = None;
+        }
+        result
     }
 
     fn publish(&mut self, topic: &str, payload: &[u8]) -> Result<(), Error> {
         let Some(link) = &mut self.link else {
             return Ok(());
         };
-        link.publish(topic, payload)
-            .inspect_err(|_| self.link = None)
+        let result = link.publish(topic, payload);
+        if result.is_err() {
+            self.link = None;
+        }
+        result
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, Outgoing, Packet, QoS};
 
-use super::{Config, Credential, connection_error, granted, leftover_publishes, open_connection};
+use super::{connection_error, granted, leftover_publishes, open_connection, Config, Credential};
 use crate::error::Error;
 
 /// What a connection reported.

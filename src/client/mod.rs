@@ -8,8 +8,8 @@ mod link;
 pub mod tls;
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use once_cell::sync::Lazy;
@@ -20,7 +20,7 @@ use rumqttc::{
 use crate::engine::flow::Progress;
 use crate::engine::{Action, CertificateSource, Engine, Event, Operation, Outcome, Settings, Step};
 use crate::error::Error;
-use crate::protocol::{CreatedCertificate, Format, Registered, validate_template_name};
+use crate::protocol::{validate_template_name, CreatedCertificate, Format, Registered};
 use crate::secret::Secret;
 pub(crate) use driver::{drive, run_flow, runtime};
 use link::{Link, LinkEvent};
@@ -647,9 +647,7 @@ impl Client {
             self.conn = Some(conn);
         }
         let stale = !heard && matches!(result, Err(Error::Connection(_)));
-        if let Err(e) = &result
-            && !stale
-        {
+        if let (Err(e), false) = (&result, stale) {
             self.log(LogLevel::Warn, || format!("operation failed: {e}"));
         }
         Ok((result, stale))

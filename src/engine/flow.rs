@@ -32,7 +32,7 @@ use crate::engine::{Action, CertificateSource, Engine, Event, Operation, Outcome
 use crate::error::Error;
 use crate::protocol::{Api, CreatedCertificate, Registered};
 use crate::secret::Secret;
-use crate::store::journal::{Entry, unix_now};
+use crate::store::journal::{unix_now, Entry};
 use crate::store::{Stored, StoredPaths};
 
 /// The error code with which RegisterThing refuses an unknown, used or expired token.
@@ -420,8 +420,11 @@ impl Flow {
             }
             return out;
         }
-        if let Some(deadline) = self.spec.settings.deadline_ms
-            && now >= deadline
+        if self
+            .spec
+            .settings
+            .deadline_ms
+            .is_some_and(|deadline| now >= deadline)
         {
             self.drop_link(&mut out);
             self.finish(Err(Error::Deadline(self.step)), &mut out);
@@ -432,9 +435,7 @@ impl Flow {
                 if self.wait_until.is_some_and(|w| now >= w) {
                     self.wait_until = None;
                     self.connect(now, &mut out);
-                } else if let Link::Connecting { deadline } = self.link
-                    && now >= deadline
-                {
+                } else if matches!(self.link, Link::Connecting { deadline } if now >= deadline) {
                     self.fail(Error::Timeout(self.step), now, &mut out);
                 } else if self.engine.is_some() {
                     self.forward(Event::Tick, now, &mut out);
@@ -468,12 +469,14 @@ impl Flow {
                 }
             }
             FlowEvent::SubAck(granted) => {
-                if let Link::Up {
-                    subscribed,
-                    pending,
-                } = &mut self.link
-                    && let Some(filters) = pending.take()
-                {
+                let answered = match &mut self.link {
+                    Link::Up {
+                        subscribed,
+                        pending,
+                    } => pending.take().map(|filters| (subscribed, filters)),
+                    _ => None,
+                };
+                if let Some((subscribed, filters)) = answered {
                     for (f, ok) in filters.into_iter().zip(granted) {
                         if *ok {
                             subscribed.insert(f);
@@ -628,8 +631,16 @@ impl Flow {
         let reason = if entry.registered.is_some() {
             None
         } else if entry.private_key.is_none()
-            && let Some(public) = &self.spec.external_public_key
-            && !crate::keys::certificate_contains_key(&entry.certificate.certificate_pem, public)
+            && self
+                .spec
+                .external_public_key
+                .as_ref()
+                .is_some_and(|public| {
+                    !crate::keys::certificate_contains_key(
+                        &entry.certificate.certificate_pem,
+                        public,
+                    )
+                })
         {
             Some(format!(
                 "the resume journal's certificate {id} is for another key than this device's"
@@ -814,8 +825,13 @@ impl Flow {
         self.create_sent = false;
         match (self.phase, result) {
             (Phase::Create, Ok(Outcome::Certificate(certificate))) => {
-                if let Some(public) = &self.spec.external_public_key
-                    && !crate::keys::certificate_contains_key(&certificate.certificate_pem, public)
+                if self
+                    .spec
+                    .external_public_key
+                    .as_ref()
+                    .is_some_and(|public| {
+                        !crate::keys::certificate_contains_key(&certificate.certificate_pem, public)
+                    })
                 {
                     self.drop_link(out);
                     return self.finish(Err(Error::CertificateMismatch), out);
@@ -1020,8 +1036,11 @@ impl Flow {
         }
         let pause = self.spec.retry.backoff_ms(self.attempt, self.jitter.draw());
         let resume_at = now.saturating_add(pause);
-        if let Some(deadline) = self.spec.settings.deadline_ms
-            && resume_at >= deadline
+        if self
+            .spec
+            .settings
+            .deadline_ms
+            .is_some_and(|deadline| resume_at >= deadline)
         {
             let line = format!("no time left for another attempt: {e}");
             self.log(LogLevel::Warn, line, out);

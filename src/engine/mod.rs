@@ -15,8 +15,8 @@ use zeroize::Zeroizing;
 use crate::error::Error;
 use crate::keys;
 use crate::protocol::{
-    self, Api, CreatedCertificate, Format, Registered, decode_certificate_reply,
-    decode_register_reply, decode_rejection,
+    self, decode_certificate_reply, decode_register_reply, decode_rejection, Api,
+    CreatedCertificate, Format, Registered,
 };
 use crate::secret::Secret;
 
@@ -250,8 +250,10 @@ impl Engine {
         if self.is_finished() {
             return out;
         }
-        if let Some(deadline) = self.settings.deadline_ms
-            && now >= deadline
+        if self
+            .settings
+            .deadline_ms
+            .is_some_and(|deadline| now >= deadline)
         {
             self.finish(Err(Error::Deadline(self.step)), &mut out);
             return out;
@@ -406,10 +408,9 @@ impl Engine {
             } => key.as_ref(),
             _ => certificate.private_key.as_ref(),
         };
-        if let Some(key) = key
-            && let Err(e) =
-                keys::certificate_matches_key(&certificate.certificate_pem, key.expose())
-        {
+        let checked = key
+            .map(|key| keys::certificate_matches_key(&certificate.certificate_pem, key.expose()));
+        if let Some(Err(e)) = checked {
             // The device's own key was checked before it was used: what cannot be read here
             // is the reply's certificate (or, from CreateKeysAndCertificate, its key).
             let e = match e {

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use serde_json::{Value, json};
+use serde_json::{json, Value};
 
 use super::*;
 
@@ -118,10 +118,7 @@ fn to_register(m: &Material, format: Format) -> Engine {
     let mut e = Engine::new(provision_op(m), settings(format), 0, &HashSet::new());
     let a = e.handle(Event::Connected, 10);
     match &a[..] {
-        [
-            Action::Progress(Step::Subscribing),
-            Action::Subscribe(filters),
-        ] => {
+        [Action::Progress(Step::Subscribing), Action::Subscribe(filters)] => {
             let f = format.as_str();
             assert_eq!(
                 filters,

@@ -15,7 +15,7 @@
 //! allocator turns the feature off and may wrap [`WipingAllocator`] around nothing but `System`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{Ordering, compiler_fence};
+use std::sync::atomic::{compiler_fence, Ordering};
 
 /// The system allocator, wiping each block when it is freed or moved by `realloc`.
 pub struct WipingAllocator;
@@ -32,7 +32,7 @@ unsafe fn wipe(ptr: *mut u8, len: usize) {
     // writes are aligned (the loop before them advances `p` to a word boundary).
     unsafe {
         let end = ptr.add(len);
-        while p < end && !(p as usize).is_multiple_of(WORD) {
+        while p < end && (p as usize) % WORD != 0 {
             p.write_volatile(0);
             p = p.add(1);
         }

@@ -14,17 +14,19 @@ pub struct fleetprov_cancel {
 }
 
 /// Creates a cancellation switch, not triggered. Writes it to `*out`.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_cancel_new(out: *mut *mut fleetprov_cancel) -> fleetprov_result {
     guard(|| {
         let cancel = Box::into_raw(Box::new(fleetprov_cancel {
             cancel: Arc::new(Cancel::default()),
         }));
         // SAFETY: `out` is NULL or valid for writes per the header.
-        unsafe { write_out(out, cancel) }.inspect_err(|_| {
+        let written = unsafe { write_out(out, cancel) };
+        if written.is_err() {
             // SAFETY: just created above and not handed out.
             drop(unsafe { Box::from_raw(cancel) });
-        })
+        }
+        written
     })
 }
 
@@ -33,7 +35,7 @@ pub unsafe extern "C" fn fleetprov_cancel_new(out: *mut *mut fleetprov_cancel) -
 /// later call until fleetprov_cancel_reset(). A call whose credentials were already committed
 /// reports its success. Async-signal-safe (one atomic store): it may be called from a signal
 /// handler, and from any thread. NULL is a no-op.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_cancel_trigger(cancel: *const fleetprov_cancel) {
     // No guard: nothing here can panic, and catch_unwind has no business in a signal handler.
     // SAFETY: NULL or a live switch, per the header.
@@ -43,7 +45,7 @@ pub unsafe extern "C" fn fleetprov_cancel_trigger(cancel: *const fleetprov_cance
 }
 
 /// Whether the switch was triggered (and not reset since); false for NULL.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_cancel_is_triggered(cancel: *const fleetprov_cancel) -> bool {
     guard_value(false, || {
         // SAFETY: NULL or a live switch, per the header.
@@ -52,7 +54,7 @@ pub unsafe extern "C" fn fleetprov_cancel_is_triggered(cancel: *const fleetprov_
 }
 
 /// Untriggers the switch, so that later calls run.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_cancel_reset(cancel: *mut fleetprov_cancel) -> fleetprov_result {
     guard(|| {
         // SAFETY: NULL or a live switch, per the header.
@@ -64,7 +66,7 @@ pub unsafe extern "C" fn fleetprov_cancel_reset(cancel: *mut fleetprov_cancel) -
 
 /// Frees the switch. A config it was set on keeps working with it (it holds a reference); a
 /// signal handler must not trigger it after this. NULL is a no-op.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_cancel_free(cancel: *mut fleetprov_cancel) {
     guard_value((), || {
         if !cancel.is_null() {

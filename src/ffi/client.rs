@@ -32,7 +32,7 @@ pub struct fleetprov_client {
 
 /// Creates a client from `config` (copied: endpoint, credentials, timeouts, format, callbacks,
 /// template and parameters). Checks the credentials; does not connect yet. Writes it to `*out`.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_client_new(
     config: *const fleetprov_config,
     out: *mut *mut fleetprov_client,
@@ -81,7 +81,7 @@ fn drop_off_runtime(client: Box<fleetprov_client>) {
 /// no-op. From a progress or log callback of a blocking call on this client, the free is
 /// deferred until that call returns (make no further call on the client). Otherwise it must not
 /// run while another thread is inside a call on the same client.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_client_free(client: *mut fleetprov_client) {
     guard_value((), || {
         if client.is_null() || defer_free(client) {
@@ -105,7 +105,7 @@ pub unsafe extern "C" fn fleetprov_client_free(client: *mut fleetprov_client) {
 }
 
 /// Asks the running operation of this client to stop with FLEETPROV_CANCELLED. Thread-safe.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_client_cancel(
     client: *mut fleetprov_client,
 ) -> fleetprov_result {
@@ -243,7 +243,7 @@ fn busy_error() -> Error {
 }
 
 /// Connects now (operations also connect when needed). Blocking; callbacks on this thread.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_client_connect(
     client: *mut fleetprov_client,
 ) -> fleetprov_result {
@@ -275,7 +275,7 @@ fn registration_object(r: crate::protocol::Registered) -> fleetprov_registration
 
 /// CreateKeysAndCertificate, blocking. On success writes a new certificate (with its private
 /// key) to `*out`; free it with fleetprov_certificate_free().
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_client_create_keys_and_certificate(
     client: *mut fleetprov_client,
     out: *mut *mut fleetprov_certificate,
@@ -299,7 +299,7 @@ pub unsafe extern "C" fn fleetprov_client_create_keys_and_certificate(
 
 /// CreateKeysAndCertificate on a worker thread; `callback` gets the outcome (see
 /// fleetprov_certificate_callback), then `userdata_free` (may be NULL) is called on `userdata`.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_client_create_keys_and_certificate_async(
     client: *mut fleetprov_client,
     callback: fleetprov_certificate_callback,
@@ -322,7 +322,7 @@ pub unsafe extern "C" fn fleetprov_client_create_keys_and_certificate_async(
 /// CreateCertificateFromCsr, blocking, with `csr_pem`. `key_pem` (may be NULL) is the key the
 /// CSR was made from; when given, the returned certificate is checked against it
 /// (FLEETPROV_CERTIFICATE_MISMATCH). On success writes a new certificate to `*out`.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_client_create_certificate_from_csr(
     client: *mut fleetprov_client,
     csr_pem: *const c_char,
@@ -357,7 +357,7 @@ pub unsafe extern "C" fn fleetprov_client_create_certificate_from_csr(
 
 /// CreateCertificateFromCsr on a worker thread (arguments copied); see
 /// fleetprov_client_create_keys_and_certificate_async().
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_client_create_certificate_from_csr_async(
     client: *mut fleetprov_client,
     csr_pem: *const c_char,
@@ -406,7 +406,7 @@ fn register_args(
 /// RegisterThing, blocking, for `certificate` (its ownership token) with template
 /// `template_name` (NULL: the config's) and the config's parameters. On success writes a new
 /// registration to `*out` (free with fleetprov_registration_free()).
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_client_register_thing(
     client: *mut fleetprov_client,
     certificate: *const fleetprov_certificate,
@@ -442,7 +442,7 @@ pub unsafe extern "C" fn fleetprov_client_register_thing(
 
 /// RegisterThing on a worker thread (arguments copied); `callback` gets the outcome (see
 /// fleetprov_registration_callback), then `userdata_free` is called on `userdata`.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_client_register_thing_async(
     client: *mut fleetprov_client,
     certificate: *const fleetprov_certificate,

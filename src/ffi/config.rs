@@ -16,7 +16,7 @@ use crate::engine::retry::RetryPolicy;
 use crate::error::Error;
 use crate::keys::signer::{ExternalKey, Signer};
 use crate::keys::{self, KeyType};
-use crate::protocol::{Format, validate_template_name};
+use crate::protocol::{validate_template_name, Format};
 use crate::provision::{Hooks, Method, Request};
 use crate::secret::Secret;
 use crate::store::SharedBlobs;
@@ -244,7 +244,12 @@ pub(crate) fn remember(
     body: impl FnOnce() -> Result<(), Error>,
 ) -> fleetprov_result {
     let mut failure = None;
-    let result = guard(|| body().inspect_err(|e| failure = Some(e.clone())));
+    let result = guard(|| {
+        body().map_err(|e| {
+            failure = Some(e.clone());
+            e
+        })
+    });
     // SAFETY: NULL or a live config used by this thread only, per the header; the body's
     // borrow of it has ended.
     if let Some(config) = unsafe { config.as_mut() } {
@@ -302,21 +307,23 @@ fn read_file(path: &str, what: &str) -> Result<String, Error> {
 /// Creates a configuration with defaults: port 8883, system roots, keep-alive 60 s, JSON,
 /// 10 s per step, 60 s overall, FLEETPROV_METHOD_CSR with a P-256 key, verification on, no
 /// output directory. Writes it to `*out`.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_new(out: *mut *mut fleetprov_config) -> fleetprov_result {
     guard(|| {
         let config = Box::into_raw(Box::default());
         // SAFETY: `out` is NULL or valid for writes per the header.
-        unsafe { write_out(out, config) }.inspect_err(|_| {
+        let written = unsafe { write_out(out, config) };
+        if written.is_err() {
             // SAFETY: just created above and not handed out.
             drop(unsafe { Box::from_raw(config) });
-        })
+        }
+        written
     })
 }
 
 /// Frees a configuration (wiping the private key), releasing callback userdata once no client
 /// or operation uses it any more. NULL is a no-op.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_free(config: *mut fleetprov_config) {
     guard_value((), || {
         if !config.is_null() {
@@ -328,7 +335,7 @@ pub unsafe extern "C" fn fleetprov_config_free(config: *mut fleetprov_config) {
 
 /// Sets the endpoint: `host` (also the TLS server name, e.g.
 /// "abc123-ats.iot.eu-west-1.amazonaws.com") and `port` (8883; 443 turns ALPN on).
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_set_endpoint(
     config: *mut fleetprov_config,
     host: *const c_char,
@@ -348,7 +355,7 @@ pub unsafe extern "C" fn fleetprov_config_set_endpoint(
 
 /// Trusts the CA certificates in the PEM file at `path` (e.g. AmazonRootCA1.pem) instead of the
 /// system's roots. The file is read now.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_set_ca_file(
     config: *mut fleetprov_config,
     path: *const c_char,
@@ -365,7 +372,7 @@ pub unsafe extern "C" fn fleetprov_config_set_ca_file(
 }
 
 /// Trusts the CA certificates in `pem` (copied) instead of the system's roots.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_set_ca_pem(
     config: *mut fleetprov_config,
     pem: *const c_char,
@@ -381,7 +388,7 @@ pub unsafe extern "C" fn fleetprov_config_set_ca_pem(
 }
 
 /// Trusts the operating system's root certificates (the default).
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_use_system_roots(
     config: *mut fleetprov_config,
 ) -> fleetprov_result {
@@ -407,7 +414,7 @@ fn set_claim(config: &mut fleetprov_config, cert: String, key: Secret) -> Result
 }
 
 /// Sets the claim certificate and key from PEM files (read now; the key is checked to match).
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_set_claim_files(
     config: *mut fleetprov_config,
     cert_path: *const c_char,
@@ -429,7 +436,7 @@ pub unsafe extern "C" fn fleetprov_config_set_claim_files(
 }
 
 /// Sets the claim certificate and key from PEM text (copied; the key copy is wiped on free).
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_set_claim_pem(
     config: *mut fleetprov_config,
     cert_pem: *const c_char,
@@ -450,7 +457,7 @@ pub unsafe extern "C" fn fleetprov_config_set_claim_pem(
 
 /// Sets the MQTT client id (at most 128 bytes; default: a random "fleetprov-…" id). AWS IoT
 /// policies often require it to match something, e.g. the serial number.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_set_client_id(
     config: *mut fleetprov_config,
     client_id: *const c_char,
@@ -467,7 +474,7 @@ pub unsafe extern "C" fn fleetprov_config_set_client_id(
 }
 
 /// Sets the MQTT keep-alive in seconds (5 to 1200; default 60).
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_set_keep_alive(
     config: *mut fleetprov_config,
     seconds: u16,
@@ -485,7 +492,7 @@ pub unsafe extern "C" fn fleetprov_config_set_keep_alive(
 
 /// Offers ALPN "x-amzn-mqtt-ca" (required by AWS IoT on port 443) or not. Default: on exactly
 /// when the port is 443.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_set_alpn(
     config: *mut fleetprov_config,
     enabled: bool,
@@ -498,7 +505,7 @@ pub unsafe extern "C" fn fleetprov_config_set_alpn(
 }
 
 /// Sets the payload format: a fleetprov_format value (JSON by default).
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_set_format(
     config: *mut fleetprov_config,
     format: i32,
@@ -517,7 +524,7 @@ pub unsafe extern "C" fn fleetprov_config_set_format(
 /// Sets the timeouts in milliseconds: `step_ms` for each step (connecting, SUBACK, each
 /// reply; default 10000, must be > 0) and `overall_ms` for a whole operation, the one-call flow
 /// included (default 60000; 0 means none).
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_set_timeouts(
     config: *mut fleetprov_config,
     step_ms: u32,
@@ -536,7 +543,7 @@ pub unsafe extern "C" fn fleetprov_config_set_timeouts(
 }
 
 /// Sets the provisioning template name (1-36 of [0-9A-Za-z_-], checked now).
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_set_template(
     config: *mut fleetprov_config,
     name: *const c_char,
@@ -551,7 +558,7 @@ pub unsafe extern "C" fn fleetprov_config_set_template(
 }
 
 /// Adds (or replaces) a template parameter for RegisterThing, e.g. "SerialNumber".
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_set_parameter(
     config: *mut fleetprov_config,
     key: *const c_char,
@@ -575,7 +582,7 @@ pub unsafe extern "C" fn fleetprov_config_set_parameter(
 }
 
 /// Removes every template parameter.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_clear_parameters(
     config: *mut fleetprov_config,
 ) -> fleetprov_result {
@@ -587,7 +594,7 @@ pub unsafe extern "C" fn fleetprov_config_clear_parameters(
 }
 
 /// Chooses how the one-call flow gets the certificate: a fleetprov_method value.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_set_method(
     config: *mut fleetprov_config,
     method: i32,
@@ -601,7 +608,7 @@ pub unsafe extern "C" fn fleetprov_config_set_method(
 }
 
 /// Chooses the key generated for FLEETPROV_METHOD_CSR: a fleetprov_key_type value.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_set_key_type(
     config: *mut fleetprov_config,
     key_type: i32,
@@ -619,7 +626,7 @@ pub unsafe extern "C" fn fleetprov_config_set_key_type(
 
 /// Sets the CSR (PEM, copied) for FLEETPROV_METHOD_EXTERNAL_CSR, e.g. made by a secure element,
 /// and selects that method.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_set_csr_pem(
     config: *mut fleetprov_config,
     csr_pem: *const c_char,
@@ -680,7 +687,7 @@ impl Signer for SignCallback {
 /// key never leaves the secure element. `userdata_free` as for the log callback. The built-in
 /// transport cannot connect with a key it does not hold, so it skips the verification connection
 /// (a host transport makes it with its own key), and an output directory is refused.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_set_signer(
     config: *mut fleetprov_config,
     public_key: *const u8,
@@ -709,7 +716,7 @@ pub unsafe extern "C" fn fleetprov_config_set_signer(
 
 /// Whether the one-call flow connects once with the new credentials before succeeding
 /// (default true).
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_set_verify(
     config: *mut fleetprov_config,
     verify: bool,
@@ -725,7 +732,7 @@ pub unsafe extern "C" fn fleetprov_config_set_verify(
 /// `path` (created 0700; an existing directory open to group or others is refused, never
 /// chmod-ed), each atomically. NULL: do not write (the default). For a store of the firmware's
 /// own, see fleetprov_config_set_storage() (the two exclude each other).
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_set_output_dir(
     config: *mut fleetprov_config,
     path: *const c_char,
@@ -745,7 +752,7 @@ pub unsafe extern "C" fn fleetprov_config_set_output_dir(
 /// One flow at a time may use a state directory (FLEETPROV_BUSY otherwise); the lock is taken
 /// before any key is generated or signer called. NULL: no journal (the default). For a store of
 /// the firmware's own, see fleetprov_config_set_storage() (the two exclude each other).
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_set_state_dir(
     config: *mut fleetprov_config,
     path: *const c_char,
@@ -764,7 +771,7 @@ pub unsafe extern "C" fn fleetprov_config_set_state_dir(
 /// drawn between half and all of that (jitter), never under 25 ms, and never past the overall
 /// timeout. Defaults: 5, 1000, 30000. `max_attempts` 0 or `max_backoff_ms` below
 /// `initial_backoff_ms` is FLEETPROV_INVALID_ARGUMENT.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_set_retry(
     config: *mut fleetprov_config,
     max_attempts: u32,
@@ -792,7 +799,7 @@ pub unsafe extern "C" fn fleetprov_config_set_retry(
 /// How long an ownership token stays valid after its certificate is created, in seconds
 /// (AWS: 3600, the default). A journal older than this is not resumed: the flow starts over
 /// and reports FLEETPROV_STEP_RESTARTING.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_set_token_lifetime(
     config: *mut fleetprov_config,
     seconds: u32,
@@ -812,7 +819,7 @@ pub unsafe extern "C" fn fleetprov_config_set_token_lifetime(
 /// certificate, unless a certificate is pending in the state directory's journal, which the flow
 /// then finishes. true: a new certificate is made and replaces the set once it works.
 /// fleetprov_rotate() always makes a new certificate.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_set_reprovision(
     config: *mut fleetprov_config,
     reprovision: bool,
@@ -827,7 +834,7 @@ pub unsafe extern "C" fn fleetprov_config_set_reprovision(
 /// Makes fleetprov_provision() and fleetprov_rotate() with this config stop when `cancel` is
 /// triggered (NULL: no switch, the default). The config holds a reference to the switch.
 /// Asynchronous operations have their own (fleetprov_operation_cancel()).
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_set_cancel(
     config: *mut fleetprov_config,
     cancel: *const fleetprov_cancel,
@@ -843,7 +850,7 @@ pub unsafe extern "C" fn fleetprov_config_set_cancel(
 /// Registers the log callback (NULL to remove) receiving lines up to `max_level` (a
 /// fleetprov_log_level value). `userdata_free` (may be NULL) is called once on `userdata` when
 /// the callback is replaced or the last config, client or operation using it is freed.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_set_log_callback(
     config: *mut fleetprov_config,
     callback: fleetprov_log_callback,
@@ -862,7 +869,7 @@ pub unsafe extern "C" fn fleetprov_config_set_log_callback(
 }
 
 /// Registers the progress callback (NULL to remove); `userdata_free` as for the log callback.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_set_progress_callback(
     config: *mut fleetprov_config,
     callback: fleetprov_progress_callback,

@@ -1,7 +1,7 @@
 //! Errors: the thread's last error and the `fleetprov_error` object.
 
 use std::cell::RefCell;
-use std::ffi::{CString, c_char};
+use std::ffi::{c_char, CString};
 use std::ptr;
 
 use super::types::*;
@@ -66,7 +66,7 @@ pub(crate) fn set_last_error(err: fleetprov_error) {
 /// the whole text fit; FLEETPROV_BUFFER_TOO_SMALL when `buf` is NULL, `len` is 0 (nothing
 /// written) or the text did not fit (`buf` then holds as much as fits, cut at a character
 /// boundary and NUL-terminated).
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_last_error_message(
     buf: *mut c_char,
     len: usize,
@@ -86,7 +86,7 @@ pub unsafe extern "C" fn fleetprov_last_error_message(
 
 /// A copy of the calling thread's last error, or NULL when there is none. Free it with
 /// fleetprov_error_free().
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub extern "C" fn fleetprov_last_error() -> *mut fleetprov_error {
     guard_value(ptr::null_mut(), || {
         LAST_ERROR.with(|l| {
@@ -98,7 +98,7 @@ pub extern "C" fn fleetprov_last_error() -> *mut fleetprov_error {
 }
 
 /// The result code of an error (FLEETPROV_INVALID_ARGUMENT for NULL).
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_error_result(error: *const fleetprov_error) -> fleetprov_result {
     guard_value(fleetprov_result::FLEETPROV_PANIC, || {
         // SAFETY: NULL or a live error, per the header.
@@ -108,19 +108,19 @@ pub unsafe extern "C" fn fleetprov_error_result(error: *const fleetprov_error) -
 
 /// The full text of an error. Borrowed: valid until the error is freed (or, for an error
 /// passed to a callback, until the callback returns). NULL for NULL.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_error_message(error: *const fleetprov_error) -> *const c_char {
     borrowed(error, |o| o.message.as_ptr())
 }
 /// For FLEETPROV_REJECTED: the service's errorCode (e.g. "InvalidCertificateOwnershipToken");
 /// "" otherwise. Borrowed like fleetprov_error_message().
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_error_code(error: *const fleetprov_error) -> *const c_char {
     borrowed(error, |o| o.error_code.as_ptr())
 }
 /// For FLEETPROV_REJECTED: the service's errorMessage; "" otherwise. Borrowed like
 /// fleetprov_error_message().
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_error_service_message(
     error: *const fleetprov_error,
 ) -> *const c_char {
@@ -128,7 +128,7 @@ pub unsafe extern "C" fn fleetprov_error_service_message(
 }
 
 /// For FLEETPROV_REJECTED: the service's statusCode (400, 403, 404, 429, 500...); 0 otherwise.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_error_status_code(error: *const fleetprov_error) -> u16 {
     guard_value(0, || {
         // SAFETY: NULL or a live error, per the header.
@@ -137,7 +137,7 @@ pub unsafe extern "C" fn fleetprov_error_status_code(error: *const fleetprov_err
 }
 
 /// Whether retrying can help: connection failures, timeouts, and 429 / 5xx rejections.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_error_is_retryable(error: *const fleetprov_error) -> bool {
     guard_value(false, || {
         // SAFETY: NULL or a live error, per the header.
@@ -146,7 +146,7 @@ pub unsafe extern "C" fn fleetprov_error_is_retryable(error: *const fleetprov_er
 }
 
 /// Frees an error from fleetprov_last_error(). NULL is a no-op.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_error_free(error: *mut fleetprov_error) {
     guard_value((), || {
         if !error.is_null() {

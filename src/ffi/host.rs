@@ -3,7 +3,7 @@
 //! journal, the commit — through callbacks, without the library opening a socket.
 
 use std::collections::VecDeque;
-use std::ffi::{CString, c_char, c_void};
+use std::ffi::{c_char, c_void, CString};
 use std::ptr;
 use std::sync::{Mutex, MutexGuard, TryLockError};
 
@@ -156,7 +156,7 @@ pub struct fleetprov_host {
 /// callback is required. `userdata` is passed to each callback and released with
 /// `userdata_free` (may be NULL) when the host object is freed, or at once if this function
 /// fails. Nothing is sent before fleetprov_host_start().
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_host_new(
     config: *const fleetprov_config,
     callbacks: *const fleetprov_host_callbacks,
@@ -219,7 +219,7 @@ pub unsafe extern "C" fn fleetprov_host_new(
 /// drops the flow; a journal it wrote stays for the next attempt. Called from inside one of the
 /// host's callbacks, the free is deferred until the fleetprov_host_* call that ran the callback
 /// returns; make no further call on the host after this one.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_host_free(host: *mut fleetprov_host) {
     guard_value((), || {
         if !host.is_null() && !defer_free(host) {
@@ -250,8 +250,9 @@ impl fleetprov_host {
             Ok(inner) => Some(inner),
             Err(TryLockError::WouldBlock) => None,
             Err(TryLockError::Poisoned(poisoned)) => {
+                // The lock stays poisoned (clearing it needs Rust 1.77): every later call
+                // comes here and finds the same ended flow.
                 let mut inner = poisoned.into_inner();
-                self.inner.clear_poison();
                 inner.prepared = None;
                 inner.driver = None;
                 inner.result = Some(Err(Error::Panicked));
@@ -456,7 +457,7 @@ fn feed(
 /// Starts the flow at `now_ms` (milliseconds from any monotonic origin, the same in every call):
 /// asks for the first connection through the connect callback, or finishes at once when the
 /// storage already holds the credentials.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_host_start(
     host: *mut fleetprov_host,
     now_ms: u64,
@@ -465,7 +466,7 @@ pub unsafe extern "C" fn fleetprov_host_start(
 }
 
 /// The connection asked for by the last connect callback is up (CONNACK accepted).
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_host_connected(
     host: *mut fleetprov_host,
     now_ms: u64,
@@ -476,7 +477,7 @@ pub unsafe extern "C" fn fleetprov_host_connected(
 /// The connection asked for could not be made. `tls` true when the TLS handshake failed (the
 /// server refused the certificate, or it could not be verified): for a new certificate this
 /// tells the flow it is not active.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_host_connect_failed(
     host: *mut fleetprov_host,
     tls: bool,
@@ -495,7 +496,7 @@ pub unsafe extern "C" fn fleetprov_host_connect_failed(
 /// as the MQTT stack gives them (MQTT 3.1.1: 0x00, 0x01, 0x02 granted, 0x80 failure; MQTT 5
 /// reason codes: below 0x80 granted, 0x80 and above refused). Any byte value is accepted.
 /// Copied. `codes` may be NULL when `count` is 0.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_host_suback(
     host: *mut fleetprov_host,
     codes: *const u8,
@@ -517,7 +518,7 @@ pub unsafe extern "C" fn fleetprov_host_suback(
 /// message is ignored (FLEETPROV_OK). `payload` is `len` bytes. A NULL pointer with a length of
 /// 0 is empty; with a larger length it is FLEETPROV_INVALID_ARGUMENT. Topic and payload are
 /// copied: both buffers may be reused as soon as the call returns.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_host_message(
     host: *mut fleetprov_host,
     topic: *const u8,
@@ -555,7 +556,7 @@ unsafe fn bytes_arg(p: *const u8, len: usize, what: &str) -> Result<Vec<u8>, Err
 }
 
 /// The connection dropped.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_host_disconnected(
     host: *mut fleetprov_host,
     now_ms: u64,
@@ -564,7 +565,7 @@ pub unsafe extern "C" fn fleetprov_host_disconnected(
 }
 
 /// Time passed: call at fleetprov_host_wake_at() at the latest (more often is fine).
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_host_tick(
     host: *mut fleetprov_host,
     now_ms: u64,
@@ -576,7 +577,7 @@ pub unsafe extern "C" fn fleetprov_host_tick(
 /// `now_ms`): UINT64_MAX when no timer is pending (not started, or finished), 0 ("tick now")
 /// while events are being handled (called from inside a callback). FLEETPROV_INVALID_ARGUMENT
 /// (nothing written) for a NULL host or `out`.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_host_wake_at(
     host: *const fleetprov_host,
     out: *mut u64,
@@ -602,7 +603,7 @@ pub unsafe extern "C" fn fleetprov_host_wake_at(
 /// result in `*out` (free with fleetprov_provisioned_free(); it can be taken once, later calls
 /// give FLEETPROV_INVALID_ARGUMENT), or the failure's code with the details in the thread's last
 /// error (every call). FLEETPROV_PANIC when a panic inside the library (a bug) ended the flow.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_host_result(
     host: *mut fleetprov_host,
     out: *mut *mut fleetprov_provisioned,

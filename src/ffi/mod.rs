@@ -22,6 +22,7 @@ mod types;
 
 mod alloc;
 mod inject;
+pub(crate) mod os;
 
 pub use alloc::WipingAllocator;
 pub use cancel::*;

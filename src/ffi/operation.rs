@@ -81,9 +81,7 @@ pub struct fleetprov_operation {
 }
 
 pub(crate) fn join_unless_self(handle: Option<JoinHandle<()>>) {
-    if let Some(h) = handle
-        && h.thread().id() != std::thread::current().id()
-    {
+    if let Some(h) = handle.filter(|h| h.thread().id() != std::thread::current().id()) {
         let _ = h.join();
     }
 }
@@ -98,7 +96,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// the outcome (see fleetprov_provision_callback); progress and log callbacks also run there.
 /// `userdata_free` (may be NULL) is called on `userdata` after the callback returned. The
 /// config is copied: it may be freed right away.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_provision_async(
     config: *const fleetprov_config,
     callback: fleetprov_provision_callback,
@@ -184,7 +182,7 @@ pub(crate) fn complete<T>(
 
 /// Asks the operation to stop; its callback then reports FLEETPROV_CANCELLED (unless it had
 /// already finished). Thread-safe; may be called from any thread, callbacks included.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_operation_cancel(
     operation: *mut fleetprov_operation,
 ) -> fleetprov_result {
@@ -200,7 +198,7 @@ pub unsafe extern "C" fn fleetprov_operation_cancel(
 /// number of threads may wait at once; each returns only then. From the operation's own
 /// callback (which would wait for itself) or from any progress or log callback it returns
 /// FLEETPROV_IN_CALLBACK without waiting.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_operation_wait(
     operation: *mut fleetprov_operation,
 ) -> fleetprov_result {
@@ -221,7 +219,7 @@ pub unsafe extern "C" fn fleetprov_operation_wait(
 /// Cancels the operation if still running, waits until its callback returned and its userdata
 /// was released (unless called from that callback: then the worker finishes on its own) and frees
 /// the handle. NULL is a no-op. Call it once, after every other call on the operation returned.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_operation_free(operation: *mut fleetprov_operation) {
     guard_value((), || {
         if operation.is_null() {

@@ -36,7 +36,7 @@ pub(crate) fn provisioned_object(p: Provisioned) -> fleetprov_provisioned {
 /// stay as they were. Unless the config sets a state directory, the resume journal lives in
 /// `credentials_dir`/rotation-journal. The old certificate stays active in AWS IoT. On success
 /// writes a new result to `*out` (free with fleetprov_provisioned_free()).
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_rotate(
     config: *const fleetprov_config,
     credentials_dir: *const c_char,
@@ -70,7 +70,7 @@ pub unsafe extern "C" fn fleetprov_rotate(
 /// the new credentials (unless verification is off) and writes them to the output directory if
 /// one is set. On success writes a new result to `*out` (free with fleetprov_provisioned_free()).
 /// Callbacks run on the calling thread. Thread-safe with respect to other configs.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_provision(
     config: *const fleetprov_config,
     out: *mut *mut fleetprov_provisioned,

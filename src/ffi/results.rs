@@ -1,7 +1,7 @@
 //! The result objects: a certificate, a registration, a provisioning result, and their getters.
 
 use std::collections::BTreeMap;
-use std::ffi::{CString, c_char};
+use std::ffi::{c_char, CString};
 use std::ptr;
 
 use super::types::*;
@@ -44,14 +44,14 @@ pub(crate) fn config_entries(config: &BTreeMap<String, String>) -> Vec<(CString,
 }
 
 /// certificateId (64 hex characters). Borrowed: valid until the certificate is freed.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_certificate_id(
     certificate: *const fleetprov_certificate,
 ) -> *const c_char {
     borrowed(certificate, |o| o.id.as_ptr())
 }
 /// The certificate PEM. Borrowed like fleetprov_certificate_id().
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_certificate_pem(
     certificate: *const fleetprov_certificate,
 ) -> *const c_char {
@@ -59,7 +59,7 @@ pub unsafe extern "C" fn fleetprov_certificate_pem(
 }
 /// The ownership token, a secret: needed for RegisterThing, valid one hour. Borrowed like
 /// fleetprov_certificate_id(); wiped when the certificate is freed.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_certificate_ownership_token(
     certificate: *const fleetprov_certificate,
 ) -> *const c_char {
@@ -68,7 +68,7 @@ pub unsafe extern "C" fn fleetprov_certificate_ownership_token(
 
 /// The private key PEM returned by CreateKeysAndCertificate (PKCS#1 RSA on AWS); NULL for a
 /// certificate from a CSR. Borrowed like fleetprov_certificate_id(); wiped when freed.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_certificate_private_key(
     certificate: *const fleetprov_certificate,
 ) -> *const c_char {
@@ -81,7 +81,7 @@ pub unsafe extern "C" fn fleetprov_certificate_private_key(
 }
 
 /// Frees a certificate (wiping its key and token). NULL is a no-op.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_certificate_free(certificate: *mut fleetprov_certificate) {
     guard_value((), || {
         if !certificate.is_null() {
@@ -93,7 +93,7 @@ pub unsafe extern "C" fn fleetprov_certificate_free(certificate: *mut fleetprov_
 
 /// The thing name ("" when the template creates no thing). Borrowed: valid until the
 /// registration is freed.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_registration_thing_name(
     registration: *const fleetprov_registration,
 ) -> *const c_char {
@@ -101,7 +101,7 @@ pub unsafe extern "C" fn fleetprov_registration_thing_name(
 }
 
 /// Attempts the provisioning took (1 when nothing was retried); 0 for NULL.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_provisioned_attempts(
     provisioned: *const fleetprov_provisioned,
 ) -> u32 {
@@ -113,7 +113,7 @@ pub unsafe extern "C" fn fleetprov_provisioned_attempts(
 
 /// Whether the certificate came from the resume journal (an earlier call created it); false
 /// for NULL.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_provisioned_resumed(
     provisioned: *const fleetprov_provisioned,
 ) -> bool {
@@ -128,7 +128,7 @@ pub unsafe extern "C" fn fleetprov_provisioned_resumed(
 /// the library's (FLEETPROV_METHOD_EXTERNAL_CSR or _EXTERNAL_SIGNER with fleetprov_provision()).
 /// That attempt most likely registered it (it used the token); the thing name and device
 /// configuration are then empty. Connect with the certificate to be sure. false for NULL.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_provisioned_registration_confirmed(
     provisioned: *const fleetprov_provisioned,
 ) -> bool {
@@ -141,7 +141,7 @@ pub unsafe extern "C" fn fleetprov_provisioned_registration_confirmed(
 /// true when the output directory already held the complete credentials of an earlier call (and
 /// nothing was pending in the journal): they were returned as they are, nothing was sent and no
 /// certificate was made; attempts is 0. See fleetprov_config_set_reprovision(). false for NULL.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_provisioned_already_provisioned(
     provisioned: *const fleetprov_provisioned,
 ) -> bool {
@@ -152,7 +152,7 @@ pub unsafe extern "C" fn fleetprov_provisioned_already_provisioned(
 }
 
 /// Number of deviceConfiguration entries.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_registration_config_count(
     registration: *const fleetprov_registration,
 ) -> usize {
@@ -164,7 +164,7 @@ pub unsafe extern "C" fn fleetprov_registration_config_count(
 
 /// deviceConfiguration entry `index` (sorted by key): writes borrowed key and value pointers
 /// (valid until the registration is freed). FLEETPROV_INVALID_ARGUMENT if out of range.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_registration_config_entry(
     registration: *const fleetprov_registration,
     index: usize,
@@ -205,7 +205,7 @@ unsafe fn entry_out(
 }
 
 /// Frees a registration. NULL is a no-op.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_registration_free(registration: *mut fleetprov_registration) {
     guard_value((), || {
         if !registration.is_null() {
@@ -216,21 +216,21 @@ pub unsafe extern "C" fn fleetprov_registration_free(registration: *mut fleetpro
 }
 
 /// The thing name. Borrowed: valid until the result is freed.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_provisioned_thing_name(
     provisioned: *const fleetprov_provisioned,
 ) -> *const c_char {
     borrowed(provisioned, |o| o.thing_name.as_ptr())
 }
 /// The new certificate's id. Borrowed like fleetprov_provisioned_thing_name().
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_provisioned_certificate_id(
     provisioned: *const fleetprov_provisioned,
 ) -> *const c_char {
     borrowed(provisioned, |o| o.certificate_id.as_ptr())
 }
 /// The new certificate PEM. Borrowed like fleetprov_provisioned_thing_name().
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_provisioned_certificate_pem(
     provisioned: *const fleetprov_provisioned,
 ) -> *const c_char {
@@ -239,7 +239,7 @@ pub unsafe extern "C" fn fleetprov_provisioned_certificate_pem(
 
 /// The device's private key PEM; NULL with FLEETPROV_METHOD_EXTERNAL_CSR. Borrowed like
 /// fleetprov_provisioned_thing_name(); wiped when the result is freed.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_provisioned_private_key(
     provisioned: *const fleetprov_provisioned,
 ) -> *const c_char {
@@ -253,7 +253,7 @@ pub unsafe extern "C" fn fleetprov_provisioned_private_key(
 
 /// The directory the credentials were written to (certificate.pem, private.key, device.json),
 /// or NULL when no output directory was configured. Borrowed like the other getters.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_provisioned_output_dir(
     provisioned: *const fleetprov_provisioned,
 ) -> *const c_char {
@@ -266,7 +266,7 @@ pub unsafe extern "C" fn fleetprov_provisioned_output_dir(
 }
 
 /// Number of deviceConfiguration entries.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_provisioned_config_count(
     provisioned: *const fleetprov_provisioned,
 ) -> usize {
@@ -277,7 +277,7 @@ pub unsafe extern "C" fn fleetprov_provisioned_config_count(
 }
 
 /// deviceConfiguration entry `index` (sorted by key), as fleetprov_registration_config_entry().
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_provisioned_config_entry(
     provisioned: *const fleetprov_provisioned,
     index: usize,
@@ -293,7 +293,7 @@ pub unsafe extern "C" fn fleetprov_provisioned_config_entry(
 }
 
 /// Frees a provisioning result (wiping the key). NULL is a no-op.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_provisioned_free(provisioned: *mut fleetprov_provisioned) {
     guard_value((), || {
         if !provisioned.is_null() {

@@ -2,7 +2,7 @@
 //! of its own (a secure element's slots, a raw flash partition, a TEE, an encrypted filesystem)
 //! instead of the library's files.
 
-use std::ffi::{CString, c_char, c_void};
+use std::ffi::{c_char, c_void, CString};
 use std::sync::{Arc, Mutex};
 
 use zeroize::Zeroizing;
@@ -178,7 +178,7 @@ fn cstring(s: &str) -> CString {
 /// `userdata` is passed to every callback and released with `userdata_free` (may be NULL) when
 /// the config and every provisioning started from it are done with it, or at once if this
 /// function fails.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_set_storage(
     config: *mut fleetprov_config,
     storage: *const fleetprov_storage,

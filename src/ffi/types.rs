@@ -2,7 +2,7 @@
 //! callback and in-use tracking, argument conversions).
 
 use std::cell::{Cell, RefCell};
-use std::ffi::{CStr, CString, c_char, c_void};
+use std::ffi::{c_char, c_void, CStr, CString};
 use std::ptr;
 
 use zeroize::Zeroize;
@@ -612,31 +612,32 @@ pub(crate) unsafe fn copy_out(
 
 /// The name of a result code ("FLEETPROV_OK", ...); "FLEETPROV_UNKNOWN" for other values.
 /// The string is static. Thread-safe.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub extern "C" fn fleetprov_result_name(result: i32) -> *const c_char {
     use fleetprov_result::*;
-    let name: &'static CStr = match fleetprov_result::from_c(result) {
-        Ok(FLEETPROV_OK) => c"FLEETPROV_OK",
-        Ok(FLEETPROV_INVALID_ARGUMENT) => c"FLEETPROV_INVALID_ARGUMENT",
-        Ok(FLEETPROV_TLS) => c"FLEETPROV_TLS",
-        Ok(FLEETPROV_CONNECTION) => c"FLEETPROV_CONNECTION",
-        Ok(FLEETPROV_TIMEOUT) => c"FLEETPROV_TIMEOUT",
-        Ok(FLEETPROV_DEADLINE) => c"FLEETPROV_DEADLINE",
-        Ok(FLEETPROV_REJECTED) => c"FLEETPROV_REJECTED",
-        Ok(FLEETPROV_MALFORMED_REPLY) => c"FLEETPROV_MALFORMED_REPLY",
-        Ok(FLEETPROV_SUBSCRIBE_FAILED) => c"FLEETPROV_SUBSCRIBE_FAILED",
-        Ok(FLEETPROV_CERTIFICATE_MISMATCH) => c"FLEETPROV_CERTIFICATE_MISMATCH",
-        Ok(FLEETPROV_CANCELLED) => c"FLEETPROV_CANCELLED",
-        Ok(FLEETPROV_STORAGE) => c"FLEETPROV_STORAGE",
-        Ok(FLEETPROV_BUSY) => c"FLEETPROV_BUSY",
-        Ok(FLEETPROV_BUFFER_TOO_SMALL) => c"FLEETPROV_BUFFER_TOO_SMALL",
-        Ok(FLEETPROV_PANIC) => c"FLEETPROV_PANIC",
-        Ok(FLEETPROV_IN_PROGRESS) => c"FLEETPROV_IN_PROGRESS",
-        Ok(FLEETPROV_INTERNAL) => c"FLEETPROV_INTERNAL",
-        Ok(FLEETPROV_IN_CALLBACK) => c"FLEETPROV_IN_CALLBACK",
-        Err(_) => c"FLEETPROV_UNKNOWN",
+    // NUL-terminated byte strings (C string literals need Rust 1.77).
+    let name: &'static [u8] = match fleetprov_result::from_c(result) {
+        Ok(FLEETPROV_OK) => b"FLEETPROV_OK\0",
+        Ok(FLEETPROV_INVALID_ARGUMENT) => b"FLEETPROV_INVALID_ARGUMENT\0",
+        Ok(FLEETPROV_TLS) => b"FLEETPROV_TLS\0",
+        Ok(FLEETPROV_CONNECTION) => b"FLEETPROV_CONNECTION\0",
+        Ok(FLEETPROV_TIMEOUT) => b"FLEETPROV_TIMEOUT\0",
+        Ok(FLEETPROV_DEADLINE) => b"FLEETPROV_DEADLINE\0",
+        Ok(FLEETPROV_REJECTED) => b"FLEETPROV_REJECTED\0",
+        Ok(FLEETPROV_MALFORMED_REPLY) => b"FLEETPROV_MALFORMED_REPLY\0",
+        Ok(FLEETPROV_SUBSCRIBE_FAILED) => b"FLEETPROV_SUBSCRIBE_FAILED\0",
+        Ok(FLEETPROV_CERTIFICATE_MISMATCH) => b"FLEETPROV_CERTIFICATE_MISMATCH\0",
+        Ok(FLEETPROV_CANCELLED) => b"FLEETPROV_CANCELLED\0",
+        Ok(FLEETPROV_STORAGE) => b"FLEETPROV_STORAGE\0",
+        Ok(FLEETPROV_BUSY) => b"FLEETPROV_BUSY\0",
+        Ok(FLEETPROV_BUFFER_TOO_SMALL) => b"FLEETPROV_BUFFER_TOO_SMALL\0",
+        Ok(FLEETPROV_PANIC) => b"FLEETPROV_PANIC\0",
+        Ok(FLEETPROV_IN_PROGRESS) => b"FLEETPROV_IN_PROGRESS\0",
+        Ok(FLEETPROV_INTERNAL) => b"FLEETPROV_INTERNAL\0",
+        Ok(FLEETPROV_IN_CALLBACK) => b"FLEETPROV_IN_CALLBACK\0",
+        Err(_) => b"FLEETPROV_UNKNOWN\0",
     };
-    name.as_ptr()
+    name.as_ptr().cast()
 }
 
 /// The version of the C ABI this header describes. It changes whenever the ABI changes in a way
@@ -647,21 +648,18 @@ pub extern "C" fn fleetprov_result_name(result: i32) -> *const c_char {
 pub const FLEETPROV_ABI_VERSION: u32 = 3;
 
 /// The ABI version of the library loaded at run time (see FLEETPROV_ABI_VERSION). Thread-safe.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub extern "C" fn fleetprov_abi_version() -> u32 {
     FLEETPROV_ABI_VERSION
 }
 
 /// The library's version, e.g. "0.3.0" (static string; agrees with the FLEETPROV_VERSION_*
 /// macros of the header the program was compiled with when both come from one release).
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub extern "C" fn fleetprov_version() -> *const c_char {
-    static VERSION: &CStr =
-        match CStr::from_bytes_with_nul(concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes()) {
-            Ok(v) => v,
-            Err(_) => c"unknown",
-        };
-    VERSION.as_ptr()
+    // A package version never holds a NUL.
+    static VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
+    VERSION.as_ptr().cast()
 }
 
 /// A borrowed string field of a live object, NULL for a NULL object.

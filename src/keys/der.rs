@@ -88,7 +88,10 @@ fn read(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
         if count == 0 || count > 4 {
             return None;
         }
-        let (bytes, rest) = rest.split_at_checked(count)?;
+        if rest.len() < count {
+            return None;
+        }
+        let (bytes, rest) = rest.split_at(count);
         if bytes.first() == Some(&0) {
             return None; // not minimal
         }
@@ -98,7 +101,7 @@ fn read(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
         }
         (usize::try_from(len).ok()?, rest)
     };
-    rest.split_at_checked(len)
+    (rest.len() >= len).then(|| rest.split_at(len))
 }
 
 /// The contents of the one element with tag `tag` that makes up all of `input`.

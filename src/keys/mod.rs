@@ -289,8 +289,9 @@ pub fn check_csr_pem(pem: &str) -> Result<(), KeyError> {
 /// do not, another error when either cannot be parsed.
 pub fn certificate_matches_key(cert_pem: &str, key_pem: &str) -> Result<(), KeyError> {
     let certs = parse_certificate_pem(cert_pem)?;
-    if let Some(first) = certs.first()
-        && let Err(e) = rustls::server::ParsedCertificate::try_from(first)
+    if let Some(Err(e)) = certs
+        .first()
+        .map(rustls::server::ParsedCertificate::try_from)
     {
         // Well-formed, but only as a trust anchor (a version 1 certificate).
         return Err(KeyError::InvalidCertificate(format!(

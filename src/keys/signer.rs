@@ -179,7 +179,7 @@ fn raw_to_der(sig: &[u8], width: usize) -> Vec<u8> {
     let (r, s) = sig.split_at(width.min(sig.len()));
     let int = |v: &[u8]| {
         let mut v: Vec<u8> = v.iter().copied().skip_while(|b| *b == 0).collect();
-        if v.first().is_none_or(|b| b & 0x80 != 0) {
+        if v.first().map_or(true, |b| b & 0x80 != 0) {
             v.insert(0, 0);
         }
         // At most 49 bytes for P-384: a short-form length.

@@ -6,9 +6,9 @@ pub mod step;
 pub mod topics;
 
 pub use codec::{
-    CreatedCertificate, DecodeError, Registered, decode_certificate_reply, decode_register_reply,
-    decode_rejection, encode_create_keys_request, encode_csr_request, encode_register_request,
+    decode_certificate_reply, decode_register_reply, decode_rejection, encode_create_keys_request,
+    encode_csr_request, encode_register_request, CreatedCertificate, DecodeError, Registered,
 };
 pub use error::ServiceError;
 pub use step::Step;
-pub use topics::{Api, Format, validate_template_name};
+pub use topics::{validate_template_name, Api, Format};

@@ -24,7 +24,7 @@ use zeroize::Zeroizing;
 use crate::protocol::{CreatedCertificate, Registered};
 use crate::secret::Secret;
 
-use super::{StoreError, ensure_private_dir, write_atomic};
+use super::{ensure_private_dir, write_atomic, StoreError};
 
 /// The journal's file name in the state directory (mode 0600).
 pub const JOURNAL_FILE: &str = "journal.json";
@@ -130,9 +130,9 @@ impl Journal {
             .mode(0o600)
             .open(&lock_path)
             .map_err(at(&lock_path))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
+        match crate::ffi::os::try_lock_exclusive(&lock) {
+            Ok(true) => {}
+            Ok(false) => {
                 return Err(StoreError {
                     path: lock_path,
                     source: io::Error::new(
@@ -141,7 +141,7 @@ impl Journal {
                     ),
                 });
             }
-            Err(fs::TryLockError::Error(e)) => return Err(at(&lock_path)(e)),
+            Err(e) => return Err(at(&lock_path)(e)),
         }
         Ok(Journal {
             dir: dir.to_path_buf(),
@@ -232,9 +232,9 @@ pub fn parse(bytes: &[u8]) -> Result<Entry, String> {
     if wire.ownership_token.is_empty() {
         return Err("no ownership token".into());
     }
-    if let Some(k) = &wire.private_key_pem
-        && !(k.trim_start().starts_with("-----BEGIN ") && k.contains("PRIVATE KEY-----"))
-    {
+    if wire.private_key_pem.as_ref().is_some_and(|k| {
+        !(k.trim_start().starts_with("-----BEGIN ") && k.contains("PRIVATE KEY-----"))
+    }) {
         return Err("the private key is not PEM".into());
     }
     Ok(Entry {

@@ -10,7 +10,7 @@ mod tests;
 pub mod journal;
 mod storage;
 
-pub use storage::{BlobStorage, Blobs, FileStorage, JOURNAL_BLOB, SharedBlobs, Storage};
+pub use storage::{BlobStorage, Blobs, FileStorage, SharedBlobs, Storage, JOURNAL_BLOB};
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -18,8 +18,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -258,7 +258,7 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
     }
     if fs::metadata(dir).is_ok_and(|m| !m.is_dir()) {
         return Err(io::Error::new(
-            io::ErrorKind::NotADirectory,
+            os_kind(libc::ENOTDIR),
             "it exists and is not a directory",
         ));
     }
@@ -269,10 +269,7 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
         .create(dir)?;
     let meta = fs::metadata(dir)?;
     if !meta.is_dir() {
-        return Err(io::Error::new(
-            io::ErrorKind::NotADirectory,
-            "not a directory",
-        ));
+        return Err(io::Error::new(os_kind(libc::ENOTDIR), "not a directory"));
     }
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 {
@@ -289,6 +286,12 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
         return Err(io::Error::new(io::ErrorKind::PermissionDenied, why));
     }
     Ok(())
+}
+
+/// The error kind the OS's `errno` maps to (`NotADirectory` for ENOTDIR, ...), for errors of
+/// our own with a message: those kinds are named in std only from Rust 1.83.
+fn os_kind(errno: i32) -> io::ErrorKind {
+    io::Error::from_raw_os_error(errno).kind()
 }
 
 /// A temporary file holding the next content of `target`; removed on drop unless committed.
@@ -330,7 +333,7 @@ fn stage(path: &Path, data: &[u8], mode: u32) -> io::Result<Staged> {
     match fs::symlink_metadata(path) {
         Ok(meta) if meta.is_dir() => {
             return Err(io::Error::new(
-                io::ErrorKind::IsADirectory,
+                os_kind(libc::EISDIR),
                 "a directory is in the way",
             ));
         }
@@ -358,7 +361,8 @@ fn stage(path: &Path, data: &[u8], mode: u32) -> io::Result<Staged> {
 /// Creates `.NAME.PID.SEQ.tmp` in `dir` exclusively (never following or reusing an existing
 /// file), with permission bits `mode`.
 fn create_temp(dir: &Path, name: &std::ffi::OsStr, mode: u32) -> io::Result<(PathBuf, File)> {
-    static SEQ: AtomicU64 = AtomicU64::new(0);
+    // usize, not u64: targets without 64-bit atomics (armv5, MIPS32, RISC-V 32) build it too.
+    static SEQ: AtomicUsize = AtomicUsize::new(0);
     process_start();
     let mut last = None;
     for _ in 0..100 {

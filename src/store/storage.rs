@@ -8,8 +8,8 @@ use zeroize::Zeroizing;
 
 use super::journal::{self, Entry, Journal};
 use super::{
-    CERTIFICATE_FILE, Credentials, METADATA_FILE, PRIVATE_KEY_FILE, Stored, StoredPaths,
-    metadata_json, parse_metadata,
+    metadata_json, parse_metadata, Credentials, Stored, StoredPaths, CERTIFICATE_FILE,
+    METADATA_FILE, PRIVATE_KEY_FILE,
 };
 use crate::error::Error;
 use crate::secret::Secret;

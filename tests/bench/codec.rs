@@ -13,11 +13,11 @@ use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use fleetprov::Secret;
 use fleetprov::protocol::{
-    Api, Format, decode_certificate_reply, decode_register_reply, decode_rejection,
-    encode_create_keys_request, encode_csr_request, encode_register_request,
+    decode_certificate_reply, decode_register_reply, decode_rejection, encode_create_keys_request,
+    encode_csr_request, encode_register_request, Api, Format,
 };
+use fleetprov::Secret;
 use serde_json::Value;
 
 const FIXTURES: &str = include_str!("fixtures/codec.json");
@@ -99,10 +99,8 @@ fn main() {
         let rejection = to_format(format, &fx["rejection"]);
         // Each case checks its result once before it is timed.
         assert!(decode_certificate_reply(&csr_api, format, &csr_reply).is_ok());
-        assert!(
-            decode_certificate_reply(&keys_api, format, &keys_reply)
-                .is_ok_and(|c| c.private_key.is_some())
-        );
+        assert!(decode_certificate_reply(&keys_api, format, &keys_reply)
+            .is_ok_and(|c| c.private_key.is_some()));
         assert!(
             decode_register_reply(format, &register_reply).is_ok_and(|r| r.thing_name.is_some())
         );

@@ -38,11 +38,11 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier, mpsc};
+use std::sync::{mpsc, Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use fleetprov::engine::Step;
 use fleetprov::engine::flow::Progress;
+use fleetprov::engine::Step;
 use fleetprov::keys::KeyType;
 use fleetprov::provision::Hooks;
 use fleetprov::{Config, Method, Request, Roots, Secret};

@@ -3,7 +3,7 @@
 //! library asks through its callbacks; and a "secure element" for the external signer.
 
 use std::collections::VecDeque;
-use std::ffi::{CStr, CString, c_char, c_void};
+use std::ffi::{c_char, c_void, CStr, CString};
 use std::ptr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

@@ -28,17 +28,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use fleetprov_emulator::Format;
 use fleetprov_emulator::wire::{self, Packet, Version, WireError};
+use fleetprov_emulator::Format;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use serde_json::{Value, json};
+use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
-use tokio::time::{Instant, timeout, timeout_at};
-use tokio_rustls::TlsConnector;
+use tokio::time::{timeout, timeout_at, Instant};
 use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 
 /// Every single wait (a connection, a reply) is bounded by this.
 const WAIT: Duration = Duration::from_secs(30);
@@ -857,9 +857,7 @@ async fn connections_phase(ctx: &Arc<Ctx>, emu: &Emulator, p: &Params) -> ConnRe
         kb(rss0),
     );
     line(&format!("emulator RSS with {n} connections"), kb(rss1));
-    if let (Some(a), Some(b)) = (rss0, rss1)
-        && n > 0
-    {
+    if let (Some(a), Some(b), true) = (rss0, rss1, n > 0) {
         line(
             "emulator memory per connection",
             format!("{:.1} KB", b.saturating_sub(a) as f64 / n as f64),

@@ -140,9 +140,7 @@ impl Broker {
         let end = conn.run(rx, tx_half).await;
         self.forget(&conn);
         log!("{addr} [{}]: closed: {end}", conn.client_id);
-        if end.publish_will()
-            && let Some(will) = conn.will.take()
-        {
+        if let Some(will) = conn.will.take().filter(|_| end.publish_will()) {
             self.route(&will.topic, will.payload, will.qos);
         }
     }
@@ -151,10 +149,10 @@ impl Broker {
         if let Ok(mut peers) = self.peers.write() {
             peers.remove(&conn.id);
         }
-        if let Ok(mut sessions) = self.sessions.lock()
-            && sessions.get(&conn.client_id) == Some(&conn.id)
-        {
-            sessions.remove(&conn.client_id);
+        if let Ok(mut sessions) = self.sessions.lock() {
+            if sessions.get(&conn.client_id) == Some(&conn.id) {
+                sessions.remove(&conn.client_id);
+            }
         }
     }
 
@@ -329,8 +327,9 @@ impl Conn {
             let _ = self.flush(&mut w).await;
             return End::Refused("client id longer than 128 bytes");
         }
-        if let Some(will) = &will
-            && (!topics::valid_topic(&will.topic) || will.qos > 1)
+        if will
+            .as_ref()
+            .is_some_and(|will| !topics::valid_topic(&will.topic) || will.qos > 1)
         {
             return self.close(&mut w, 0x90, End::Refused("invalid will")).await;
         }
@@ -602,10 +601,10 @@ impl Conn {
     }
 
     fn publish_filters(&self) {
-        if let Ok(mut peers) = self.broker.peers.write()
-            && let Some(peer) = peers.get_mut(&self.id)
-        {
-            peer.filters = self.filters.clone();
+        if let Ok(mut peers) = self.broker.peers.write() {
+            if let Some(peer) = peers.get_mut(&self.id) {
+                peer.filters = self.filters.clone();
+            }
         }
     }
 

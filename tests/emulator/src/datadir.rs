@@ -10,7 +10,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::pki::{self, Ca};
-use crate::store::{ACTIVE, Store};
+use crate::store::{Store, ACTIVE};
 use crate::template::{DEMO_TEMPLATE, ROTATION_TEMPLATE};
 
 /// Where each file of a data directory lives.

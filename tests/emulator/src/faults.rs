@@ -44,7 +44,7 @@ use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::{json, Value};
 
 use crate::pki::{Ca, KeyKind};
 use crate::service::encode;

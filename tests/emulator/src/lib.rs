@@ -25,13 +25,13 @@ mod tls;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use datadir::DataPaths;
 pub use faults::{Fault, Faults};
-pub use pki::{KeyKind, certificate_id};
+pub use pki::{certificate_id, KeyKind};
 pub use service::{decode, encode};
 pub use topics::Format;
 

@@ -12,8 +12,8 @@ use std::net::IpAddr;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType,
-    SerialNumber, SignatureAlgorithm, SigningKey, SubjectPublicKeyInfo,
+    Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
+    SignatureAlgorithm, SigningKey, SubjectPublicKeyInfo, PKCS_ECDSA_P256_SHA256,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::{digest, signature};
@@ -320,9 +320,10 @@ impl Ca {
     /// spliced into the TBSCertificate, which is then signed again with the CA key. The key
     /// identifiers do not depend on the stand-in: they are pre-computed in `params`.
     fn sign_leaf(&self, params: &CertificateParams, spki_der: &[u8]) -> Result<Issued, PkiError> {
-        if let Ok(public_key) = SubjectPublicKeyInfo::from_der(spki_der)
-            && public_key.subject_public_key_info() == spki_der
-        {
+        let parsed = SubjectPublicKeyInfo::from_der(spki_der)
+            .ok()
+            .filter(|public_key| public_key.subject_public_key_info() == spki_der);
+        if let Some(public_key) = parsed {
             let cert = params
                 .signed_by(&public_key, &self.issuer)
                 .map_err(|e| pki_err("could not sign the certificate", e))?;
@@ -776,12 +777,12 @@ fn verify_signature(
     message: &[u8],
     sig: &[u8],
 ) -> Result<(), CsrError> {
-    use SigAlg::*;
     use signature::{
         ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA384_ASN1, ECDSA_P384_SHA256_ASN1,
         ECDSA_P384_SHA384_ASN1, RSA_PKCS1_2048_8192_SHA256, RSA_PKCS1_2048_8192_SHA384,
         RSA_PKCS1_2048_8192_SHA512,
     };
+    use SigAlg::*;
 
     let (ring_alg, public_key, key_name): (&'static dyn signature::VerificationAlgorithm, _, _) =
         match (key, sig_alg) {
@@ -1292,13 +1293,12 @@ wFG7tY+dIR8TQnwapWNPyhvxYt9hKqgCQgCj9TSmIcPwSZL2rP9oJWju6l8MjwXb
         assert_eq!(cert.subject(), cert.issuer());
         let bc = cert.basic_constraints().unwrap().expect("BasicConstraints");
         assert!(bc.critical && bc.value.ca);
-        assert!(
-            cert.key_usage()
-                .unwrap()
-                .expect("KeyUsage")
-                .value
-                .key_cert_sign()
-        );
+        assert!(cert
+            .key_usage()
+            .unwrap()
+            .expect("KeyUsage")
+            .value
+            .key_cert_sign());
         let years = (cert.validity().not_after.timestamp()
             - cert.validity().not_before.timestamp())
             / (365 * 86400);
@@ -1685,13 +1685,12 @@ wFG7tY+dIR8TQnwapWNPyhvxYt9hKqgCQgCj9TSmIcPwSZL2rP9oJWju6l8MjwXb
         );
         let eku = cert.extended_key_usage().unwrap().expect("EKU").value;
         assert!(eku.server_auth && !eku.client_auth);
-        assert!(
-            cert.key_usage()
-                .unwrap()
-                .expect("KeyUsage")
-                .value
-                .digital_signature()
-        );
+        assert!(cert
+            .key_usage()
+            .unwrap()
+            .expect("KeyUsage")
+            .value
+            .digital_signature());
         assert_eq!(
             KeyPair::from_pem(&key_pem)
                 .unwrap()
@@ -1714,17 +1713,15 @@ wFG7tY+dIR8TQnwapWNPyhvxYt9hKqgCQgCj9TSmIcPwSZL2rP9oJWju6l8MjwXb
                 )
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
         }
-        assert!(
-            verifier
-                .verify_server_cert(
-                    &CertificateDer::from(der.clone()),
-                    &[],
-                    &ServerName::try_from("other.test").unwrap(),
-                    &[],
-                    UnixTime::now(),
-                )
-                .is_err()
-        );
+        assert!(verifier
+            .verify_server_cert(
+                &CertificateDer::from(der.clone()),
+                &[],
+                &ServerName::try_from("other.test").unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+            .is_err());
         rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .unwrap()

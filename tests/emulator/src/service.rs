@@ -6,13 +6,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::{json, Value};
 
 use crate::hook::{self, Verdict};
 use crate::pki::{Ca, KeyKind};
 use crate::store::{RegisterError, Store};
 use crate::template::{self, TemplateFile};
-use crate::topics::{Api, Format, valid_template_name};
+use crate::topics::{valid_template_name, Api, Format};
 
 /// The answer to a request.
 #[derive(Debug, Clone, PartialEq)]

@@ -947,9 +947,11 @@ impl Evaluator<'_> {
         };
         for (key, value) in section {
             let path = format!("DeviceConfiguration.{key}");
-            if let Value::Object(map) = value
-                && intrinsic(map).map_err(|e| e.within(&path))?.is_none()
-            {
+            let nested = match value {
+                Value::Object(map) => intrinsic(map).map_err(|e| e.within(&path))?.is_none(),
+                _ => false,
+            };
+            if nested {
                 return Err(TemplateError::invalid_request(format!(
                     "{path}: DeviceConfiguration does not support nested objects"
                 )));

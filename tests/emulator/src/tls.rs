@@ -12,7 +12,7 @@ use rustls::{
 };
 
 use crate::pki::certificate_id;
-use crate::store::{ACTIVE, Store};
+use crate::store::{Store, ACTIVE};
 
 /// The ALPN protocol AWS IoT uses for MQTT on port 443.
 pub const ALPN_MQTT: &[u8] = b"x-amzn-mqtt-ca";

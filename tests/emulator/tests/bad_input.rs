@@ -2,13 +2,13 @@
 //! after every row proof that the emulator still serves a fresh connection end to end.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use fleetprov_emulator::Format;
 use fleetprov_emulator::wire::{self, Packet, Version, WireError};
+use fleetprov_emulator::Format;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;

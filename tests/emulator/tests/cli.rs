@@ -6,12 +6,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use fleetprov_emulator::Format;
-use serde_json::{Value, json};
+use serde_json::{json, Value};
 
 mod binary;
 mod common;
 use binary::*;
-use common::{TempDir, enc, keys_topic, register_topic};
+use common::{enc, keys_topic, register_topic, TempDir};
 
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path)

@@ -4,12 +4,12 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use fleetprov_emulator::Format;
 use fleetprov_emulator::wire::{Packet, Version};
-use serde_json::{Value, json};
+use fleetprov_emulator::Format;
+use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
 
 mod common;
 use common::*;
@@ -768,22 +768,17 @@ async fn control_interface_commands() {
     let listed: Value = serde_json::from_str(&ctl.cmd("list").await).unwrap();
     assert_eq!(listed, env.emu.registry().unwrap());
     let certs = listed["certificates"].as_array().unwrap();
-    assert!(
-        certs
-            .iter()
-            .any(|c| c["id"] == v["certificateId"] && c["status"] == "PENDING_ACTIVATION")
-    );
-    assert!(
-        certs
-            .iter()
-            .any(|c| c["origin"] == "claim" && c["status"] == "ACTIVE")
-    );
+    assert!(certs
+        .iter()
+        .any(|c| c["id"] == v["certificateId"] && c["status"] == "PENDING_ACTIVATION"));
+    assert!(certs
+        .iter()
+        .any(|c| c["origin"] == "claim" && c["status"] == "ACTIVE"));
     // Nothing has expired: `sweep` deletes nothing and the pending certificate stays.
     assert_eq!(ctl.cmd("sweep").await, "ok 0");
-    assert!(
-        env.certificate(v["certificateId"].as_str().unwrap())
-            .is_some()
-    );
+    assert!(env
+        .certificate(v["certificateId"].as_str().unwrap())
+        .is_some());
     // Bad commands answer an error and leave the connection usable.
     let bad = [
         "fault explode",

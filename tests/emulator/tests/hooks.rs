@@ -5,9 +5,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use fleetprov_emulator::Format;
 use fleetprov_emulator::wire::{Packet, Version};
-use serde_json::{Value, json};
+use fleetprov_emulator::Format;
+use serde_json::{json, Value};
 
 mod common;
 use common::*;

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use fleetprov_emulator::Format;
 use fleetprov_emulator::wire::{self, Packet, Version, Will};
+use fleetprov_emulator::Format;
 use rumqttc::v5::mqttbytes::v5 as mqtt5;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -1,8 +1,8 @@
 //! The three APIs in both formats over both MQTT versions, then the device reconnects with its
 //! new certificate and uses its own topics.
 
-use fleetprov_emulator::Format;
 use fleetprov_emulator::wire::{Packet, Version};
+use fleetprov_emulator::Format;
 use serde_json::json;
 
 mod common;

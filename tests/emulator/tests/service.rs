@@ -10,15 +10,15 @@ use bytes::Bytes;
 use fleetprov_emulator::wire::Version;
 use fleetprov_emulator::{Format, KeyKind};
 use rcgen::{
-    CertificateParams, DnType, KeyPair, PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384,
-    PKCS_ED25519, PKCS_RSA_SHA256, PublicKeyData, SignatureAlgorithm, SigningKey,
+    CertificateParams, DnType, KeyPair, PublicKeyData, SignatureAlgorithm, SigningKey,
+    PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384, PKCS_ED25519, PKCS_RSA_SHA256,
 };
 use rsa::pkcs1::{DecodeRsaPrivateKey, EncodeRsaPublicKey};
 use rsa::pkcs8::{EncodePrivateKey, LineEnding};
 use rsa::traits::PublicKeyParts;
-use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use serde_json::{Value, json};
+use rustls::pki_types::CertificateDer;
+use serde_json::{json, Value};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::prelude::FromDer;
@@ -693,12 +693,10 @@ async fn bad_tokens_are_rejected() {
             assert_eq!(&v, want, "{what} ({format:?})");
         }
     }
-    assert!(
-        env.emu.registry().unwrap()["things"]
-            .as_array()
-            .unwrap()
-            .is_empty()
-    );
+    assert!(env.emu.registry().unwrap()["things"]
+        .as_array()
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,9 +3,9 @@
 //! on re-provisioning, DeviceConfiguration, template errors and the shipped DemoTemplate.
 //! Every outcome is checked in the reply and in the registry.
 
-use fleetprov_emulator::Format;
 use fleetprov_emulator::wire::Version;
-use serde_json::{Value, json};
+use fleetprov_emulator::Format;
+use serde_json::{json, Value};
 
 mod common;
 use common::*;

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use fleetprov_emulator::Format;
 use fleetprov_emulator::wire::{self, Packet, Version, WireError};
-use rustls::ProtocolVersion;
+use fleetprov_emulator::Format;
 use rustls::pki_types::ServerName;
+use rustls::ProtocolVersion;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -11,18 +11,18 @@ use std::process::{ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
-use fleetprov_emulator::Format;
 use fleetprov_emulator::wire::{self, Packet, Version, WireError};
+use fleetprov_emulator::Format;
 use rustls::pki_types::ServerName;
-use serde_json::{Value, json};
+use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
-use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 
-use crate::common::{WAIT, client_config, enc, keys_topic, register_topic};
+use crate::common::{client_config, enc, keys_topic, register_topic, WAIT};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_fleetprov-emulator");
 
