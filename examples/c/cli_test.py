@@ -167,7 +167,8 @@ def case_ok(cli, serial):
     check(len(created_certificates(cli.emu.registry())) == 1, "second run minted a certificate")
 
     p = cli.run(args[:-1] + ["--quiet"], expect=0, what="third run, --quiet")
-    check(p.stderr == "", f"--quiet: stderr is not empty: {p.stderr!r}")
+    own = [line for line in p.stderr.splitlines() if not re.match(r"==\d+==", line)]
+    check(not own, f"--quiet: stderr is not empty: {own!r}")  # valgrind's lines aside
     check(fields(p.stdout).get("status") == "already_provisioned", "--quiet: status")
     check_no_secrets([device_key(cli.out), open(cli.emu.path("claim.key")).read()])
     print(f"ok: provisioned {cert_id[:12]}…, then already provisioned twice")
