@@ -369,7 +369,8 @@ static void usage(FILE *f) {
 "  76   the service's answer is unusable (malformed reply, certificate not of our key)\n"
 "  77   refused: the template or a parameter (4xx), the TLS handshake (claim certificate\n"
 "       not registered, wrong CA), a subscription denied by the policy\n"
-"  130  interrupted by SIGINT, 143 by SIGTERM: the journal is kept; run again to resume\n");
+"  130  interrupted by SIGINT, 143 by SIGTERM: the journal is kept; run again to resume\n"
+"       (a second signal ends the program at once)\n");
 }
 
 /* ----------------------------------------------------------------------------------------- */
@@ -942,6 +943,8 @@ static int run(const struct settings *s, const struct resolved *r) {
         struct sigaction sa, old_int, old_term;
         memset(&sa, 0, sizeof sa);
         sa.sa_handler = on_signal;
+        /* Once: a second signal ends the program at once (the journal is crash-safe). */
+        sa.sa_flags = SA_RESETHAND;
         sigemptyset(&sa.sa_mask);
         sigaction(SIGINT, &sa, &old_int);
         sigaction(SIGTERM, &sa, &old_term);
