@@ -55,8 +55,10 @@ class Cli:
         return args
 
     def run(self, args, expect=None, what="run"):
-        """Runs `fleetprov provision ARGS` (`fleetprov rotate ...` when ARGS start with it)."""
-        cmd = self.cmd + (args if args[:1] == ["rotate"] else ["provision"] + args)
+        """Runs `fleetprov provision ARGS` (ARGS as they are when they start with rotate,
+        --version or help)."""
+        own = args[:1] in (["rotate"], ["--version"], ["help"])
+        cmd = self.cmd + (args if own else ["provision"] + args)
         print("+ " + " ".join(cmd), flush=True)
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout_s,
@@ -288,6 +290,14 @@ credentials = {cli.out}
         failures.append(f"usage error with --json: {obj}")
     check(not failures, "\n".join(failures))
     check(not os.path.exists(os.path.join(cli.work, "other")), "a failed run created --out")
+
+    p = cli.run(["--version", "--json"], expect=0, what="--version --json")
+    v = parse_json(p, "--version --json")
+    check(v.get("compatible") is True and v.get("abi") == v.get("library_abi")
+          and v.get("version") == v.get("library_version"), f"--version: {v}")
+    p = cli.run(["help"], expect=0, what="help")
+    for status in (0, 64, 65, 66, 69, 70, 73, 75, 76, 77, 130):
+        check(re.search(rf"^  {status} ", p.stdout, re.M), f"help does not document {status}")
     check_no_secrets([device_key(cli.out)])
     print(f"ok: {len(table)} bad settings, each with its exit status and cause")
 
