@@ -366,6 +366,8 @@ def case_interrupt(cli, serial, sig):
     err = "".join(seen) + err
     sys.stdout.write(f"--- exit {proc.returncode}\n--- stdout\n{out}--- stderr\n{err}---\n")
     OUTPUTS.append(out + err)
+    for marker in SANITIZER_MARKERS:
+        check(marker not in err, f"interrupted run: sanitizer report ({marker!r})")
     name = "SIGINT" if sig == signal.SIGINT else "SIGTERM"
     expected = 130 if sig == signal.SIGINT else 143
     check(any("step: registering" in line for line in seen), "never reached RegisterThing")

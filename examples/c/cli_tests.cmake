@@ -10,10 +10,14 @@ if(NOT TARGET fleetprov::cli)
   message(STATUS "fleetprov::cli not in the package (FLEETPROV_BUILD_CLI=OFF): no cli tests")
   return()
 endif()
+set(_cli_program $<TARGET_FILE:fleetprov::cli>)
 if(FLEETPROV_SANITIZE)
-  # The command is built by the library's project, not instrumented here: the plain pass covers
-  # it, and the valgrind pass checks its memory.
-  return()
+  # The installed command is not instrumented: this pass builds its source again with ASan and
+  # UBSan (the examples' flags) and runs the same cases against that build.
+  add_executable(fleetprov_cli_sanitized "${CMAKE_CURRENT_SOURCE_DIR}/../../src/cli/fleetprov.c")
+  target_link_libraries(fleetprov_cli_sanitized PRIVATE fleetprov::fleetprov)
+  example_flags(fleetprov_cli_sanitized)
+  set(_cli_program $<TARGET_FILE:fleetprov_cli_sanitized>)
 endif()
 
 set(_cli_cases ok cbor config reject unreachable interrupt sigterm rotate systemd)
@@ -29,7 +33,7 @@ foreach(_case IN LISTS _cli_cases)
             --work "${CMAKE_CURRENT_BINARY_DIR}/cli-${_case}"
             --examples "${CMAKE_CURRENT_SOURCE_DIR}/.."
             --case ${_case} --timeout ${_timeout_each}
-            -- ${CMAKE_CROSSCOMPILING_EMULATOR} ${_launcher} $<TARGET_FILE:fleetprov::cli>)
+            -- ${CMAKE_CROSSCOMPILING_EMULATOR} ${_launcher} ${_cli_program})
   set_tests_properties(cli_${_case} PROPERTIES
     LABELS "${_labels};emulator;cli" ENVIRONMENT "${_env}" TIMEOUT ${FLEETPROV_TEST_TIMEOUT})
 endforeach()
