@@ -417,8 +417,13 @@ static int add_param(struct settings *s, const char *kv, unsigned line, int keep
     size_t klen = (size_t)(eq - kv);
     for (size_t i = 0; i < s->param_count; i++) {
         if (strlen(s->params[i].key) == klen && strncmp(s->params[i].key, kv, klen) == 0) {
+            if (keep && s->params[i].line != 0) {
+                return fail(s, EXIT_USAGE, "usage", "%s:%u: parameter '%s' given twice (first "
+                            "on line %u)", s->config_path, line, s->params[i].key,
+                            s->params[i].line);
+            }
             if (keep) {
-                return 0;
+                return 0; /* the command line's value stays */
             }
             char *v = strdup(eq + 1);
             if (v == NULL) {
