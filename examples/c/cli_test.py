@@ -9,7 +9,8 @@ and the emulator's registry.
 CASE: ok (--json, JSON payloads, then a second run that is a no-op), cbor (CBOR with
 CreateKeysAndCertificate, key=value output), config (a configuration file, flags overriding it,
 and a table of bad lines, options and input files with their exit statuses), reject (unknown
-template: 77; a 503 without retries: 75), unreachable (a closed port: 69), interrupt and
+template: 77; a 503 without retries: 75), unreachable (a closed port: 69), busy (a second run
+on the state directory of a running one: 75), interrupt and
 sigterm (SIGINT / SIGTERM once RegisterThing is sent: 130 / 143, the journal kept, then a rerun
 resumes, one certificate in all), rotate, systemd (the example unit checked with
 `systemd-analyze verify` when available, and the example configuration file provisioning).
@@ -34,7 +35,7 @@ from emu_test import (SANITIZER_MARKERS, Emulator, Failed, check, check_provisio
                       created_certificates, free_port, mode, pem_der, snapshot)
 
 EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_UNAVAILABLE = 64, 65, 66, 69
-EX_TEMPFAIL, EX_NOPERM = 75, 77
+EX_CANTCREAT, EX_TEMPFAIL, EX_NOPERM = 73, 75, 77
 
 # Every output seen, checked for secrets at the end (and after each run against what is known).
 OUTPUTS = []
@@ -276,6 +277,12 @@ credentials = {cli.out}
          ["FLEETPROV_INVALID_ARGUMENT"]),
         ("bad template name", replace(good, "--template", "no spaces"), EX_DATAERR,
          ["template name may only contain"]),
+        # The emulator's server certificate: issued by its CA, but not a registered one.
+        ("unregistered claim certificate",
+         replace(replace(good, "--cert", emu.path("server.pem")), "--key", emu.path("server.key"))
+         + ["--retry", "1,50,50"], EX_NOPERM, ["FLEETPROV_TLS", "refused the claim certificate"]),
+        ("unwritable output directory", replace(good, "--out", "/proc/fleetprov-output"),
+         EX_CANTCREAT, ["FLEETPROV_STORAGE", "cannot hold the credentials"]),
     ]
     failures = []
     for what, args, status, texts in table:
@@ -396,6 +403,38 @@ def case_interrupt(cli, serial, sig):
     print(f"ok: {name} -> {expected}, journal kept, rerun resumed {cert_id[:12]}…")
 
 
+def case_busy(cli, serial):
+    """A second run while the first holds the state directory (its RegisterThing reply held 3 s
+    by the emulator): FLEETPROV_BUSY, temporary (75), and the first one still provisions."""
+    args = cli.cmd + ["provision"] + cli.conn(serial=serial) + [
+        "--out", cli.out, "--state-dir", cli.state, "--timeout", "20000"]
+    print("+ " + " ".join(args), flush=True)
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             stdin=subprocess.DEVNULL)
+    killer = threading.Timer(cli.timeout_s, first.kill)
+    killer.start()
+    try:
+        seen = []
+        for line in first.stderr:
+            seen.append(line)
+            if "step: registering" in line:
+                break
+        check(any("step: registering" in line for line in seen), "never reached RegisterThing")
+        p = cli.run(args[len(cli.cmd) + 1:] + ["--json"], expect=EX_TEMPFAIL, what="second run")
+        err = parse_json(p, "second run").get("error") or {}
+        check(err.get("name") == "FLEETPROV_BUSY", f"second run: error={err}")
+        out, rest = first.communicate()
+    finally:
+        killer.cancel()
+    sys.stdout.write(f"--- first run: exit {first.returncode}\n--- stdout\n{out}--- stderr\n"
+                     f"{''.join(seen) + rest}---\n")
+    OUTPUTS.append(out + "".join(seen) + rest)
+    check(first.returncode == 0, f"first run: exit status {first.returncode}, expected 0")
+    check_provisioned(cli.emu, cli.out, serial, max_created=1, exact_created=1)
+    check_no_secrets([device_key(cli.out)])
+    print("ok: a second run on a busy state directory -> 75, the first provisioned")
+
+
 def case_rotate(cli, serial):
     cli.run(cli.conn(serial=serial) + ["--out", cli.out], expect=0, what="provision")
     old_id = check_provisioned(cli.emu, cli.out, serial, max_created=1, exact_created=1)
@@ -476,8 +515,8 @@ def main():
     ap.add_argument("--emulator", required=True)
     ap.add_argument("--work", required=True)
     ap.add_argument("--case", required=True,
-                    choices=["ok", "cbor", "config", "reject", "unreachable", "interrupt",
-                             "sigterm", "rotate", "systemd"])
+                    choices=["ok", "cbor", "config", "reject", "unreachable", "busy",
+                             "interrupt", "sigterm", "rotate", "systemd"])
     ap.add_argument("--examples", default=os.path.join(os.path.dirname(
         os.path.abspath(__file__)), ".."), help="the examples directory (systemd/ in it)")
     ap.add_argument("--serial", default=None)
@@ -497,7 +536,8 @@ def main():
     emu = Emulator(os.path.abspath(a.emulator), os.path.join(a.work, "emulator"))
     started = time.monotonic()
     try:
-        faults = {"interrupt": ["delay:600@register*1"], "sigterm": ["delay:600@register*1"]}
+        faults = {"interrupt": ["delay:600@register*1"], "sigterm": ["delay:600@register*1"],
+                  "busy": ["delay:3000@register*1"]}
         extra = ["--control-port", "0"] if a.case == "reject" else []
         emu.start(extra + [x for rule in faults.get(a.case, []) for x in ("--fault", rule)])
         cli = Cli(cmd, emu, a.work, a.timeout)

@@ -20,7 +20,7 @@ if(FLEETPROV_SANITIZE)
   set(_cli_program $<TARGET_FILE:fleetprov_cli_sanitized>)
 endif()
 
-set(_cli_cases ok cbor config reject unreachable interrupt sigterm rotate systemd)
+set(_cli_cases ok cbor config reject unreachable busy interrupt sigterm rotate systemd)
 if(FLEETPROV_VALGRIND)
   # valgrind sits between a signal and the program: no interrupt cases; the rest costs a
   # valgrind run each, so the passes that cover the flow's outcomes only.
