@@ -144,10 +144,12 @@ def check_success_json(cli, obj, serial, status="provisioned"):
 
 
 def case_ok(cli, serial):
-    """--json, JSON payloads, a state directory: provisioned; the JSON object agrees with the
-    files and the registry. Again: already provisioned, exit 0, nothing sent, nothing minted."""
+    """--json, --verbose, JSON payloads, a state directory: provisioned; the JSON object agrees
+    with the files and the registry. Again: already provisioned, exit 0, nothing sent, nothing minted."""
     args = cli.conn(serial=serial) + ["--out", cli.out, "--state-dir", cli.state, "--json"]
-    p = cli.run(args, expect=0, what="first run")
+    # --verbose: the library's log lines down to debug, checked for secrets like the rest.
+    p = cli.run(args + ["--verbose"], expect=0, what="first run")
+    check(re.search(r"^fleetprov: (debug|info): ", p.stderr, re.M), "--verbose: no log lines")
     obj = parse_json(p, "first run")
     cert_id = check_success_json(cli, obj, serial)
     check(obj.get("already_provisioned") is False, "first run: already_provisioned")
