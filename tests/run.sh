@@ -60,6 +60,10 @@ if ! cargo tree --locked -p fleetprov -e normal -i rustls --prefix none --depth 
     exit 1
 fi
 
+step "a library built without its optional features (cbor, system-roots): refuses them by name, provisions"
+cargo clippy --locked -p fleetprov --lib --no-default-features --features wipe-heap -- -D warnings
+cargo test --locked --no-default-features --features wipe-heap --test trimmed
+
 step "Rust tests (library, emulator unit and integration tests)"
 cargo test --workspace --locked
 

@@ -121,6 +121,12 @@ impl Config {
         if self.step_timeout.is_zero() {
             return Err(Error::InvalidArgument("the step timeout is 0".into()));
         }
+        self.format
+            .check_available()
+            .map_err(Error::InvalidArgument)?;
+        if self.roots == Roots::System && !tls::SYSTEM_ROOTS {
+            return Err(Error::InvalidArgument(tls::NO_SYSTEM_ROOTS.into()));
+        }
         Ok(())
     }
 }

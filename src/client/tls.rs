@@ -12,6 +12,15 @@ use crate::secret::Secret;
 /// ALPN protocol AWS IoT requires for MQTT on port 443.
 pub const ALPN_MQTT: &[u8] = b"x-amzn-mqtt-ca";
 
+/// Whether this build can load the operating system's root certificates (cargo feature
+/// `system-roots`, on by default).
+pub const SYSTEM_ROOTS: bool = cfg!(feature = "system-roots");
+
+/// Why the system roots cannot be used in a build without them.
+pub const NO_SYSTEM_ROOTS: &str = "this build of the library has no access to the system's root \
+     certificates (built without the cargo feature `system-roots`): give the CA certificate \
+     (a CA file)";
+
 /// Which roots authenticate the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Roots {
@@ -40,6 +49,9 @@ pub fn client_config(
                     .map_err(|e| Error::InvalidArgument(format!("CA certificate: {e}")))?;
             }
         }
+        #[cfg(not(feature = "system-roots"))]
+        Roots::System => return Err(Error::InvalidArgument(NO_SYSTEM_ROOTS.into())),
+        #[cfg(feature = "system-roots")]
         Roots::System => {
             let found = rustls_native_certs::load_native_certs();
             for cert in found.certs {

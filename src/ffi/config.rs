@@ -395,6 +395,11 @@ pub unsafe extern "C" fn fleetprov_config_use_system_roots(
     remember(config, "fleetprov_config_use_system_roots", || {
         // SAFETY: pointer per the header.
         let config = unsafe { config_mut(config)? };
+        if !crate::client::tls::SYSTEM_ROOTS {
+            return Err(Error::InvalidArgument(
+                crate::client::tls::NO_SYSTEM_ROOTS.into(),
+            ));
+        }
         config.roots = Roots::System;
         config.ca_file = None;
         Ok(())
@@ -517,6 +522,10 @@ pub unsafe extern "C" fn fleetprov_config_set_format(
             fleetprov_format::FLEETPROV_FORMAT_JSON => Format::Json,
             fleetprov_format::FLEETPROV_FORMAT_CBOR => Format::Cbor,
         };
+        config
+            .format
+            .check_available()
+            .map_err(Error::InvalidArgument)?;
         Ok(())
     })
 }

@@ -41,11 +41,15 @@ fn encode<T: Serialize>(format: Format, value: &T) -> Vec<u8> {
     match format {
         // Serializing plain structs of strings cannot fail.
         Format::Json => serde_json::to_vec(value).unwrap_or_default(),
+        #[cfg(feature = "cbor")]
         Format::Cbor => {
             let mut out = Vec::new();
             let _ = ciborium::ser::into_writer(value, &mut out);
             out
         }
+        // Refused when the configuration is made (Format::check_available): nothing is sent.
+        #[cfg(not(feature = "cbor"))]
+        Format::Cbor => Vec::new(),
     }
 }
 
@@ -358,6 +362,13 @@ fn decode(format: Format, payload: &[u8], what: &str) -> Result<Found, DecodeErr
             };
             fail(format!("{kind} at line {} column {}", e.line(), e.column()))
         })?,
+        #[cfg(not(feature = "cbor"))]
+        Format::Cbor => {
+            return Err(fail(
+                Format::Cbor.check_available().err().unwrap_or_default(),
+            ));
+        }
+        #[cfg(feature = "cbor")]
         Format::Cbor => {
             let mut rest = payload;
             let reply = ciborium::de::from_reader(&mut rest).map_err(|e| {

@@ -18,6 +18,27 @@ impl Format {
             Format::Cbor => "cbor",
         }
     }
+
+    /// Whether this build of the library encodes and decodes the format: CBOR needs the cargo
+    /// feature `cbor` (on by default).
+    pub fn available(self) -> bool {
+        match self {
+            Format::Json => true,
+            Format::Cbor => cfg!(feature = "cbor"),
+        }
+    }
+
+    /// `Ok` when [`Format::available`], else why not, for an `InvalidArgument` error.
+    pub fn check_available(self) -> Result<(), String> {
+        if self.available() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{self} payloads are not in this build of the library (built without the cargo \
+                 feature `{self}`)"
+            ))
+        }
+    }
 }
 
 impl fmt::Display for Format {
