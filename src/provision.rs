@@ -118,6 +118,18 @@ pub fn provision(request: &Request, hooks: &Hooks) -> Result<Provisioned, Error>
 /// `hooks` serve every device (the progress and log callbacks are called from this thread), and
 /// cancelling stops them all. Each request needs its own state directory, if any.
 pub fn provision_many(requests: &[Request], hooks: &Hooks) -> Vec<Result<Provisioned, Error>> {
+    #[cfg(not(feature = "transport"))]
+    {
+        let _ = hooks;
+        let refused = Error::InvalidArgument(client::NO_TRANSPORT.into());
+        requests.iter().map(|_| Err(refused.clone())).collect()
+    }
+    #[cfg(feature = "transport")]
+    provision_many_builtin(requests, hooks)
+}
+
+#[cfg(feature = "transport")]
+fn provision_many_builtin(requests: &[Request], hooks: &Hooks) -> Vec<Result<Provisioned, Error>> {
     let runtime = match client::runtime() {
         Ok(r) => r,
         Err(e) => return requests.iter().map(|_| Err(e.clone())).collect(),

@@ -60,9 +60,12 @@ if ! cargo tree --locked -p fleetprov -e normal -i rustls --prefix none --depth 
     exit 1
 fi
 
-step "a library built without its optional features (cbor, system-roots): refuses them by name, provisions"
-cargo clippy --locked -p fleetprov --lib --no-default-features --features wipe-heap -- -D warnings
-cargo test --locked --no-default-features --features wipe-heap --test trimmed
+step "the library built without its optional features: refuses what it lacks by name, provisions with the rest"
+# Without cbor and system-roots; and without the built-in transport too (host API only).
+for features in wipe-heap,transport wipe-heap; do
+    cargo clippy --locked -p fleetprov --lib --test trimmed --no-default-features --features "$features" -- -D warnings
+    cargo test --locked --no-default-features --features "$features" --test trimmed
+done
 
 step "Rust tests (library, emulator unit and integration tests)"
 cargo test --workspace --locked

@@ -1,33 +1,50 @@
-//! The built-in transport: MQTT (rumqttc) over TLS (rustls with ring) driving the engine.
+//! Connections to AWS IoT: the settings ([`Config`]), cancellation ([`Cancel`]) and, with the
+//! cargo feature `transport` (on by default), the built-in transport: MQTT (rumqttc) over TLS
+//! (rustls with ring) driving the engine.
 //!
 //! Every operation runs on a current-thread tokio runtime owned by the [`Client`], in the
-//! calling thread; the callback flavours in the C API run it on a worker thread.
+//! calling thread; the callback flavours in the C API run it on a worker thread. Without the
+//! feature the library has no MQTT and no TLS of its own: the firmware's stack drives the flow
+//! through the host API ([`crate::ffi`]'s `fleetprov_host_*`), and every call that needs the
+//! built-in transport fails with [`Error::InvalidArgument`] saying so.
 
+#[cfg(not(feature = "transport"))]
+mod absent;
+#[cfg(feature = "transport")]
 mod driver;
+#[cfg(feature = "transport")]
 mod link;
+#[cfg(feature = "transport")]
+mod mqtt;
 pub mod tls;
 
-use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use once_cell::sync::Lazy;
-use rumqttc::{
-    AsyncClient, ConnectionError, Event as MqttEvent, EventLoop, MqttOptions, Outgoing, Packet,
-};
 
-use crate::engine::flow::Progress;
-use crate::engine::{Action, CertificateSource, Engine, Event, Operation, Outcome, Settings, Step};
 use crate::error::Error;
-use crate::protocol::{validate_template_name, CreatedCertificate, Format, Registered};
+use crate::protocol::Format;
 use crate::secret::Secret;
+#[cfg(not(feature = "transport"))]
+pub(crate) use absent::run_flow;
+#[cfg(not(feature = "transport"))]
+pub use absent::Client;
+#[cfg(feature = "transport")]
 pub(crate) use driver::{drive, run_flow, runtime};
-use link::{Link, LinkEvent};
+#[cfg(feature = "transport")]
+pub use mqtt::Client;
+#[cfg(feature = "transport")]
+use mqtt::{
+    at_ms, close, connection_error, granted, leftover_publishes, open_connection, Credential,
+};
 pub use tls::Roots;
 
-/// Largest packet sent or received: AWS IoT's 128 KB payload plus headers.
-const MAX_PACKET: usize = 128 * 1024 + 2048;
+/// Why a build without the cargo feature `transport` refuses what needs the built-in transport.
+#[cfg_attr(feature = "transport", allow(dead_code))]
+pub(crate) const NO_TRANSPORT: &str = "this build of the library has no MQTT or TLS of its own \
+     (built without the cargo feature `transport`): drive the flow with the host API \
+     (fleetprov_host_*) over the firmware's own MQTT connection";
 
 pub use crate::engine::LogLevel;
 
@@ -93,6 +110,7 @@ impl Config {
     }
 
     /// The trusted CAs in words: the CA file, the CA certificates given, or the system's.
+    #[cfg_attr(not(feature = "transport"), allow(dead_code))]
     pub(crate) fn trust_name(&self) -> String {
         match (&self.roots, &self.ca_file) {
             (Roots::System, _) => "the system's trust store".into(),
@@ -124,33 +142,10 @@ impl Config {
         self.format
             .check_available()
             .map_err(Error::InvalidArgument)?;
-        if self.roots == Roots::System && !tls::SYSTEM_ROOTS {
-            return Err(Error::InvalidArgument(tls::NO_SYSTEM_ROOTS.into()));
-        }
+        // The roots are checked when the TLS configuration is made (a host transport has none).
         Ok(())
     }
 }
-
-/// How long a connection being closed may take to get its DISCONNECT out.
-const DISCONNECT_GRACE: Duration = Duration::from_millis(300);
-
-/// Sends DISCONNECT and drives the event loop until it is out (or the connection failed), for
-/// [`DISCONNECT_GRACE`] at most: the one close every transport of the library uses.
-pub(crate) async fn close(client: &AsyncClient, events: &mut EventLoop) {
-    let _ = client.try_disconnect();
-    let _ = tokio::time::timeout(DISCONNECT_GRACE, async {
-        loop {
-            match events.poll().await {
-                Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
-}
-
-/// How often a running operation looks at its cancel flag.
-const CANCEL_POLL: Duration = Duration::from_millis(20);
 
 /// Cancels a running operation from another thread, or from a signal handler.
 ///
@@ -178,13 +173,6 @@ impl Cancel {
     pub fn is_cancelled(&self) -> bool {
         self.flag.load(Ordering::SeqCst)
     }
-
-    /// Resolves once [`Cancel::cancel`] was called (within 20 ms).
-    pub(crate) async fn wait(&self) {
-        while !self.is_cancelled() {
-            tokio::time::sleep(CANCEL_POLL).await;
-        }
-    }
 }
 
 /// The engine-clock time `d` from now.
@@ -192,532 +180,10 @@ pub(crate) fn deadline_after(d: Duration) -> u64 {
     now_ms().saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// A rumqttc client and event loop for `config`'s endpoint with credentials `tls`; not yet
-/// connected (the first poll connects). An empty `client_id` gets a random one.
-pub(crate) fn open_connection(
-    config: &Config,
-    tls: Arc<rustls::ClientConfig>,
-    client_id: &str,
-) -> (AsyncClient, EventLoop) {
-    let client_id = if client_id.is_empty() {
-        format!("fleetprov-{:016x}", random_u64())
-    } else {
-        client_id.to_owned()
-    };
-    let mut options = MqttOptions::new(client_id, config.host.clone(), config.port);
-    options
-        .set_keep_alive(config.keep_alive)
-        // At most two requests are ever in flight; rumqttc sizes a table by this (default 100).
-        .set_inflight(4)
-        .set_clean_session(true)
-        .set_max_packet_size(MAX_PACKET, MAX_PACKET)
-        .set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
-            tls,
-        )));
-    let (client, mut events) = AsyncClient::new(options, 16);
-    let mut network = rumqttc::NetworkOptions::new();
-    network.set_connection_timeout(config.step_timeout.as_secs().max(1));
-    // rumqttc writes each packet whole: Nagle's algorithm only delays the RegisterThing request
-    // behind the certificate reply's PUBACK until the server's delayed ACK (40 ms on Linux).
-    network.set_tcp_nodelay(true);
-    events.set_network_options(network);
-    (client, events)
-}
-
-/// A SUBACK's return codes as granted (true) or refused.
-pub(crate) fn granted(ack: &rumqttc::SubAck) -> Vec<bool> {
-    ack.return_codes
-        .iter()
-        .map(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure))
-        .collect()
-}
-
-/// PUBLISHes rumqttc read but had not handed out when the connection failed: a reply followed
-/// at once by the close arrives in one read, and rumqttc reports the close (failing to send the
-/// PUBACK) before the reply, which stays queued in its state.
-pub(crate) fn leftover_publishes(events: &mut EventLoop) -> Vec<rumqttc::Publish> {
-    events
-        .state
-        .events
-        .drain(..)
-        .filter_map(|e| match e {
-            MqttEvent::Incoming(Packet::Publish(p)) => Some(p),
-            _ => None,
-        })
-        .collect()
-}
-
 /// Milliseconds on the engine's clock.
 fn now_ms() -> u64 {
     static ORIGIN: Lazy<Instant> = Lazy::new(Instant::now);
     u64::try_from(ORIGIN.elapsed().as_millis()).unwrap_or(u64::MAX)
-}
-
-pub(crate) fn at_ms(ms: u64) -> tokio::time::Instant {
-    let now = now_ms();
-    tokio::time::Instant::now() + Duration::from_millis(ms.saturating_sub(now))
-}
-
-struct Connection {
-    link: Link,
-    subscribed: HashSet<String>,
-}
-
-/// An MQTT connection to AWS IoT (or the emulator) and the provisioning operations over it.
-pub struct Client {
-    config: Config,
-    tls: Arc<rustls::ClientConfig>,
-    runtime: tokio::runtime::Runtime,
-    conn: Option<Connection>,
-    progress: Option<ProgressFn>,
-    log: Option<LogFn>,
-    cancel: Arc<Cancel>,
-}
-
-impl std::fmt::Debug for Client {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client")
-            .field("config", &self.config)
-            .field("connected", &self.conn.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
-/// Whose certificate a connection authenticates with, for messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Credential {
-    /// The configuration's certificate: the claim certificate (or, when rotating, the current
-    /// device certificate).
-    Configured,
-    /// The certificate the flow just obtained.
-    New,
-}
-
-/// The rustls error somewhere in `e`'s chain: rumqttc nests it in its own errors and in
-/// `io::Error`s (whose `source()` skips the error they wrap), differently for TLS 1.2 (during
-/// the handshake) and TLS 1.3 (a client certificate refused after it).
-fn find_rustls<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
-    let mut current = Some(e);
-    // Bounded: error chains are a few links long.
-    for _ in 0..16 {
-        let err = current?;
-        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-            return Some(tls);
-        }
-        current = match err
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-        {
-            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
-            None => err.source(),
-        };
-    }
-    None
-}
-
-/// A failed or lost connection as the user should read it: which side refused what, with the
-/// endpoint, and typed so that only what can pass is retried.
-pub(crate) fn connection_error(e: ConnectionError, config: &Config, who: Credential) -> Error {
-    use rustls::AlertDescription as Alert;
-    let endpoint = format!("{}:{}", config.host, config.port);
-    if let Some(tls) = find_rustls(&e) {
-        return match tls {
-            rustls::Error::AlertReceived(
-                alert @ (Alert::BadCertificate
-                | Alert::UnsupportedCertificate
-                | Alert::CertificateRevoked
-                | Alert::CertificateExpired
-                | Alert::CertificateUnknown
-                | Alert::UnknownCA
-                | Alert::AccessDenied
-                | Alert::CertificateRequired
-                | Alert::HandshakeFailure),
-            ) => Error::Tls(match who {
-                Credential::Configured => format!(
-                    "{endpoint} refused the {} (TLS alert {alert:?}): the certificate, or the CA \
-                     that issued it, is not registered and ACTIVE in the AWS account and Region \
-                     of this endpoint, or it expired or was revoked",
-                    config.certificate_name
-                ),
-                Credential::New => format!(
-                    "{endpoint} refused the new device certificate (TLS alert {alert:?}): it is \
-                     not active"
-                ),
-            }),
-            rustls::Error::InvalidCertificate(why) => Error::Tls(format!(
-                "the server at {endpoint} is not trusted: its certificate does not verify with \
-                 {} ({why:?}); check the CA (AWS IoT Core: AmazonRootCA1.pem) and the endpoint",
-                config.trust_name()
-            )),
-            other => Error::Tls(format!("TLS with {endpoint}: {other}")),
-        };
-    }
-    match e {
-        // TLS set-up errors that are not rustls's (a host name that cannot be a server name).
-        ConnectionError::Tls(e) => Error::Tls(format!("TLS with {endpoint}: {e}")),
-        ConnectionError::ConnectionRefused(code) => {
-            Error::Connection(format!("{endpoint} refused the MQTT connection: {code:?}"))
-        }
-        ConnectionError::Io(io) if io.to_string().contains("lookup address") => {
-            Error::Connection(format!(
-                "the endpoint host {:?} does not resolve ({io}); retried in case the network is \
-                 still coming up",
-                config.host
-            ))
-        }
-        ConnectionError::Io(io) => Error::Connection(format!("{endpoint}: {io}")),
-        other => Error::Connection(format!("{endpoint}: {other}")),
-    }
-}
-
-impl Client {
-    /// Checks the configuration and credentials; does not connect yet.
-    pub fn new(config: Config) -> Result<Client, Error> {
-        config.validate()?;
-        let alpn = config.alpn.unwrap_or(config.port == 443);
-        let tls = tls::client_config(&config.roots, &config.cert_pem, &config.key_pem, alpn)?;
-        let runtime = driver::runtime()?;
-        Ok(Client {
-            config,
-            tls,
-            runtime,
-            conn: None,
-            progress: None,
-            log: None,
-            cancel: Arc::new(Cancel::default()),
-        })
-    }
-
-    /// Where each step reached is reported.
-    pub fn set_progress(&mut self, progress: Option<ProgressFn>) {
-        self.progress = progress;
-    }
-
-    /// Where log lines go.
-    pub fn set_log(&mut self, log: Option<LogFn>) {
-        self.log = log;
-    }
-
-    /// Shares a cancellation handle (the one-call flow uses one for both of its connections).
-    pub fn set_cancel(&mut self, cancel: Arc<Cancel>) {
-        self.cancel = cancel;
-    }
-
-    /// A handle that cancels this client's running operation from any thread.
-    pub fn canceller(&self) -> Arc<Cancel> {
-        self.cancel.clone()
-    }
-
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
-    fn log(&self, level: LogLevel, line: impl FnOnce() -> String) {
-        if let Some(log) = &self.log {
-            log(level, &line());
-        }
-    }
-
-    fn progress(&self, step: Step) {
-        self.log(LogLevel::Debug, || format!("step: {}", step.doing()));
-        if let Some(p) = &self.progress {
-            p(&Progress::step(step, 1));
-        }
-    }
-
-    /// Connects now (operations connect on their own when needed).
-    pub fn connect(&mut self) -> Result<(), Error> {
-        let deadline = self.config.overall_timeout.map(deadline_after);
-        self.ensure_connected(deadline)
-    }
-
-    /// Closes the connection, if any.
-    pub fn disconnect(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            self.runtime.block_on(conn.link.close());
-        }
-    }
-
-    fn ensure_connected(&mut self, deadline: Option<u64>) -> Result<(), Error> {
-        if self.conn.is_some() {
-            return Ok(());
-        }
-        self.progress(Step::Connecting);
-        self.log(LogLevel::Info, || {
-            format!("connecting to {}:{}", self.config.host, self.config.port)
-        });
-        let mut link = Link::open(
-            &self.config,
-            self.tls.clone(),
-            &self.config.client_id,
-            Credential::Configured,
-        );
-        let step_deadline = deadline_after(self.config.step_timeout);
-        let limit = deadline.map_or(step_deadline, |d| d.min(step_deadline));
-        let cancel = self.cancel.clone();
-        let result = self.runtime.block_on(async {
-            let connect = async {
-                loop {
-                    match link.next().await {
-                        LinkEvent::Connected => return Ok(()),
-                        LinkEvent::Lost { error, .. } => return Err(error),
-                        _ => {}
-                    }
-                }
-            };
-            tokio::select! {
-                r = connect => r,
-                _ = tokio::time::sleep_until(at_ms(limit)) => Err(if Some(limit) == deadline {
-                    Error::Deadline(Step::Connecting)
-                } else {
-                    Error::Timeout(Step::Connecting)
-                }),
-                _ = cancel.wait() => Err(Error::Cancelled),
-            }
-        });
-        match result {
-            Ok(()) => {
-                self.log(LogLevel::Info, || "connected".into());
-                self.conn = Some(Connection {
-                    link,
-                    subscribed: HashSet::new(),
-                });
-                Ok(())
-            }
-            Err(e) => {
-                self.log(LogLevel::Warn, || format!("connection failed: {e}"));
-                Err(e)
-            }
-        }
-    }
-
-    /// Runs one engine operation over the connection.
-    fn run(&mut self, op: Operation, deadline: Option<u64>) -> Result<Outcome, Error> {
-        if self.cancel.is_cancelled() {
-            return Err(Error::Cancelled);
-        }
-        let deadline = deadline.or_else(|| self.config.overall_timeout.map(deadline_after));
-        let reused = self.conn.is_some();
-        let (result, stale) = self.run_once(op.clone(), deadline)?;
-        if reused && stale {
-            // The connection kept from an earlier operation had dropped while idle (nothing
-            // came from the broker this time): reconnect and try once more.
-            self.log(LogLevel::Info, || {
-                "the connection had dropped since the last operation; reconnecting".into()
-            });
-            return self.run_once(op, deadline).map(|(r, _)| r)?;
-        }
-        result
-    }
-
-    /// One try of `run`: the outcome, and whether the connection failed before the broker sent
-    /// anything in this try (so it was likely dead before we started).
-    fn run_once(
-        &mut self,
-        op: Operation,
-        deadline: Option<u64>,
-    ) -> Result<(Result<Outcome, Error>, bool), Error> {
-        self.ensure_connected(deadline)?;
-        let settings = Settings {
-            format: self.config.format,
-            step_timeout_ms: self.config.step_timeout.as_millis() as u64,
-            deadline_ms: deadline,
-        };
-        let Some(mut conn) = self.conn.take() else {
-            return Err(Error::Connection("not connected".into()));
-        };
-        let mut engine = Engine::new(op, settings, now_ms(), &conn.subscribed);
-        let mut actions = engine.handle(Event::Connected, now_ms());
-        let cancel = self.cancel.clone();
-        let progress = self.progress.clone();
-        let log = self.log.clone();
-        let say = |level: LogLevel, line: String| {
-            if let Some(log) = &log {
-                log(level, &line);
-            }
-        };
-        let mut heard = false;
-        let (result, healthy) = self.runtime.block_on(async {
-            // The connection failed after a reply that completed the operation.
-            let mut broken = false;
-            loop {
-                for action in actions.drain(..) {
-                    match action {
-                        Action::Subscribe(filters) => {
-                            say(LogLevel::Debug, format!("subscribing to {filters:?}"));
-                            if let Err(e) = conn.link.subscribe(&filters) {
-                                return (Err(e), false);
-                            }
-                        }
-                        Action::Publish { topic, payload } => {
-                            say(
-                                LogLevel::Debug,
-                                format!("publishing to {topic} ({} bytes)", payload.len()),
-                            );
-                            if let Err(e) = conn.link.publish(&topic, &payload) {
-                                return (Err(e), false);
-                            }
-                        }
-                        Action::Progress(step) => {
-                            say(LogLevel::Debug, format!("step: {}", step.doing()));
-                            if let Some(p) = &progress {
-                                p(&Progress::step(step, 1));
-                            }
-                        }
-                        Action::Done(result) => {
-                            let healthy = !broken
-                                && !matches!(
-                                    result,
-                                    Err(Error::Connection(_)
-                                        | Error::Timeout(_)
-                                        | Error::Deadline(_))
-                                );
-                            return (result, healthy);
-                        }
-                    }
-                }
-                let wake = engine.wake_at().unwrap_or_else(now_ms);
-                let event = tokio::select! {
-                    ev = conn.link.next() => ev,
-                    _ = tokio::time::sleep_until(at_ms(wake)) => {
-                        actions = engine.handle(Event::Tick, now_ms());
-                        continue;
-                    }
-                    _ = cancel.wait() => return (Err(Error::Cancelled), false),
-                };
-                let now = now_ms();
-                if !matches!(
-                    event,
-                    LinkEvent::Other { incoming: false } | LinkEvent::Lost { .. }
-                ) {
-                    heard = true;
-                }
-                actions = match event {
-                    LinkEvent::SubAck { filters, granted } => {
-                        for (f, ok) in filters.into_iter().zip(&granted) {
-                            if *ok {
-                                conn.subscribed.insert(f);
-                            }
-                        }
-                        engine.handle(Event::SubAck(&granted), now)
-                    }
-                    LinkEvent::Message(p) => {
-                        say(
-                            LogLevel::Debug,
-                            format!("received on {} ({} bytes)", p.topic, p.payload.len()),
-                        );
-                        engine.handle(
-                            Event::Message {
-                                topic: &p.topic,
-                                payload: &p.payload,
-                            },
-                            now,
-                        )
-                    }
-                    LinkEvent::Connected | LinkEvent::Other { .. } => {
-                        engine.handle(Event::Tick, now)
-                    }
-                    LinkEvent::Lost {
-                        error, leftovers, ..
-                    } => {
-                        say(LogLevel::Warn, format!("connection lost: {error}"));
-                        let mut a = Vec::new();
-                        for p in &leftovers {
-                            heard = true;
-                            a.extend(engine.handle(
-                                Event::Message {
-                                    topic: &p.topic,
-                                    payload: &p.payload,
-                                },
-                                now,
-                            ));
-                        }
-                        if a.iter().any(|x| matches!(x, Action::Done(_))) {
-                            // The reply completed the operation; the connection is gone.
-                            broken = true;
-                            actions = a;
-                            continue;
-                        }
-                        a.extend(engine.handle(Event::Disconnected, now));
-                        // Keep the precise cause rather than the engine's generic text.
-                        if let Some(Action::Done(Err(Error::Connection(_)))) = a.last() {
-                            a.pop();
-                            a.push(Action::Done(Err(error)));
-                        }
-                        a
-                    }
-                };
-            }
-        });
-        if healthy {
-            self.conn = Some(conn);
-        }
-        let stale = !heard && matches!(result, Err(Error::Connection(_)));
-        if let (Err(e), false) = (&result, stale) {
-            self.log(LogLevel::Warn, || format!("operation failed: {e}"));
-        }
-        Ok((result, stale))
-    }
-
-    /// CreateKeysAndCertificate.
-    pub fn create_keys_and_certificate(&mut self) -> Result<CreatedCertificate, Error> {
-        match self.run(
-            Operation::CreateCertificate(CertificateSource::CreateKeys),
-            None,
-        )? {
-            Outcome::Certificate(c) => Ok(c),
-            _ => Err(Error::Internal("unexpected outcome".into())),
-        }
-    }
-
-    /// CreateCertificateFromCsr. With `key` (the key the CSR was made from) the returned
-    /// certificate is checked against it.
-    pub fn create_certificate_from_csr(
-        &mut self,
-        csr_pem: &str,
-        key: Option<&Secret>,
-    ) -> Result<CreatedCertificate, Error> {
-        crate::keys::check_csr_pem(csr_pem)
-            .map_err(|e| Error::InvalidArgument(format!("CSR: {e}")))?;
-        let source = CertificateSource::Csr {
-            csr_pem: csr_pem.to_owned(),
-            key: key.cloned(),
-        };
-        match self.run(Operation::CreateCertificate(source), None)? {
-            Outcome::Certificate(c) => Ok(c),
-            _ => Err(Error::Internal("unexpected outcome".into())),
-        }
-    }
-
-    /// RegisterThing.
-    pub fn register_thing(
-        &mut self,
-        template: &str,
-        token: &Secret,
-        parameters: &BTreeMap<String, String>,
-    ) -> Result<Registered, Error> {
-        validate_template_name(template).map_err(|e| Error::InvalidArgument(e.0))?;
-        if token.is_empty() {
-            return Err(Error::InvalidArgument(
-                "the ownership token is empty".into(),
-            ));
-        }
-        let op = Operation::RegisterThing {
-            template: template.to_owned(),
-            token: token.clone(),
-            parameters: parameters.clone(),
-        };
-        match self.run(op, None)? {
-            Outcome::Registered(r) => Ok(r),
-            _ => Err(Error::Internal("unexpected outcome".into())),
-        }
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        self.disconnect();
-    }
 }
 
 /// A random u64 for client ids.

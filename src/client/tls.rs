@@ -1,13 +1,14 @@
 //! rustls client configuration with the ring provider (never a process-wide default provider:
 //! the library lives in someone else's process).
 
-use std::sync::Arc;
-
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
-use crate::error::Error;
-use crate::keys;
-use crate::secret::Secret;
+#[cfg(feature = "transport")]
+use {
+    crate::error::Error,
+    crate::keys,
+    crate::secret::Secret,
+    rustls::pki_types::{CertificateDer, PrivateKeyDer},
+    std::sync::Arc,
+};
 
 /// ALPN protocol AWS IoT requires for MQTT on port 443.
 pub const ALPN_MQTT: &[u8] = b"x-amzn-mqtt-ca";
@@ -30,6 +31,7 @@ pub enum Roots {
     System,
 }
 
+#[cfg(feature = "transport")]
 /// A TLS client configuration for mutual authentication.
 pub fn client_config(
     roots: &Roots,

@@ -66,7 +66,11 @@ pub unsafe extern "C" fn fleetprov_client_new(
 /// runtime. Inside a progress or log callback the thread is inside another client's runtime,
 /// where a runtime must not be dropped: the drop then happens on a short-lived thread.
 fn drop_off_runtime(client: Box<fleetprov_client>) {
-    if tokio::runtime::Handle::try_current().is_err() {
+    #[cfg(not(feature = "transport"))]
+    let inside_runtime = false;
+    #[cfg(feature = "transport")]
+    let inside_runtime = tokio::runtime::Handle::try_current().is_ok();
+    if !inside_runtime {
         drop(client);
         return;
     }

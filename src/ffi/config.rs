@@ -106,8 +106,12 @@ impl Default for fleetprov_config {
 }
 
 impl fleetprov_config {
+    /// The built-in transport's connection settings (a host transport uses `connection_with`).
     pub(crate) fn connection(&self) -> Result<Config, Error> {
         self.check_setters()?;
+        if cfg!(not(feature = "transport")) {
+            return Err(invalid(crate::client::NO_TRANSPORT));
+        }
         let cert = self
             .cert_pem
             .clone()

@@ -39,7 +39,7 @@ struct Tmp(PathBuf);
 
 impl Tmp {
     fn new(tag: &str) -> Tmp {
-        static N: AtomicU64 = AtomicU64::new(0);
+        static N: AtomicUsize = AtomicUsize::new(0);
         let p = std::env::temp_dir().join(format!(
             "fleetprov-store-{tag}-{}-{}",
             std::process::id(),

@@ -9,9 +9,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::Env;
-use fleetprov::client::tls::client_config;
 use fleetprov::ffi::*;
-use fleetprov::{Roots, Secret};
 use fleetprov_result::*;
 use rumqttc::{ConnectionError, Event, MqttOptions, Packet, QoS, RecvTimeoutError};
 
@@ -118,7 +116,7 @@ pub fn wake_at(h: *const fleetprov_host) -> u64 {
 }
 
 pub fn ok(r: fleetprov_result) {
-    assert_eq!(r, FLEETPROV_OK);
+    assert_eq!(r, FLEETPROV_OK, "{}", super::last_error());
 }
 
 /// A config for the host transport: template, parameters, method, directories; no claim files
@@ -148,6 +146,30 @@ pub fn host_config(
         ok(fleetprov_config_set_retry(c, 5, 50, 200));
     }
     c
+}
+
+/// The host's own TLS, as firmware has its own (not the library's, which a build without the
+/// `transport` feature lacks): rustls with ring, trusting `ca_pem`, authenticating with
+/// `cert_pem` and `key_pem`.
+fn host_tls(ca_pem: &str, cert_pem: &str, key_pem: &str) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(ca.expect("the CA's PEM")).unwrap();
+    }
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .expect("the certificate's PEM");
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("the key's PEM");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .expect("the host's credentials");
+    std::sync::Arc::new(config)
 }
 
 pub struct Link {
@@ -239,9 +261,7 @@ pub fn drive_with(
                             key.or_else(|| own_key.clone()).expect("a key"),
                         )
                     };
-                    let tls =
-                        client_config(&Roots::Pem(ca.clone()), &cert, &Secret::new(key), false)
-                            .unwrap();
+                    let tls = host_tls(&ca, &cert, &key);
                     let id = if client_id.is_empty() {
                         format!("host-{}", now())
                     } else {
