@@ -97,6 +97,10 @@ FLEETPROV_LIBRARY="$root/target/debug/libfleetprov.so" FLEETPROV_EMULATOR="$root
 step "C: CMake install, find_package examples, ctest plain / ASan+UBSan / valgrind"
 bash examples/c/run-tests.sh "$venv"
 
+step "offline: the library through CMake from vendored crates, no network, an empty CARGO_HOME"
+# Its own target directory (target/offline): about 2 minutes from cold, seconds after.
+bash tests/offline.sh "$venv"
+
 step "cross: aarch64 and armv7 through CMake toolchain files, examples under qemu-user"
 bash tests/cross.sh "$venv"
 
