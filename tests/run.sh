@@ -107,6 +107,13 @@ FLEETPROV_LIBRARY="$root/target/debug/libfleetprov.so" FLEETPROV_EMULATOR="$root
 step "C: CMake install, find_package examples, ctest plain / ASan+UBSan / valgrind"
 bash examples/c/run-tests.sh "$venv"
 
+step "offline: the library through CMake from vendored crates, no network, an empty CARGO_HOME"
+# Its own target directory (target/offline): about 2 minutes from cold, seconds after.
+bash tests/offline.sh "$venv"
+
+step "cross: aarch64 and armv7 through CMake toolchain files, examples under qemu-user"
+bash tests/cross.sh "$venv"
+
 step "fuzzing: cargo-fuzz, ${FUZZ_SECONDS:-10} s per target (tests/fuzz-targets/run.sh; nightly Rust)"
 # Bounded: with a cold sanitizer build on 2 cores this step stays under about 4 minutes.
 # A long run: bash tests/fuzz-targets/run.sh 600

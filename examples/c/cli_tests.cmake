@@ -27,6 +27,10 @@ if(FLEETPROV_VALGRIND)
   set(_cli_cases ok cbor reject rotate)
 endif()
 foreach(_case IN LISTS _cli_cases)
+  example_wanted(cli_${_case} _wanted)
+  if(NOT _wanted)
+    continue()
+  endif()
   add_test(NAME cli_${_case}
     COMMAND "${Python3_EXECUTABLE}" "${CMAKE_CURRENT_SOURCE_DIR}/cli_test.py"
             --emulator "${FLEETPROV_EMULATOR}"
