@@ -3,9 +3,10 @@
 # emulator per case and runs the command. Included at the end of CMakeLists.txt, whose launcher
 # (valgrind), labels, environment and timeouts it uses.
 #
-# The command line of each test is `cli_test.py ... -- [emulator] [launcher] fleetprov`: a
-# CMAKE_CROSSCOMPILING_EMULATOR (qemu-aarch64 -L SYSROOT, say) runs the command of another
-# architecture; cli_test.py only ever prefixes its own arguments with the whole list.
+# The command line of each test is `cli_test.py ... -- [launcher] fleetprov`: the examples'
+# launcher, which holds CMAKE_CROSSCOMPILING_EMULATOR (qemu-aarch64 -L SYSROOT, say: it runs the
+# command of another architecture) and valgrind in that pass; cli_test.py only ever prefixes its
+# own arguments with the whole list.
 if(NOT TARGET fleetprov::cli)
   message(STATUS "fleetprov::cli not in the package (FLEETPROV_BUILD_CLI=OFF): no cli tests")
   return()
@@ -37,7 +38,7 @@ foreach(_case IN LISTS _cli_cases)
             --work "${CMAKE_CURRENT_BINARY_DIR}/cli-${_case}"
             --examples "${CMAKE_CURRENT_SOURCE_DIR}/.."
             --case ${_case} --timeout ${_timeout_each}
-            -- ${CMAKE_CROSSCOMPILING_EMULATOR} ${_launcher} ${_cli_program})
+            -- ${_launcher} ${_cli_program})
   set_tests_properties(cli_${_case} PROPERTIES
     LABELS "${_labels};emulator;cli" ENVIRONMENT "${_env}" TIMEOUT ${FLEETPROV_TEST_TIMEOUT})
 endforeach()
