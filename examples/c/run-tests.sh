@@ -57,6 +57,8 @@ emulator=$target_dir/debug/fleetprov-emulator
 work=$(mktemp -d "${TMPDIR:-/tmp}/fleetprov-c.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 prefix=$work/prefix
+# The library's SONAME is libfleetprov.so.<ABI>.
+abi=$(sed -n 's/^#define FLEETPROV_ABI_VERSION \([0-9]*\)$/\1/p' include/fleetprov.h)
 
 step "library: configure, build (cargo, debug) and install to $prefix"
 "$cmake" -S "$root" -B "$work/lib" -DCMAKE_BUILD_TYPE=Debug \
@@ -80,12 +82,33 @@ cc -std=c11 -Wall -Wextra -Werror -pedantic examples/c/header_test.c -o "$work/p
 "$work/pc_shared"
 "$work/pc_static"
 
+step "host-API-only library (FLEETPROV_TRANSPORT, FLEETPROV_CBOR, FLEETPROV_SYSTEM_ROOTS OFF)"
+# Installed to a prefix of its own; no MQTT or TLS client inside, no fleetprov command; the
+# libmosquitto example (the firmware's own MQTT stack) provisions with it.
+"$cmake" -S "$root" -B "$work/lib-hostonly" -DCMAKE_BUILD_TYPE=Debug \
+    -DFLEETPROV_CARGO_TARGET_DIR="$target_dir" -DFLEETPROV_TRANSPORT=OFF -DFLEETPROV_CBOR=OFF \
+    -DFLEETPROV_SYSTEM_ROOTS=OFF >/dev/null
+"$cmake" --build "$work/lib-hostonly"
+"$cmake" --install "$work/lib-hostonly" --prefix "$work/prefix-hostonly" >/dev/null
+for crate in rumqttc tokio ciborium rustls_native_certs; do
+    if nm -C "$work/prefix-hostonly/lib/libfleetprov.so.$abi" | grep -q " $crate::"; then
+        echo "the host-API-only library contains $crate" >&2
+        exit 1
+    fi
+done
+[ ! -e "$work/prefix-hostonly/bin/fleetprov" ] || { echo "fleetprov command installed" >&2; exit 1; }
+"$cmake" -S examples/c -B "$work/hostonly" -DCMAKE_PREFIX_PATH="$work/prefix-hostonly" \
+    -DCMAKE_BUILD_TYPE=Debug -DFLEETPROV_EMULATOR="$emulator" -DFLEETPROV_REQUIRE_MOSQUITTO=ON \
+    "-DFLEETPROV_EXAMPLE_TESTS=header_test_c;provision_mosquitto_ok;provision_mosquitto_reject" \
+    >/dev/null
+"$cmake" --build "$work/hostonly"
+"$ctest" --test-dir "$work/hostonly" -j "$jobs" --output-on-failure
+
 step "library with injectable panics (cargo feature test-panics) for the contract tests"
 cargo build --locked -p fleetprov --lib --features test-panics
 mkdir -p "$work/test-panics"
 cp "$target_dir/debug/libfleetprov.so" "$work/test-panics/"
 # Programs linked with it record its SONAME (libfleetprov.so.<ABI>) and look for that name.
-abi=$(sed -n 's/^#define FLEETPROV_ABI_VERSION \([0-9]*\)$/\1/p' include/fleetprov.h)
 ln -sf libfleetprov.so "$work/test-panics/libfleetprov.so.$abi"
 # Put the ordinary build back in place for whoever uses target/debug next.
 cargo build --locked -p fleetprov --lib
