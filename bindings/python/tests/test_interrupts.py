@@ -242,3 +242,27 @@ def test_client_operation_interrupted_from_on_progress(emulator_factory):
             c.create_keys_and_certificate()
         assert time.monotonic() - started < 4.0
     assert calls[-1] == Step.CREATING_CERTIFICATE
+
+
+def test_sigint_while_waiting_for_a_reply(emulator_factory, tmp_path):
+    """Ctrl-C while the flow waits on the network (RegisterThing's reply 5 s away, nothing held
+    in a callback): the interrupt stops it at once, and the rerun resumes with its certificate."""
+    emu = emulator_factory("delay:5000@register*1")
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    state, out = tmp_path / "state", tmp_path / "out"
+    child = Child(script, emu, state, out, "none")
+    child.wait_for(f"STEP {Step.REGISTERING.name}")
+    sent = time.monotonic()
+    child.proc.send_signal(signal.SIGINT)
+    assert child.wait_for("INTERRUPTED") == "INTERRUPTED -"
+    took = time.monotonic() - sent
+    assert child.finish() == 130
+    assert took < STOP_WITHIN, f"the flow took {took:.2f} s to stop"
+    assert (state / "journal.json").exists()
+
+    rerun = Child(script, emu, state, out, "none")
+    result = rerun.wait_for("RESULT").split()
+    assert rerun.finish() == 0
+    assert result[2] == "True", "resumed"
+    assert [c["id"] for c in _device_certs(emu)] == [result[1]]
