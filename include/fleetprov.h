@@ -723,6 +723,24 @@ fleetprov_result fleetprov_client_register_thing(struct fleetprov_client *client
                                                  struct fleetprov_registration **out);
 
 /*
+ RegisterThing, blocking, with an ownership token given as text (e.g. one saved from an
+ earlier CreateKeysAndCertificate or CreateCertificateFromCsr, while it is valid: one hour on
+ AWS) and the parameters of this call: `parameter_count` pairs, `parameter_names[i]` =
+ `parameter_values[i]`, which replace the config's (NULL arrays with a count of 0: no
+ parameters; a name given twice: the last value). `template_name` NULL: the config's. Lets one
+ client register many devices, each with its own parameters. The arrays and strings are read
+ during the call only. On success writes a new registration to `*out` (free with
+ fleetprov_registration_free()).
+ */
+fleetprov_result fleetprov_client_register_thing_with(struct fleetprov_client *client,
+                                                      const char *ownership_token,
+                                                      const char *template_name,
+                                                      const char *const *parameter_names,
+                                                      const char *const *parameter_values,
+                                                      size_t parameter_count,
+                                                      struct fleetprov_registration **out);
+
+/*
  RegisterThing on a worker thread (arguments copied); `callback` gets the outcome (see
  fleetprov_registration_callback), then `userdata_free` is called on `userdata`.
  */

@@ -1277,3 +1277,142 @@ fn device_certificate_count(env: &Env) -> usize {
         .filter(|c| c["id"].as_str() != Some(claim.as_str()))
         .count()
 }
+
+/// A registration with the given parameters (empty slices are passed as NULL arrays, whatever
+/// `count` says); the thing name, or the result code and the last error's text.
+fn register_with(
+    client: *mut fleetprov_client,
+    token: *const c_char,
+    names: &[*const c_char],
+    values: &[*const c_char],
+    count: usize,
+) -> Result<String, (fleetprov_result, String)> {
+    let mut reg = ptr::null_mut();
+    let (n, v) = if names.is_empty() {
+        (ptr::null(), ptr::null())
+    } else {
+        (names.as_ptr(), values.as_ptr())
+    };
+    // SAFETY: live client; the arrays hold `count` pointers owned by the caller.
+    let r = unsafe {
+        fleetprov_client_register_thing_with(client, token, ptr::null(), n, v, count, &mut reg)
+    };
+    if r != FLEETPROV_OK {
+        assert!(reg.is_null(), "outputs are written only on success");
+        return Err((r, last_error()));
+    }
+    // SAFETY: live registration, freed once.
+    unsafe {
+        let name = s(fleetprov_registration_thing_name(reg));
+        fleetprov_registration_free(reg);
+        Ok(name)
+    }
+}
+
+/// A row of bad input for fleetprov_client_register_thing_with(): token, names, values,
+/// count, and the error text expected.
+type BadRegistration = (
+    *const c_char,
+    Vec<*const c_char>,
+    Vec<*const c_char>,
+    usize,
+    &'static str,
+);
+
+#[test]
+fn one_client_registers_many_devices_with_their_own_parameters_and_saved_tokens() {
+    let env = Env::start();
+    let c = env.config("from-the-config");
+    let mut client = ptr::null_mut();
+    // SAFETY: live config, valid output pointer.
+    ok(unsafe { fleetprov_client_new(c.0, &mut client) });
+    drop(c);
+    let serial = c"SerialNumber";
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        let mut cert = ptr::null_mut();
+        // SAFETY: live client, valid output pointer.
+        ok(unsafe { fleetprov_client_create_keys_and_certificate(client, &mut cert) });
+        // SAFETY: live certificate; the token is copied before the free.
+        tokens
+            .push(CString::new(unsafe { s(fleetprov_certificate_ownership_token(cert)) }).unwrap());
+        // SAFETY: freed once: from here on only the saved text of the token is used.
+        unsafe { fleetprov_certificate_free(cert) };
+    }
+    // Bad input, each with the exact error; nothing is sent, the tokens stay good.
+    let empty = c"";
+    let board = c"board-1";
+    let rows: [BadRegistration; 5] = [
+        (ptr::null(), vec![], vec![], 0, "ownership_token is NULL"),
+        (
+            empty.as_ptr(),
+            vec![],
+            vec![],
+            0,
+            "ownership_token is empty",
+        ),
+        (
+            tokens[0].as_ptr(),
+            vec![],
+            vec![],
+            1,
+            "parameter arrays are NULL with a non-zero count",
+        ),
+        (
+            tokens[0].as_ptr(),
+            vec![empty.as_ptr()],
+            vec![board.as_ptr()],
+            1,
+            "parameter name is empty",
+        ),
+        (
+            tokens[0].as_ptr(),
+            vec![serial.as_ptr()],
+            vec![ptr::null()],
+            1,
+            "parameter value is NULL",
+        ),
+    ];
+    for (token, names, values, count, expected) in rows {
+        let (code, message) = register_with(client, token, &names, &values, count).unwrap_err();
+        assert_eq!(code, FLEETPROV_INVALID_ARGUMENT, "{expected}");
+        assert!(
+            message.contains(expected),
+            "{message:?} should say {expected:?}"
+        );
+    }
+    // One claim connection, three boards, each with its own serial number.
+    for (i, token) in tokens.iter().enumerate() {
+        let value = CString::new(format!("board-{i}")).unwrap();
+        let thing = register_with(
+            client,
+            token.as_ptr(),
+            &[serial.as_ptr()],
+            &[value.as_ptr()],
+            1,
+        );
+        assert_eq!(thing.unwrap(), format!("demo-board-{i}"));
+    }
+    // The config's parameters are replaced, not merged: without any, the template refuses.
+    let mut cert = ptr::null_mut();
+    // SAFETY: live client, valid output pointer.
+    ok(unsafe { fleetprov_client_create_keys_and_certificate(client, &mut cert) });
+    // SAFETY: live certificate.
+    let token = CString::new(unsafe { s(fleetprov_certificate_ownership_token(cert)) }).unwrap();
+    let (code, _) = register_with(client, token.as_ptr(), &[], &[], 0).unwrap_err();
+    assert_eq!(code, FLEETPROV_REJECTED);
+    // The old call still takes the config's.
+    let mut reg = ptr::null_mut();
+    // SAFETY: live client and certificate, valid output pointer.
+    ok(unsafe { fleetprov_client_register_thing(client, cert, ptr::null(), &mut reg) });
+    // SAFETY: live registration; everything freed once.
+    unsafe {
+        assert_eq!(
+            s(fleetprov_registration_thing_name(reg)),
+            "demo-from-the-config"
+        );
+        fleetprov_registration_free(reg);
+        fleetprov_certificate_free(cert);
+        fleetprov_client_free(client);
+    }
+}

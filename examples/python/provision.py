@@ -19,8 +19,8 @@ certificate; the files are replaced only after the new certificate connected):
 With --paho the MQTT connection is paho-mqtt's (pip install 'paho-mqtt>=2,<3'), driven through
 the library's host-transport API (fleetprov.paho), instead of the library's own.
 
-Needs the fleetprov package (pip install ./bindings/python) and libfleetprov.so (set
-FLEETPROV_LIBRARY=/path/to/libfleetprov.so unless it is packaged or in the source tree).
+Needs the fleetprov package: pip install ./bindings/python builds libfleetprov and bundles it
+(FLEETPROV_LIBRARY=/path/to/libfleetprov.so loads another).
 """
 
 from __future__ import annotations

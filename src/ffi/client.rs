@@ -444,6 +444,90 @@ pub unsafe extern "C" fn fleetprov_client_register_thing(
     })
 }
 
+/// RegisterThing, blocking, with an ownership token given as text (e.g. one saved from an
+/// earlier CreateKeysAndCertificate or CreateCertificateFromCsr, while it is valid: one hour on
+/// AWS) and the parameters of this call: `parameter_count` pairs, `parameter_names[i]` =
+/// `parameter_values[i]`, which replace the config's (NULL arrays with a count of 0: no
+/// parameters; a name given twice: the last value). `template_name` NULL: the config's. Lets one
+/// client register many devices, each with its own parameters. The arrays and strings are read
+/// during the call only. On success writes a new registration to `*out` (free with
+/// fleetprov_registration_free()).
+#[no_mangle]
+pub unsafe extern "C" fn fleetprov_client_register_thing_with(
+    client: *mut fleetprov_client,
+    ownership_token: *const c_char,
+    template_name: *const c_char,
+    parameter_names: *const *const c_char,
+    parameter_values: *const *const c_char,
+    parameter_count: usize,
+    out: *mut *mut fleetprov_registration,
+) -> fleetprov_result {
+    guard(|| {
+        // SAFETY: pointers per the header; each array holds `parameter_count` string pointers.
+        let (_, token, template, params) = unsafe {
+            (
+                client_ref(client)?,
+                str_arg(ownership_token, "ownership_token")?,
+                opt_str_arg(template_name, "template_name")?,
+                parameter_pairs(parameter_names, parameter_values, parameter_count)?,
+            )
+        };
+        if out.is_null() {
+            return Err(invalid("output pointer is NULL"));
+        }
+        if token.is_empty() {
+            return Err(invalid("ownership_token is empty"));
+        }
+        let token = Secret::new(token.to_owned());
+        // SAFETY: pointer per the header.
+        let r = unsafe {
+            blocking(
+                client,
+                "fleetprov_client_register_thing_with()",
+                |c, inner| {
+                    let (template, _) = register_args(c, template)?;
+                    inner.register_thing(&template, &token, &params)
+                },
+            )?
+        };
+        // SAFETY: checked non-NULL; valid for writes per the header.
+        unsafe { write_out(out, Box::into_raw(Box::new(registration_object(r)))) }
+    })
+}
+
+/// The `(names, values, count)` arrays of fleetprov_client_register_thing_with() as a map.
+///
+/// # Safety
+/// With a non-zero `count`, both arrays hold `count` readable pointers, each NULL or a
+/// NUL-terminated string.
+unsafe fn parameter_pairs(
+    names: *const *const c_char,
+    values: *const *const c_char,
+    count: usize,
+) -> Result<BTreeMap<String, String>, Error> {
+    let mut params = BTreeMap::new();
+    if count == 0 {
+        return Ok(params);
+    }
+    if names.is_null() || values.is_null() {
+        return Err(invalid("parameter arrays are NULL with a non-zero count"));
+    }
+    for i in 0..count {
+        // SAFETY: `i < count`, and both arrays hold `count` pointers per the header.
+        let (name, value) = unsafe {
+            (
+                str_arg(*names.add(i), "parameter name")?,
+                str_arg(*values.add(i), "parameter value")?,
+            )
+        };
+        if name.is_empty() {
+            return Err(invalid("parameter name is empty"));
+        }
+        params.insert(name.to_owned(), value.to_owned());
+    }
+    Ok(params)
+}
+
 /// RegisterThing on a worker thread (arguments copied); `callback` gets the outcome (see
 /// fleetprov_registration_callback), then `userdata_free` is called on `userdata`.
 #[no_mangle]

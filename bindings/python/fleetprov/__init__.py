@@ -27,9 +27,11 @@ Step by step::
         cert = c.create_keys_and_certificate()
         reg = c.register_thing(cert)
 
+In asyncio, ``await fleetprov.provision_async(...)``; cancelling the task cancels the flow.
+
 Errors are :class:`FleetprovError` subclasses; log lines go to the ``fleetprov`` logger.
-The shared library is found through ``FLEETPROV_LIBRARY``, beside this package, or in the
-source tree's ``target/`` (see :mod:`fleetprov._ffi`).
+The shared library is the one ``FLEETPROV_LIBRARY`` names, else the one bundled in the wheel,
+else the system's (see :mod:`fleetprov._ffi`).
 """
 
 from __future__ import annotations

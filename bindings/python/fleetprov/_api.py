@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
+import contextlib
 import ctypes
 import enum
 import os
@@ -10,7 +12,7 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Self, Union
+from typing import Any, Callable, Generator, List, Mapping, Optional, Tuple, TypeVar, Union
 
 from . import _callbacks
 from ._callbacks import CallbackSlot
@@ -25,6 +27,20 @@ from .errors import (
 )
 
 StrPath = Union[str, "os.PathLike[str]"]
+_T = TypeVar("_T")
+_C = TypeVar("_C", bound="_Closeable")
+
+# The defaults of the keyword arguments that provision(), provision_async(), rotate(), Client,
+# HostFlow and provision_with_paho() share: in their signatures, from here only.
+DEFAULT_PORT = 8883
+DEFAULT_FORMAT = "json"
+DEFAULT_TIMEOUT: Optional[float] = 60.0
+DEFAULT_STEP_TIMEOUT = 10.0
+DEFAULT_KEY_TYPE = "p256"
+
+#: The attribute an exception carries when the flow it interrupted had already committed its
+#: credentials: the :class:`ProvisionResult` (see :func:`provision`).
+RESULT_ATTRIBUTE = "fleetprov_result"
 
 
 class Step(enum.IntEnum):
@@ -128,10 +144,12 @@ class ProvisionResult:
     certificate (``attempts`` 0; pass ``reprovision=True`` to make a new one).
     ``registration_confirmed`` is False in one case only: RegisterThing refused the token after an
     earlier attempt had sent it and lost the reply, and the certificate could not be tried (its
-    key is not the library's); the thing name and device configuration are then empty.
+    key is not the library's): the registration is known only from the certificate being
+    active. ``thing_name`` is then None (unknown) and ``device_configuration`` empty; otherwise
+    ``thing_name`` is the registered thing's name.
     """
 
-    thing_name: str
+    thing_name: Optional[str]
     certificate_id: str
     device_configuration: dict[str, str]
     certificate_pem: str = field(repr=False)
@@ -165,11 +183,19 @@ def _entries(entry_fn: Callable[..., int], count_fn: Callable[[Any], int], handl
     return out
 
 
+def _taken(out: ctypes.c_void_p) -> int:
+    """The handle a successful call wrote to its output parameter."""
+    value = out.value
+    if not value:  # pragma: no cover - the library writes outputs on success
+        raise RuntimeError("libfleetprov reported success without an output")
+    return value
+
+
 def _provisioned_to_result(handle: int) -> ProvisionResult:
     """Copies everything out of a fleetprov_provisioned (the caller frees it)."""
     out_dir = _s(lib.fleetprov_provisioned_output_dir(handle))
     return ProvisionResult(
-        thing_name=_s(lib.fleetprov_provisioned_thing_name(handle)) or "",
+        thing_name=_s(lib.fleetprov_provisioned_thing_name(handle)) or None,
         certificate_id=_s(lib.fleetprov_provisioned_certificate_id(handle)) or "",
         device_configuration=_entries(
             lib.fleetprov_provisioned_config_entry, lib.fleetprov_provisioned_config_count, handle
@@ -291,7 +317,7 @@ class _Closeable:
     def close(self) -> None:
         raise NotImplementedError
 
-    def __enter__(self) -> Self:
+    def __enter__(self: _C) -> _C:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -438,8 +464,8 @@ def _build_config(
         check(lib.fleetprov_config_set_timeouts(h, step_ms, overall_ms))
         if template_b is not None:
             check(lib.fleetprov_config_set_template(h, template_b))
-        for k, v in params:
-            check(lib.fleetprov_config_set_parameter(h, k, v))
+        for name_b, value_b in params:
+            check(lib.fleetprov_config_set_parameter(h, name_b, value_b))
         if method is not None:
             check(lib.fleetprov_config_set_method(h, method))
         if key_type_v is not None:
@@ -480,35 +506,133 @@ def _build_config(
         raise
 
 
-def _raise_outcome(slot: CallbackSlot, error: Optional[FleetprovError]) -> None:
-    """Re-raises an exception captured in a callback (chained to the library error, if any),
-    else the library error, else nothing."""
+def _attach(exc: BaseException, result: ProvisionResult) -> None:
+    """Hangs a committed result on the exception that ended the call, so it is not lost."""
+    try:
+        setattr(exc, RESULT_ATTRIBUTE, result)
+    except AttributeError:  # pragma: no cover - an exception type without a __dict__
+        return
+    note = getattr(exc, "add_note", None)  # Python 3.11+
+    if note is not None:
+        note(
+            f"fleetprov: the credentials were committed before this ended the call "
+            f"(certificate {result.certificate_id[:12]}…); the result is in .{RESULT_ATTRIBUTE}"
+        )
+
+
+def _outcome_error(
+    slot: CallbackSlot, error: Optional[BaseException], result: Optional[ProvisionResult] = None
+) -> Optional[BaseException]:
+    """The exception a call ends with: one raised in a callback or an interrupt (chained to the
+    library error, if any, and carrying a committed ``result``), else the library error."""
     cb_exc = slot.take_error()
-    if cb_exc is not None:
-        if error is not None:
-            raise cb_exc from error
-        raise cb_exc
-    if error is not None:
-        raise error
+    if cb_exc is None:
+        return error
+    if result is not None:
+        _attach(cb_exc, result)
+    if error is not None and error is not cb_exc and cb_exc.__cause__ is None:
+        cb_exc.__cause__ = error
+    return cb_exc
+
+
+def _raise_outcome(
+    slot: CallbackSlot, error: Optional[BaseException], result: Optional[ProvisionResult] = None
+) -> None:
+    exc = _outcome_error(slot, error, result)
+    if exc is not None:
+        raise exc
+
+
+def _interruptible(call: Callable[[], _T], slot: CallbackSlot) -> _T:
+    """Runs ``call`` (a blocking library call) on a helper thread while this thread waits, so
+    that Ctrl-C (KeyboardInterrupt) or any exception a signal handler raises reaches the caller:
+    it is recorded in ``slot``, whose ``on_error`` hook cancels the call, and the call is waited
+    for (it stops within a fraction of a second) so that nothing it committed is lost. The
+    caller then raises it with :func:`_raise_outcome`.
+
+    From inside one of the library's callbacks the call runs on this thread, where the library
+    refuses blocking calls (:class:`InCallbackError`)."""
+    if _callbacks.in_callback():
+        return call()
+    box: List[Tuple[bool, Any]] = []
+    finished = threading.Event()
+
+    def run() -> None:
+        try:
+            box.append((True, call()))
+        except BaseException as e:  # handed to the waiting thread
+            box.append((False, e))
+        finally:
+            finished.set()
+
+    worker = threading.Thread(target=run, name="fleetprov-call", daemon=True)
+    worker.start()
+    while True:
+        try:
+            finished.wait()
+            worker.join()
+            break
+        except BaseException as e:  # KeyboardInterrupt, or what a signal handler raised
+            slot.record(e)
+            _callbacks.logger.info("%s: cancelling the flow and waiting for it to stop", type(e).__name__)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
 
 
 # --- one-call flow ---------------------------------------------------------------------------
 
 
-def _run_blocking(config: _Config, slot: CallbackSlot, fn: Callable[..., int], *args: Any) -> ProvisionResult:
-    """Runs ``fn(config, *args, &out)`` (fleetprov_provision or fleetprov_rotate) on this thread,
-    frees the config, and returns the copied result or raises (a callback's exception first)."""
-    with config:
-        out = ctypes.c_void_p()
-        code = fn(config.handle, *args, ctypes.byref(out))
-        error = last_error(code) if code != 0 else None  # read at once, same thread
-    result: Optional[ProvisionResult] = None
-    if code == 0:
+class _CancelSwitch:
+    """A fleetprov_cancel set on a config: ``trigger()`` (any thread) stops its blocking call."""
+
+    def __init__(self, config: _Config) -> None:
+        handle = ctypes.c_void_p()
+        check(lib.fleetprov_cancel_new(ctypes.byref(handle)))
+        self.handle: Optional[int] = handle.value
         try:
-            result = _provisioned_to_result(out.value)
+            check(lib.fleetprov_config_set_cancel(config.handle, self.handle))
+        except BaseException:
+            self.free()
+            raise
+
+    def trigger(self) -> None:
+        lib.fleetprov_cancel_trigger(self.handle)
+
+    def free(self) -> None:
+        handle, self.handle = self.handle, None
+        lib.fleetprov_cancel_free(handle)  # the config keeps its own reference
+
+
+def _run_blocking(config: _Config, slot: CallbackSlot, fn: Callable[..., int], *args: Any) -> ProvisionResult:
+    """Runs ``fn(config, *args, &out)`` (fleetprov_provision or fleetprov_rotate), interruptibly
+    (see :func:`_interruptible`), frees the config, and returns the copied result or raises
+    (a callback's exception or an interrupt first, carrying a committed result)."""
+    try:
+        switch = _CancelSwitch(config)
+    except BaseException:
+        config.free()
+        raise
+    slot.on_error = switch.trigger
+
+    def call() -> Tuple[Optional[ProvisionResult], Optional[FleetprovError]]:
+        with config:
+            out = ctypes.c_void_p()
+            code = fn(config.handle, *args, ctypes.byref(out))
+            error = last_error(code) if code != 0 else None  # read at once, same thread
+        if code != 0:
+            return None, error
+        try:
+            return _provisioned_to_result(_taken(out)), None
         finally:
             lib.fleetprov_provisioned_free(out.value)
-    _raise_outcome(slot, error)
+
+    try:
+        result, error = _interruptible(call, slot)
+    finally:
+        switch.free()
+    _raise_outcome(slot, error, result)
     assert result is not None
     return result
 
@@ -527,27 +651,69 @@ def _method(use_csr: Any, template_name: Any, csr_pem: Optional[str] = None) -> 
     return _Method.CSR if use_csr else _Method.CREATE_KEYS
 
 
-def provision(
+def _provision_config(
     *,
     endpoint: str,
-    port: int = 8883,
+    port: int = DEFAULT_PORT,
     ca_file: Optional[StrPath] = None,
     cert_file: Optional[StrPath] = None,
     key_file: Optional[StrPath] = None,
     template_name: str,
     parameters: Optional[Mapping[str, str]] = None,
     use_csr: bool = True,
-    payload_format: Union[str, Format] = "json",
+    payload_format: Union[str, Format] = DEFAULT_FORMAT,
     output_dir: Optional[StrPath] = None,
-    timeout: Optional[float] = 60.0,
-    step_timeout: float = 10.0,
+    timeout: Optional[float] = DEFAULT_TIMEOUT,
+    step_timeout: float = DEFAULT_STEP_TIMEOUT,
     client_id: Optional[str] = None,
     verify: bool = True,
     on_progress: Optional[ProgressCallback] = None,
     ca_pem: Optional[str] = None,
     cert_pem: Optional[str] = None,
     key_pem: Optional[str] = None,
-    key_type: Union[str, KeyType] = "p256",
+    key_type: Union[str, KeyType] = DEFAULT_KEY_TYPE,
+    csr_pem: Optional[str] = None,
+    keep_alive: Optional[int] = None,
+    alpn: Optional[bool] = None,
+    state_dir: Optional[StrPath] = None,
+    retry: Optional[Retry] = None,
+    token_lifetime: Optional[int] = None,
+    reprovision: bool = False,
+) -> Tuple[_Config, CallbackSlot]:
+    """The config of a one-call flow: :func:`provision`'s and :func:`provision_async`'s."""
+    method = _method(use_csr, template_name, csr_pem)
+    return _build_config(
+        endpoint=endpoint, port=port, ca_file=ca_file, ca_pem=ca_pem, cert_file=cert_file,
+        key_file=key_file, cert_pem=cert_pem, key_pem=key_pem, template_name=template_name,
+        parameters=parameters, payload_format=payload_format, timeout=timeout,
+        step_timeout=step_timeout, client_id=client_id, keep_alive=keep_alive, alpn=alpn,
+        on_progress=on_progress, method=int(method), key_type=key_type, csr_pem=csr_pem,
+        verify=verify, output_dir=output_dir, state_dir=state_dir, retry=retry,
+        token_lifetime=token_lifetime, reprovision=reprovision,
+    )
+
+
+def provision(
+    *,
+    endpoint: str,
+    port: int = DEFAULT_PORT,
+    ca_file: Optional[StrPath] = None,
+    cert_file: Optional[StrPath] = None,
+    key_file: Optional[StrPath] = None,
+    template_name: str,
+    parameters: Optional[Mapping[str, str]] = None,
+    use_csr: bool = True,
+    payload_format: Union[str, Format] = DEFAULT_FORMAT,
+    output_dir: Optional[StrPath] = None,
+    timeout: Optional[float] = DEFAULT_TIMEOUT,
+    step_timeout: float = DEFAULT_STEP_TIMEOUT,
+    client_id: Optional[str] = None,
+    verify: bool = True,
+    on_progress: Optional[ProgressCallback] = None,
+    ca_pem: Optional[str] = None,
+    cert_pem: Optional[str] = None,
+    key_pem: Optional[str] = None,
+    key_type: Union[str, KeyType] = DEFAULT_KEY_TYPE,
     csr_pem: Optional[str] = None,
     keep_alive: Optional[int] = None,
     alpn: Optional[bool] = None,
@@ -588,21 +754,25 @@ def provision(
 
     ``timeout`` is the overall deadline in seconds (None or 0: none); ``step_timeout`` bounds
     each step. ``on_progress(progress)`` is called with a :class:`Progress` for each step
-    reached, on this thread; an exception it raises is re-raised here once the call returns.
-    Log lines go to the ``fleetprov`` logger.
+    reached. The flow runs on a helper thread while this one waits, so progress and log
+    callbacks run there, and Ctrl-C works: a KeyboardInterrupt (or an exception raised by
+    ``on_progress``, which is then not called again) cancels the flow within a fraction of a
+    second, keeping the journal in ``state_dir`` for the next call, and is raised here once the
+    flow stopped. If the credentials had been committed by then, the exception carries the
+    :class:`ProvisionResult` as its ``fleetprov_result`` attribute. Log lines go to the
+    ``fleetprov`` logger.
 
     Raises :class:`FleetprovError` subclasses (e.g. :class:`RejectedError`,
     :class:`StepTimeoutError`), :class:`TypeError` for arguments of the wrong type.
     """
-    method = _method(use_csr, template_name, csr_pem)
-    config, slot = _build_config(
-        endpoint=endpoint, port=port, ca_file=ca_file, ca_pem=ca_pem, cert_file=cert_file,
-        key_file=key_file, cert_pem=cert_pem, key_pem=key_pem, template_name=template_name,
-        parameters=parameters, payload_format=payload_format, timeout=timeout,
-        step_timeout=step_timeout, client_id=client_id, keep_alive=keep_alive, alpn=alpn,
-        on_progress=on_progress, method=int(method), key_type=key_type, csr_pem=csr_pem,
-        verify=verify, output_dir=output_dir, state_dir=state_dir, retry=retry,
-        token_lifetime=token_lifetime, reprovision=reprovision,
+    config, slot = _provision_config(
+        endpoint=endpoint, port=port, ca_file=ca_file, cert_file=cert_file, key_file=key_file,
+        template_name=template_name, parameters=parameters, use_csr=use_csr,
+        payload_format=payload_format, output_dir=output_dir, timeout=timeout,
+        step_timeout=step_timeout, client_id=client_id, verify=verify, on_progress=on_progress,
+        ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem, key_type=key_type, csr_pem=csr_pem,
+        keep_alive=keep_alive, alpn=alpn, state_dir=state_dir, retry=retry,
+        token_lifetime=token_lifetime, reprovision=reprovision
     )
     return _run_blocking(config, slot, lib.fleetprov_provision)
 
@@ -611,22 +781,22 @@ def rotate(
     credentials_dir: StrPath,
     *,
     endpoint: str,
-    port: int = 8883,
+    port: int = DEFAULT_PORT,
     ca_file: Optional[StrPath] = None,
     template_name: str,
     parameters: Optional[Mapping[str, str]] = None,
     use_csr: bool = True,
-    payload_format: Union[str, Format] = "json",
+    payload_format: Union[str, Format] = DEFAULT_FORMAT,
     output_dir: Optional[StrPath] = None,
     state_dir: Optional[StrPath] = None,
     retry: Optional[Retry] = None,
     token_lifetime: Optional[int] = None,
-    timeout: Optional[float] = 60.0,
-    step_timeout: float = 10.0,
+    timeout: Optional[float] = DEFAULT_TIMEOUT,
+    step_timeout: float = DEFAULT_STEP_TIMEOUT,
     client_id: Optional[str] = None,
     on_progress: Optional[ProgressCallback] = None,
     ca_pem: Optional[str] = None,
-    key_type: Union[str, KeyType] = "p256",
+    key_type: Union[str, KeyType] = DEFAULT_KEY_TYPE,
     keep_alive: Optional[int] = None,
     alpn: Optional[bool] = None,
 ) -> ProvisionResult:
@@ -650,7 +820,8 @@ def rotate(
     connection cannot be turned off here.
 
     Returns a :class:`ProvisionResult` for the new certificate. Raises the same exceptions as
-    :func:`provision` (:class:`StorageError` when ``credentials_dir`` lacks a file).
+    :func:`provision` (:class:`StorageError` when ``credentials_dir`` lacks a file), and is
+    interrupted the same way (Ctrl-C, an exception raised by ``on_progress``).
     """
     dir_b = _cstr(credentials_dir, "credentials_dir")
     method = _method(use_csr, template_name)
@@ -665,54 +836,130 @@ def rotate(
     return _run_blocking(config, slot, lib.fleetprov_rotate, dir_b)
 
 
-class ProvisionOperation(_Closeable):
-    """A running :func:`provision_async` call.
 
-    ``result(timeout)`` waits for and returns the :class:`ProvisionResult` (or raises);
-    ``cancel()`` asks it to stop (it then fails with :class:`CancelledError` unless it had
-    finished); ``close()`` (or leaving a ``with`` block) cancels if needed, waits and frees the
-    handle. Callbacks run on a library worker thread.
+
+def provision_async(
+    *,
+    endpoint: str,
+    port: int = DEFAULT_PORT,
+    ca_file: Optional[StrPath] = None,
+    cert_file: Optional[StrPath] = None,
+    key_file: Optional[StrPath] = None,
+    template_name: str,
+    parameters: Optional[Mapping[str, str]] = None,
+    use_csr: bool = True,
+    payload_format: Union[str, Format] = DEFAULT_FORMAT,
+    output_dir: Optional[StrPath] = None,
+    timeout: Optional[float] = DEFAULT_TIMEOUT,
+    step_timeout: float = DEFAULT_STEP_TIMEOUT,
+    client_id: Optional[str] = None,
+    verify: bool = True,
+    on_progress: Optional[ProgressCallback] = None,
+    ca_pem: Optional[str] = None,
+    cert_pem: Optional[str] = None,
+    key_pem: Optional[str] = None,
+    key_type: Union[str, KeyType] = DEFAULT_KEY_TYPE,
+    csr_pem: Optional[str] = None,
+    keep_alive: Optional[int] = None,
+    alpn: Optional[bool] = None,
+    state_dir: Optional[StrPath] = None,
+    retry: Optional[Retry] = None,
+    token_lifetime: Optional[int] = None,
+    reprovision: bool = False,
+) -> ProvisionOperation:
+    """Starts :func:`provision` (the same arguments) on a library worker thread and returns a
+    :class:`ProvisionOperation` (a :class:`concurrent.futures.Future`) at once; ``await`` it in
+    asyncio. Progress and log callbacks run on the worker thread; an exception raised by
+    ``on_progress`` cancels the operation and is raised by :meth:`ProvisionOperation.result`."""
+    config, slot = _provision_config(
+        endpoint=endpoint, port=port, ca_file=ca_file, cert_file=cert_file, key_file=key_file,
+        template_name=template_name, parameters=parameters, use_csr=use_csr,
+        payload_format=payload_format, output_dir=output_dir, timeout=timeout,
+        step_timeout=step_timeout, client_id=client_id, verify=verify, on_progress=on_progress,
+        ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem, key_type=key_type, csr_pem=csr_pem,
+        keep_alive=keep_alive, alpn=alpn, state_dir=state_dir, retry=retry,
+        token_lifetime=token_lifetime, reprovision=reprovision
+    )
+    op = ProvisionOperation(slot)
+    _live_operations.add(op)
+    key = _callbacks.register(op)
+    with config:
+        out = ctypes.c_void_p()
+        # The operation's lock orders this write before the callback reads _handle via cancel().
+        with op._lock:
+            code = lib.fleetprov_provision_async(
+                config.handle, _callbacks.PROVISION_TRAMPOLINE, key, _callbacks.USERDATA_FREE_TRAMPOLINE, ctypes.byref(out)
+            )
+            if code == 0:
+                op._handle = out.value
+        if code != 0:
+            raise last_error(code)
+    return op
+
+
+class ProvisionOperation(concurrent.futures.Future, _Closeable):  # type: ignore[type-arg]
+    """A running :func:`provision_async` call: a :class:`concurrent.futures.Future` of a
+    :class:`ProvisionResult` (done callbacks, :func:`concurrent.futures.as_completed`,
+    :func:`asyncio.wrap_future`), and awaitable.
+
+    ``result(timeout)`` waits for and returns the :class:`ProvisionResult` (or raises; the
+    builtin :class:`TimeoutError` when it did not finish in time: it keeps running).
+    ``cancel()`` asks the flow to stop and returns True if it was still running: it then ends
+    with :class:`CancelledError` (also a :class:`concurrent.futures.CancelledError`), or with
+    its result when the credentials had already been committed; ``cancelled()`` stays False,
+    since the flow did run. ``await op`` in a task: cancelling the task cancels the flow and
+    waits for it to stop (a fraction of a second); if the credentials had been committed, the
+    :class:`asyncio.CancelledError` carries the result as ``fleetprov_result``.
+    ``close()`` (or leaving a ``with`` block) cancels if needed, waits and frees the handle.
+    Callbacks, done callbacks included, run on a library worker thread.
     """
 
     def __init__(self, slot: CallbackSlot) -> None:
+        super().__init__()
         self._slot = slot
-        self._done = threading.Event()
         self._lock = threading.Lock()
         self._handle: Optional[int] = None
-        self._result: Optional[ProvisionResult] = None
-        self._error: Optional[BaseException] = None
         self._worker_thread: Optional[int] = None
-        slot.on_error = self.cancel
+        slot.on_error = self._cancel_flow
+        self.set_running_or_notify_cancel()
 
     # called on the worker thread by the completion trampoline
     def _complete(self, code: int, provisioned: Optional[int], error: Optional[int]) -> None:
         self._worker_thread = threading.get_ident()
+        result: Optional[ProvisionResult] = None
+        failure: Optional[BaseException] = None
         try:
             if code == 0 and provisioned:
                 try:
-                    self._result = _provisioned_to_result(provisioned)
+                    result = _provisioned_to_result(provisioned)
                 finally:
                     lib.fleetprov_provisioned_free(provisioned)
             else:
-                self._error = error_from_handle(code, error)
+                failure = error_from_handle(code, error)
         except BaseException as e:  # pragma: no cover
-            self._error = e
-        finally:
-            self._done.set()
+            failure = e
+        failure = _outcome_error(self._slot, failure, result)
+        if failure is not None:
+            self.set_exception(failure)
+        else:
+            self.set_result(result)
 
     def _fail(self, exc: BaseException) -> None:  # pragma: no cover
-        self._error = exc
-        self._done.set()
+        if not self.done():
+            self.set_exception(exc)
 
-    def done(self) -> bool:
-        """Whether the operation has finished (its callback ran)."""
-        return self._done.is_set()
-
-    def cancel(self) -> None:
-        """Asks the operation to stop. Safe from any thread, callbacks included."""
+    def _cancel_flow(self) -> None:
         with self._lock:
             if self._handle:
                 lib.fleetprov_operation_cancel(self._handle)
+
+    def cancel(self) -> bool:
+        """Asks the flow to stop; True if it was still running. Safe from any thread, callbacks
+        included."""
+        if self.done():
+            return False
+        self._cancel_flow()
+        return True
 
     def result(self, timeout: Optional[float] = None) -> ProvisionResult:
         """Waits up to `timeout` seconds (None: forever) for the outcome and returns it.
@@ -721,14 +968,44 @@ class ProvisionOperation(_Closeable):
         keeps running), the operation's :class:`FleetprovError`, or an exception raised by the
         progress callback.
         """
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"provisioning did not finish within {timeout} s")
-        self.close()
-        _raise_outcome(self._slot, self._error if isinstance(self._error, FleetprovError) else None)
-        if self._error is not None:
-            raise self._error
-        assert self._result is not None
-        return self._result
+        try:
+            value: ProvisionResult = super().result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"provisioning did not finish within {timeout} s") from None
+        finally:
+            if self.done() and threading.get_ident() != self._worker_thread:
+                self.close()
+        return value
+
+    def __await__(self) -> Generator[Any, None, ProvisionResult]:
+        return self._wait_async().__await__()
+
+    async def _wait_async(self) -> ProvisionResult:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wrap_future(self, loop=loop)  # cancels this future when cancelled
+        except asyncio.CancelledError as cancelled:
+            self.cancel()
+            stopped = loop.create_future()
+
+            def settle() -> None:
+                if not stopped.done():
+                    stopped.set_result(None)
+
+            def wake(_: Any) -> None:
+                loop.call_soon_threadsafe(settle)
+
+            self.add_done_callback(wake)
+            while not stopped.done():
+                try:
+                    await asyncio.shield(stopped)
+                except asyncio.CancelledError:
+                    continue  # cancelled again: the flow stops within a fraction of a second anyway
+            if self.exception() is None:
+                _attach(cancelled, self.result())
+            raise
 
     def close(self) -> None:
         """Cancels the operation if still running, waits for its callback and frees the handle.
@@ -751,37 +1028,6 @@ class ProvisionOperation(_Closeable):
         super().__del__()
 
 
-def provision_async(**kwargs: Any) -> ProvisionOperation:
-    """Starts :func:`provision` (same keyword arguments, ``state_dir``, ``retry`` and
-    ``token_lifetime`` included) on a library worker thread and returns a
-    :class:`ProvisionOperation` at once. Progress and log callbacks run on the worker thread;
-    an exception raised by ``on_progress`` cancels the operation and is re-raised by
-    :meth:`ProvisionOperation.result`."""
-    _check_kwargs(kwargs)
-    use_csr = kwargs.pop("use_csr", True)
-    method = _method(use_csr, kwargs.get("template_name"), kwargs.get("csr_pem"))
-    args = dict(_PROVISION_DEFAULTS)
-    args.update(kwargs)
-    if "endpoint" not in args:
-        raise TypeError("provision_async() missing required keyword argument: 'endpoint'")
-    config, slot = _build_config(method=int(method), **args)
-    op = ProvisionOperation(slot)
-    _live_operations.add(op)
-    key = _callbacks.register(op)
-    with config:
-        out = ctypes.c_void_p()
-        # The registry lock orders this write before the callback reads _handle via cancel().
-        with op._lock:
-            code = lib.fleetprov_provision_async(
-                config.handle, _callbacks.PROVISION_TRAMPOLINE, key, _callbacks.USERDATA_FREE_TRAMPOLINE, ctypes.byref(out)
-            )
-            if code == 0:
-                op._handle = out.value
-        if code != 0:
-            raise last_error(code)
-    return op
-
-
 # Operations still open at interpreter exit are cancelled and waited for, so no worker thread
 # calls into a finalising interpreter.
 _live_operations: "weakref.WeakSet[ProvisionOperation]" = weakref.WeakSet()
@@ -796,23 +1042,18 @@ def _close_live_operations() -> None:
             pass
 
 
-_PROVISION_DEFAULTS: dict[str, Any] = dict(
-    port=8883, ca_file=None, ca_pem=None, cert_file=None, key_file=None, cert_pem=None,
-    key_pem=None, template_name=None, parameters=None, payload_format="json", timeout=60.0,
-    step_timeout=10.0, client_id=None, keep_alive=None, alpn=None, on_progress=None,
-    key_type="p256", csr_pem=None, verify=True, output_dir=None, state_dir=None, retry=None,
-    token_lifetime=None, reprovision=False,
-)
-
-
-def _check_kwargs(kwargs: Mapping[str, Any]) -> None:
-    allowed = set(_PROVISION_DEFAULTS) | {"endpoint", "use_csr"}
-    unknown = sorted(set(kwargs) - allowed)
-    if unknown:
-        raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
-
-
 # --- step-by-step client ---------------------------------------------------------------------
+
+
+def _parameter_arrays(parameters: Mapping[str, str]) -> Tuple[Any, Any, int]:
+    """(names, values, count) C arrays for fleetprov_client_register_thing_with."""
+    if not isinstance(parameters, Mapping):
+        raise TypeError(f"parameters must be a mapping of str to str, not {type(parameters).__name__}")
+    pairs = [(_cstr(k, "parameter name"), _cstr(v, f"parameter {k!r}")) for k, v in parameters.items()]
+    array = ctypes.c_char_p * max(len(pairs), 1)
+    names = array(*(k for k, _ in pairs))
+    values = array(*(v for _, v in pairs))
+    return names, values, len(pairs)
 
 
 class Certificate(_Closeable):
@@ -862,15 +1103,17 @@ class Certificate(_Closeable):
 class Client(_Closeable):
     """A connection for step-by-step provisioning.
 
-    Takes the connection settings and, because the C API reads RegisterThing's template and
-    parameters from the configuration, also ``template_name`` and ``parameters``: they are fixed
-    for the client's life, and :meth:`register_thing` can only override the template name.
+    Takes the connection settings, and ``template_name`` and ``parameters`` as the defaults of
+    :meth:`register_thing`, which can override both per call (a factory station registers many
+    boards over one claim connection).
 
     Use as a context manager (``with Client(...) as c:``); ``close()`` frees the handle exactly
     once and using a closed client raises :class:`ClosedError`. One operation runs at a time
     (another thread gets :class:`BusyError`); :meth:`cancel` may be called from any thread.
-    Callbacks run on the thread calling the operation; ``on_progress`` receives a
-    :class:`Progress` for each step, and an exception it raises is re-raised by the operation.
+    Each operation runs on a helper thread while the calling thread waits, so Ctrl-C cancels it
+    (the KeyboardInterrupt is raised once it stopped); callbacks run on that helper thread.
+    ``on_progress`` receives a :class:`Progress` for each step; an exception it raises cancels
+    the operation and is re-raised by it.
     The resume journal and retries (``state_dir``, ``retry``, ``token_lifetime``) belong to the
     one-call flow and are not taken here.
     """
@@ -879,15 +1122,15 @@ class Client(_Closeable):
         self,
         *,
         endpoint: str,
-        port: int = 8883,
+        port: int = DEFAULT_PORT,
         ca_file: Optional[StrPath] = None,
         cert_file: Optional[StrPath] = None,
         key_file: Optional[StrPath] = None,
         template_name: Optional[str] = None,
         parameters: Optional[Mapping[str, str]] = None,
-        payload_format: Union[str, Format] = "json",
-        timeout: Optional[float] = 60.0,
-        step_timeout: float = 10.0,
+        payload_format: Union[str, Format] = DEFAULT_FORMAT,
+        timeout: Optional[float] = DEFAULT_TIMEOUT,
+        step_timeout: float = DEFAULT_STEP_TIMEOUT,
         client_id: Optional[str] = None,
         on_progress: Optional[ProgressCallback] = None,
         ca_pem: Optional[str] = None,
@@ -908,6 +1151,7 @@ class Client(_Closeable):
             on_progress=on_progress,
         )
         self._slot = slot
+        self._parameters: Mapping[str, str] = dict(parameters or {})
         with config:
             out = ctypes.c_void_p()
             check(lib.fleetprov_client_new(config.handle, ctypes.byref(out)))
@@ -948,14 +1192,23 @@ class Client(_Closeable):
                 raise ClosedError("this Client has been closed")
             handle = self._handle
             self._inflight += 1
-            self._inflight_threads.add(threading.get_ident())
+
+        def call() -> Optional[FleetprovError]:
+            me = threading.get_ident()
+            with self._cond:
+                self._inflight_threads.add(me)
+            try:
+                code = fn(handle, *args)
+                return last_error(code) if code != 0 else None  # same thread, right after
+            finally:
+                with self._cond:
+                    self._inflight_threads.discard(me)
+
         try:
-            code = fn(handle, *args)
-            error = last_error(code) if code != 0 else None  # same thread, right after
+            error = _interruptible(call, self._slot)
         finally:
             with self._cond:
                 self._inflight -= 1
-                self._inflight_threads.discard(threading.get_ident())
                 self._cond.notify_all()
         _raise_outcome(self._slot, error)
 
@@ -972,7 +1225,7 @@ class Client(_Closeable):
         except BaseException:
             lib.fleetprov_certificate_free(out.value)  # written only on success; NULL is a no-op
             raise
-        return Certificate(out.value)
+        return Certificate(_taken(out))
 
     def create_certificate_from_csr(self, csr_pem: str, key_pem: Optional[str] = None) -> Certificate:
         """CreateCertificateFromCsr with `csr_pem`. When `key_pem` (the CSR's key) is given the
@@ -985,28 +1238,57 @@ class Client(_Closeable):
         except BaseException:
             lib.fleetprov_certificate_free(out.value)
             raise
-        return Certificate(out.value)
+        return Certificate(_taken(out))
 
-    def register_thing(self, certificate: Certificate, template_name: Optional[str] = None) -> Registration:
-        """RegisterThing with `certificate`'s ownership token, the template given at construction
-        (or `template_name`, overriding it for this call) and the construction's ``parameters``
-        (the C API takes them from the configuration only)."""
-        if not isinstance(certificate, Certificate):
-            raise TypeError(f"certificate must be a fleetprov.Certificate, not {type(certificate).__name__}")
+    def register_thing(
+        self,
+        certificate: Union[Certificate, str],
+        template_name: Optional[str] = None,
+        *,
+        parameters: Optional[Mapping[str, str]] = None,
+    ) -> Registration:
+        """RegisterThing with `certificate`'s ownership token — a :class:`Certificate`, or the
+        token itself as text (e.g. :attr:`Certificate.ownership_token` saved earlier; AWS
+        accepts it for an hour) — through the template given at construction (or
+        `template_name`) with `parameters`: when given, they replace the construction's
+        ``parameters`` for this call only."""
+        if isinstance(certificate, str):
+            token: Optional[bytes] = _cstr(certificate, "ownership_token")
+        elif isinstance(certificate, Certificate):
+            token = None
+        else:
+            raise TypeError(
+                f"certificate must be a fleetprov.Certificate or an ownership token (str), not {type(certificate).__name__}"
+            )
         template_b = _opt_cstr(template_name, "template_name")
+        params = None
+        if parameters is not None or token is not None:
+            params = _parameter_arrays(self._parameters if parameters is None else parameters)
         out = ctypes.c_void_p()
-        with certificate._lock:
-            cert_handle = certificate._use()
+        with contextlib.ExitStack() as stack:
+            if isinstance(certificate, Certificate):
+                stack.enter_context(certificate._lock)
+                cert_handle = certificate._use()
+                if params is not None:
+                    token = lib.fleetprov_certificate_ownership_token(cert_handle)
             try:
-                self._call(lib.fleetprov_client_register_thing, cert_handle, template_b, ctypes.byref(out))
+                if params is None:
+                    self._call(lib.fleetprov_client_register_thing, cert_handle, template_b, ctypes.byref(out))
+                else:
+                    names, values, count = params
+                    self._call(
+                        lib.fleetprov_client_register_thing_with, token, template_b, names, values, count,
+                        ctypes.byref(out),
+                    )
             except BaseException:
                 lib.fleetprov_registration_free(out.value)
                 raise
+        handle = _taken(out)
         try:
             return Registration(
-                thing_name=_s(lib.fleetprov_registration_thing_name(out.value)) or "",
+                thing_name=_s(lib.fleetprov_registration_thing_name(handle)) or "",
                 device_configuration=_entries(
-                    lib.fleetprov_registration_config_entry, lib.fleetprov_registration_config_count, out.value
+                    lib.fleetprov_registration_config_entry, lib.fleetprov_registration_config_count, handle
                 ),
             )
         finally:

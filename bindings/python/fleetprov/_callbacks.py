@@ -11,7 +11,8 @@ import ctypes
 import itertools
 import logging
 import threading
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from . import _ffi
 
@@ -26,7 +27,7 @@ _LEVELS = {
     4: logging.DEBUG,
 }
 
-_registry: dict[int, Any] = {}
+_registry: Dict[int, Any] = {}
 _registry_lock = threading.Lock()
 _keys = itertools.count(1)  # 0 would arrive as NULL / None
 
@@ -55,6 +56,24 @@ def unregister(key: Optional[int]) -> None:
         _registry.pop(key, None)
 
 
+_state = threading.local()
+
+
+def in_callback() -> bool:
+    """Whether this thread is running one of the library's callbacks (through a trampoline)."""
+    return getattr(_state, "depth", 0) > 0
+
+
+@contextmanager
+def inside() -> Iterator[None]:
+    """Marks this thread as running a library callback for the ``with`` block."""
+    _state.depth = getattr(_state, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _state.depth -= 1
+
+
 def registry_size() -> int:
     """Number of live registrations (for tests: proves userdata_free ran)."""
     with _registry_lock:
@@ -67,7 +86,7 @@ class CallbackSlot:
 
     def __init__(self, on_progress: Optional[Callable[[Any], None]]) -> None:
         self.on_progress = on_progress
-        self._errors: list[BaseException] = []
+        self._errors: List[BaseException] = []
         self._lock = threading.Lock()
         #: Called (from the callback's thread) after the first exception; e.g. cancels.
         self.on_error: Optional[Callable[[], None]] = None
@@ -83,10 +102,21 @@ class CallbackSlot:
             except Exception:  # pragma: no cover - cancelling must not raise into C
                 pass
 
+    @property
+    def failed(self) -> bool:
+        """Whether an exception was recorded (and not taken yet): ``on_progress`` is not called
+        any more then."""
+        with self._lock:
+            return bool(self._errors)
+
     def take_error(self) -> Optional[BaseException]:
-        """The first captured exception (clearing the list), or None."""
+        """The captured exception (clearing the list), or None: the first interrupt
+        (KeyboardInterrupt, SystemExit: not an Exception) if there was one, else the first."""
         with self._lock:
             errors, self._errors = self._errors, []
+        for e in errors:
+            if not isinstance(e, Exception):
+                return e
         return errors[0] if errors else None
 
 
@@ -106,12 +136,13 @@ def _progress(userdata: Optional[int], progress: Any) -> None:
     """``progress`` is a borrowed ``POINTER(ProgressStruct)``: everything is copied out of it
     (the error included) before the Python callable runs."""
     slot = lookup(userdata)
-    if slot is None or slot.on_progress is None or not progress:
-        return
+    if slot is None or slot.on_progress is None or not progress or slot.failed:
+        return  # not called again once it raised, nor once the call is being interrupted
     try:
         from ._api import Progress  # local import: _api imports this module
 
-        slot.on_progress(Progress._from_c(progress.contents))
+        with inside():
+            slot.on_progress(Progress._from_c(progress.contents))
     except BaseException as e:
         slot.record(e)
 
@@ -131,7 +162,8 @@ def _provision_done(userdata: Optional[int], result: int, provisioned: Optional[
             if provisioned:
                 _ffi.lib.fleetprov_provisioned_free(provisioned)
             return
-        op._complete(result, provisioned, error)
+        with inside():
+            op._complete(result, provisioned, error)
     except BaseException as e:  # pragma: no cover - _complete guards itself
         try:
             op._fail(e)

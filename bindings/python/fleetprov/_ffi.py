@@ -1,19 +1,24 @@
 """Loading of libfleetprov and the ctypes declarations of every C function used.
 
-The library is loaded by explicit path, in this order:
+The library is loaded from the first of these places that has one:
 
-1. the ``FLEETPROV_LIBRARY`` environment variable (path to ``libfleetprov.so``);
-2. a ``libfleetprov.so`` packaged beside this module;
-3. ``<repo>/target/release/libfleetprov.so`` then ``<repo>/target/debug/libfleetprov.so``
-   when running from the source tree.
+1. the ``FLEETPROV_LIBRARY`` environment variable (the path of a ``libfleetprov`` shared
+   library); when set, it is the only place tried;
+2. the library bundled in the wheel, beside this module (``pip install`` builds it);
+3. the system's, as ``ctypes.util.find_library("fleetprov")`` finds it (e.g. installed with
+   ``cmake --install`` into a directory the dynamic loader searches).
 
-``fleetprov_version()`` is then checked against the package version.
+``fleetprov_version()`` must then equal the package version, and every function this package
+declares must be there; otherwise :class:`LibraryLoadError` says which library, which versions
+and where else it looked.
 """
 
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import os
+import sys
 from ctypes import (
     CFUNCTYPE,
     POINTER,
@@ -29,6 +34,7 @@ from ctypes import (
     c_void_p,
 )
 from pathlib import Path
+from typing import Any, List, Optional, Tuple
 
 __all__ = [
     "lib",
@@ -44,43 +50,89 @@ __all__ = [
 
 #: The library version this package is written for (agrees with pyproject.toml).
 EXPECTED_VERSION = "0.3.0"
-_LIB_NAME = "libfleetprov.so"
+
+if sys.platform == "darwin":
+    BUNDLED_NAME = "libfleetprov.dylib"
+elif sys.platform == "win32":
+    BUNDLED_NAME = "fleetprov.dll"
+else:
+    BUNDLED_NAME = "libfleetprov.so"
 
 
 class LibraryLoadError(ImportError):
     """libfleetprov could not be found, loaded, or is the wrong version."""
 
 
-def _candidates() -> list[Path]:
+def _candidates() -> Tuple[List[Tuple[str, str]], List[str]]:
+    """(where, path or name) to try in order, and the places left out with the reason."""
     env = os.environ.get("FLEETPROV_LIBRARY")
+    bundled = Path(__file__).resolve().parent / BUNDLED_NAME
     if env:
         # An explicit choice is never second-guessed: it is the only candidate.
-        return [Path(env)]
-    here = Path(__file__).resolve().parent
-    paths = [here / _LIB_NAME]
-    # bindings/python/fleetprov/_ffi.py -> repo root is three levels above the package.
-    if len(here.parents) >= 3:
-        repo = here.parents[2]
-        if (repo / "Cargo.toml").is_file():
-            paths.append(repo / "target" / "release" / _LIB_NAME)
-            paths.append(repo / "target" / "debug" / _LIB_NAME)
-    return paths
+        skipped = [
+            f"bundled: {bundled} (not tried: FLEETPROV_LIBRARY is set)",
+            "system: ctypes.util.find_library('fleetprov') (not tried: FLEETPROV_LIBRARY is set)",
+        ]
+        return [("FLEETPROV_LIBRARY", env)], skipped
+    out = [("bundled", str(bundled))]
+    return out, []
 
 
-def _load() -> tuple[ctypes.CDLL, Path]:
-    tried = []
-    for path in _candidates():
-        tried.append(str(path))
-        if not path.is_file():
-            continue
+def _system_library() -> Optional[str]:
+    try:
+        return ctypes.util.find_library("fleetprov")
+    except Exception:  # find_library runs external tools; any failure means "none"
+        return None
+
+
+def _version_of(handle: ctypes.CDLL) -> Optional[str]:
+    try:
+        fn = handle.fleetprov_version
+    except AttributeError:
+        return None
+    fn.restype = c_char_p
+    fn.argtypes = []
+    raw = fn()
+    return raw.decode("utf-8", "replace") if raw else ""
+
+
+def _load() -> Tuple[ctypes.CDLL, Path]:
+    """The first library that loads and has the expected version, else LibraryLoadError."""
+    candidates, notes = _candidates()
+    tried: List[str] = []
+
+    def attempt(where: str, path: str) -> Optional[ctypes.CDLL]:
+        if os.sep in path and not Path(path).is_file():
+            tried.append(f"{where}: {path} (no such file)")
+            return None
         try:
-            return ctypes.CDLL(str(path)), path
+            handle = ctypes.CDLL(path)
         except OSError as e:
-            raise LibraryLoadError(f"cannot load {path}: {e}") from e
+            tried.append(f"{where}: {path} (cannot load: {e})")
+            return None
+        version = _version_of(handle)
+        if version != EXPECTED_VERSION:
+            found = "no fleetprov_version()" if version is None else f"libfleetprov {version!r}"
+            tried.append(f"{where}: {path} is {found}, but this package needs {EXPECTED_VERSION!r}")
+            return None
+        return handle
+
+    for where, path in candidates:
+        handle = attempt(where, path)
+        if handle is not None:
+            return handle, Path(path)
+    if not notes:
+        name = _system_library()
+        if name is None:
+            tried.append("system: ctypes.util.find_library('fleetprov') found none")
+        else:
+            handle = attempt("system", name)
+            if handle is not None:
+                return handle, Path(getattr(handle, "_name", name))
     raise LibraryLoadError(
-        "libfleetprov.so not found; set FLEETPROV_LIBRARY to its path (tried: "
-        + ", ".join(tried)
-        + ")"
+        f"no usable libfleetprov {EXPECTED_VERSION} (tried, in order: "
+        + "; ".join(tried + notes)
+        + "). Install the fleetprov wheel, or set FLEETPROV_LIBRARY to the path of a matching library"
     )
 
 
@@ -150,13 +202,13 @@ class HostCallbacksStruct(ctypes.Structure):
 
 
 
-def _declare(name: str, restype, *argtypes) -> None:
+def _declare(name: str, restype: Any, *argtypes: Any) -> None:
     fn = getattr(lib, name)
     fn.restype = restype
     fn.argtypes = list(argtypes)
 
 
-_SIGNATURES = [
+_SIGNATURES: List[Tuple[Any, ...]] = [
     # config
     ("fleetprov_config_new", _RES, _PH),
     ("fleetprov_config_free", None, _H),
@@ -220,6 +272,7 @@ _SIGNATURES = [
     ("fleetprov_client_create_keys_and_certificate", _RES, _H, _PH),
     ("fleetprov_client_create_certificate_from_csr", _RES, _H, c_char_p, c_char_p, _PH),
     ("fleetprov_client_register_thing", _RES, _H, _H, c_char_p, _PH),
+    ("fleetprov_client_register_thing_with", _RES, _H, c_char_p, c_char_p, POINTER(c_char_p), POINTER(c_char_p), c_size_t, _PH),
     # errors and misc
     ("fleetprov_result_name", c_char_p, c_int32),
     ("fleetprov_version", c_char_p),
@@ -257,6 +310,13 @@ _SIGNATURES = [
     ("fleetprov_provisioned_free", None, _H),
 ]
 
+_missing = [sig[0] for sig in _SIGNATURES if not hasattr(lib, sig[0])]
+if _missing:
+    raise LibraryLoadError(
+        f"{LIBRARY_PATH} says it is libfleetprov {EXPECTED_VERSION!r} but lacks "
+        + ", ".join(_missing)
+        + "; it does not match this package: rebuild it, or set FLEETPROV_LIBRARY to a matching library"
+    )
 for _sig in _SIGNATURES:
     _declare(*_sig)
 del _sig

@@ -15,6 +15,10 @@ from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, Union, 
 
 from . import _callbacks
 from ._api import (
+    DEFAULT_FORMAT,
+    DEFAULT_KEY_TYPE,
+    DEFAULT_STEP_TIMEOUT,
+    DEFAULT_TIMEOUT,
     Format,
     KeyType,
     ProgressCallback,
@@ -25,6 +29,7 @@ from ._api import (
     _Closeable,
     _method,
     _provisioned_to_result,
+    _taken,
 )
 from ._callbacks import CallbackSlot
 from ._ffi import (
@@ -124,7 +129,8 @@ def _host_connect(userdata: Optional[int], identity: Any) -> int:
             private_key_pem=_text(raw.private_key_pem),
             client_id=_text(raw.client_id) or "",
         )
-        return _started(state.transport.connect(ident))
+        with _callbacks.inside():
+            return _started(state.transport.connect(ident))
     except BaseException as e:  # never let an exception unwind into C
         state.slot.record(e)
         return 1
@@ -135,7 +141,8 @@ def _host_disconnect(userdata: Optional[int]) -> None:
     if state is None or state.aborted:
         return
     try:
-        state.transport.disconnect()
+        with _callbacks.inside():
+            state.transport.disconnect()
     except BaseException as e:
         state.slot.record(e)
 
@@ -146,7 +153,8 @@ def _host_subscribe(userdata: Optional[int], filters: Any, count: int) -> int:
         return 1
     try:
         names = [_text(filters[i]) or "" for i in range(count)]
-        return _started(state.transport.subscribe(names))
+        with _callbacks.inside():
+            return _started(state.transport.subscribe(names))
     except BaseException as e:
         state.slot.record(e)
         return 1
@@ -157,8 +165,9 @@ def _host_publish(userdata: Optional[int], topic: Optional[bytes], payload: Opti
     if state is None or state.aborted:
         return 1
     try:
-        data = ctypes.string_at(payload, length) if length else b""
-        return _started(state.transport.publish(_text(topic) or "", data))
+        data = ctypes.string_at(payload, length) if length and payload else b""
+        with _callbacks.inside():
+            return _started(state.transport.publish(_text(topic) or "", data))
     except BaseException as e:
         state.slot.record(e)
         return 1
@@ -231,16 +240,16 @@ class HostFlow(_Closeable):
         template_name: str,
         parameters: Optional[Mapping[str, str]] = None,
         use_csr: bool = True,
-        payload_format: Union[str, Format] = "json",
+        payload_format: Union[str, Format] = DEFAULT_FORMAT,
         output_dir: Optional[StrPath] = None,
         state_dir: Optional[StrPath] = None,
         retry: Optional[Retry] = None,
         token_lifetime: Optional[int] = None,
         reprovision: bool = False,
-        timeout: Optional[float] = 60.0,
-        step_timeout: float = 10.0,
+        timeout: Optional[float] = DEFAULT_TIMEOUT,
+        step_timeout: float = DEFAULT_STEP_TIMEOUT,
         verify: bool = True,
-        key_type: Union[str, KeyType] = "p256",
+        key_type: Union[str, KeyType] = DEFAULT_KEY_TYPE,
         csr_pem: Optional[str] = None,
         endpoint: Optional[str] = None,
         on_progress: Optional[ProgressCallback] = None,
@@ -280,7 +289,8 @@ class HostFlow(_Closeable):
     @property
     def transport(self) -> HostTransport:
         """The transport given at construction."""
-        return self._state.transport
+        transport: HostTransport = self._state.transport
+        return transport
 
     # -- lifetime --
     @property
@@ -440,7 +450,7 @@ class HostFlow(_Closeable):
                 self._outcome = last_error(code)
                 raise self._outcome
             try:
-                self._outcome = _provisioned_to_result(out.value)
+                self._outcome = _provisioned_to_result(_taken(out))
             finally:
                 lib.fleetprov_provisioned_free(out.value)
             return self._outcome

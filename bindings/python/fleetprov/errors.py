@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 from typing import Optional
 
 from ._ffi import lib
@@ -22,6 +23,8 @@ __all__ = [
     "BusyError",
     "BufferTooSmallError",
     "PanicError",
+    "InternalError",
+    "InCallbackError",
     "ClosedError",
     "result_name",
 ]
@@ -63,20 +66,22 @@ class TlsError(FleetprovError):
     result_code = 2
 
 
-class FleetprovConnectionError(FleetprovError):
-    """FLEETPROV_CONNECTION: the connection could not be made or was lost."""
+class FleetprovConnectionError(FleetprovError, ConnectionError):
+    """FLEETPROV_CONNECTION: the connection could not be made or was lost. Also a
+    :class:`ConnectionError`."""
 
     result_code = 3
 
 
-class StepTimeoutError(FleetprovError):
-    """FLEETPROV_TIMEOUT: a step took longer than the per-step timeout."""
+class StepTimeoutError(FleetprovError, TimeoutError):
+    """FLEETPROV_TIMEOUT: a step took longer than the per-step timeout. Also a
+    :class:`TimeoutError`."""
 
     result_code = 4
 
 
-class DeadlineError(FleetprovError):
-    """FLEETPROV_DEADLINE: the overall deadline passed."""
+class DeadlineError(FleetprovError, TimeoutError):
+    """FLEETPROV_DEADLINE: the overall deadline passed. Also a :class:`TimeoutError`."""
 
     result_code = 5
 
@@ -124,8 +129,10 @@ class CertificateMismatchError(FleetprovError):
     result_code = 9
 
 
-class CancelledError(FleetprovError):
-    """FLEETPROV_CANCELLED: cancelled by the caller."""
+class CancelledError(FleetprovError, concurrent.futures.CancelledError):
+    """FLEETPROV_CANCELLED: cancelled by the caller (``cancel()``, Ctrl-C, an exception raised by
+    ``on_progress``). Also a :class:`concurrent.futures.CancelledError`. A resume journal in
+    ``state_dir`` is kept: the next call resumes."""
 
     result_code = 10
 

@@ -38,13 +38,27 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Union
 try:
     import paho.mqtt.client as mqtt
     from paho.mqtt import __version__ as _PAHO_VERSION
+    from paho.mqtt.enums import CallbackAPIVersion
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("fleetprov.paho needs paho-mqtt 2.x: pip install 'paho-mqtt>=2,<3'") from e
 
 if not _PAHO_VERSION.startswith("2."):  # pragma: no cover
     raise ImportError(f"fleetprov.paho needs paho-mqtt 2.x, found {_PAHO_VERSION}")
 
-from ._api import Format, KeyType, ProgressCallback, ProvisionResult, Retry, StrPath, _int_arg
+from ._api import (
+    DEFAULT_FORMAT,
+    DEFAULT_KEY_TYPE,
+    DEFAULT_PORT,
+    DEFAULT_STEP_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    Format,
+    KeyType,
+    ProgressCallback,
+    ProvisionResult,
+    Retry,
+    StrPath,
+    _int_arg,
+)
 from ._host import HostFlow, Identity
 from .errors import InvalidArgumentError
 
@@ -57,10 +71,14 @@ logger = logging.getLogger("fleetprov.paho")
 ClientFactory = Callable[[str], "mqtt.Client"]
 
 
+#: The ALPN protocol name of MQTT over TLS on port 443 with AWS IoT.
+ALPN_PROTOCOL = "x-amzn-mqtt-ca"
+
+
 def default_client(client_id: str) -> "mqtt.Client":
     """A paho client for one connection: MQTT 3.1.1, clean session, callback API version 2."""
     return mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2,
+        CallbackAPIVersion.VERSION2,
         client_id=client_id,
         clean_session=True,
         protocol=mqtt.MQTTv311,
@@ -141,6 +159,10 @@ class PahoTransport:
     Exceptions raised while handling paho's callbacks (by the flow, ``on_progress`` included)
     propagate out of :meth:`run`. A PahoTransport belongs to the thread driving it.
 
+    ALPN ``x-amzn-mqtt-ca`` (which AWS IoT requires for MQTT on port 443) is offered when
+    ``alpn`` is True, and by default (None) exactly when ``port`` is 443, as the library's own
+    transport does.
+
     Use as a context manager: :meth:`close` closes the connections and removes the directory.
     """
 
@@ -150,7 +172,7 @@ class PahoTransport:
     def __init__(
         self,
         endpoint: str,
-        port: int = 8883,
+        port: int = DEFAULT_PORT,
         *,
         ca_file: Optional[StrPath] = None,
         ca_pem: Optional[str] = None,
@@ -162,6 +184,7 @@ class PahoTransport:
         connect_timeout: float = 10.0,
         client_factory: Optional[ClientFactory] = None,
         client_id: Optional[str] = None,
+        alpn: Optional[bool] = None,
     ) -> None:
         self._dir: Optional[Path] = None
         self._closed = False
@@ -191,6 +214,9 @@ class PahoTransport:
             raise TypeError("client_factory must be callable")
         self._factory: ClientFactory = client_factory or default_client
         self._client_id = None if client_id is None else _str_arg(client_id, "client_id")
+        if alpn is not None and not isinstance(alpn, bool):
+            raise TypeError("alpn must be bool or None")
+        self._alpn = self._port == 443 if alpn is None else alpn
 
     # -- lifetime --
     def __enter__(self) -> "PahoTransport":
@@ -341,6 +367,8 @@ class PahoTransport:
                     "(external CSR); PahoTransport needs the key", code=1,
                 )
             self._load_pem(ctx, identity.certificate_pem, identity.private_key_pem)
+        if self._alpn:
+            ctx.set_alpn_protocols([ALPN_PROTOCOL])
         ctx.sslsocket_class = _watching_socket_class(link)
         return ctx
 
@@ -428,22 +456,22 @@ class PahoTransport:
 def provision_with_paho(
     *,
     endpoint: str,
-    port: int = 8883,
+    port: int = DEFAULT_PORT,
     ca_file: Optional[StrPath] = None,
     cert_file: Optional[StrPath] = None,
     key_file: Optional[StrPath] = None,
     template_name: str,
     parameters: Optional[Mapping[str, str]] = None,
     use_csr: bool = True,
-    payload_format: Union[str, Format] = "json",
+    payload_format: Union[str, Format] = DEFAULT_FORMAT,
     output_dir: Optional[StrPath] = None,
     state_dir: Optional[StrPath] = None,
     retry: Optional[Retry] = None,
     token_lifetime: Optional[int] = None,
-    timeout: Optional[float] = 60.0,
-    step_timeout: float = 10.0,
+    timeout: Optional[float] = DEFAULT_TIMEOUT,
+    step_timeout: float = DEFAULT_STEP_TIMEOUT,
     verify: bool = True,
-    key_type: Union[str, KeyType] = "p256",
+    key_type: Union[str, KeyType] = DEFAULT_KEY_TYPE,
     on_progress: Optional[ProgressCallback] = None,
     ca_pem: Optional[str] = None,
     cert_pem: Optional[str] = None,
@@ -452,18 +480,19 @@ def provision_with_paho(
     connect_timeout: float = 10.0,
     client_factory: Optional[ClientFactory] = None,
     client_id: Optional[str] = None,
+    alpn: Optional[bool] = None,
 ) -> ProvisionResult:
     """:func:`fleetprov.provision` with paho-mqtt as the MQTT stack: the same arguments and
     result, the same exceptions, the same flow (retries, resume journal, verification, commit)
     as a :class:`fleetprov.HostFlow` over a :class:`PahoTransport` driven on this thread.
     ``client_id`` is the claim connection's MQTT client id (the new certificate connects as the
-    thing); ``keep_alive`` (seconds), ``connect_timeout`` and ``client_factory`` shape the paho
-    clients (see :class:`PahoTransport`).
+    thing); ``keep_alive`` (seconds), ``connect_timeout``, ``client_factory`` and ``alpn`` shape
+    the paho clients (see :class:`PahoTransport`).
     """
     with PahoTransport(
         endpoint, port, ca_file=ca_file, ca_pem=ca_pem, cert_file=cert_file, key_file=key_file,
         cert_pem=cert_pem, key_pem=key_pem, keep_alive=keep_alive, connect_timeout=connect_timeout,
-        client_factory=client_factory, client_id=client_id,
+        client_factory=client_factory, client_id=client_id, alpn=alpn,
     ) as transport, HostFlow(
         transport=transport, endpoint=endpoint, template_name=template_name, parameters=parameters,
         use_csr=use_csr, payload_format=payload_format, output_dir=output_dir, state_dir=state_dir,

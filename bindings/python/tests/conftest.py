@@ -7,6 +7,7 @@ import os
 import queue
 import socket
 import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[3]
 
-# Test the freshly built debug library unless told otherwise (set before fleetprov is imported).
+# The package of this tree, not a copy installed elsewhere (here and in the child processes the
+# tests start), with the freshly built debug library unless told otherwise (both set before
+# fleetprov is imported).
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, PACKAGE_ROOT)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))
 os.environ.setdefault("FLEETPROV_LIBRARY", str(REPO / "target" / "debug" / "libfleetprov.so"))
 
 EMULATOR = Path(os.environ.get("FLEETPROV_EMULATOR", REPO / "target" / "debug" / "fleetprov-emulator"))

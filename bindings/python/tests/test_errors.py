@@ -121,8 +121,14 @@ def test_client_bad_arguments(emulator):
     with pytest.raises(fleetprov.InvalidArgumentError, match="template name"):
         fleetprov.Client(**emulator.kwargs(template_name="no spaces allowed"))
     with fleetprov.Client(**emulator.kwargs(template_name="DemoTemplate")) as c:
-        with pytest.raises(TypeError, match="fleetprov.Certificate"):
-            c.register_thing("not a certificate")
+        with pytest.raises(TypeError, match="fleetprov.Certificate or an ownership token"):
+            c.register_thing(b"bytes are not a token")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="parameters must be a mapping"):
+            c.register_thing("token", parameters=[("SerialNumber", "1")])  # type: ignore[arg-type]
+        # Any text is sent as a token: the service refuses this one, with its fields.
+        with pytest.raises(fleetprov.RejectedError) as info:
+            c.register_thing("not a token", parameters={"SerialNumber": "x"})
+        assert (info.value.status_code, info.value.error_code) == (400, "InvalidCertificateOwnershipToken")
         with pytest.raises(TypeError, match="csr_pem must be str"):
             c.create_certificate_from_csr(None)
         with pytest.raises(fleetprov.InvalidArgumentError):
