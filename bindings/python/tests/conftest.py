@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import queue
 import socket
 import subprocess
@@ -16,6 +17,8 @@ from typing import Iterator
 import pytest
 
 REPO = Path(__file__).resolve().parents[3]
+# The crate's version: the package and the library it loads must both carry it.
+CRATE_VERSION = re.search(r'^version = "([^"]+)"$', (REPO / "Cargo.toml").read_text(), re.M).group(1)
 
 # The package of this tree, not a copy installed elsewhere (here and in the child processes the
 # tests start), with the freshly built debug library unless told otherwise (both set before

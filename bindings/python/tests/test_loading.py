@@ -7,10 +7,11 @@ import subprocess
 import sys
 
 import fleetprov
+from conftest import CRATE_VERSION
 
 
 def test_version_matches():
-    assert fleetprov.__version__ == "0.3.0"
+    assert fleetprov.__version__ == CRATE_VERSION
     assert fleetprov.library_version() == fleetprov.__version__
     assert fleetprov.LIBRARY_PATH.name == "libfleetprov.so"
 
@@ -88,7 +89,7 @@ def test_none_found_names_every_place(tmp_path):
 
         pytest.skip(f"a libfleetprov is installed on this system: {out.stdout.strip()}")
     err = out.stderr.strip().splitlines()[-1]
-    assert err.startswith("fleetprov._ffi.LibraryLoadError: no usable libfleetprov 0.3.0"), err
+    assert err.startswith(f"fleetprov._ffi.LibraryLoadError: no usable libfleetprov {CRATE_VERSION}"), err
     assert "bundled: " in err and "libfleetprov.so (no such file)" in err
     assert "system: ctypes.util.find_library('fleetprov') found none" in err
     assert "FLEETPROV_LIBRARY" in err
@@ -113,11 +114,11 @@ def test_an_old_library_says_both_versions(tmp_path):
     out = _import_with(str(lib))
     assert out.returncode != 0
     assert "AttributeError" not in out.stderr
-    assert f"FLEETPROV_LIBRARY: {lib} is libfleetprov '0.2.0', but this package needs '0.3.0'" in out.stderr
+    assert f"FLEETPROV_LIBRARY: {lib} is libfleetprov '0.2.0', but this package needs '{CRATE_VERSION}'" in out.stderr
 
 
 def test_a_library_lacking_functions_is_a_load_error(tmp_path):
-    lib = _fake_library(tmp_path, 'const char *fleetprov_version(void) { return "0.3.0"; }\n')
+    lib = _fake_library(tmp_path, 'const char *fleetprov_version(void) { return "%s"; }\n' % CRATE_VERSION)
     out = _import_with(str(lib))
     assert out.returncode != 0
     assert "AttributeError" not in out.stderr

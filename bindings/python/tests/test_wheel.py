@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import CRATE_VERSION
 
 WHEEL = os.environ.get("FLEETPROV_TEST_WHEEL")
 
@@ -34,13 +35,13 @@ print(json.dumps({"library": str(fleetprov.LIBRARY_PATH), "package": fleetprov._
 def test_the_wheel_carries_its_library_and_licence():
     assert WHEEL is not None
     name = Path(WHEEL).name
-    assert name.startswith("fleetprov-0.3.0-py3-none-") and "linux" in name and not name.endswith("-any.whl")
+    assert name.startswith(f"fleetprov-{CRATE_VERSION}-py3-none-") and "linux" in name and not name.endswith("-any.whl")
     with zipfile.ZipFile(WHEEL) as whl:
         names = whl.namelist()
         assert "fleetprov/libfleetprov.so" in names
         assert "fleetprov/py.typed" in names
-        licence = whl.read("fleetprov-0.3.0.dist-info/licenses/LICENSE").decode()
-        metadata = whl.read("fleetprov-0.3.0.dist-info/METADATA").decode()
+        licence = whl.read(f"fleetprov-{CRATE_VERSION}.dist-info/licenses/LICENSE").decode()
+        metadata = whl.read(f"fleetprov-{CRATE_VERSION}.dist-info/METADATA").decode()
     assert "Apache License" in licence and "Version 2.0, January 2004" in licence
     assert "License-Expression: Apache-2.0" in metadata
     assert "Requires-Python: >=3.9" in metadata
@@ -68,6 +69,6 @@ def test_installed_in_a_fresh_venv_it_provisions(emulator, tmp_path):
     site = str(env_dir)
     assert seen["package"].startswith(site) and seen["library"].startswith(site), seen
     assert seen["library"].endswith("fleetprov/libfleetprov.so")
-    assert (seen["thing"], seen["version"]) == ("demo-wheel", "0.3.0")
+    assert (seen["thing"], seen["version"]) == ("demo-wheel", CRATE_VERSION)
     assert (tmp_path / "out" / "certificate.pem").is_file()
     assert sys.prefix not in seen["library"]
