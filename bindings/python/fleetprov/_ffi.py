@@ -63,19 +63,17 @@ class LibraryLoadError(ImportError):
     """libfleetprov could not be found, loaded, or is the wrong version."""
 
 
-def _candidates() -> Tuple[List[Tuple[str, str]], List[str]]:
-    """(where, path or name) to try in order, and the places left out with the reason."""
+def _candidates() -> List[Tuple[str, str]]:
+    """(where, path) to try in order, before the system's library."""
+    # The wheel's own library first: it is the one built with this package, so a variable left
+    # over from a development shell cannot make an installed wheel load another library. Then
+    # the variable (a source checkout bundles none), then the system's.
     env = os.environ.get("FLEETPROV_LIBRARY")
     bundled = Path(__file__).resolve().parent / BUNDLED_NAME
-    if env:
-        # An explicit choice is never second-guessed: it is the only candidate.
-        skipped = [
-            f"bundled: {bundled} (not tried: FLEETPROV_LIBRARY is set)",
-            "system: ctypes.util.find_library('fleetprov') (not tried: FLEETPROV_LIBRARY is set)",
-        ]
-        return [("FLEETPROV_LIBRARY", env)], skipped
     out = [("bundled", str(bundled))]
-    return out, []
+    if env:
+        out.append(("FLEETPROV_LIBRARY", env))
+    return out
 
 
 def _system_library() -> Optional[str]:
@@ -98,7 +96,7 @@ def _version_of(handle: ctypes.CDLL) -> Optional[str]:
 
 def _load() -> Tuple[ctypes.CDLL, Path]:
     """The first library that loads and has the expected version, else LibraryLoadError."""
-    candidates, notes = _candidates()
+    candidates = _candidates()
     tried: List[str] = []
 
     def attempt(where: str, path: str) -> Optional[ctypes.CDLL]:
@@ -121,17 +119,16 @@ def _load() -> Tuple[ctypes.CDLL, Path]:
         handle = attempt(where, path)
         if handle is not None:
             return handle, Path(path)
-    if not notes:
-        name = _system_library()
-        if name is None:
-            tried.append("system: ctypes.util.find_library('fleetprov') found none")
-        else:
-            handle = attempt("system", name)
-            if handle is not None:
-                return handle, Path(getattr(handle, "_name", name))
+    name = _system_library()
+    if name is None:
+        tried.append("system: ctypes.util.find_library('fleetprov') found none")
+    else:
+        handle = attempt("system", name)
+        if handle is not None:
+            return handle, Path(getattr(handle, "_name", name))
     raise LibraryLoadError(
         f"no usable libfleetprov {EXPECTED_VERSION} (tried, in order: "
-        + "; ".join(tried + notes)
+        + "; ".join(tried)
         + "). Install the fleetprov wheel, or set FLEETPROV_LIBRARY to the path of a matching library"
     )
 

@@ -72,3 +72,12 @@ def test_installed_in_a_fresh_venv_it_provisions(emulator, tmp_path):
     assert (seen["thing"], seen["version"]) == ("demo-wheel", CRATE_VERSION)
     assert (tmp_path / "out" / "certificate.pem").is_file()
     assert sys.prefix not in seen["library"]
+
+    # The bundled library comes first: a FLEETPROV_LIBRARY left over from a development shell
+    # (here: no such file) does not change what the installed wheel loads.
+    stale = dict(clean, FLEETPROV_LIBRARY=str(tmp_path / "old" / "libfleetprov.so"))
+    code = "import fleetprov; print(fleetprov.LIBRARY_PATH)"
+    run = subprocess.run([str(python), "-c", code], env=stale, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().startswith(site) and run.stdout.strip().endswith("fleetprov/libfleetprov.so")
