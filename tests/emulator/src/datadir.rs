@@ -25,6 +25,9 @@ pub struct DataPaths {
     pub claim_key: PathBuf,
     pub templates: PathBuf,
     pub registry: PathBuf,
+    /// The IoT policy of the claim certificate (written with AWS's documented claim policy on
+    /// first start; a policy document or the JSON `aws iot get-policy` prints).
+    pub claim_policy: PathBuf,
 }
 
 impl DataPaths {
@@ -39,6 +42,7 @@ impl DataPaths {
             claim_key: dir.join("claim.key"),
             templates: dir.join("templates"),
             registry: dir.join("registry.sqlite3"),
+            claim_policy: dir.join("claim-policy.json"),
         }
     }
 }
@@ -91,7 +95,7 @@ pub struct Prepared {
 }
 
 /// Creates what is missing in `dir` and opens the registry. Later starts reuse what is there.
-pub fn prepare(paths: &DataPaths) -> Result<Prepared, String> {
+pub fn prepare(paths: &DataPaths, region: &str, account: &str) -> Result<Prepared, String> {
     make_dir(&paths.dir).map_err(|e| err("cannot create the data directory", e))?;
     let ca = if paths.ca_cert.exists() && paths.ca_key.exists() {
         let cert = fs::read_to_string(&paths.ca_cert).map_err(|e| err("ca.pem", e))?;
@@ -161,6 +165,14 @@ pub fn prepare(paths: &DataPaths) -> Result<Prepared, String> {
             write_atomic(&path, text.as_bytes(), 0o644).map_err(|e| err(name, e))?;
         }
     }
+    if !paths.claim_policy.exists() {
+        let text = crate::policy::default_claim_policy(region, account);
+        write_atomic(&paths.claim_policy, text.as_bytes(), 0o644)
+            .map_err(|e| err("claim-policy.json", e))?;
+    }
+    let text = fs::read_to_string(&paths.claim_policy).map_err(|e| err("claim-policy.json", e))?;
+    crate::policy::Policy::parse("claim", &text)
+        .map_err(|e| format!("claim-policy.json is not a valid IoT policy: {e}"))?;
     Ok(Prepared {
         ca,
         server_cert_pem,

@@ -18,6 +18,7 @@ mod broker;
 mod control;
 mod datadir;
 mod hook;
+pub mod policy;
 mod service;
 mod store;
 mod template;
@@ -84,6 +85,10 @@ pub struct Config {
     /// Delete certificates whose ownership token expired on a timer (default true); without
     /// it only the control interface's `sweep` does.
     pub auto_sweep: bool,
+    /// Region in the ARNs policies are evaluated against (default us-east-1).
+    pub region: String,
+    /// Account id in those ARNs (default 123456789012, the one AWS's examples use).
+    pub account_id: String,
 }
 
 impl Config {
@@ -101,6 +106,8 @@ impl Config {
             faults: Vec::new(),
             control_port: None,
             auto_sweep: true,
+            region: "us-east-1".into(),
+            account_id: "123456789012".into(),
         }
     }
 }
@@ -129,7 +136,7 @@ impl Emulator {
     /// Prepares the data directory and starts listening; returns once connections are accepted.
     pub fn start(config: Config) -> Result<Emulator, String> {
         let paths = DataPaths::new(&config.data_dir);
-        let prepared = datadir::prepare(&paths)?;
+        let prepared = datadir::prepare(&paths, &config.region, &config.account_id)?;
         let store = Arc::new(prepared.store);
         let tls = tls::server_config(
             &prepared.server_cert_pem,
@@ -149,6 +156,9 @@ impl Emulator {
                 token_ttl: config.token_ttl,
                 hook_timeout: config.hook_timeout,
                 templates_dir: paths.templates.clone(),
+                claim_policy: paths.claim_policy.clone(),
+                region: config.region.clone(),
+                account_id: config.account_id.clone(),
             },
         });
         let broker = Arc::new(broker::Broker::new(

@@ -18,7 +18,7 @@ USAGE:
     fleetprov-emulator ctl --control HOST:PORT COMMAND...
 
 SERVE OPTIONS:
-    --data-dir DIR        state: CA, server and claim credentials, templates/, registry (created on first start)
+    --data-dir DIR        state: CA, server and claim credentials, claim-policy.json, templates/, registry (created on first start)
     --port N              MQTT over TLS port (default 8883; 0 picks a free port)
     --bind ADDR           address to listen on (default 127.0.0.1)
     --key-type rsa|ec     keys made by CreateKeysAndCertificate: RSA-2048 PKCS#1 like AWS (default) or EC P-256
@@ -27,6 +27,8 @@ SERVE OPTIONS:
     --require-alpn        refuse clients that do not negotiate ALPN x-amzn-mqtt-ca (as AWS on port 443)
     --tls12-only          offer TLS 1.2 only (as AWS with a TLS 1.2-only security policy)
     --fault RULE          fault rule in force from the start, repeatable (see README: Fault injection)
+    --region NAME         region in the ARNs IoT policies are evaluated against (default us-east-1)
+    --account-id ID       account id in those ARNs (default 123456789012)
     --control-port N      serve the line-based control interface on this port (0: a free port)
     --verbose             log connections and requests on stderr (never keys or tokens)
 
@@ -118,6 +120,8 @@ fn run(args: Vec<String>) -> Result<ExitCode, String> {
                         .map_err(|_| format!("--control-port: bad port {v:?}"))?,
                 );
             }
+            "--region" => config.region = value(rest, &mut i, arg)?.to_owned(),
+            "--account-id" => config.account_id = value(rest, &mut i, arg)?.to_owned(),
             "--control" => control = Some(value(rest, &mut i, arg)?.to_owned()),
             "--verbose" | "-v" => fleetprov_emulator::set_verbose(true),
             _ if command == "ctl" && !arg.starts_with("--") => words.push(arg.to_owned()),

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use crate::hook::{self, Verdict};
 use crate::pki::{Ca, KeyKind};
+use crate::policy::{ConnThing, Context, Policy};
 use crate::store::{RegisterError, Store};
 use crate::template::{self, TemplateFile};
 use crate::topics::{valid_template_name, Api, Format};
@@ -100,6 +101,9 @@ pub struct ServiceConfig {
     pub token_ttl: Duration,
     pub hook_timeout: Duration,
     pub templates_dir: PathBuf,
+    pub claim_policy: PathBuf,
+    pub region: String,
+    pub account_id: String,
 }
 
 /// Who sent a request.
@@ -264,6 +268,78 @@ impl Service {
         Ok(file)
     }
 
+    /// The policies attached to a certificate: the claim policy file for the claim
+    /// certificate, the registry's for the others. A document that does not parse (a policy
+    /// edited by hand) allows nothing; the reason is logged.
+    pub fn policies_for(&self, certificate_id: &str) -> Vec<Policy> {
+        let claim = matches!(
+            self.store.certificate_origin(certificate_id),
+            Ok(Some(ref origin)) if origin == "claim"
+        );
+        if claim {
+            let parsed = std::fs::read_to_string(&self.config.claim_policy)
+                .map_err(|e| e.to_string())
+                .and_then(|text| Policy::parse("claim", &text));
+            return match parsed {
+                Ok(p) => vec![p],
+                Err(e) => {
+                    crate::log!("claim-policy.json unusable, allowing nothing: {e}");
+                    vec![Policy::empty("claim")]
+                }
+            };
+        }
+        match self.store.attached_policies(certificate_id) {
+            Ok(rows) => rows
+                .into_iter()
+                .map(|(name, doc)| {
+                    Policy::parse(&name, &doc).unwrap_or_else(|e| {
+                        crate::log!("policy {name} unusable, allowing nothing: {e}");
+                        Policy::empty(&name)
+                    })
+                })
+                .collect(),
+            Err(e) => {
+                crate::log!("cannot read the policies of {certificate_id}: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    /// What policy variables resolve to for a connection of `certificate_id` as `client_id`.
+    pub fn policy_context(
+        &self,
+        certificate_id: &str,
+        client_id: &str,
+        cert_der: &[u8],
+    ) -> Context {
+        let thing = self
+            .store
+            .attached_thing(certificate_id, client_id)
+            .ok()
+            .flatten()
+            .map(|(thing_type, attributes)| ConnThing {
+                name: client_id.to_owned(),
+                thing_type,
+                attributes,
+            });
+        let (subject, issuer) = match x509_parser::parse_x509_certificate(cert_der) {
+            Ok((_, cert)) => (
+                crate::policy::name_fields(cert.subject()),
+                crate::policy::name_fields(cert.issuer()),
+            ),
+            Err(_) => Default::default(),
+        };
+        Context {
+            region: self.config.region.clone(),
+            account: self.config.account_id.clone(),
+            client_id: client_id.to_owned(),
+            certificate_id: certificate_id.to_owned(),
+            thing,
+            subject,
+            issuer,
+        }
+    }
+
     async fn register(
         &self,
         name: &str,
@@ -321,7 +397,10 @@ impl Service {
                 "claimCertificateId": caller.certificate_id,
                 "certificateId": cert_id,
                 "certificatePem": cert_pem,
-                "templateArn": format!("arn:aws:iot:us-east-1:123456789012:provisioningtemplate/{name}"),
+                "templateArn": format!(
+                    "arn:aws:iot:{}:{}:provisioningtemplate/{name}",
+                    self.config.region, self.config.account_id
+                ),
                 "clientId": caller.client_id,
                 "parameters": params,
             });

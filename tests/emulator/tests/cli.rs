@@ -41,6 +41,8 @@ async fn help_mentions_every_flag() {
             "--require-alpn",
             "--fault",
             "--control-port",
+            "--region",
+            "--account-id",
             "--verbose",
             "--control",
             "list",

@@ -71,6 +71,25 @@ impl Env {
         Env { emu, dir }
     }
 
+    /// An emulator whose claim certificate may do anything, for tests of the broker that use
+    /// it as an ordinary device (IoT policies have their own tests in policies.rs).
+    pub fn start_open() -> Env {
+        let env = Env::start();
+        env.set_claim_policy(&json!({"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "iot:*", "Resource": "*"}
+        ]}));
+        env
+    }
+
+    /// Replaces the claim policy (read at every CONNECT of the claim certificate).
+    pub fn set_claim_policy(&self, policy: &Value) {
+        std::fs::write(
+            &self.emu.paths().claim_policy,
+            serde_json::to_vec_pretty(policy).unwrap(),
+        )
+        .unwrap();
+    }
+
     pub fn claim(&self) -> (String, String) {
         let p = self.emu.paths();
         (
@@ -263,6 +282,17 @@ impl Client {
                 Ok(c)
             }
             other => Err(format!("no successful CONNACK: {other:?}")),
+        }
+    }
+
+    /// A client on an open TLS stream, before CONNECT.
+    pub fn from_stream(stream: TlsStream<TcpStream>, version: Version) -> Client {
+        Client {
+            version,
+            stream,
+            buf: BytesMut::new(),
+            next_pkid: 0,
+            connack: Packet::PingResp,
         }
     }
 
