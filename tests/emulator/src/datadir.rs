@@ -28,6 +28,11 @@ pub struct DataPaths {
     /// The IoT policy of the claim certificate (written with AWS's documented claim policy on
     /// first start; a policy document or the JSON `aws iot get-policy` prints).
     pub claim_policy: PathBuf,
+    /// Thing types, thing groups and billing groups that exist (AWS: made beforehand with the
+    /// control plane); see [`crate::resources`].
+    pub resources: PathBuf,
+    /// Policies a template may attach by `PolicyName`: `policies/NAME.json`.
+    pub policies: PathBuf,
 }
 
 impl DataPaths {
@@ -43,6 +48,8 @@ impl DataPaths {
             templates: dir.join("templates"),
             registry: dir.join("registry.sqlite3"),
             claim_policy: dir.join("claim-policy.json"),
+            resources: dir.join("resources.json"),
+            policies: dir.join("policies"),
         }
     }
 }
@@ -173,6 +180,8 @@ pub fn prepare(paths: &DataPaths, region: &str, account: &str) -> Result<Prepare
     let text = fs::read_to_string(&paths.claim_policy).map_err(|e| err("claim-policy.json", e))?;
     crate::policy::Policy::parse("claim", &text)
         .map_err(|e| format!("claim-policy.json is not a valid IoT policy: {e}"))?;
+    make_dir(&paths.policies).map_err(|e| err("policies", e))?;
+    crate::resources::Resources::load(&paths.resources)?;
     Ok(Prepared {
         ca,
         server_cert_pem,

@@ -19,6 +19,7 @@ mod control;
 mod datadir;
 mod hook;
 pub mod policy;
+mod resources;
 mod service;
 mod store;
 mod template;
@@ -157,6 +158,8 @@ impl Emulator {
                 hook_timeout: config.hook_timeout,
                 templates_dir: paths.templates.clone(),
                 claim_policy: paths.claim_policy.clone(),
+                resources: paths.resources.clone(),
+                policies_dir: paths.policies.clone(),
                 region: config.region.clone(),
                 account_id: config.account_id.clone(),
             },

@@ -11,8 +11,9 @@ use serde_json::{json, Value};
 use crate::hook::{self, Verdict};
 use crate::pki::{Ca, KeyKind};
 use crate::policy::{ConnThing, Context, Policy};
+use crate::resources::Resources;
 use crate::store::{RegisterError, Store};
-use crate::template::{self, TemplateFile};
+use crate::template::{self, PolicySpec, TemplateFile, TemplateOutcome};
 use crate::topics::{valid_template_name, Api, Format};
 
 /// The answer to a request.
@@ -102,6 +103,8 @@ pub struct ServiceConfig {
     pub hook_timeout: Duration,
     pub templates_dir: PathBuf,
     pub claim_policy: PathBuf,
+    pub resources: PathBuf,
+    pub policies_dir: PathBuf,
     pub region: String,
     pub account_id: String,
 }
@@ -268,6 +271,50 @@ impl Service {
         Ok(file)
     }
 
+    /// Refuses an outcome that names a thing type, thing group, billing group or policy that
+    /// does not exist, as AWS does; a policy named by `PolicyName` gets its document.
+    /// [inferred] The status, code and messages: 404 ResourceNotFound, as the control plane's
+    /// ResourceNotFoundException; the fleet provisioning service's own text is not public.
+    fn check_resources(&self, outcome: &mut TemplateOutcome) -> Result<(), Reply> {
+        let missing = |what: &str, name: &str| {
+            Reply::rejected(
+                404,
+                "ResourceNotFound",
+                format!("The {what} {name} does not exist."),
+            )
+        };
+        let resources = Resources::load(&self.config.resources).map_err(internal)?;
+        if let Some(thing) = &outcome.thing {
+            if let Some(t) = &thing.thing_type {
+                if !resources.thing_types.contains(t) {
+                    return Err(missing("thing type", t));
+                }
+            }
+            for g in &thing.groups {
+                if !resources.thing_groups.contains(g) {
+                    return Err(missing("thing group", g));
+                }
+            }
+            if let Some(b) = &thing.billing_group {
+                if !resources.billing_groups.contains(b) {
+                    return Err(missing("billing group", b));
+                }
+            }
+        }
+        for policy in &mut outcome.policies {
+            if let PolicySpec::Named(name) = policy {
+                let document = crate::resources::load_policy(&self.config.policies_dir, name)
+                    .map_err(internal)?
+                    .ok_or_else(|| missing("policy", name))?;
+                *policy = PolicySpec::Document {
+                    name: name.clone(),
+                    document,
+                };
+            }
+        }
+        Ok(())
+    }
+
     /// The policies attached to a certificate: the claim policy file for the claim
     /// certificate, the registry's for the others. A document that does not parse (a policy
     /// edited by hand) allows nothing; the reason is logged.
@@ -415,12 +462,13 @@ impl Service {
                 }
             }
         }
-        let outcome =
+        let mut outcome =
             template::evaluate(&file.body, &params, &cert_id).map_err(|e| Reply::Rejected {
                 status: e.status,
                 code: e.code,
                 message: e.message,
             })?;
+        self.check_resources(&mut outcome)?;
         match self.store.register(&token, &cert_id, &outcome, now_ms()) {
             Ok(()) => {}
             Err(RegisterError::BadToken) => return Err(bad_token()),

@@ -361,8 +361,10 @@ impl Store {
                 PolicySpec::Named(name) => (name.as_str(), "{}"),
                 PolicySpec::Document { name, document } => (name.as_str(), document.as_str()),
             };
+            // A named policy's document is the one in policies/NAME.json now.
             tx.execute(
-                "INSERT OR IGNORE INTO policies (name, document) VALUES (?1, ?2)",
+                "INSERT INTO policies (name, document) VALUES (?1, ?2)
+                 ON CONFLICT(name) DO UPDATE SET document = excluded.document",
                 params![name, document],
             )?;
             tx.execute(

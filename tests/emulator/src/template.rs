@@ -165,7 +165,8 @@ pub enum CertStatus {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PolicySpec {
-    /// `PolicyName`: attach an existing (or, in the emulator, auto-created) policy by name.
+    /// `PolicyName`: attach an existing policy by name (`policies/NAME.json`; RegisterThing
+    /// fails when there is none).
     Named(String),
     /// `PolicyDocument`: an inline policy; `name` is the lowercase hex SHA-256 of the document text as AWS names such policies.
     Document { name: String, document: String },

@@ -81,6 +81,26 @@ impl Env {
         env
     }
 
+    /// Writes `resources.json`: the thing types, thing groups and billing groups that exist.
+    pub fn write_resources(&self, resources: &Value) {
+        std::fs::write(
+            &self.emu.paths().resources,
+            serde_json::to_vec_pretty(resources).unwrap(),
+        )
+        .unwrap();
+    }
+
+    /// Writes `policies/NAME.json`, the policy a template may attach by name; returns its text.
+    pub fn write_policy(&self, name: &str, policy: &Value) -> String {
+        let text = serde_json::to_string(policy).unwrap();
+        std::fs::write(
+            self.emu.paths().policies.join(format!("{name}.json")),
+            &text,
+        )
+        .unwrap();
+        text
+    }
+
     /// Replaces the claim policy (read at every CONNECT of the claim certificate).
     pub fn set_claim_policy(&self, policy: &Value) {
         std::fs::write(
