@@ -7,10 +7,21 @@
 //! * `Parameters`: `{Name: {"Type": "String", "Default"?: string}}`. Only
 //!   `String` parameters exist. A parameter is resolved only when the template
 //!   uses it; request parameters that are not declared are ignored.
-//! * Pseudo parameters, which always win over declared or supplied values:
-//!   `AWS::IoT::Certificate::Id` (the certificate being registered), and the
-//!   fixed emulator values `AWS::Region` = `us-east-1` and
-//!   `AWS::AccountId` = `123456789012`.
+//! * Pseudo parameter `AWS::IoT::Certificate::Id` (the certificate being
+//!   registered), which always wins over declared or supplied values.
+//!   `AWS::Region` and `AWS::AccountId` are not provided: AWS answers
+//!   `400 InvalidParameters "Cannot resolve reference value: AWS::Region"` to
+//!   a template that uses them without declaring them (a real exchange); a
+//!   template that declares them gets the supplied value or the default.
+//! * Checked as AWS checks a template when it is created: the body is at
+//!   most 10,240 characters (CreateProvisioningTemplate's limit), and the
+//!   CloudFormation constructs fleet provisioning templates do not have are
+//!   refused instead of silently ignored: sections `Conditions`, `Outputs`,
+//!   `Transform`, `Rules`; resource keys `Condition`, `DependsOn`,
+//!   `DeletionPolicy`, `UpdatePolicy`, `UpdateReplacePolicy`,
+//!   `CreationPolicy` [inferred: AWS documents only Parameters, Mappings,
+//!   Resources and DeviceConfiguration; other keys such as `Description` are
+//!   still accepted and ignored].
 //! * `Mappings`: `{Map: {TopKey: {SecondKey: string | [string]}}}`, read with
 //!   `Fn::FindInMap`; no intrinsic functions inside.
 //! * Intrinsic functions: `Ref`, `Fn::Join`, `Fn::Select`, `Fn::Split`,
@@ -42,10 +53,19 @@ const MAX_DEPTH: usize = 32;
 const MAX_POLICY_DOCUMENT_DEPTH: usize = 64;
 
 const CERTIFICATE_ID_PARAMETER: &str = "AWS::IoT::Certificate::Id";
-const REGION_PARAMETER: &str = "AWS::Region";
-const ACCOUNT_ID_PARAMETER: &str = "AWS::AccountId";
-const EMULATOR_REGION: &str = "us-east-1";
-const EMULATOR_ACCOUNT_ID: &str = "123456789012";
+/// CreateProvisioningTemplate: templateBody, length 0-10240 (API reference).
+pub const MAX_BODY_CHARS: usize = 10_240;
+/// CloudFormation sections a fleet provisioning template does not have.
+const UNSUPPORTED_SECTIONS: [&str; 4] = ["Conditions", "Outputs", "Transform", "Rules"];
+/// CloudFormation resource keys a fleet provisioning template does not have.
+const UNSUPPORTED_RESOURCE_KEYS: [&str; 6] = [
+    "Condition",
+    "DependsOn",
+    "DeletionPolicy",
+    "UpdatePolicy",
+    "UpdateReplacePolicy",
+    "CreationPolicy",
+];
 
 const INVALID_PARAMETERS: &str = "InvalidParameters";
 const INVALID_REQUEST: &str = "InvalidRequest";
@@ -260,6 +280,16 @@ pub fn parse_template_file(text: &str) -> Result<TemplateFile, String> {
         }
     };
     validate_body(&body).map_err(|e| format!("invalid template body: {}", e.message))?;
+    // As AWS measures templateBody: the JSON text, here without insignificant whitespace.
+    // (Serializing is safe: a parsed value nests at most 128 deep.)
+    let length = serde_json::to_string(&body)
+        .map(|t| t.chars().count())
+        .unwrap_or(0);
+    if length > MAX_BODY_CHARS {
+        return Err(format!(
+            "invalid template body: {length} characters, more than the {MAX_BODY_CHARS} AWS accepts"
+        ));
+    }
     Ok(TemplateFile {
         body,
         enabled,
@@ -299,8 +329,23 @@ fn parse_hook(hook: &Value) -> Result<HookSpec, String> {
 }
 
 /// Checks everything about a body that does not need parameter values.
-fn validate_body(body: &Value) -> Result<(), TemplateError> {
+/// The body as an object, with none of the CloudFormation sections it does not have.
+fn checked_body(body: &Value) -> Result<&Map<String, Value>, TemplateError> {
     let body = body_object(body)?;
+    if let Some(unknown) = body
+        .keys()
+        .find(|k| UNSUPPORTED_SECTIONS.contains(&k.as_str()))
+    {
+        return Err(TemplateError::invalid_request(format!(
+            "section '{unknown}' is not supported in a provisioning template (it has \
+             Parameters, Mappings, Resources and DeviceConfiguration)"
+        )));
+    }
+    Ok(body)
+}
+
+fn validate_body(body: &Value) -> Result<(), TemplateError> {
+    let body = checked_body(body)?;
     parse_parameters(body)?;
     parse_mappings(body)?;
     parse_resources(body)?;
@@ -353,7 +398,7 @@ pub fn evaluate(
     params: &BTreeMap<String, String>,
     certificate_id: &str,
 ) -> Result<TemplateOutcome, TemplateError> {
-    let body = body_object(body)?;
+    let body = checked_body(body)?;
     let declared = parse_parameters(body)?;
     let mappings = parse_mappings(body)?;
     let resources = parse_resources(body)?;
@@ -552,6 +597,15 @@ fn parse_resources(body: &Map<String, Value>) -> Result<Vec<Resource<'_>>, Templ
                 kind_of(declaration)
             )));
         };
+        if let Some(unknown) = declaration
+            .keys()
+            .find(|k| UNSUPPORTED_RESOURCE_KEYS.contains(&k.as_str()))
+        {
+            return Err(err(format!(
+                "'{unknown}' is not supported in a provisioning template (a resource has \
+                 Type, Properties and OverrideSettings)"
+            )));
+        }
         let resource_type = match declaration.get("Type") {
             Some(Value::String(t)) => t.as_str(),
             None => return Err(err("Type is required".to_owned())),
@@ -1197,11 +1251,8 @@ impl Evaluator<'_> {
 
     /// The value of a parameter or pseudo parameter.
     fn resolve(&self, name: &str) -> Result<String, TemplateError> {
-        match name {
-            CERTIFICATE_ID_PARAMETER => return Ok(self.certificate_id.to_owned()),
-            REGION_PARAMETER => return Ok(EMULATOR_REGION.to_owned()),
-            ACCOUNT_ID_PARAMETER => return Ok(EMULATOR_ACCOUNT_ID.to_owned()),
-            _ => {}
+        if name == CERTIFICATE_ID_PARAMETER {
+            return Ok(self.certificate_id.to_owned());
         }
         match self.declared.get(name) {
             Some(default) => self
@@ -1405,9 +1456,9 @@ mod tests {
 
     #[test]
     fn intrinsic_functions() {
+        let cert_x = format!("{CERT}/x");
         let s1: &[(&str, &str)] = &[("Serial", "S1")];
         let none: &[(&str, &str)] = &[];
-        let cert_region_account = format!("{CERT}/us-east-1/123456789012");
         let rows: Vec<Row<&str>> = vec![
             // Ref
             ("ref supplied", json!({"Ref": "Serial"}), s1, Ok("S1")),
@@ -1438,17 +1489,13 @@ mod tests {
                 &[("AWS::IoT::Certificate::Id", "evil")],
                 Ok(CERT),
             ),
-            (
-                "ref region",
-                json!({"Ref": "AWS::Region"}),
-                none,
-                Ok("us-east-1"),
-            ),
+            // Not declared: AWS cannot resolve them (a real exchange).
+            ("ref region", json!({"Ref": "AWS::Region"}), none, Err(IP)),
             (
                 "ref account",
                 json!({"Ref": "AWS::AccountId"}),
                 none,
-                Ok("123456789012"),
+                Err(IP),
             ),
             (
                 "ref unknown pseudo",
@@ -1668,10 +1715,16 @@ mod tests {
                 Ok("id-S1"),
             ),
             (
-                "sub pseudo parameters",
-                json!({"Fn::Sub": "${AWS::IoT::Certificate::Id}/${AWS::Region}/${AWS::AccountId}"}),
+                "sub pseudo parameter",
+                json!({"Fn::Sub": "${AWS::IoT::Certificate::Id}/x"}),
                 none,
-                Ok(&cert_region_account),
+                Ok(&cert_x),
+            ),
+            (
+                "sub undeclared region",
+                json!({"Fn::Sub": "${AWS::Region}"}),
+                none,
+                Err(IP),
             ),
             (
                 "sub variable map with nested functions",
@@ -2488,7 +2541,7 @@ mod tests {
             (
                 "document from Fn::Sub",
                 policy_resource(
-                    json!({"PolicyDocument": {"Fn::Sub": r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:*","Resource":"arn:aws:iot:${AWS::Region}:${AWS::AccountId}:client/${Serial}"}]}"#}}),
+                    json!({"PolicyDocument": {"Fn::Sub": r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:*","Resource":"arn:aws:iot:us-east-1:123456789012:client/${Serial}"}]}"#}}),
                 ),
                 s1,
                 Ok(vec![document(CLIENT_DOC_SHA, CLIENT_DOC)]),
@@ -2664,6 +2717,15 @@ mod tests {
     /// Template sections of the wrong shape: `evaluate` and
     /// `parse_template_file` must agree.
     #[test]
+    fn body_length_limit() {
+        // {"DeviceConfiguration":{"k":"xxx…"},"Resources":{}}: 47 characters besides the x's.
+        let body = |n: usize| json!({"Resources": {}, "DeviceConfiguration": {"k": "x".repeat(n)}});
+        assert!(parse_template_file(&body(MAX_BODY_CHARS - 47).to_string()).is_ok());
+        let err = parse_template_file(&body(MAX_BODY_CHARS - 46).to_string()).unwrap_err();
+        assert!(err.contains("10241 characters"), "{err}");
+    }
+
+    #[test]
     fn template_sections() {
         let rows: Vec<(&str, Value, Result<(), &str>)> = vec![
             ("only resources", json!({"Resources": {}}), Ok(())),
@@ -2671,6 +2733,27 @@ mod tests {
                 "extra top-level keys",
                 json!({"Description": "d", "Version": "1", "Resources": {}}),
                 Ok(()),
+            ),
+            (
+                "Conditions",
+                json!({"Conditions": {}, "Resources": {}}),
+                Err(IR),
+            ),
+            ("Outputs", json!({"Outputs": {}, "Resources": {}}), Err(IR)),
+            (
+                "Transform",
+                json!({"Transform": "x", "Resources": {}}),
+                Err(IR),
+            ),
+            (
+                "resource Condition",
+                json!({"Resources": {"t": {"Type": "AWS::IoT::Thing", "Condition": "c", "Properties": {"ThingName": "x"}}}}),
+                Err(IR),
+            ),
+            (
+                "resource DependsOn",
+                json!({"Resources": {"t": {"Type": "AWS::IoT::Thing", "DependsOn": "c", "Properties": {"ThingName": "x"}}}}),
+                Err(IR),
             ),
             (
                 "parameter with description",
@@ -2684,7 +2767,7 @@ mod tests {
             ),
             (
                 "resource with extra keys",
-                json!({"Resources": {"p": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": "A"}, "DependsOn": "x"}}}),
+                json!({"Resources": {"p": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": "A"}, "Metadata": {}}}}),
                 Ok(()),
             ),
             ("not an object", json!([]), Err(IR)),

@@ -1209,3 +1209,44 @@ async fn named_resources_must_exist_before_register_thing() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn region_and_account_resolve_only_when_declared() {
+    let env = Env::start();
+    let body = |declare: bool| {
+        let mut params = json!({"SerialNumber": {"Type": "String"}});
+        if declare {
+            params["AWS::Region"] = json!({"Type": "String", "Default": "eu-west-1"});
+        }
+        json!({
+            "Parameters": params,
+            "Resources": {
+                "thing": {"Type": "AWS::IoT::Thing", "Properties": {
+                    "ThingName": {"Ref": "SerialNumber"},
+                    "AttributePayload": {"region": {"Ref": "AWS::Region"}}}},
+                "certificate": certificate_resource()
+            }
+        })
+    };
+    env.write_template("Undeclared", &body(false));
+    env.write_template("Declared", &body(true));
+    let mut dev = Device::new(&env, Format::Json, "region").await;
+    // As AWS answered in a real exchange.
+    let (_, ok, reply) = dev
+        .provision("Undeclared", &json!({"SerialNumber": "r-1"}))
+        .await;
+    assert!(!ok);
+    assert_eq!(
+        reply,
+        json!({"statusCode": 400, "errorCode": "InvalidParameters",
+               "errorMessage": "Cannot resolve reference value: AWS::Region"})
+    );
+    let (_, ok, reply) = dev
+        .provision("Declared", &json!({"SerialNumber": "r-2"}))
+        .await;
+    assert!(ok, "{reply}");
+    assert_eq!(
+        env.thing("r-2").unwrap()["attributes"],
+        json!({"region": "eu-west-1"})
+    );
+}
