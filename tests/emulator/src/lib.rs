@@ -90,6 +90,9 @@ pub struct Config {
     pub region: String,
     /// Account id in those ARNs (default 123456789012, the one AWS's examples use).
     pub account_id: String,
+    /// Local commands standing for Lambda pre-provisioning hooks: (targetArn, program and
+    /// arguments), for templates as `aws iot describe-provisioning-template` prints them.
+    pub hook_commands: Vec<(String, Vec<String>)>,
 }
 
 impl Config {
@@ -109,6 +112,7 @@ impl Config {
             auto_sweep: true,
             region: "us-east-1".into(),
             account_id: "123456789012".into(),
+            hook_commands: Vec::new(),
         }
     }
 }
@@ -162,6 +166,7 @@ impl Emulator {
                 policies_dir: paths.policies.clone(),
                 region: config.region.clone(),
                 account_id: config.account_id.clone(),
+                hook_commands: config.hook_commands.clone(),
             },
         });
         let broker = Arc::new(broker::Broker::new(

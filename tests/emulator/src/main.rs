@@ -29,6 +29,9 @@ SERVE OPTIONS:
     --fault RULE          fault rule in force from the start, repeatable (see README: Fault injection)
     --region NAME         region in the ARNs IoT policies are evaluated against (default us-east-1)
     --account-id ID       account id in those ARNs (default 123456789012)
+    --hook-command ARN=COMMAND
+                          run COMMAND (split at spaces) for the Lambda pre-provisioning hook ARN of a
+                          template in describe-provisioning-template form; repeatable
     --control-port N      serve the line-based control interface on this port (0: a free port)
     --verbose             log connections and requests on stderr (never keys or tokens)
 
@@ -119,6 +122,17 @@ fn run(args: Vec<String>) -> Result<ExitCode, String> {
                     v.parse()
                         .map_err(|_| format!("--control-port: bad port {v:?}"))?,
                 );
+            }
+            "--hook-command" => {
+                let v = value(rest, &mut i, arg)?;
+                let (arn, command) = v
+                    .split_once('=')
+                    .filter(|(a, c)| !a.is_empty() && !c.trim().is_empty())
+                    .ok_or_else(|| format!("--hook-command: expected ARN=COMMAND, got {v:?}"))?;
+                config.hook_commands.push((
+                    arn.to_owned(),
+                    command.split_whitespace().map(str::to_owned).collect(),
+                ));
             }
             "--region" => config.region = value(rest, &mut i, arg)?.to_owned(),
             "--account-id" => config.account_id = value(rest, &mut i, arg)?.to_owned(),

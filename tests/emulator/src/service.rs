@@ -107,6 +107,8 @@ pub struct ServiceConfig {
     pub policies_dir: PathBuf,
     pub region: String,
     pub account_id: String,
+    /// `--hook-command ARN=COMMAND`: the local command that stands for a Lambda hook.
+    pub hook_commands: Vec<(String, Vec<String>)>,
 }
 
 /// Who sent a request.
@@ -261,6 +263,27 @@ impl Service {
                 format!("The provisioning template {name} is invalid: {e}"),
             )
         })?;
+        let mut file = file;
+        if let Some(hook) = &mut file.hook {
+            if let Some(arn) = &hook.target_arn {
+                hook.command = self
+                    .config
+                    .hook_commands
+                    .iter()
+                    .find(|(a, _)| a == arn)
+                    .map(|(_, c)| c.clone())
+                    .ok_or_else(|| {
+                        Reply::rejected(
+                            400,
+                            "InvalidTemplate",
+                            format!(
+                                "The provisioning template {name} has a pre-provisioning hook \
+                                 {arn} that the emulator has no --hook-command for."
+                            ),
+                        )
+                    })?;
+            }
+        }
         if !file.enabled {
             return Err(Reply::rejected(
                 404,

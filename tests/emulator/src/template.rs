@@ -213,7 +213,11 @@ pub struct TemplateFile {
 /// A pre-provisioning hook: a local program run instead of AWS's Lambda.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HookSpec {
+    /// The program and its arguments; empty for a `targetArn` hook until the emulator's
+    /// `--hook-command ARN=COMMAND` maps it.
     pub command: Vec<String>,
+    /// The Lambda function's ARN, as `describe-provisioning-template` prints it.
+    pub target_arn: Option<String>,
 }
 
 /// Parse a template file. Two accepted shapes:
@@ -302,9 +306,23 @@ fn parse_hook(hook: &Value) -> Result<HookSpec, String> {
     let Value::Object(hook) = hook else {
         return Err(format!("{SHAPE}, found {}", kind_of(hook)));
     };
+    if let (None, Some(arn)) = (hook.get("command"), hook.get("targetArn")) {
+        // As `aws iot describe-provisioning-template` prints it ({targetArn, payloadVersion}):
+        // the emulator runs the local command `--hook-command` maps the ARN to.
+        let Value::String(arn) = arn else {
+            return Err(format!(
+                "preProvisioningHook.targetArn must be a string, found {}",
+                kind_of(arn)
+            ));
+        };
+        return Ok(HookSpec {
+            command: Vec::new(),
+            target_arn: Some(arn.clone()),
+        });
+    }
     let Some(Value::Array(items)) = hook.get("command") else {
         return Err(format!(
-            "{SHAPE}: command is missing or not an array (a targetArn hook is not supported)"
+            "{SHAPE} or {{\"targetArn\": \"arn:…\"}}: command is missing or not an array"
         ));
     };
     let mut command = Vec::with_capacity(items.len());
@@ -324,7 +342,10 @@ fn parse_hook(hook: &Value) -> Result<HookSpec, String> {
         Some(program) if program.is_empty() => Err(format!(
             "{SHAPE}: the program (first item) must not be empty"
         )),
-        Some(_) => Ok(HookSpec { command }),
+        Some(_) => Ok(HookSpec {
+            command,
+            target_arn: None,
+        }),
     }
 }
 
@@ -2717,6 +2738,37 @@ mod tests {
     /// Template sections of the wrong shape: `evaluate` and
     /// `parse_template_file` must agree.
     #[test]
+    fn describe_provisioning_template_output() {
+        // What `aws iot describe-provisioning-template` prints: the body as an escaped string,
+        // metadata, and a Lambda hook.
+        let body = json!({"Resources": {}});
+        let text = json!({
+            "templateArn": "arn:aws:iot:us-east-1:123456789012:provisioningtemplate/T",
+            "templateName": "T",
+            "description": "d",
+            "creationDate": "2024-01-01T00:00:00+00:00",
+            "lastModifiedDate": "2024-01-01T00:00:00+00:00",
+            "defaultVersionId": 1,
+            "templateBody": body.to_string(),
+            "enabled": false,
+            "provisioningRoleArn": "arn:aws:iam::123456789012:role/r",
+            "preProvisioningHook": {"targetArn": "arn:aws:lambda:us-east-1:123456789012:function:f", "payloadVersion": "2020-04-01"},
+            "type": "FLEET_PROVISIONING"
+        })
+        .to_string();
+        let file = parse_template_file(&text).unwrap();
+        assert_eq!(file.body, body);
+        assert!(!file.enabled);
+        assert_eq!(
+            file.hook,
+            Some(HookSpec {
+                command: Vec::new(),
+                target_arn: Some("arn:aws:lambda:us-east-1:123456789012:function:f".into()),
+            })
+        );
+    }
+
+    #[test]
     fn body_length_limit() {
         // {"DeviceConfiguration":{"k":"xxx…"},"Resources":{}}: 47 characters besides the x's.
         let body = |n: usize| json!({"Resources": {}, "DeviceConfiguration": {"k": "x".repeat(n)}});
@@ -2933,9 +2985,9 @@ mod tests {
                 Err("command is missing"),
             ),
             (
-                "lambda hook",
-                json!({"templateBody": minimal, "preProvisioningHook": {"targetArn": "arn:aws:lambda:us-east-1:123456789012:function:f"}}).to_string(),
-                Err("command is missing"),
+                "lambda hook ARN not a string",
+                json!({"templateBody": minimal, "preProvisioningHook": {"targetArn": 5}}).to_string(),
+                Err("targetArn must be a string"),
             ),
             (
                 "hook command a string",
@@ -2969,6 +3021,7 @@ mod tests {
                 (Ok(file), Ok((enabled, hook, body))) => {
                     let hook = hook.map(|command| HookSpec {
                         command: command.into_iter().map(str::to_owned).collect(),
+                        target_arn: None,
                     });
                     assert_eq!(
                         file,

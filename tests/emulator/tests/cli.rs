@@ -43,6 +43,7 @@ async fn help_mentions_every_flag() {
             "--control-port",
             "--region",
             "--account-id",
+            "--hook-command",
             "--verbose",
             "--control",
             "list",
@@ -62,6 +63,10 @@ async fn bad_command_lines_fail_and_name_the_problem() {
     // (arguments, text stderr must contain)
     let rows: &[(&[&str], &str)] = &[
         (&["--frobnicate"], "unknown argument \"--frobnicate\""),
+        (
+            &["--data-dir", d, "--hook-command", "arn-without-command"],
+            "--hook-command: expected ARN=COMMAND, got \"arn-without-command\"",
+        ),
         (&["--data-dir", d, "extra"], "unknown argument \"extra\""),
         (&["--port", "0"], "--data-dir DIR is required"),
         (&["--data-dir", d, "--port", "x"], "--port: bad port \"x\""),
