@@ -102,14 +102,19 @@ pub struct Prepared {
 }
 
 /// Creates what is missing in `dir` and opens the registry. Later starts reuse what is there.
-pub fn prepare(paths: &DataPaths, region: &str, account: &str) -> Result<Prepared, String> {
+pub fn prepare(
+    paths: &DataPaths,
+    ca_kind: pki::KeyKind,
+    region: &str,
+    account: &str,
+) -> Result<Prepared, String> {
     make_dir(&paths.dir).map_err(|e| err("cannot create the data directory", e))?;
     let ca = if paths.ca_cert.exists() && paths.ca_key.exists() {
         let cert = fs::read_to_string(&paths.ca_cert).map_err(|e| err("ca.pem", e))?;
         let key = fs::read_to_string(&paths.ca_key).map_err(|e| err("ca.key", e))?;
         Ca::from_pem(&cert, &key).map_err(|e| err("cannot load the CA", e))?
     } else {
-        let ca = Ca::generate().map_err(|e| err("cannot create the CA", e))?;
+        let ca = Ca::generate_with(ca_kind).map_err(|e| err("cannot create the CA", e))?;
         // The key first: a ca.pem is only ever present beside its key.
         write_atomic(&paths.ca_key, ca.key_pem().as_bytes(), 0o600)
             .map_err(|e| err("ca.key", e))?;

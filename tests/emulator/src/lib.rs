@@ -71,6 +71,9 @@ pub struct Config {
     pub port: u16,
     /// Keys made by CreateKeysAndCertificate: RSA-2048 like AWS (default) or EC P-256 (fast).
     pub key_kind: KeyKind,
+    /// Key of a CA made on first start: RSA-2048 with sha256WithRSAEncryption signatures, as
+    /// AWS signs device certificates (default), or EC P-256 (fast). An existing CA is kept.
+    pub ca_key_kind: KeyKind,
     /// Lifetime of ownership tokens (AWS: one hour).
     pub token_ttl: Duration,
     /// Time a pre-provisioning hook has to answer (AWS: 5 s).
@@ -103,6 +106,7 @@ impl Config {
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             port: 0,
             key_kind: KeyKind::Rsa2048,
+            ca_key_kind: KeyKind::Rsa2048,
             token_ttl: Duration::from_secs(3600),
             hook_timeout: Duration::from_secs(5),
             require_alpn: false,
@@ -141,7 +145,12 @@ impl Emulator {
     /// Prepares the data directory and starts listening; returns once connections are accepted.
     pub fn start(config: Config) -> Result<Emulator, String> {
         let paths = DataPaths::new(&config.data_dir);
-        let prepared = datadir::prepare(&paths, &config.region, &config.account_id)?;
+        let prepared = datadir::prepare(
+            &paths,
+            config.ca_key_kind,
+            &config.region,
+            &config.account_id,
+        )?;
         let store = Arc::new(prepared.store);
         let tls = tls::server_config(
             &prepared.server_cert_pem,

@@ -22,6 +22,7 @@ SERVE OPTIONS:
     --port N              MQTT over TLS port (default 8883; 0 picks a free port)
     --bind ADDR           address to listen on (default 127.0.0.1)
     --key-type rsa|ec     keys made by CreateKeysAndCertificate: RSA-2048 PKCS#1 like AWS (default) or EC P-256
+    --ca-key-type rsa|ec  key of the CA made on first start: RSA-2048, sha256WithRSAEncryption like AWS (default) or EC P-256
     --token-ttl SECS      ownership token lifetime in seconds, fractions allowed (default 3600)
     --hook-timeout SECS   time a pre-provisioning hook has to answer (default 5)
     --require-alpn        refuse clients that do not negotiate ALPN x-amzn-mqtt-ca (as AWS on port 443)
@@ -107,6 +108,15 @@ fn run(args: Vec<String>) -> Result<ExitCode, String> {
                     "rsa" => KeyKind::Rsa2048,
                     "ec" => KeyKind::EcP256,
                     other => return Err(format!("--key-type: expected rsa or ec, got {other:?}")),
+                }
+            }
+            "--ca-key-type" => {
+                config.ca_key_kind = match value(rest, &mut i, arg)? {
+                    "rsa" => KeyKind::Rsa2048,
+                    "ec" => KeyKind::EcP256,
+                    other => {
+                        return Err(format!("--ca-key-type: expected rsa or ec, got {other:?}"))
+                    }
                 }
             }
             "--token-ttl" => config.token_ttl = seconds(value(rest, &mut i, arg)?, arg)?,

@@ -134,13 +134,39 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Random bytes in a token: 345 bytes are 460 base64 characters.
+const TOKEN_BYTES: usize = 345;
+
+/// A new ownership token. AWS documents tokens as opaque strings; AWS's own fleet provisioning
+/// demos hold them in 512-byte buffers (aws-iot-device-sdk-embedded-C,
+/// `OWNERSHIP_TOKEN_BUFFER_LENGTH`), the FreeRTOS one in 1024. [inferred] Length and alphabet:
+/// 460 characters of the base64 alphabet (`A-Z a-z 0-9 + /`), several hundred as real ones
+/// are, so that firmware which sizes its buffer by a short test token fails here first.
 fn new_token() -> Result<String, Reply> {
     use ring::rand::SecureRandom;
-    let mut raw = [0u8; 48];
+    let mut raw = [0u8; TOKEN_BYTES];
     ring::rand::SystemRandom::new()
         .fill(&mut raw)
         .map_err(|_| Reply::for_status(500))?;
-    Ok(raw.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(base64(&raw))
+}
+
+/// Standard base64 without padding (the input length is a multiple of 3 here).
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..=chunk.len() {
+            out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+        }
+    }
+    out
 }
 
 fn internal(e: impl std::fmt::Display) -> Reply {
@@ -539,6 +565,20 @@ mod tests {
                 "{fmt:?} {bytes:?}"
             );
         }
+    }
+
+    #[test]
+    fn tokens_are_460_base64_characters() {
+        assert_eq!(base64(b"Man"), "TWFu");
+        assert_eq!(base64(b"Ma"), "TWE");
+        assert_eq!(base64(&[0xfb, 0xff, 0xbf]), "+/+/");
+        let a = new_token().unwrap();
+        let b = new_token().unwrap();
+        assert_eq!(a.len(), 460);
+        assert_ne!(a, b);
+        assert!(a
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/'));
     }
 
     #[test]

@@ -44,6 +44,7 @@ async fn help_mentions_every_flag() {
             "--region",
             "--account-id",
             "--hook-command",
+            "--ca-key-type",
             "--verbose",
             "--control",
             "list",

@@ -48,7 +48,7 @@ impl Drop for TempDir {
     }
 }
 
-/// An emulator in a fresh data directory with EC keys (fast) unless told otherwise.
+/// An emulator in a fresh data directory with EC keys and an EC CA (fast) unless told otherwise.
 pub struct Env {
     pub emu: Emulator,
     pub dir: TempDir,
@@ -63,6 +63,7 @@ impl Env {
         let dir = TempDir::new("env");
         let mut config = Config::new(dir.path().join("data"));
         config.key_kind = KeyKind::EcP256;
+        config.ca_key_kind = KeyKind::EcP256;
         tweak(&mut config);
         if std::env::var_os("EMULATOR_VERBOSE").is_some() {
             fleetprov_emulator::set_verbose(true);
