@@ -706,7 +706,9 @@ impl Conn {
             let api = &request.api;
             let faults = &broker.faults;
             let reply = match faults.fire(Some(api), |a| matches!(a, Action::Reject(_))) {
-                Some(Action::Reject(status)) => Reply::for_status(status),
+                Some(Action::Reject(status)) => {
+                    broker.service.errors.apply(Reply::for_status(status))
+                }
                 _ => {
                     broker
                         .service

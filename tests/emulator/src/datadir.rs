@@ -33,6 +33,8 @@ pub struct DataPaths {
     pub resources: PathBuf,
     /// Policies a template may attach by `PolicyName`: `policies/NAME.json`.
     pub policies: PathBuf,
+    /// Changes to the rejections the emulator sends; see `errors.rs`.
+    pub errors: PathBuf,
 }
 
 impl DataPaths {
@@ -50,6 +52,7 @@ impl DataPaths {
             claim_policy: dir.join("claim-policy.json"),
             resources: dir.join("resources.json"),
             policies: dir.join("policies"),
+            errors: dir.join("errors.json"),
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod wire;
 mod broker;
 mod control;
 mod datadir;
+mod errors;
 mod hook;
 pub mod policy;
 mod resources;
@@ -165,6 +166,7 @@ impl Emulator {
         let service = Arc::new(service::Service {
             ca: Arc::new(prepared.ca),
             store: store.clone(),
+            errors: errors::ErrorTable::load(&paths.errors)?,
             config: service::ServiceConfig {
                 key_kind: config.key_kind,
                 token_ttl: config.token_ttl,

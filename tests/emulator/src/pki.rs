@@ -286,8 +286,10 @@ impl Ca {
     pub fn issue_from_csr(&self, csr_pem: &str) -> Result<Issued, CsrError> {
         let der = csr_der_from_pem(csr_pem)?;
         let spki = verify_csr(&der)?;
-        self.issue_device_cert(&spki)
-            .map_err(|e| CsrError(format!("could not issue a certificate for the CSR: {e}")))
+        self.issue_device_cert(&spki).map_err(|e| {
+            crate::log!("could not issue a certificate for a CSR: {e}");
+            CsrError("could not issue a certificate for the CSR".into())
+        })
     }
 
     /// CreateKeysAndCertificate: generates a key (RSA 2048 as PKCS#1 PEM like AWS, or P-256

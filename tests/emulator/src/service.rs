@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::errors::ErrorTable;
 use crate::hook::{self, Verdict};
 use crate::pki::{Ca, KeyKind};
 use crate::policy::{ConnThing, Context, Policy};
@@ -22,16 +23,16 @@ pub enum Reply {
     Accepted(Value),
     Rejected {
         status: u16,
-        code: &'static str,
+        code: String,
         message: String,
     },
 }
 
 impl Reply {
-    pub fn rejected(status: u16, code: &'static str, message: impl Into<String>) -> Reply {
+    pub fn rejected(status: u16, code: &str, message: impl Into<String>) -> Reply {
         Reply::Rejected {
             status,
-            code,
+            code: code.to_owned(),
             message: message.into(),
         }
     }
@@ -82,13 +83,19 @@ pub fn encode(format: Format, value: &Value) -> Vec<u8> {
 /// Decodes a request payload. The whole payload must be one JSON or CBOR item.
 pub fn decode(format: Format, payload: &[u8]) -> Result<Value, String> {
     match format {
-        Format::Json => serde_json::from_slice(payload).map_err(|e| format!("invalid JSON: {e}")),
+        Format::Json => serde_json::from_slice(payload).map_err(|e| {
+            format!(
+                "The payload is not valid JSON (line {}, column {}).",
+                e.line(),
+                e.column()
+            )
+        }),
         Format::Cbor => {
             let mut rest = payload;
-            let v: Value =
-                ciborium::de::from_reader(&mut rest).map_err(|e| format!("invalid CBOR: {e}"))?;
+            let v: Value = ciborium::de::from_reader(&mut rest)
+                .map_err(|_| "The payload is not valid CBOR.")?;
             if !rest.is_empty() {
-                return Err("invalid CBOR: trailing bytes".into());
+                return Err("The payload is not valid CBOR: bytes after the first item.".into());
             }
             Ok(v)
         }
@@ -124,6 +131,8 @@ pub struct Service {
     pub ca: Arc<Ca>,
     pub store: Arc<Store>,
     pub config: ServiceConfig,
+    /// `errors.json`: what the user changed of the rejections.
+    pub errors: ErrorTable,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -169,8 +178,11 @@ fn base64(data: &[u8]) -> String {
     out
 }
 
+/// A failure inside the emulator: logged with its cause, answered without it (no SQLite or
+/// Rust text reaches the device).
 fn internal(e: impl std::fmt::Display) -> Reply {
-    Reply::rejected(500, "InternalError", format!("Internal error: {e}"))
+    crate::log!("internal error: {e}");
+    Reply::rejected(500, "InternalError", "Internal error")
 }
 
 fn invalid_payload(message: impl Into<String>) -> Reply {
@@ -193,7 +205,7 @@ impl Service {
                 self.register(template, format, payload, caller).await
             }
         };
-        result.unwrap_or_else(|r| r)
+        self.errors.apply(result.unwrap_or_else(|r| r))
     }
 
     async fn create_keys(&self, format: Format, payload: &[u8]) -> Result<Reply, Reply> {
@@ -511,12 +523,8 @@ impl Service {
                 }
             }
         }
-        let mut outcome =
-            template::evaluate(&file.body, &params, &cert_id).map_err(|e| Reply::Rejected {
-                status: e.status,
-                code: e.code,
-                message: e.message,
-            })?;
+        let mut outcome = template::evaluate(&file.body, &params, &cert_id)
+            .map_err(|e| Reply::rejected(e.status, e.code, e.message))?;
         self.check_resources(&mut outcome)?;
         match self.store.register(&token, &cert_id, &outcome, now_ms()) {
             Ok(()) => {}

@@ -235,8 +235,13 @@ pub struct HookSpec {
 /// `Parameters`, `Mappings`, `Resources` (types, property names,
 /// `OverrideSettings`) and `DeviceConfiguration`.
 pub fn parse_template_file(text: &str) -> Result<TemplateFile, String> {
-    let value: Value =
-        serde_json::from_str(text).map_err(|e| format!("template file is not valid JSON: {e}"))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        format!(
+            "template file is not valid JSON (line {}, column {})",
+            e.line(),
+            e.column()
+        )
+    })?;
     let Value::Object(mut top) = value else {
         return Err(format!(
             "template file must be a JSON object, found {}",
@@ -249,8 +254,13 @@ pub fn parse_template_file(text: &str) -> Result<TemplateFile, String> {
             let body = match raw_body {
                 Value::Object(map) => Value::Object(map),
                 Value::String(inner) => {
-                    let parsed: Value = serde_json::from_str(&inner)
-                        .map_err(|e| format!("templateBody is not valid JSON: {e}"))?;
+                    let parsed: Value = serde_json::from_str(&inner).map_err(|e| {
+                        format!(
+                            "templateBody is not valid JSON (line {}, column {})",
+                            e.line(),
+                            e.column()
+                        )
+                    })?;
                     if !parsed.is_object() {
                         return Err(format!(
                             "templateBody must contain a JSON object, found {}",

@@ -869,3 +869,62 @@ async fn default_ca_is_rsa_2048_and_tokens_are_long_base64() {
             .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/'));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_json_changes_the_rejections_of_a_code() {
+    let env = Env::start_with(|c| {
+        std::fs::create_dir_all(&c.data_dir).unwrap();
+        std::fs::write(
+            c.data_dir.join("errors.json"),
+            r#"{"InvalidPayload": {"statusCode": 422, "errorCode": "InvalidRequest", "errorMessage": "as seen on AWS: {message}"},
+                "ResourceNotFound": {"errorMessage": "Template not found"}}"#,
+        )
+        .unwrap();
+    });
+    let mut c = env.claim_client(Version::V4, "errors-json").await;
+    let (ok, reply) = c
+        .request(&csr_topic(Format::Json), Format::Json, b"{")
+        .await;
+    assert!(!ok);
+    assert_eq!(
+        reply,
+        json!({"statusCode": 422, "errorCode": "InvalidRequest",
+               "errorMessage": "as seen on AWS: The payload is not valid JSON (line 1, column 1)."})
+    );
+    let (_, _, _, token) = create_certificate(&mut c, CertApi::Csr, Format::Json).await;
+    let (ok, reply) = register_in(&mut c, "NoSuchTemplate", &token).await;
+    assert!(!ok);
+    assert_eq!(
+        reply,
+        json!({"statusCode": 404, "errorCode": "ResourceNotFound", "errorMessage": "Template not found"})
+    );
+    // Codes without an entry are unchanged.
+    let (ok, reply) = register_in(&mut c, "DemoTemplate", "").await;
+    assert!(!ok);
+    assert_eq!(
+        reply["errorCode"],
+        json!("InvalidCertificateOwnershipToken")
+    );
+
+    // A file the emulator cannot use stops the start, naming it.
+    let dir = TempDir::new("errors-json");
+    std::fs::create_dir_all(dir.path()).unwrap();
+    std::fs::write(dir.path().join("errors.json"), r#"{"Teapot": {}}"#).unwrap();
+    let err = fleetprov_emulator::Emulator::start(Config::new(dir.path())).unwrap_err();
+    assert!(
+        err.contains("errors.json") && err.contains("Teapot"),
+        "{err}"
+    );
+}
+
+async fn register_in(c: &mut Client, template: &str, token: &str) -> (bool, Value) {
+    c.request(
+        &register_topic(template, Format::Json),
+        Format::Json,
+        &enc(
+            Format::Json,
+            &json!({"certificateOwnershipToken": token, "parameters": {"SerialNumber": "e"}}),
+        ),
+    )
+    .await
+}
