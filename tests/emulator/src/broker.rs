@@ -617,6 +617,14 @@ impl Conn {
                         codes.push(Err(0x87));
                         continue;
                     }
+                    if !self.filters.iter().any(|(f, _)| *f == filter)
+                        && self.filters.len() >= topics::MAX_SUBSCRIPTIONS
+                    {
+                        // AWS IoT quota: 50 subscriptions per connection. [inferred] A filter
+                        // beyond it fails in the SUBACK (MQTT 5: 0x97 Quota exceeded).
+                        codes.push(Err(0x97));
+                        continue;
+                    }
                     // AWS IoT has no QoS 2: grant QoS 1.
                     let granted = qos.min(1);
                     if fault_api.is_none() {

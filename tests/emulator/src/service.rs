@@ -346,6 +346,30 @@ impl Service {
         };
         let resources = Resources::load(&self.config.resources).map_err(internal)?;
         if let Some(thing) = &outcome.thing {
+            // AWS IoT quotas: 3 attributes for a thing without a thing type, 50 with one; a
+            // thing in at most 10 thing groups. [inferred] The rejection's status, code, text.
+            let max_attributes = if thing.thing_type.is_some() { 50 } else { 3 };
+            if thing.attributes.len() > max_attributes {
+                return Err(Reply::rejected(
+                    400,
+                    "InvalidRequest",
+                    format!(
+                        "A thing {} can have at most {max_attributes} attributes; the template gives {}.",
+                        if thing.thing_type.is_some() { "with a thing type" } else { "without a thing type" },
+                        thing.attributes.len()
+                    ),
+                ));
+            }
+            if thing.groups.len() > 10 {
+                return Err(Reply::rejected(
+                    400,
+                    "InvalidRequest",
+                    format!(
+                        "A thing can be in at most 10 thing groups; the template gives {}.",
+                        thing.groups.len()
+                    ),
+                ));
+            }
             if let Some(t) = &thing.thing_type {
                 if !resources.thing_types.contains(t) {
                     return Err(missing("thing type", t));

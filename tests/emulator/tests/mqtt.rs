@@ -762,3 +762,37 @@ async fn will_is_published_only_when_the_connection_ends_abnormally() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_50_subscriptions_per_connection() {
+    let env = Env::start_open();
+    for version in [Version::V4, Version::V5] {
+        let mut c = env
+            .claim_client(version, &format!("subs-{version:?}"))
+            .await;
+        let names: Vec<String> = (0..50).map(|i| format!("s/{i}")).collect();
+        for chunk in names.chunks(8) {
+            let filters: Vec<(&str, u8)> = chunk.iter().map(|f| (f.as_str(), 1)).collect();
+            assert_eq!(c.subscribe(&filters).await, vec![Ok(1); chunk.len()]);
+        }
+        let over = if version == Version::V5 { 0x97 } else { 0x80 };
+        // The 51st fails; subscribing again to one held is no new subscription.
+        assert_eq!(
+            c.subscribe(&[("s/50", 1), ("s/0", 0)]).await,
+            vec![Err(over), Ok(0)],
+            "{version:?}"
+        );
+        let pkid = c.pkid();
+        c.send(&Packet::Unsubscribe {
+            pkid,
+            filters: vec!["s/1".into()],
+        })
+        .await;
+        assert!(matches!(c.next().await, Packet::UnsubAck { .. }));
+        assert_eq!(
+            c.subscribe(&[("s/50", 1)]).await,
+            vec![Ok(1)],
+            "{version:?}"
+        );
+    }
+}

@@ -3,7 +3,7 @@
 //! on re-provisioning, DeviceConfiguration, template errors and the shipped DemoTemplate.
 //! Every outcome is checked in the reply and in the registry.
 
-use fleetprov_emulator::wire::Version;
+use fleetprov_emulator::wire::{Packet, Version};
 use fleetprov_emulator::Format;
 use serde_json::{json, Value};
 
@@ -41,13 +41,22 @@ impl Device {
         if !params.is_null() {
             request["parameters"] = params.clone();
         }
+        let topic = register_topic(template, self.format);
+        let reply = self
+            .c
+            .request(&topic, self.format, &enc(self.format, &request))
+            .await;
+        // As the official SDKs do between operations: a connection holds at most 50
+        // subscriptions.
+        let pkid = self.c.pkid();
         self.c
-            .request(
-                &register_topic(template, self.format),
-                self.format,
-                &enc(self.format, &request),
-            )
-            .await
+            .send(&Packet::Unsubscribe {
+                pkid,
+                filters: vec![format!("{topic}/accepted"), format!("{topic}/rejected")],
+            })
+            .await;
+        assert!(matches!(self.c.next().await, Packet::UnsubAck { .. }));
+        reply
     }
 
     /// A new certificate registered against `template`: (id, accepted, reply).
@@ -1249,4 +1258,63 @@ async fn region_and_account_resolve_only_when_declared() {
         env.thing("r-2").unwrap()["attributes"],
         json!({"region": "eu-west-1"})
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attribute_and_group_limits() {
+    let env = Env::start();
+    env.write_resources(&json!({
+        "thingTypes": ["typed"],
+        "thingGroups": (0..11).map(|i| format!("g{i}")).collect::<Vec<_>>()
+    }));
+    let thing = |attrs: usize, typed: bool, groups: usize| {
+        let mut props = json!({
+            "ThingName": {"Ref": "SerialNumber"},
+            "AttributePayload": (0..attrs).map(|i| (format!("a{i}"), json!("v"))).collect::<serde_json::Map<_, _>>(),
+            "ThingGroups": (0..groups).map(|i| format!("g{i}")).collect::<Vec<_>>()
+        });
+        if typed {
+            props["ThingTypeName"] = json!("typed");
+        }
+        json!({
+            "Parameters": {"SerialNumber": {"Type": "String"}},
+            "Resources": {"thing": {"Type": "AWS::IoT::Thing", "Properties": props},
+                          "certificate": certificate_resource()}
+        })
+    };
+    let rows: Vec<(&str, Value, Option<&str>)> = vec![
+        ("3 attributes, no type", thing(3, false, 0), None),
+        (
+            "4 attributes, no type",
+            thing(4, false, 0),
+            Some("at most 3 attributes"),
+        ),
+        ("50 attributes with a type", thing(50, true, 0), None),
+        (
+            "51 attributes with a type",
+            thing(51, true, 0),
+            Some("at most 50 attributes"),
+        ),
+        ("10 groups", thing(0, false, 10), None),
+        (
+            "11 groups",
+            thing(0, false, 11),
+            Some("at most 10 thing groups"),
+        ),
+    ];
+    let mut dev = Device::new(&env, Format::Json, "limits").await;
+    for (i, (row, body, want)) in rows.into_iter().enumerate() {
+        let name = format!("Limits{i}");
+        env.write_template(&name, &body);
+        let serial = format!("limit-{i}");
+        let (_, ok, reply) = dev.provision(&name, &json!({"SerialNumber": serial})).await;
+        match want {
+            None => assert!(ok, "{row}: {reply}"),
+            Some(fragment) => {
+                assert!(!ok, "{row}");
+                assert_rejected(&reply, 400, IR, fragment, row);
+                assert!(env.thing(&serial).is_none(), "{row}");
+            }
+        }
+    }
 }
