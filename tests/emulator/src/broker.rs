@@ -54,6 +54,10 @@ pub struct Broker {
     pub service: Arc<Service>,
     pub faults: Arc<Faults>,
     pub require_alpn: bool,
+    /// Keep-alive values below this are raised to it (AWS: 30 s).
+    pub min_keep_alive: u16,
+    /// Refuse TLS clients that sent no SNI, as AWS does.
+    pub require_sni: bool,
     acceptor: TlsAcceptor,
     peers: RwLock<HashMap<u64, Peer>>,
     sessions: Mutex<HashMap<String, u64>>,
@@ -66,11 +70,15 @@ impl Broker {
         faults: Arc<Faults>,
         tls: Arc<rustls::ServerConfig>,
         require_alpn: bool,
+        min_keep_alive: u16,
+        require_sni: bool,
     ) -> Broker {
         Broker {
             service,
             faults,
             require_alpn,
+            min_keep_alive,
+            require_sni,
             acceptor: TlsAcceptor::from(tls),
             peers: RwLock::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
@@ -115,6 +123,11 @@ impl Broker {
         let (_, session) = tls.get_ref();
         if self.require_alpn && session.alpn_protocol() != Some(crate::tls::ALPN_MQTT) {
             log!("{addr}: refused: ALPN x-amzn-mqtt-ca required");
+            return;
+        }
+        // AWS IoT: "Connection attempts that don't include SNI are refused" (mqtt.html).
+        if self.require_sni && session.server_name().is_none() {
+            log!("{addr}: refused: no SNI");
             return;
         }
         let Some(cert_der) = session
@@ -391,10 +404,12 @@ impl Conn {
             let _ = w.shutdown().await;
             return End::Refused("iot:Connect not allowed by the certificate's policies");
         }
+        // AWS IoT quotas: keep-alive at most 1200 s (0 means 1200), and a value below 30 s is
+        // treated as 30 (message broker limits; also in re:Post QU_ER8srIYQRaZNNH9od_Q1g).
         let keep_alive_eff = if keep_alive == 0 || keep_alive > topics::MAX_KEEP_ALIVE {
             topics::MAX_KEEP_ALIVE
         } else {
-            keep_alive
+            keep_alive.max(self.broker.min_keep_alive)
         };
         let (tx, mut rx) = mpsc::channel(QUEUE);
         // Register, taking the client id over from an earlier connection.

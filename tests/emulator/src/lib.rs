@@ -79,6 +79,12 @@ pub struct Config {
     pub token_ttl: Duration,
     /// Time a pre-provisioning hook has to answer (AWS: 5 s).
     pub hook_timeout: Duration,
+    /// Keep-alive values below this many seconds are raised to it, as AWS raises them to 30
+    /// (default 30; tests of idle timeouts set it lower).
+    pub min_keep_alive: u16,
+    /// Refuse TLS clients that send no SNI, as AWS does (default false: clients that connect
+    /// to an IP address, 127.0.0.1 included, send none).
+    pub require_sni: bool,
     /// Refuse connections that did not negotiate ALPN `x-amzn-mqtt-ca` (as AWS on port 443).
     pub require_alpn: bool,
     /// Offer TLS 1.2 only (AWS IoT with a TLS 1.2-only security policy); default 1.3 and 1.2.
@@ -111,6 +117,8 @@ impl Config {
             token_ttl: Duration::from_secs(3600),
             hook_timeout: Duration::from_secs(5),
             require_alpn: false,
+            min_keep_alive: 30,
+            require_sni: false,
             tls12_only: false,
             faults: Vec::new(),
             control_port: None,
@@ -185,6 +193,8 @@ impl Emulator {
             faults.clone(),
             tls,
             config.require_alpn,
+            config.min_keep_alive,
+            config.require_sni,
         ));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

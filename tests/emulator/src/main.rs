@@ -25,6 +25,8 @@ SERVE OPTIONS:
     --ca-key-type rsa|ec  key of the CA made on first start: RSA-2048, sha256WithRSAEncryption like AWS (default) or EC P-256
     --token-ttl SECS      ownership token lifetime in seconds, fractions allowed (default 3600)
     --hook-timeout SECS   time a pre-provisioning hook has to answer (default 5)
+    --require-sni         refuse TLS clients that send no SNI, as AWS does (connect to a name, not an IP)
+    --min-keep-alive SECS keep-alive values below SECS are raised to it (default 30, as AWS does)
     --require-alpn        refuse clients that do not negotiate ALPN x-amzn-mqtt-ca (as AWS on port 443)
     --tls12-only          offer TLS 1.2 only (as AWS with a TLS 1.2-only security policy)
     --fault RULE          fault rule in force from the start, repeatable (see README: Fault injection)
@@ -122,6 +124,15 @@ fn run(args: Vec<String>) -> Result<ExitCode, String> {
             "--token-ttl" => config.token_ttl = seconds(value(rest, &mut i, arg)?, arg)?,
             "--hook-timeout" => config.hook_timeout = seconds(value(rest, &mut i, arg)?, arg)?,
             "--require-alpn" => config.require_alpn = true,
+            "--require-sni" => config.require_sni = true,
+            "--min-keep-alive" => {
+                let v = value(rest, &mut i, arg)?;
+                config.min_keep_alive = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=1200).contains(n))
+                    .ok_or_else(|| format!("--min-keep-alive: expected 1 to 1200, got {v:?}"))?;
+            }
             "--tls12-only" => config.tls12_only = true,
             "--fault" => config
                 .faults

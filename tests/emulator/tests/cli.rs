@@ -45,6 +45,8 @@ async fn help_mentions_every_flag() {
             "--account-id",
             "--hook-command",
             "--ca-key-type",
+            "--require-sni",
+            "--min-keep-alive",
             "--verbose",
             "--control",
             "list",
