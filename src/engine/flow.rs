@@ -463,6 +463,20 @@ impl Flow {
             }
             FlowEvent::Disconnected(e) => {
                 if matches!(self.link, Link::Up { .. }) {
+                    // A connection that ends while a reply is awaited: AWS IoT closes it when
+                    // the certificate's policy does not allow the request's PUBLISH, so the
+                    // error says which topic that was.
+                    let e = match self.engine.as_ref() {
+                        Some(engine) => match engine.awaited_request() {
+                            Some(topic) => e.noted(&format!(
+                                "while {}, after publishing to {topic} (AWS IoT closes the \
+                                 connection when a policy denies a publish)",
+                                engine.step().doing()
+                            )),
+                            None => e,
+                        },
+                        None => e,
+                    };
                     self.link = Link::Down;
                     self.engine = None;
                     self.fail(e, now, &mut out);

@@ -233,6 +233,14 @@ impl Engine {
         self.step
     }
 
+    /// The topic of the request published last, while its reply is awaited.
+    pub fn awaited_request(&self) -> Option<String> {
+        match &self.state {
+            State::WaitReply(api) => Some(api.request_topic(self.settings.format)),
+            _ => None,
+        }
+    }
+
     fn enter(&mut self, step: Step, now: u64, out: &mut Vec<Action>) {
         self.step = step;
         self.step_deadline = now.saturating_add(self.settings.step_timeout_ms);

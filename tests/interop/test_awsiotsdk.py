@@ -499,3 +499,62 @@ def test_register_thing_unknown_template_rejected(emulator, protocol):
     assert f"demo-{serial}" not in {t["name"] for t in reg["things"]}, dump
     status = {c["id"]: c["status"] for c in reg["certificates"]}
     assert status.get(created.certificate_id) == "PENDING_ACTIVATION", dump
+
+
+def aws_documented_claim_policy(template: str) -> dict:
+    """The claim policy of AWS's fleet provisioning guide, unchanged: CreateKeysAndCertificate
+    and RegisterThing of one template, nothing for CreateCertificateFromCsr."""
+    arn = "arn:aws:iot:us-east-1:123456789012"
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Action": ["iot:Connect"], "Resource": "*"},
+            {"Effect": "Allow", "Action": ["iot:Publish", "iot:Receive"], "Resource": [
+                f"{arn}:topic/$aws/certificates/create/*",
+                f"{arn}:topic/$aws/provisioning-templates/{template}/provision/*"]},
+            {"Effect": "Allow", "Action": "iot:Subscribe", "Resource": [
+                f"{arn}:topicfilter/$aws/certificates/create/*",
+                f"{arn}:topicfilter/$aws/provisioning-templates/{template}/provision/*"]},
+        ],
+    }
+
+
+@pytest.mark.parametrize("protocol", ["mqtt311", "mqtt5"])
+@EC_KEYS
+def test_claim_policy_without_csr_topics_fails_create_from_csr(emulator, protocol):
+    """The common field failure: AWS's claim policy used unchanged with CreateCertificateFromCsr.
+    The emulator refuses the reply subscription as AWS does, the SDK's request fails with a
+    transport error (not a service rejection), and CreateKeysAndCertificate still works."""
+    wait = Waiter(emulator)
+    (emulator.data_dir / "claim-policy.json").write_text(json.dumps(aws_documented_claim_policy(TEMPLATE)))
+    serial = f"{protocol}-policy-{uuid.uuid4().hex[:12]}"
+    key = new_key("ec")
+    with DEVICES[protocol](emulator, emulator.claim_pem, emulator.claim_key, client_id=f"claim-{serial}") as claim:
+        identity = claim.identity_client()
+        future = identity.create_certificate_from_csr(
+            iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=make_csr(key, serial))
+        )
+        try:
+            outcome = future.result(TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            raise AssertionError(
+                f"CreateCertificateFromCsr over {claim.protocol}: no answer within {TIMEOUT} s" + emulator.context()
+            ) from None
+        except V2ServiceException as e:
+            detail = describe_error(e) + emulator.context()
+            assert e.modeled_error is None, detail
+            assert e.inner_error is not None, detail
+        else:
+            raise AssertionError(f"CreateCertificateFromCsr was accepted: {outcome!r}" + emulator.context())
+        assert "iot:Subscribe" in emulator.stderr_tail(200) and "create-from-csr" in emulator.stderr_tail(200), (
+            "the emulator does not log the denied subscription" + emulator.context()
+        )
+    # What the policy allows still works (on a new connection: the SDK's request-response client
+    # keeps its refused subscriptions for a while).
+    with DEVICES[protocol](emulator, emulator.claim_pem, emulator.claim_key, client_id=f"claim2-{serial}") as claim:
+        identity = claim.identity_client()
+        created = wait(
+            identity.create_keys_and_certificate(iotidentity.CreateKeysAndCertificateRequest()),
+            f"CreateKeysAndCertificate over {claim.protocol}",
+        )
+        assert created.certificate_ownership_token

@@ -17,6 +17,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::faults::{Action, Faults, Step};
 use crate::log;
+use crate::policy::{self, Action as PolicyAction, Context, Decision, Policy};
 use crate::service::{Caller, Reply, Service};
 use crate::topics::{self, Api, Request};
 use crate::wire::{self, Packet, Version, WireError};
@@ -53,6 +54,10 @@ pub struct Broker {
     pub service: Arc<Service>,
     pub faults: Arc<Faults>,
     pub require_alpn: bool,
+    /// Keep-alive values below this are raised to it (AWS: 30 s).
+    pub min_keep_alive: u16,
+    /// Refuse TLS clients that sent no SNI, as AWS does.
+    pub require_sni: bool,
     acceptor: TlsAcceptor,
     peers: RwLock<HashMap<u64, Peer>>,
     sessions: Mutex<HashMap<String, u64>>,
@@ -65,11 +70,15 @@ impl Broker {
         faults: Arc<Faults>,
         tls: Arc<rustls::ServerConfig>,
         require_alpn: bool,
+        min_keep_alive: u16,
+        require_sni: bool,
     ) -> Broker {
         Broker {
             service,
             faults,
             require_alpn,
+            min_keep_alive,
+            require_sni,
             acceptor: TlsAcceptor::from(tls),
             peers: RwLock::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
@@ -116,19 +125,28 @@ impl Broker {
             log!("{addr}: refused: ALPN x-amzn-mqtt-ca required");
             return;
         }
-        let Some(cert_id) = session
+        // AWS IoT: "Connection attempts that don't include SNI are refused" (mqtt.html).
+        if self.require_sni && session.server_name().is_none() {
+            log!("{addr}: refused: no SNI");
+            return;
+        }
+        let Some(cert_der) = session
             .peer_certificates()
             .and_then(|c| c.first())
-            .map(|c| crate::pki::certificate_id(c))
+            .map(|c| c.as_ref().to_vec())
         else {
             return;
         };
+        let cert_id = crate::pki::certificate_id(&cert_der);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut conn = Conn {
             broker: self.clone(),
             id,
             addr,
             cert_id,
+            cert_der,
+            policies: Vec::new(),
+            ctx: Context::default(),
             client_id: String::new(),
             version: Version::V4,
             filters: Vec::new(),
@@ -192,6 +210,8 @@ enum End {
     TakenOver,
     Fault(&'static str),
     Refused(&'static str),
+    /// An IoT policy denied an action; AWS closes the connection.
+    Denied(String),
 }
 
 impl End {
@@ -212,6 +232,7 @@ impl std::fmt::Display for End {
             End::TakenOver => f.write_str("another connection took over the client id"),
             End::Fault(step) => write!(f, "fault injected at {step}"),
             End::Refused(why) => write!(f, "CONNECT refused: {why}"),
+            End::Denied(what) => write!(f, "not authorized: {what}"),
         }
     }
 }
@@ -221,6 +242,11 @@ struct Conn {
     id: u64,
     addr: SocketAddr,
     cert_id: String,
+    cert_der: Vec<u8>,
+    /// The policies attached to the certificate, read at CONNECT.
+    policies: Vec<Policy>,
+    /// What policy variables resolve to for this connection.
+    ctx: Context,
     client_id: String,
     version: Version,
     filters: Vec<(String, u8)>,
@@ -230,6 +256,26 @@ struct Conn {
 }
 
 impl Conn {
+    /// Evaluates a policy action for this connection; denials are logged as AWS logs an
+    /// AUTHORIZATION_FAILURE.
+    fn authorize(&self, action: PolicyAction, name: &str) -> bool {
+        let decision = policy::evaluate(&self.policies, &self.ctx, action, name);
+        if decision != Decision::Allowed {
+            log!(
+                "{} [{}]: {} {} denied ({})",
+                self.addr,
+                self.client_id,
+                action.name(),
+                self.ctx.resource(action, name),
+                match &decision {
+                    Decision::ExplicitDeny(p) => format!("explicit Deny in policy {p}"),
+                    _ => "no policy allows it".to_owned(),
+                }
+            );
+        }
+        decision.allowed()
+    }
+
     fn queue(&mut self, p: &Packet) {
         // Every packet the broker builds has an encoding in both versions.
         let _ = wire::write(self.version, p, &mut self.out);
@@ -338,10 +384,32 @@ impl Conn {
             .is_empty()
             .then(|| format!("emulator-{}", self.id));
         self.client_id = assigned.clone().unwrap_or(client_id);
+        self.policies = self.broker.service.policies_for(&self.cert_id);
+        self.ctx =
+            self.broker
+                .service
+                .policy_context(&self.cert_id, &self.client_id, &self.cert_der);
+        if !self.authorize(PolicyAction::Connect, &self.client_id.clone()) {
+            // MQTT 3.1.1: AWS closes the connection without a CONNACK (clients see "connection
+            // closed unexpectedly": aws-iot-device-sdk-js-v2#101). MQTT 5 [inferred]: CONNACK
+            // 0x87 Not authorized.
+            if version == Version::V5 {
+                self.queue(&Packet::ConnAck {
+                    code: 0x87,
+                    assigned_client_id: None,
+                    server_keep_alive: None,
+                });
+                let _ = self.flush(&mut w).await;
+            }
+            let _ = w.shutdown().await;
+            return End::Refused("iot:Connect not allowed by the certificate's policies");
+        }
+        // AWS IoT quotas: keep-alive at most 1200 s (0 means 1200), and a value below 30 s is
+        // treated as 30 (message broker limits; also in re:Post QU_ER8srIYQRaZNNH9od_Q1g).
         let keep_alive_eff = if keep_alive == 0 || keep_alive > topics::MAX_KEEP_ALIVE {
             topics::MAX_KEEP_ALIVE
         } else {
-            keep_alive
+            keep_alive.max(self.broker.min_keep_alive)
         };
         let (tx, mut rx) = mpsc::channel(QUEUE);
         // Register, taking the client id over from an earlier connection.
@@ -417,7 +485,9 @@ impl Conn {
                     Err(e) => return End::Io(e.to_string()),
                 },
                 out = rx.recv() => match out {
-                    Some(Out::Message { topic, payload, qos }) => self.deliver(topic, payload, qos),
+                    Some(Out::Message { topic, payload, qos }) => {
+                        self.deliver_if_allowed(topic, payload, qos)
+                    }
                     Some(Out::Reply { topic, payload }) => {
                         let granted = self
                             .filters
@@ -426,7 +496,7 @@ impl Conn {
                             .map(|(_, q)| *q)
                             .max();
                         if let Some(qos) = granted {
-                            self.deliver(topic, payload, qos);
+                            self.deliver_if_allowed(topic, payload, qos);
                         }
                     }
                     Some(Out::TakenOver) => return self.close(&mut w, 0x8E, End::TakenOver).await,
@@ -441,6 +511,14 @@ impl Conn {
                     return self.close(&mut w, 0x8D, End::KeepAlive).await;
                 }
             }
+        }
+    }
+
+    /// iot:Receive is checked on every delivery (policy-actions.html); a message the policy
+    /// does not let through is dropped silently.
+    fn deliver_if_allowed(&mut self, topic: String, payload: Bytes, qos: u8) {
+        if self.authorize(PolicyAction::Receive, &topic) {
+            self.deliver(topic, payload, qos);
         }
     }
 
@@ -496,6 +574,15 @@ impl Conn {
                         .close(w, 0x90, End::Limit(format!("invalid topic {topic:?}")))
                         .await);
                 }
+                if !self.authorize(PolicyAction::Publish, &topic) {
+                    // AWS disconnects a client whose PUBLISH its policies deny, at QoS 0 and 1
+                    // alike, without a PUBACK (aws-iot-device-sdk-python-v2#260: QoS 0 sees
+                    // AWS_ERROR_MQTT_UNEXPECTED_HANGUP, QoS 1 a reconnect loop as the message is
+                    // retried). MQTT 5 [inferred]: DISCONNECT 0x87 Not authorized.
+                    return Err(self
+                        .close(w, 0x87, End::Denied(format!("iot:Publish to {topic}")))
+                        .await);
+                }
                 match Request::parse(&topic) {
                     Some(request) => {
                         if self
@@ -536,6 +623,21 @@ impl Conn {
                 for (filter, qos) in filters {
                     if !topics::valid_filter(&filter) {
                         codes.push(Err(0x8F));
+                        continue;
+                    }
+                    if !self.authorize(PolicyAction::Subscribe, &filter) {
+                        // A denied filter fails in the SUBACK and the connection stays:
+                        // 0x80 in MQTT 3.1.1, 0x87 Not authorized in MQTT 5. (In 2017 AWS
+                        // closed the connection instead: aws-iot-device-sdk-js#125.)
+                        codes.push(Err(0x87));
+                        continue;
+                    }
+                    if !self.filters.iter().any(|(f, _)| *f == filter)
+                        && self.filters.len() >= topics::MAX_SUBSCRIPTIONS
+                    {
+                        // AWS IoT quota: 50 subscriptions per connection. [inferred] A filter
+                        // beyond it fails in the SUBACK (MQTT 5: 0x97 Quota exceeded).
+                        codes.push(Err(0x97));
                         continue;
                     }
                     // AWS IoT has no QoS 2: grant QoS 1.
@@ -627,7 +729,9 @@ impl Conn {
             let api = &request.api;
             let faults = &broker.faults;
             let reply = match faults.fire(Some(api), |a| matches!(a, Action::Reject(_))) {
-                Some(Action::Reject(status)) => Reply::for_status(status),
+                Some(Action::Reject(status)) => {
+                    broker.service.errors.apply(Reply::for_status(status))
+                }
                 _ => {
                     broker
                         .service

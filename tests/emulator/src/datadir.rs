@@ -25,6 +25,16 @@ pub struct DataPaths {
     pub claim_key: PathBuf,
     pub templates: PathBuf,
     pub registry: PathBuf,
+    /// The IoT policy of the claim certificate (written with AWS's documented claim policy on
+    /// first start; a policy document or the JSON `aws iot get-policy` prints).
+    pub claim_policy: PathBuf,
+    /// Thing types, thing groups and billing groups that exist (AWS: made beforehand with the
+    /// control plane); see [`crate::resources`].
+    pub resources: PathBuf,
+    /// Policies a template may attach by `PolicyName`: `policies/NAME.json`.
+    pub policies: PathBuf,
+    /// Changes to the rejections the emulator sends; see `errors.rs`.
+    pub errors: PathBuf,
 }
 
 impl DataPaths {
@@ -39,6 +49,10 @@ impl DataPaths {
             claim_key: dir.join("claim.key"),
             templates: dir.join("templates"),
             registry: dir.join("registry.sqlite3"),
+            claim_policy: dir.join("claim-policy.json"),
+            resources: dir.join("resources.json"),
+            policies: dir.join("policies"),
+            errors: dir.join("errors.json"),
         }
     }
 }
@@ -91,14 +105,19 @@ pub struct Prepared {
 }
 
 /// Creates what is missing in `dir` and opens the registry. Later starts reuse what is there.
-pub fn prepare(paths: &DataPaths) -> Result<Prepared, String> {
+pub fn prepare(
+    paths: &DataPaths,
+    ca_kind: pki::KeyKind,
+    region: &str,
+    account: &str,
+) -> Result<Prepared, String> {
     make_dir(&paths.dir).map_err(|e| err("cannot create the data directory", e))?;
     let ca = if paths.ca_cert.exists() && paths.ca_key.exists() {
         let cert = fs::read_to_string(&paths.ca_cert).map_err(|e| err("ca.pem", e))?;
         let key = fs::read_to_string(&paths.ca_key).map_err(|e| err("ca.key", e))?;
         Ca::from_pem(&cert, &key).map_err(|e| err("cannot load the CA", e))?
     } else {
-        let ca = Ca::generate().map_err(|e| err("cannot create the CA", e))?;
+        let ca = Ca::generate_with(ca_kind).map_err(|e| err("cannot create the CA", e))?;
         // The key first: a ca.pem is only ever present beside its key.
         write_atomic(&paths.ca_key, ca.key_pem().as_bytes(), 0o600)
             .map_err(|e| err("ca.key", e))?;
@@ -161,6 +180,16 @@ pub fn prepare(paths: &DataPaths) -> Result<Prepared, String> {
             write_atomic(&path, text.as_bytes(), 0o644).map_err(|e| err(name, e))?;
         }
     }
+    if !paths.claim_policy.exists() {
+        let text = crate::policy::default_claim_policy(region, account);
+        write_atomic(&paths.claim_policy, text.as_bytes(), 0o644)
+            .map_err(|e| err("claim-policy.json", e))?;
+    }
+    let text = fs::read_to_string(&paths.claim_policy).map_err(|e| err("claim-policy.json", e))?;
+    crate::policy::Policy::parse("claim", &text)
+        .map_err(|e| format!("claim-policy.json is not a valid IoT policy: {e}"))?;
+    make_dir(&paths.policies).map_err(|e| err("policies", e))?;
+    crate::resources::Resources::load(&paths.resources)?;
     Ok(Prepared {
         ca,
         server_cert_pem,

@@ -17,7 +17,10 @@ pub mod wire;
 mod broker;
 mod control;
 mod datadir;
+mod errors;
 mod hook;
+pub mod policy;
+mod resources;
 mod service;
 mod store;
 mod template;
@@ -69,10 +72,19 @@ pub struct Config {
     pub port: u16,
     /// Keys made by CreateKeysAndCertificate: RSA-2048 like AWS (default) or EC P-256 (fast).
     pub key_kind: KeyKind,
+    /// Key of a CA made on first start: RSA-2048 with sha256WithRSAEncryption signatures, as
+    /// AWS signs device certificates (default), or EC P-256 (fast). An existing CA is kept.
+    pub ca_key_kind: KeyKind,
     /// Lifetime of ownership tokens (AWS: one hour).
     pub token_ttl: Duration,
     /// Time a pre-provisioning hook has to answer (AWS: 5 s).
     pub hook_timeout: Duration,
+    /// Keep-alive values below this many seconds are raised to it, as AWS raises them to 30
+    /// (default 30; tests of idle timeouts set it lower).
+    pub min_keep_alive: u16,
+    /// Refuse TLS clients that send no SNI, as AWS does (default false: clients that connect
+    /// to an IP address, 127.0.0.1 included, send none).
+    pub require_sni: bool,
     /// Refuse connections that did not negotiate ALPN `x-amzn-mqtt-ca` (as AWS on port 443).
     pub require_alpn: bool,
     /// Offer TLS 1.2 only (AWS IoT with a TLS 1.2-only security policy); default 1.3 and 1.2.
@@ -84,6 +96,13 @@ pub struct Config {
     /// Delete certificates whose ownership token expired on a timer (default true); without
     /// it only the control interface's `sweep` does.
     pub auto_sweep: bool,
+    /// Region in the ARNs policies are evaluated against (default us-east-1).
+    pub region: String,
+    /// Account id in those ARNs (default 123456789012, the one AWS's examples use).
+    pub account_id: String,
+    /// Local commands standing for Lambda pre-provisioning hooks: (targetArn, program and
+    /// arguments), for templates as `aws iot describe-provisioning-template` prints them.
+    pub hook_commands: Vec<(String, Vec<String>)>,
 }
 
 impl Config {
@@ -94,13 +113,19 @@ impl Config {
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             port: 0,
             key_kind: KeyKind::Rsa2048,
+            ca_key_kind: KeyKind::Rsa2048,
             token_ttl: Duration::from_secs(3600),
             hook_timeout: Duration::from_secs(5),
             require_alpn: false,
+            min_keep_alive: 30,
+            require_sni: false,
             tls12_only: false,
             faults: Vec::new(),
             control_port: None,
             auto_sweep: true,
+            region: "us-east-1".into(),
+            account_id: "123456789012".into(),
+            hook_commands: Vec::new(),
         }
     }
 }
@@ -129,7 +154,12 @@ impl Emulator {
     /// Prepares the data directory and starts listening; returns once connections are accepted.
     pub fn start(config: Config) -> Result<Emulator, String> {
         let paths = DataPaths::new(&config.data_dir);
-        let prepared = datadir::prepare(&paths)?;
+        let prepared = datadir::prepare(
+            &paths,
+            config.ca_key_kind,
+            &config.region,
+            &config.account_id,
+        )?;
         let store = Arc::new(prepared.store);
         let tls = tls::server_config(
             &prepared.server_cert_pem,
@@ -144,11 +174,18 @@ impl Emulator {
         let service = Arc::new(service::Service {
             ca: Arc::new(prepared.ca),
             store: store.clone(),
+            errors: errors::ErrorTable::load(&paths.errors)?,
             config: service::ServiceConfig {
                 key_kind: config.key_kind,
                 token_ttl: config.token_ttl,
                 hook_timeout: config.hook_timeout,
                 templates_dir: paths.templates.clone(),
+                claim_policy: paths.claim_policy.clone(),
+                resources: paths.resources.clone(),
+                policies_dir: paths.policies.clone(),
+                region: config.region.clone(),
+                account_id: config.account_id.clone(),
+                hook_commands: config.hook_commands.clone(),
             },
         });
         let broker = Arc::new(broker::Broker::new(
@@ -156,6 +193,8 @@ impl Emulator {
             faults.clone(),
             tls,
             config.require_alpn,
+            config.min_keep_alive,
+            config.require_sni,
         ));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

@@ -18,15 +18,23 @@ USAGE:
     fleetprov-emulator ctl --control HOST:PORT COMMAND...
 
 SERVE OPTIONS:
-    --data-dir DIR        state: CA, server and claim credentials, templates/, registry (created on first start)
+    --data-dir DIR        state: CA, server and claim credentials, claim-policy.json, templates/, registry (created on first start)
     --port N              MQTT over TLS port (default 8883; 0 picks a free port)
     --bind ADDR           address to listen on (default 127.0.0.1)
     --key-type rsa|ec     keys made by CreateKeysAndCertificate: RSA-2048 PKCS#1 like AWS (default) or EC P-256
+    --ca-key-type rsa|ec  key of the CA made on first start: RSA-2048, sha256WithRSAEncryption like AWS (default) or EC P-256
     --token-ttl SECS      ownership token lifetime in seconds, fractions allowed (default 3600)
     --hook-timeout SECS   time a pre-provisioning hook has to answer (default 5)
+    --require-sni         refuse TLS clients that send no SNI, as AWS does (connect to a name, not an IP)
+    --min-keep-alive SECS keep-alive values below SECS are raised to it (default 30, as AWS does)
     --require-alpn        refuse clients that do not negotiate ALPN x-amzn-mqtt-ca (as AWS on port 443)
     --tls12-only          offer TLS 1.2 only (as AWS with a TLS 1.2-only security policy)
     --fault RULE          fault rule in force from the start, repeatable (see README: Fault injection)
+    --region NAME         region in the ARNs IoT policies are evaluated against (default us-east-1)
+    --account-id ID       account id in those ARNs (default 123456789012)
+    --hook-command ARN=COMMAND
+                          run COMMAND (split at spaces) for the Lambda pre-provisioning hook ARN of a
+                          template in describe-provisioning-template form; repeatable
     --control-port N      serve the line-based control interface on this port (0: a free port)
     --verbose             log connections and requests on stderr (never keys or tokens)
 
@@ -104,9 +112,27 @@ fn run(args: Vec<String>) -> Result<ExitCode, String> {
                     other => return Err(format!("--key-type: expected rsa or ec, got {other:?}")),
                 }
             }
+            "--ca-key-type" => {
+                config.ca_key_kind = match value(rest, &mut i, arg)? {
+                    "rsa" => KeyKind::Rsa2048,
+                    "ec" => KeyKind::EcP256,
+                    other => {
+                        return Err(format!("--ca-key-type: expected rsa or ec, got {other:?}"))
+                    }
+                }
+            }
             "--token-ttl" => config.token_ttl = seconds(value(rest, &mut i, arg)?, arg)?,
             "--hook-timeout" => config.hook_timeout = seconds(value(rest, &mut i, arg)?, arg)?,
             "--require-alpn" => config.require_alpn = true,
+            "--require-sni" => config.require_sni = true,
+            "--min-keep-alive" => {
+                let v = value(rest, &mut i, arg)?;
+                config.min_keep_alive = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=1200).contains(n))
+                    .ok_or_else(|| format!("--min-keep-alive: expected 1 to 1200, got {v:?}"))?;
+            }
             "--tls12-only" => config.tls12_only = true,
             "--fault" => config
                 .faults
@@ -118,6 +144,19 @@ fn run(args: Vec<String>) -> Result<ExitCode, String> {
                         .map_err(|_| format!("--control-port: bad port {v:?}"))?,
                 );
             }
+            "--hook-command" => {
+                let v = value(rest, &mut i, arg)?;
+                let (arn, command) = v
+                    .split_once('=')
+                    .filter(|(a, c)| !a.is_empty() && !c.trim().is_empty())
+                    .ok_or_else(|| format!("--hook-command: expected ARN=COMMAND, got {v:?}"))?;
+                config.hook_commands.push((
+                    arn.to_owned(),
+                    command.split_whitespace().map(str::to_owned).collect(),
+                ));
+            }
+            "--region" => config.region = value(rest, &mut i, arg)?.to_owned(),
+            "--account-id" => config.account_id = value(rest, &mut i, arg)?.to_owned(),
             "--control" => control = Some(value(rest, &mut i, arg)?.to_owned()),
             "--verbose" | "-v" => fleetprov_emulator::set_verbose(true),
             _ if command == "ctl" && !arg.starts_with("--") => words.push(arg.to_owned()),

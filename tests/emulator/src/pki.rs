@@ -152,6 +152,10 @@ impl Ca {
     pub fn generate() -> Result<Ca, PkiError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(|e| pki_err("could not generate the CA key", e))?;
+        Ca::self_signed(key)
+    }
+
+    fn self_signed(key: KeyPair) -> Result<Ca, PkiError> {
         let now = OffsetDateTime::now_utc();
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -172,6 +176,26 @@ impl Ca {
             .self_signed(&key)
             .map_err(|e| pki_err("could not self-sign the CA certificate", e))?;
         Ca::from_der_and_key(cert.der(), key)
+    }
+
+    /// New self-signed root CA with the key `kind`: RSA-2048, signing with
+    /// sha256WithRSAEncryption as the CA behind AWS IoT's certificates does (default), or
+    /// ECDSA P-256 ([`Ca::generate`], much faster to make).
+    pub fn generate_with(kind: KeyKind) -> Result<Ca, PkiError> {
+        match kind {
+            KeyKind::EcP256 => Ca::generate(),
+            KeyKind::Rsa2048 => {
+                use rsa::pkcs8::{EncodePrivateKey, LineEnding};
+                let rsa = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048)
+                    .map_err(|e| pki_err("could not generate the CA key", e))?;
+                let pem = rsa
+                    .to_pkcs8_pem(LineEnding::LF)
+                    .map_err(|e| pki_err("could not encode the CA key", e))?;
+                let key = KeyPair::from_pkcs8_pem_and_sign_algo(&pem, &rcgen::PKCS_RSA_SHA256)
+                    .map_err(|e| pki_err("could not load the CA key", e))?;
+                Ca::self_signed(key)
+            }
+        }
     }
 
     /// Loads a CA from its certificate PEM (the first CERTIFICATE block is used) and its
@@ -262,8 +286,10 @@ impl Ca {
     pub fn issue_from_csr(&self, csr_pem: &str) -> Result<Issued, CsrError> {
         let der = csr_der_from_pem(csr_pem)?;
         let spki = verify_csr(&der)?;
-        self.issue_device_cert(&spki)
-            .map_err(|e| CsrError(format!("could not issue a certificate for the CSR: {e}")))
+        self.issue_device_cert(&spki).map_err(|e| {
+            crate::log!("could not issue a certificate for a CSR: {e}");
+            CsrError("could not issue a certificate for the CSR".into())
+        })
     }
 
     /// CreateKeysAndCertificate: generates a key (RSA 2048 as PKCS#1 PEM like AWS, or P-256

@@ -8,10 +8,13 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::errors::ErrorTable;
 use crate::hook::{self, Verdict};
 use crate::pki::{Ca, KeyKind};
+use crate::policy::{ConnThing, Context, Policy};
+use crate::resources::Resources;
 use crate::store::{RegisterError, Store};
-use crate::template::{self, TemplateFile};
+use crate::template::{self, PolicySpec, TemplateFile, TemplateOutcome};
 use crate::topics::{valid_template_name, Api, Format};
 
 /// The answer to a request.
@@ -20,16 +23,16 @@ pub enum Reply {
     Accepted(Value),
     Rejected {
         status: u16,
-        code: &'static str,
+        code: String,
         message: String,
     },
 }
 
 impl Reply {
-    pub fn rejected(status: u16, code: &'static str, message: impl Into<String>) -> Reply {
+    pub fn rejected(status: u16, code: &str, message: impl Into<String>) -> Reply {
         Reply::Rejected {
             status,
-            code,
+            code: code.to_owned(),
             message: message.into(),
         }
     }
@@ -80,13 +83,19 @@ pub fn encode(format: Format, value: &Value) -> Vec<u8> {
 /// Decodes a request payload. The whole payload must be one JSON or CBOR item.
 pub fn decode(format: Format, payload: &[u8]) -> Result<Value, String> {
     match format {
-        Format::Json => serde_json::from_slice(payload).map_err(|e| format!("invalid JSON: {e}")),
+        Format::Json => serde_json::from_slice(payload).map_err(|e| {
+            format!(
+                "The payload is not valid JSON (line {}, column {}).",
+                e.line(),
+                e.column()
+            )
+        }),
         Format::Cbor => {
             let mut rest = payload;
-            let v: Value =
-                ciborium::de::from_reader(&mut rest).map_err(|e| format!("invalid CBOR: {e}"))?;
+            let v: Value = ciborium::de::from_reader(&mut rest)
+                .map_err(|_| "The payload is not valid CBOR.")?;
             if !rest.is_empty() {
-                return Err("invalid CBOR: trailing bytes".into());
+                return Err("The payload is not valid CBOR: bytes after the first item.".into());
             }
             Ok(v)
         }
@@ -100,6 +109,13 @@ pub struct ServiceConfig {
     pub token_ttl: Duration,
     pub hook_timeout: Duration,
     pub templates_dir: PathBuf,
+    pub claim_policy: PathBuf,
+    pub resources: PathBuf,
+    pub policies_dir: PathBuf,
+    pub region: String,
+    pub account_id: String,
+    /// `--hook-command ARN=COMMAND`: the local command that stands for a Lambda hook.
+    pub hook_commands: Vec<(String, Vec<String>)>,
 }
 
 /// Who sent a request.
@@ -115,6 +131,8 @@ pub struct Service {
     pub ca: Arc<Ca>,
     pub store: Arc<Store>,
     pub config: ServiceConfig,
+    /// `errors.json`: what the user changed of the rejections.
+    pub errors: ErrorTable,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -125,17 +143,46 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Random bytes in a token: 345 bytes are 460 base64 characters.
+const TOKEN_BYTES: usize = 345;
+
+/// A new ownership token. AWS documents tokens as opaque strings; AWS's own fleet provisioning
+/// demos hold them in 512-byte buffers (aws-iot-device-sdk-embedded-C,
+/// `OWNERSHIP_TOKEN_BUFFER_LENGTH`), the FreeRTOS one in 1024. [inferred] Length and alphabet:
+/// 460 characters of the base64 alphabet (`A-Z a-z 0-9 + /`), several hundred as real ones
+/// are, so that firmware which sizes its buffer by a short test token fails here first.
 fn new_token() -> Result<String, Reply> {
     use ring::rand::SecureRandom;
-    let mut raw = [0u8; 48];
+    let mut raw = [0u8; TOKEN_BYTES];
     ring::rand::SystemRandom::new()
         .fill(&mut raw)
         .map_err(|_| Reply::for_status(500))?;
-    Ok(raw.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(base64(&raw))
 }
 
+/// Standard base64 without padding (the input length is a multiple of 3 here).
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..=chunk.len() {
+            out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+        }
+    }
+    out
+}
+
+/// A failure inside the emulator: logged with its cause, answered without it (no SQLite or
+/// Rust text reaches the device).
 fn internal(e: impl std::fmt::Display) -> Reply {
-    Reply::rejected(500, "InternalError", format!("Internal error: {e}"))
+    crate::log!("internal error: {e}");
+    Reply::rejected(500, "InternalError", "Internal error")
 }
 
 fn invalid_payload(message: impl Into<String>) -> Reply {
@@ -158,7 +205,7 @@ impl Service {
                 self.register(template, format, payload, caller).await
             }
         };
-        result.unwrap_or_else(|r| r)
+        self.errors.apply(result.unwrap_or_else(|r| r))
     }
 
     async fn create_keys(&self, format: Format, payload: &[u8]) -> Result<Reply, Reply> {
@@ -254,6 +301,27 @@ impl Service {
                 format!("The provisioning template {name} is invalid: {e}"),
             )
         })?;
+        let mut file = file;
+        if let Some(hook) = &mut file.hook {
+            if let Some(arn) = &hook.target_arn {
+                hook.command = self
+                    .config
+                    .hook_commands
+                    .iter()
+                    .find(|(a, _)| a == arn)
+                    .map(|(_, c)| c.clone())
+                    .ok_or_else(|| {
+                        Reply::rejected(
+                            400,
+                            "InvalidTemplate",
+                            format!(
+                                "The provisioning template {name} has a pre-provisioning hook \
+                                 {arn} that the emulator has no --hook-command for."
+                            ),
+                        )
+                    })?;
+            }
+        }
         if !file.enabled {
             return Err(Reply::rejected(
                 404,
@@ -262,6 +330,146 @@ impl Service {
             ));
         }
         Ok(file)
+    }
+
+    /// Refuses an outcome that names a thing type, thing group, billing group or policy that
+    /// does not exist, as AWS does; a policy named by `PolicyName` gets its document.
+    /// [inferred] The status, code and messages: 404 ResourceNotFound, as the control plane's
+    /// ResourceNotFoundException; the fleet provisioning service's own text is not public.
+    fn check_resources(&self, outcome: &mut TemplateOutcome) -> Result<(), Reply> {
+        let missing = |what: &str, name: &str| {
+            Reply::rejected(
+                404,
+                "ResourceNotFound",
+                format!("The {what} {name} does not exist."),
+            )
+        };
+        let resources = Resources::load(&self.config.resources).map_err(internal)?;
+        if let Some(thing) = &outcome.thing {
+            // AWS IoT quotas: 3 attributes for a thing without a thing type, 50 with one; a
+            // thing in at most 10 thing groups. [inferred] The rejection's status, code, text.
+            let max_attributes = if thing.thing_type.is_some() { 50 } else { 3 };
+            if thing.attributes.len() > max_attributes {
+                return Err(Reply::rejected(
+                    400,
+                    "InvalidRequest",
+                    format!(
+                        "A thing {} can have at most {max_attributes} attributes; the template gives {}.",
+                        if thing.thing_type.is_some() { "with a thing type" } else { "without a thing type" },
+                        thing.attributes.len()
+                    ),
+                ));
+            }
+            if thing.groups.len() > 10 {
+                return Err(Reply::rejected(
+                    400,
+                    "InvalidRequest",
+                    format!(
+                        "A thing can be in at most 10 thing groups; the template gives {}.",
+                        thing.groups.len()
+                    ),
+                ));
+            }
+            if let Some(t) = &thing.thing_type {
+                if !resources.thing_types.contains(t) {
+                    return Err(missing("thing type", t));
+                }
+            }
+            for g in &thing.groups {
+                if !resources.thing_groups.contains(g) {
+                    return Err(missing("thing group", g));
+                }
+            }
+            if let Some(b) = &thing.billing_group {
+                if !resources.billing_groups.contains(b) {
+                    return Err(missing("billing group", b));
+                }
+            }
+        }
+        for policy in &mut outcome.policies {
+            if let PolicySpec::Named(name) = policy {
+                let document = crate::resources::load_policy(&self.config.policies_dir, name)
+                    .map_err(internal)?
+                    .ok_or_else(|| missing("policy", name))?;
+                *policy = PolicySpec::Document {
+                    name: name.clone(),
+                    document,
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// The policies attached to a certificate: the claim policy file for the claim
+    /// certificate, the registry's for the others. A document that does not parse (a policy
+    /// edited by hand) allows nothing; the reason is logged.
+    pub fn policies_for(&self, certificate_id: &str) -> Vec<Policy> {
+        let claim = matches!(
+            self.store.certificate_origin(certificate_id),
+            Ok(Some(ref origin)) if origin == "claim"
+        );
+        if claim {
+            let parsed = std::fs::read_to_string(&self.config.claim_policy)
+                .map_err(|e| e.to_string())
+                .and_then(|text| Policy::parse("claim", &text));
+            return match parsed {
+                Ok(p) => vec![p],
+                Err(e) => {
+                    crate::log!("claim-policy.json unusable, allowing nothing: {e}");
+                    vec![Policy::empty("claim")]
+                }
+            };
+        }
+        match self.store.attached_policies(certificate_id) {
+            Ok(rows) => rows
+                .into_iter()
+                .map(|(name, doc)| {
+                    Policy::parse(&name, &doc).unwrap_or_else(|e| {
+                        crate::log!("policy {name} unusable, allowing nothing: {e}");
+                        Policy::empty(&name)
+                    })
+                })
+                .collect(),
+            Err(e) => {
+                crate::log!("cannot read the policies of {certificate_id}: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    /// What policy variables resolve to for a connection of `certificate_id` as `client_id`.
+    pub fn policy_context(
+        &self,
+        certificate_id: &str,
+        client_id: &str,
+        cert_der: &[u8],
+    ) -> Context {
+        let thing = self
+            .store
+            .attached_thing(certificate_id, client_id)
+            .ok()
+            .flatten()
+            .map(|(thing_type, attributes)| ConnThing {
+                name: client_id.to_owned(),
+                thing_type,
+                attributes,
+            });
+        let (subject, issuer) = match x509_parser::parse_x509_certificate(cert_der) {
+            Ok((_, cert)) => (
+                crate::policy::name_fields(cert.subject()),
+                crate::policy::name_fields(cert.issuer()),
+            ),
+            Err(_) => Default::default(),
+        };
+        Context {
+            region: self.config.region.clone(),
+            account: self.config.account_id.clone(),
+            client_id: client_id.to_owned(),
+            certificate_id: certificate_id.to_owned(),
+            thing,
+            subject,
+            issuer,
+        }
     }
 
     async fn register(
@@ -321,7 +529,10 @@ impl Service {
                 "claimCertificateId": caller.certificate_id,
                 "certificateId": cert_id,
                 "certificatePem": cert_pem,
-                "templateArn": format!("arn:aws:iot:us-east-1:123456789012:provisioningtemplate/{name}"),
+                "templateArn": format!(
+                    "arn:aws:iot:{}:{}:provisioningtemplate/{name}",
+                    self.config.region, self.config.account_id
+                ),
                 "clientId": caller.client_id,
                 "parameters": params,
             });
@@ -336,12 +547,9 @@ impl Service {
                 }
             }
         }
-        let outcome =
-            template::evaluate(&file.body, &params, &cert_id).map_err(|e| Reply::Rejected {
-                status: e.status,
-                code: e.code,
-                message: e.message,
-            })?;
+        let mut outcome = template::evaluate(&file.body, &params, &cert_id)
+            .map_err(|e| Reply::rejected(e.status, e.code, e.message))?;
+        self.check_resources(&mut outcome)?;
         match self.store.register(&token, &cert_id, &outcome, now_ms()) {
             Ok(()) => {}
             Err(RegisterError::BadToken) => return Err(bad_token()),
@@ -389,6 +597,20 @@ mod tests {
                 "{fmt:?} {bytes:?}"
             );
         }
+    }
+
+    #[test]
+    fn tokens_are_460_base64_characters() {
+        assert_eq!(base64(b"Man"), "TWFu");
+        assert_eq!(base64(b"Ma"), "TWE");
+        assert_eq!(base64(&[0xfb, 0xff, 0xbf]), "+/+/");
+        let a = new_token().unwrap();
+        let b = new_token().unwrap();
+        assert_eq!(a.len(), 460);
+        assert_ne!(a, b);
+        assert!(a
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/'));
     }
 
     #[test]

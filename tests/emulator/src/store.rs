@@ -34,6 +34,9 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
+/// A thing attached to a certificate: its type and attributes.
+pub type AttachedThing = (Option<String>, std::collections::BTreeMap<String, String>);
+
 /// Why a RegisterThing could not be committed.
 #[derive(Debug, PartialEq, Eq)]
 pub enum RegisterError {
@@ -185,6 +188,57 @@ impl Store {
             .optional()?)
     }
 
+    /// Where a certificate came from: `claim` for the claim certificate, else the API that
+    /// made it.
+    pub fn certificate_origin(&self, id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .lock()
+            .query_row("SELECT origin FROM certificates WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    /// The policies attached to a certificate: `(name, document)`, by name.
+    pub fn attached_policies(&self, id: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(
+            "SELECT p.name, p.document FROM policy_principals pp JOIN policies p ON p.name = pp.policy
+             WHERE pp.certificate_id = ?1 ORDER BY p.name",
+        )?;
+        let rows = stmt
+            .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// The thing `name` if the certificate `id` is attached to it: `(thing type, attributes)`.
+    pub fn attached_thing(
+        &self,
+        id: &str,
+        name: &str,
+    ) -> Result<Option<AttachedThing>, StoreError> {
+        let row: Option<(Option<String>, String)> = self
+            .lock()
+            .query_row(
+                "SELECT t.thing_type, t.attributes FROM things t
+                 JOIN thing_principals tp ON tp.thing = t.name
+                 WHERE t.name = ?1 AND tp.certificate_id = ?2",
+                params![name, id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(row.map(|(ttype, attrs)| {
+            let attrs: serde_json::Map<String, Value> =
+                serde_json::from_str(&attrs).unwrap_or_default();
+            let attrs = attrs
+                .into_iter()
+                .filter_map(|(k, v)| v.as_str().map(|s| (k, s.to_owned())))
+                .collect();
+            (ttype, attrs)
+        }))
+    }
+
     /// The certificate a still-valid token is bound to: `(id, pem)`.
     pub fn token_certificate(
         &self,
@@ -307,8 +361,10 @@ impl Store {
                 PolicySpec::Named(name) => (name.as_str(), "{}"),
                 PolicySpec::Document { name, document } => (name.as_str(), document.as_str()),
             };
+            // A named policy's document is the one in policies/NAME.json now.
             tx.execute(
-                "INSERT OR IGNORE INTO policies (name, document) VALUES (?1, ?2)",
+                "INSERT INTO policies (name, document) VALUES (?1, ?2)
+                 ON CONFLICT(name) DO UPDATE SET document = excluded.document",
                 params![name, document],
             )?;
             tx.execute(

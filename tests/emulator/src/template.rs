@@ -7,10 +7,21 @@
 //! * `Parameters`: `{Name: {"Type": "String", "Default"?: string}}`. Only
 //!   `String` parameters exist. A parameter is resolved only when the template
 //!   uses it; request parameters that are not declared are ignored.
-//! * Pseudo parameters, which always win over declared or supplied values:
-//!   `AWS::IoT::Certificate::Id` (the certificate being registered), and the
-//!   fixed emulator values `AWS::Region` = `us-east-1` and
-//!   `AWS::AccountId` = `123456789012`.
+//! * Pseudo parameter `AWS::IoT::Certificate::Id` (the certificate being
+//!   registered), which always wins over declared or supplied values.
+//!   `AWS::Region` and `AWS::AccountId` are not provided: AWS answers
+//!   `400 InvalidParameters "Cannot resolve reference value: AWS::Region"` to
+//!   a template that uses them without declaring them (a real exchange); a
+//!   template that declares them gets the supplied value or the default.
+//! * Checked as AWS checks a template when it is created: the body is at
+//!   most 10,240 characters (CreateProvisioningTemplate's limit), and the
+//!   CloudFormation constructs fleet provisioning templates do not have are
+//!   refused instead of silently ignored: sections `Conditions`, `Outputs`,
+//!   `Transform`, `Rules`; resource keys `Condition`, `DependsOn`,
+//!   `DeletionPolicy`, `UpdatePolicy`, `UpdateReplacePolicy`,
+//!   `CreationPolicy` [inferred: AWS documents only Parameters, Mappings,
+//!   Resources and DeviceConfiguration; other keys such as `Description` are
+//!   still accepted and ignored].
 //! * `Mappings`: `{Map: {TopKey: {SecondKey: string | [string]}}}`, read with
 //!   `Fn::FindInMap`; no intrinsic functions inside.
 //! * Intrinsic functions: `Ref`, `Fn::Join`, `Fn::Select`, `Fn::Split`,
@@ -42,10 +53,19 @@ const MAX_DEPTH: usize = 32;
 const MAX_POLICY_DOCUMENT_DEPTH: usize = 64;
 
 const CERTIFICATE_ID_PARAMETER: &str = "AWS::IoT::Certificate::Id";
-const REGION_PARAMETER: &str = "AWS::Region";
-const ACCOUNT_ID_PARAMETER: &str = "AWS::AccountId";
-const EMULATOR_REGION: &str = "us-east-1";
-const EMULATOR_ACCOUNT_ID: &str = "123456789012";
+/// CreateProvisioningTemplate: templateBody, length 0-10240 (API reference).
+pub const MAX_BODY_CHARS: usize = 10_240;
+/// CloudFormation sections a fleet provisioning template does not have.
+const UNSUPPORTED_SECTIONS: [&str; 4] = ["Conditions", "Outputs", "Transform", "Rules"];
+/// CloudFormation resource keys a fleet provisioning template does not have.
+const UNSUPPORTED_RESOURCE_KEYS: [&str; 6] = [
+    "Condition",
+    "DependsOn",
+    "DeletionPolicy",
+    "UpdatePolicy",
+    "UpdateReplacePolicy",
+    "CreationPolicy",
+];
 
 const INVALID_PARAMETERS: &str = "InvalidParameters";
 const INVALID_REQUEST: &str = "InvalidRequest";
@@ -165,7 +185,8 @@ pub enum CertStatus {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PolicySpec {
-    /// `PolicyName`: attach an existing (or, in the emulator, auto-created) policy by name.
+    /// `PolicyName`: attach an existing policy by name (`policies/NAME.json`; RegisterThing
+    /// fails when there is none).
     Named(String),
     /// `PolicyDocument`: an inline policy; `name` is the lowercase hex SHA-256 of the document text as AWS names such policies.
     Document { name: String, document: String },
@@ -192,7 +213,11 @@ pub struct TemplateFile {
 /// A pre-provisioning hook: a local program run instead of AWS's Lambda.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HookSpec {
+    /// The program and its arguments; empty for a `targetArn` hook until the emulator's
+    /// `--hook-command ARN=COMMAND` maps it.
     pub command: Vec<String>,
+    /// The Lambda function's ARN, as `describe-provisioning-template` prints it.
+    pub target_arn: Option<String>,
 }
 
 /// Parse a template file. Two accepted shapes:
@@ -210,8 +235,13 @@ pub struct HookSpec {
 /// `Parameters`, `Mappings`, `Resources` (types, property names,
 /// `OverrideSettings`) and `DeviceConfiguration`.
 pub fn parse_template_file(text: &str) -> Result<TemplateFile, String> {
-    let value: Value =
-        serde_json::from_str(text).map_err(|e| format!("template file is not valid JSON: {e}"))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        format!(
+            "template file is not valid JSON (line {}, column {})",
+            e.line(),
+            e.column()
+        )
+    })?;
     let Value::Object(mut top) = value else {
         return Err(format!(
             "template file must be a JSON object, found {}",
@@ -224,8 +254,13 @@ pub fn parse_template_file(text: &str) -> Result<TemplateFile, String> {
             let body = match raw_body {
                 Value::Object(map) => Value::Object(map),
                 Value::String(inner) => {
-                    let parsed: Value = serde_json::from_str(&inner)
-                        .map_err(|e| format!("templateBody is not valid JSON: {e}"))?;
+                    let parsed: Value = serde_json::from_str(&inner).map_err(|e| {
+                        format!(
+                            "templateBody is not valid JSON (line {}, column {})",
+                            e.line(),
+                            e.column()
+                        )
+                    })?;
                     if !parsed.is_object() {
                         return Err(format!(
                             "templateBody must contain a JSON object, found {}",
@@ -259,6 +294,16 @@ pub fn parse_template_file(text: &str) -> Result<TemplateFile, String> {
         }
     };
     validate_body(&body).map_err(|e| format!("invalid template body: {}", e.message))?;
+    // As AWS measures templateBody: the JSON text, here without insignificant whitespace.
+    // (Serializing is safe: a parsed value nests at most 128 deep.)
+    let length = serde_json::to_string(&body)
+        .map(|t| t.chars().count())
+        .unwrap_or(0);
+    if length > MAX_BODY_CHARS {
+        return Err(format!(
+            "invalid template body: {length} characters, more than the {MAX_BODY_CHARS} AWS accepts"
+        ));
+    }
     Ok(TemplateFile {
         body,
         enabled,
@@ -271,9 +316,23 @@ fn parse_hook(hook: &Value) -> Result<HookSpec, String> {
     let Value::Object(hook) = hook else {
         return Err(format!("{SHAPE}, found {}", kind_of(hook)));
     };
+    if let (None, Some(arn)) = (hook.get("command"), hook.get("targetArn")) {
+        // As `aws iot describe-provisioning-template` prints it ({targetArn, payloadVersion}):
+        // the emulator runs the local command `--hook-command` maps the ARN to.
+        let Value::String(arn) = arn else {
+            return Err(format!(
+                "preProvisioningHook.targetArn must be a string, found {}",
+                kind_of(arn)
+            ));
+        };
+        return Ok(HookSpec {
+            command: Vec::new(),
+            target_arn: Some(arn.clone()),
+        });
+    }
     let Some(Value::Array(items)) = hook.get("command") else {
         return Err(format!(
-            "{SHAPE}: command is missing or not an array (a targetArn hook is not supported)"
+            "{SHAPE} or {{\"targetArn\": \"arn:…\"}}: command is missing or not an array"
         ));
     };
     let mut command = Vec::with_capacity(items.len());
@@ -293,13 +352,31 @@ fn parse_hook(hook: &Value) -> Result<HookSpec, String> {
         Some(program) if program.is_empty() => Err(format!(
             "{SHAPE}: the program (first item) must not be empty"
         )),
-        Some(_) => Ok(HookSpec { command }),
+        Some(_) => Ok(HookSpec {
+            command,
+            target_arn: None,
+        }),
     }
 }
 
 /// Checks everything about a body that does not need parameter values.
-fn validate_body(body: &Value) -> Result<(), TemplateError> {
+/// The body as an object, with none of the CloudFormation sections it does not have.
+fn checked_body(body: &Value) -> Result<&Map<String, Value>, TemplateError> {
     let body = body_object(body)?;
+    if let Some(unknown) = body
+        .keys()
+        .find(|k| UNSUPPORTED_SECTIONS.contains(&k.as_str()))
+    {
+        return Err(TemplateError::invalid_request(format!(
+            "section '{unknown}' is not supported in a provisioning template (it has \
+             Parameters, Mappings, Resources and DeviceConfiguration)"
+        )));
+    }
+    Ok(body)
+}
+
+fn validate_body(body: &Value) -> Result<(), TemplateError> {
+    let body = checked_body(body)?;
     parse_parameters(body)?;
     parse_mappings(body)?;
     parse_resources(body)?;
@@ -352,7 +429,7 @@ pub fn evaluate(
     params: &BTreeMap<String, String>,
     certificate_id: &str,
 ) -> Result<TemplateOutcome, TemplateError> {
-    let body = body_object(body)?;
+    let body = checked_body(body)?;
     let declared = parse_parameters(body)?;
     let mappings = parse_mappings(body)?;
     let resources = parse_resources(body)?;
@@ -551,6 +628,15 @@ fn parse_resources(body: &Map<String, Value>) -> Result<Vec<Resource<'_>>, Templ
                 kind_of(declaration)
             )));
         };
+        if let Some(unknown) = declaration
+            .keys()
+            .find(|k| UNSUPPORTED_RESOURCE_KEYS.contains(&k.as_str()))
+        {
+            return Err(err(format!(
+                "'{unknown}' is not supported in a provisioning template (a resource has \
+                 Type, Properties and OverrideSettings)"
+            )));
+        }
         let resource_type = match declaration.get("Type") {
             Some(Value::String(t)) => t.as_str(),
             None => return Err(err("Type is required".to_owned())),
@@ -1196,11 +1282,8 @@ impl Evaluator<'_> {
 
     /// The value of a parameter or pseudo parameter.
     fn resolve(&self, name: &str) -> Result<String, TemplateError> {
-        match name {
-            CERTIFICATE_ID_PARAMETER => return Ok(self.certificate_id.to_owned()),
-            REGION_PARAMETER => return Ok(EMULATOR_REGION.to_owned()),
-            ACCOUNT_ID_PARAMETER => return Ok(EMULATOR_ACCOUNT_ID.to_owned()),
-            _ => {}
+        if name == CERTIFICATE_ID_PARAMETER {
+            return Ok(self.certificate_id.to_owned());
         }
         match self.declared.get(name) {
             Some(default) => self
@@ -1404,9 +1487,9 @@ mod tests {
 
     #[test]
     fn intrinsic_functions() {
+        let cert_x = format!("{CERT}/x");
         let s1: &[(&str, &str)] = &[("Serial", "S1")];
         let none: &[(&str, &str)] = &[];
-        let cert_region_account = format!("{CERT}/us-east-1/123456789012");
         let rows: Vec<Row<&str>> = vec![
             // Ref
             ("ref supplied", json!({"Ref": "Serial"}), s1, Ok("S1")),
@@ -1437,17 +1520,13 @@ mod tests {
                 &[("AWS::IoT::Certificate::Id", "evil")],
                 Ok(CERT),
             ),
-            (
-                "ref region",
-                json!({"Ref": "AWS::Region"}),
-                none,
-                Ok("us-east-1"),
-            ),
+            // Not declared: AWS cannot resolve them (a real exchange).
+            ("ref region", json!({"Ref": "AWS::Region"}), none, Err(IP)),
             (
                 "ref account",
                 json!({"Ref": "AWS::AccountId"}),
                 none,
-                Ok("123456789012"),
+                Err(IP),
             ),
             (
                 "ref unknown pseudo",
@@ -1667,10 +1746,16 @@ mod tests {
                 Ok("id-S1"),
             ),
             (
-                "sub pseudo parameters",
-                json!({"Fn::Sub": "${AWS::IoT::Certificate::Id}/${AWS::Region}/${AWS::AccountId}"}),
+                "sub pseudo parameter",
+                json!({"Fn::Sub": "${AWS::IoT::Certificate::Id}/x"}),
                 none,
-                Ok(&cert_region_account),
+                Ok(&cert_x),
+            ),
+            (
+                "sub undeclared region",
+                json!({"Fn::Sub": "${AWS::Region}"}),
+                none,
+                Err(IP),
             ),
             (
                 "sub variable map with nested functions",
@@ -2487,7 +2572,7 @@ mod tests {
             (
                 "document from Fn::Sub",
                 policy_resource(
-                    json!({"PolicyDocument": {"Fn::Sub": r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:*","Resource":"arn:aws:iot:${AWS::Region}:${AWS::AccountId}:client/${Serial}"}]}"#}}),
+                    json!({"PolicyDocument": {"Fn::Sub": r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:*","Resource":"arn:aws:iot:us-east-1:123456789012:client/${Serial}"}]}"#}}),
                 ),
                 s1,
                 Ok(vec![document(CLIENT_DOC_SHA, CLIENT_DOC)]),
@@ -2663,6 +2748,46 @@ mod tests {
     /// Template sections of the wrong shape: `evaluate` and
     /// `parse_template_file` must agree.
     #[test]
+    fn describe_provisioning_template_output() {
+        // What `aws iot describe-provisioning-template` prints: the body as an escaped string,
+        // metadata, and a Lambda hook.
+        let body = json!({"Resources": {}});
+        let text = json!({
+            "templateArn": "arn:aws:iot:us-east-1:123456789012:provisioningtemplate/T",
+            "templateName": "T",
+            "description": "d",
+            "creationDate": "2024-01-01T00:00:00+00:00",
+            "lastModifiedDate": "2024-01-01T00:00:00+00:00",
+            "defaultVersionId": 1,
+            "templateBody": body.to_string(),
+            "enabled": false,
+            "provisioningRoleArn": "arn:aws:iam::123456789012:role/r",
+            "preProvisioningHook": {"targetArn": "arn:aws:lambda:us-east-1:123456789012:function:f", "payloadVersion": "2020-04-01"},
+            "type": "FLEET_PROVISIONING"
+        })
+        .to_string();
+        let file = parse_template_file(&text).unwrap();
+        assert_eq!(file.body, body);
+        assert!(!file.enabled);
+        assert_eq!(
+            file.hook,
+            Some(HookSpec {
+                command: Vec::new(),
+                target_arn: Some("arn:aws:lambda:us-east-1:123456789012:function:f".into()),
+            })
+        );
+    }
+
+    #[test]
+    fn body_length_limit() {
+        // {"DeviceConfiguration":{"k":"xxx…"},"Resources":{}}: 47 characters besides the x's.
+        let body = |n: usize| json!({"Resources": {}, "DeviceConfiguration": {"k": "x".repeat(n)}});
+        assert!(parse_template_file(&body(MAX_BODY_CHARS - 47).to_string()).is_ok());
+        let err = parse_template_file(&body(MAX_BODY_CHARS - 46).to_string()).unwrap_err();
+        assert!(err.contains("10241 characters"), "{err}");
+    }
+
+    #[test]
     fn template_sections() {
         let rows: Vec<(&str, Value, Result<(), &str>)> = vec![
             ("only resources", json!({"Resources": {}}), Ok(())),
@@ -2670,6 +2795,27 @@ mod tests {
                 "extra top-level keys",
                 json!({"Description": "d", "Version": "1", "Resources": {}}),
                 Ok(()),
+            ),
+            (
+                "Conditions",
+                json!({"Conditions": {}, "Resources": {}}),
+                Err(IR),
+            ),
+            ("Outputs", json!({"Outputs": {}, "Resources": {}}), Err(IR)),
+            (
+                "Transform",
+                json!({"Transform": "x", "Resources": {}}),
+                Err(IR),
+            ),
+            (
+                "resource Condition",
+                json!({"Resources": {"t": {"Type": "AWS::IoT::Thing", "Condition": "c", "Properties": {"ThingName": "x"}}}}),
+                Err(IR),
+            ),
+            (
+                "resource DependsOn",
+                json!({"Resources": {"t": {"Type": "AWS::IoT::Thing", "DependsOn": "c", "Properties": {"ThingName": "x"}}}}),
+                Err(IR),
             ),
             (
                 "parameter with description",
@@ -2683,7 +2829,7 @@ mod tests {
             ),
             (
                 "resource with extra keys",
-                json!({"Resources": {"p": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": "A"}, "DependsOn": "x"}}}),
+                json!({"Resources": {"p": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": "A"}, "Metadata": {}}}}),
                 Ok(()),
             ),
             ("not an object", json!([]), Err(IR)),
@@ -2849,9 +2995,9 @@ mod tests {
                 Err("command is missing"),
             ),
             (
-                "lambda hook",
-                json!({"templateBody": minimal, "preProvisioningHook": {"targetArn": "arn:aws:lambda:us-east-1:123456789012:function:f"}}).to_string(),
-                Err("command is missing"),
+                "lambda hook ARN not a string",
+                json!({"templateBody": minimal, "preProvisioningHook": {"targetArn": 5}}).to_string(),
+                Err("targetArn must be a string"),
             ),
             (
                 "hook command a string",
@@ -2885,6 +3031,7 @@ mod tests {
                 (Ok(file), Ok((enabled, hook, body))) => {
                     let hook = hook.map(|command| HookSpec {
                         command: command.into_iter().map(str::to_owned).collect(),
+                        target_arn: None,
                     });
                     assert_eq!(
                         file,

@@ -10,6 +10,8 @@ pub const MAX_TOPIC_BYTES: usize = 256;
 pub const MAX_TOPIC_SLASHES: usize = 7;
 /// At most this many filters in one SUBSCRIBE.
 pub const MAX_FILTERS_PER_SUBSCRIBE: usize = 8;
+/// Subscriptions one connection may hold (AWS IoT quota).
+pub const MAX_SUBSCRIPTIONS: usize = 50;
 /// Client ids are at most this many bytes.
 pub const MAX_CLIENT_ID: usize = 128;
 /// Longest keep-alive AWS IoT allows, in seconds; longer (or 0) is lowered to it.

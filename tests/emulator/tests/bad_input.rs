@@ -998,6 +998,21 @@ async fn bad_payloads_are_rejected_in_the_request_format() {
             );
             let message = reply["errorMessage"].as_str().unwrap_or_default();
             assert!(!message.is_empty(), "{ctx}: {reply}");
+            // What the device reads is the service's text, not a parser's or SQLite's.
+            for leak in [
+                "EOF while",
+                "expected value",
+                "invalid type",
+                "Syntax(",
+                "Semantic(",
+                "Io(",
+                "sqlite",
+                "SQLite",
+                "serde",
+                "ciborium",
+            ] {
+                assert!(!message.contains(leak), "{ctx}: {leak:?} in {message:?}");
+            }
             still_serves(&env, &ctx).await;
         }
         conn.send(&Packet::PingReq).await;

@@ -41,6 +41,12 @@ async fn help_mentions_every_flag() {
             "--require-alpn",
             "--fault",
             "--control-port",
+            "--region",
+            "--account-id",
+            "--hook-command",
+            "--ca-key-type",
+            "--require-sni",
+            "--min-keep-alive",
             "--verbose",
             "--control",
             "list",
@@ -60,6 +66,10 @@ async fn bad_command_lines_fail_and_name_the_problem() {
     // (arguments, text stderr must contain)
     let rows: &[(&[&str], &str)] = &[
         (&["--frobnicate"], "unknown argument \"--frobnicate\""),
+        (
+            &["--data-dir", d, "--hook-command", "arn-without-command"],
+            "--hook-command: expected ARN=COMMAND, got \"arn-without-command\"",
+        ),
         (&["--data-dir", d, "extra"], "unknown argument \"extra\""),
         (&["--port", "0"], "--data-dir DIR is required"),
         (&["--data-dir", d, "--port", "x"], "--port: bad port \"x\""),

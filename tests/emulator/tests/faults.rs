@@ -467,7 +467,7 @@ async fn close_at_connect() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_after_suback_of_a_create_api() {
-    let env = Env::start();
+    let env = Env::start_open();
     let before = cert_ids(&env);
     for (version, topic) in [
         (Version::V5, keys_topic(JSON)),

@@ -365,3 +365,47 @@ echo '{"allowProvisioning": true}'"#;
         assert!(env.thing(&format!("hook-slow-{fmt}")).is_some());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lambda_hooks_of_described_templates_run_the_mapped_command() {
+    const ARN: &str = "arn:aws:lambda:us-east-1:123456789012:function:check-serial";
+    let deny = sh("echo '{\"allowProvisioning\": false}'");
+    let env = Env::start_with(|c| c.hook_commands = vec![(ARN.to_owned(), deny)]);
+    // As `aws iot describe-provisioning-template` prints it: the body as an escaped string.
+    let described = |arn: &str| {
+        json!({
+            "templateArn": "arn:aws:iot:us-east-1:123456789012:provisioningtemplate/T",
+            "templateName": "T",
+            "templateBody": body().to_string(),
+            "enabled": true,
+            "provisioningRoleArn": "arn:aws:iam::123456789012:role/provisioning",
+            "preProvisioningHook": {"targetArn": arn, "payloadVersion": "2020-04-01"},
+            "type": "FLEET_PROVISIONING"
+        })
+    };
+    env.write_template("Described", &described(ARN));
+    env.write_template(
+        "Unmapped",
+        &described("arn:aws:lambda:us-east-1:123456789012:function:other"),
+    );
+    let mut c = env.claim_client(Version::V4, "described").await;
+    let params = json!({"SerialNumber": "lambda-1"});
+    let (_, _, _, token) = create_certificate(&mut c, CertApi::Csr, Format::Json).await;
+    let (ok, reply) = register(&mut c, "Described", Format::Json, &token, &params).await;
+    assert!(!ok);
+    assert_eq!(
+        (reply["statusCode"].clone(), reply["errorCode"].clone()),
+        (json!(403), json!("AccessDenied")),
+        "{reply}"
+    );
+    let (ok, reply) = register(&mut c, "Unmapped", Format::Json, &token, &params).await;
+    assert!(!ok);
+    assert_eq!(reply["errorCode"], json!("InvalidTemplate"), "{reply}");
+    assert!(
+        reply["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("--hook-command"),
+        "{reply}"
+    );
+}

@@ -106,7 +106,7 @@ fn sub_failure(version: Version) -> u8 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wildcard_filters_route_between_devices() {
-    let env = Env::start();
+    let env = Env::start_open();
     // (filter, topic, delivered?)
     let rows: &[(&str, &str, bool)] = &[
         ("a/b", "a/b", true),
@@ -166,7 +166,7 @@ async fn wildcard_filters_route_between_devices() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_level_wildcards_do_not_match_dollar_topics() {
-    let env = Env::start();
+    let env = Env::start_open();
     let topic = keys_topic(Format::Json);
     let accepted = format!("{topic}/accepted");
     // Each row subscribes the exact reply topic at QoS 0 and the row's filter at QoS 1: a reply
@@ -211,7 +211,7 @@ async fn first_level_wildcards_do_not_match_dollar_topics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos_is_the_lower_of_publish_and_granted_and_puback_echoes_pkid() {
-    let env = Env::start();
+    let env = Env::start_open();
     for (sub_version, pub_version) in [(Version::V4, Version::V5), (Version::V5, Version::V4)] {
         let mut sub = env.claim_client(sub_version, "qos-sub").await;
         let mut publ = env.claim_client(pub_version, "qos-pub").await;
@@ -277,7 +277,7 @@ async fn qos_is_the_lower_of_publish_and_granted_and_puback_echoes_pkid() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsubscribe_stops_delivery() {
-    let env = Env::start();
+    let env = Env::start_open();
     for version in VERSIONS {
         let mut sub = env.claim_client(version, "unsub-sub").await;
         let mut publ = env.claim_client(Version::V4, "unsub-pub").await;
@@ -314,7 +314,7 @@ async fn unsubscribe_stops_delivery() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_connection_with_the_same_client_id_takes_over() {
-    let env = Env::start();
+    let env = Env::start_open();
     for version in VERSIONS {
         let mut first = env.claim_client(version, "twin").await;
         let mut second = env.claim_client(version, "twin").await;
@@ -355,7 +355,7 @@ enum Want {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aws_limits() {
-    let env = Env::start();
+    let env = Env::start_open();
     let topic_of = |len: usize| format!("t/{}", "a".repeat(len - 2));
     let filters = |n: usize| (0..n).map(|i| (format!("f/{i}"), 1)).collect::<Vec<_>>();
     let publ = |topic: &str, len: usize, qos: u8| Act::Publish {
@@ -511,7 +511,7 @@ async fn aws_limits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_id_of_129_bytes_is_refused_in_connack() {
-    let env = Env::start();
+    let env = Env::start_open();
     for version in VERSIONS {
         // (client id, CONNACK code)
         let rows = [("c".repeat(128), 0u8), ("c".repeat(129), 0x85)];
@@ -539,10 +539,12 @@ async fn client_id_of_129_bytes_is_refused_in_connack() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keep_alive_above_1200_is_lowered() {
-    let env = Env::start();
+async fn keep_alive_above_1200_is_lowered_and_below_30_raised() {
+    let env = Env::start_open();
     // (requested keep-alive, MQTT 5 CONNACK server_keep_alive)
     let rows: &[(u16, Option<u16>)] = &[
+        (1, Some(30)),
+        (29, Some(30)),
         (30, None),
         (1200, None),
         (1201, Some(1200)),
@@ -575,7 +577,8 @@ async fn keep_alive_above_1200_is_lowered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connection_is_closed_after_one_and_a_half_keep_alives() {
-    let env = Env::start();
+    // Without AWS's 30 s minimum, so that a 1 s keep-alive is kept.
+    let env = Env::start_with(|c| c.min_keep_alive = 1);
     let run = |version: Version| {
         let env = &env;
         async move {
@@ -600,7 +603,7 @@ async fn idle_connection_is_closed_after_one_and_a_half_keep_alives() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connack_advertises_what_the_emulator_supports() {
-    let env = Env::start();
+    let env = Env::start_open();
     // MQTT 3.1.1: exactly "accepted, no session present".
     let (cert, key) = env.claim();
     for (version, client_id) in [
@@ -657,7 +660,7 @@ async fn connack_advertises_what_the_emulator_supports() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_with_a_topic_alias_is_refused() {
-    let env = Env::start();
+    let env = Env::start_open();
     let mut watcher = env.claim_client(Version::V4, "alias-watcher").await;
     watcher.subscribe(&[("alias/#", 1)]).await;
     let mut c = env.claim_client(Version::V5, "alias").await;
@@ -687,7 +690,7 @@ enum Ending {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn will_is_published_only_when_the_connection_ends_abnormally() {
-    let env = Env::start();
+    let env = Env::start_open();
     let mut watcher = env.claim_client(Version::V4, "will-watcher").await;
     assert_eq!(watcher.subscribe(&[("wills/#", 1)]).await, vec![Ok(1)]);
     // (what, version, ending, will published?)
@@ -760,5 +763,39 @@ async fn will_is_published_only_when_the_connection_ends_abnormally() {
             watcher.publish(&marker, &b"m"[..], 0).await;
             assert_eq!(watcher.next_publish().await.0, marker, "{what}: no will");
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_50_subscriptions_per_connection() {
+    let env = Env::start_open();
+    for version in [Version::V4, Version::V5] {
+        let mut c = env
+            .claim_client(version, &format!("subs-{version:?}"))
+            .await;
+        let names: Vec<String> = (0..50).map(|i| format!("s/{i}")).collect();
+        for chunk in names.chunks(8) {
+            let filters: Vec<(&str, u8)> = chunk.iter().map(|f| (f.as_str(), 1)).collect();
+            assert_eq!(c.subscribe(&filters).await, vec![Ok(1); chunk.len()]);
+        }
+        let over = if version == Version::V5 { 0x97 } else { 0x80 };
+        // The 51st fails; subscribing again to one held is no new subscription.
+        assert_eq!(
+            c.subscribe(&[("s/50", 1), ("s/0", 0)]).await,
+            vec![Err(over), Ok(0)],
+            "{version:?}"
+        );
+        let pkid = c.pkid();
+        c.send(&Packet::Unsubscribe {
+            pkid,
+            filters: vec!["s/1".into()],
+        })
+        .await;
+        assert!(matches!(c.next().await, Packet::UnsubAck { .. }));
+        assert_eq!(
+            c.subscribe(&[("s/50", 1)]).await,
+            vec![Ok(1)],
+            "{version:?}"
+        );
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fleetprov_emulator::wire::Version;
-use fleetprov_emulator::{Format, KeyKind};
+use fleetprov_emulator::{Config, Format, KeyKind};
 use rcgen::{
     CertificateParams, DnType, KeyPair, PublicKeyData, SignatureAlgorithm, SigningKey,
     PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384, PKCS_ED25519, PKCS_RSA_SHA256,
@@ -824,4 +824,107 @@ async fn one_token_raced_by_two_connections_is_accepted_once() {
             json!([id])
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_ca_is_rsa_2048_and_tokens_are_long_base64() {
+    // The defaults (an RSA-2048 CA), not the fast test settings.
+    let env = Env::start_with(|c| c.ca_key_kind = KeyKind::Rsa2048);
+    let ca_der = cert_der(&env.ca_pem());
+    let ca = parse_cert(&ca_der);
+    let (_, ca_spki) =
+        x509_parser::x509::SubjectPublicKeyInfo::from_der(ca.public_key().raw).unwrap();
+    match ca_spki.parsed().unwrap() {
+        x509_parser::public_key::PublicKey::RSA(rsa) => assert_eq!(rsa.key_size(), 2048),
+        other => panic!("CA key: {other:?}"),
+    }
+    assert_eq!(
+        Config::new("x").ca_key_kind,
+        KeyKind::Rsa2048,
+        "the default"
+    );
+    let mut c = env.claim_client(Version::V4, "rsa-ca").await;
+    for api in [CertApi::Keys, CertApi::Csr] {
+        let (id, pem, _, token) = create_certificate(&mut c, api, Format::Json).await;
+        let der = cert_der(&pem);
+        let cert = parse_cert(&der);
+        assert_eq!(
+            cert.signature_algorithm.algorithm.to_id_string(),
+            "1.2.840.113549.1.1.11",
+            "{api:?}: sha256WithRSAEncryption"
+        );
+        assert_eq!(cert.issuer(), ca.subject());
+        ring::signature::UnparsedPublicKey::new(
+            &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+            &ca.public_key().subject_public_key.data,
+        )
+        .verify(cert.tbs_certificate.as_ref(), &cert.signature_value.data)
+        .expect("signed by the CA's RSA key");
+        assert_eq!(sha256_hex(&der), id);
+        // Several hundred characters of the base64 alphabet (inferred from AWS's demos'
+        // 512-byte buffers).
+        assert_eq!(token.len(), 460, "{api:?}");
+        assert!(token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/'));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_json_changes_the_rejections_of_a_code() {
+    let env = Env::start_with(|c| {
+        std::fs::create_dir_all(&c.data_dir).unwrap();
+        std::fs::write(
+            c.data_dir.join("errors.json"),
+            r#"{"InvalidPayload": {"statusCode": 422, "errorCode": "InvalidRequest", "errorMessage": "as seen on AWS: {message}"},
+                "ResourceNotFound": {"errorMessage": "Template not found"}}"#,
+        )
+        .unwrap();
+    });
+    let mut c = env.claim_client(Version::V4, "errors-json").await;
+    let (ok, reply) = c
+        .request(&csr_topic(Format::Json), Format::Json, b"{")
+        .await;
+    assert!(!ok);
+    assert_eq!(
+        reply,
+        json!({"statusCode": 422, "errorCode": "InvalidRequest",
+               "errorMessage": "as seen on AWS: The payload is not valid JSON (line 1, column 1)."})
+    );
+    let (_, _, _, token) = create_certificate(&mut c, CertApi::Csr, Format::Json).await;
+    let (ok, reply) = register_in(&mut c, "NoSuchTemplate", &token).await;
+    assert!(!ok);
+    assert_eq!(
+        reply,
+        json!({"statusCode": 404, "errorCode": "ResourceNotFound", "errorMessage": "Template not found"})
+    );
+    // Codes without an entry are unchanged.
+    let (ok, reply) = register_in(&mut c, "DemoTemplate", "").await;
+    assert!(!ok);
+    assert_eq!(
+        reply["errorCode"],
+        json!("InvalidCertificateOwnershipToken")
+    );
+
+    // A file the emulator cannot use stops the start, naming it.
+    let dir = TempDir::new("errors-json");
+    std::fs::create_dir_all(dir.path()).unwrap();
+    std::fs::write(dir.path().join("errors.json"), r#"{"Teapot": {}}"#).unwrap();
+    let err = fleetprov_emulator::Emulator::start(Config::new(dir.path())).unwrap_err();
+    assert!(
+        err.contains("errors.json") && err.contains("Teapot"),
+        "{err}"
+    );
+}
+
+async fn register_in(c: &mut Client, template: &str, token: &str) -> (bool, Value) {
+    c.request(
+        &register_topic(template, Format::Json),
+        Format::Json,
+        &enc(
+            Format::Json,
+            &json!({"certificateOwnershipToken": token, "parameters": {"SerialNumber": "e"}}),
+        ),
+    )
+    .await
 }

@@ -3,7 +3,7 @@
 //! on re-provisioning, DeviceConfiguration, template errors and the shipped DemoTemplate.
 //! Every outcome is checked in the reply and in the registry.
 
-use fleetprov_emulator::wire::Version;
+use fleetprov_emulator::wire::{Packet, Version};
 use fleetprov_emulator::Format;
 use serde_json::{json, Value};
 
@@ -41,13 +41,22 @@ impl Device {
         if !params.is_null() {
             request["parameters"] = params.clone();
         }
+        let topic = register_topic(template, self.format);
+        let reply = self
+            .c
+            .request(&topic, self.format, &enc(self.format, &request))
+            .await;
+        // As the official SDKs do between operations: a connection holds at most 50
+        // subscriptions.
+        let pkid = self.c.pkid();
         self.c
-            .request(
-                &register_topic(template, self.format),
-                self.format,
-                &enc(self.format, &request),
-            )
-            .await
+            .send(&Packet::Unsubscribe {
+                pkid,
+                filters: vec![format!("{topic}/accepted"), format!("{topic}/rejected")],
+            })
+            .await;
+        assert!(matches!(self.c.next().await, Packet::UnsubAck { .. }));
+        reply
     }
 
     /// A new certificate registered against `template`: (id, accepted, reply).
@@ -187,6 +196,7 @@ async fn parameters_defaults_missing_and_extra() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mappings_read_with_find_in_map() {
     let env = Env::start();
+    env.write_resources(&json!({"thingGroups": ["lab-a", "lab-b", "line-1"]}));
     let url = json!({"Fn::FindInMap": ["Sites", {"Ref": "Site"}, "Url"]});
     let groups = json!({"Fn::FindInMap": ["Sites", {"Ref": "Site"}, "Groups"]});
     env.write_template(
@@ -351,6 +361,7 @@ async fn intrinsic_functions_and_their_nesting() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thing_resource_properties_reach_the_registry() {
     let env = Env::start();
+    env.write_resources(&json!({"thingTypes": ["sensor"], "thingGroups": ["g1", "g2"], "billingGroups": ["billing-1"]}));
     env.write_template(
         "FullThing",
         &json!({
@@ -541,6 +552,15 @@ fn sha256_hex(text: &str) -> String {
 async fn policies_by_name_and_by_document() {
     let env = Env::start();
     let text_document = r#"{"Version":"2012-10-17","Statement":[]}"#;
+    let device_policy = env.write_policy(
+        "DevicePolicy",
+        &json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:*", "Resource": "*"}]}),
+    );
+    // The JSON `aws iot get-policy` prints is taken as it is.
+    let gold_policy = env.write_policy(
+        "Policy-gold",
+        &json!({"policyName": "Policy-gold", "defaultVersionId": "1", "policyDocument": text_document}),
+    );
     env.write_template(
         "Policies",
         &json!({
@@ -584,8 +604,8 @@ async fn policies_by_name_and_by_document() {
     // An inline document is stored as compact JSON with sorted keys, named by its SHA-256.
     let inline_document = r#"{"Statement":[{"Action":"iot:Connect","Effect":"Allow","Resource":"*"}],"Version":"2012-10-17"}"#;
     let mut want = vec![
-        json!({"name": "DevicePolicy", "document": "{}", "certificates": ids}),
-        json!({"name": "Policy-gold", "document": "{}", "certificates": ids}),
+        json!({"name": "DevicePolicy", "document": device_policy, "certificates": ids}),
+        json!({"name": "Policy-gold", "document": gold_policy, "certificates": ids}),
         json!({"name": sha256_hex(inline_document), "document": inline_document, "certificates": ids}),
         json!({"name": sha256_hex(text_document), "document": text_document, "certificates": ids}),
     ];
@@ -633,6 +653,9 @@ fn override_body(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn override_settings_when_the_thing_exists() {
     let env = Env::start();
+    env.write_resources(
+        &json!({"thingTypes": ["t1", "t2"], "thingGroups": ["g1", "g2"], "billingGroups": ["b1"]}),
+    );
     let first_attrs = json!({"serial": {"Ref": "SerialNumber"}, "color": "red"});
     let second_attrs = json!({"serial": {"Ref": "SerialNumber"}, "size": "big"});
     let mut base = override_body(first_attrs.clone(), "g1", "t1", None);
@@ -1086,5 +1109,212 @@ async fn demo_template_provisions_demo_things() {
         let mut both = vec![first, second];
         both.sort();
         assert_eq!(thing["certificates"], json!(both));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resources that must exist beforehand
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_resources_must_exist_before_register_thing() {
+    let env = Env::start();
+    env.write_template(
+        "Named",
+        &json!({
+            "Parameters": {
+                "SerialNumber": {"Type": "String"},
+                "Type": {"Type": "String", "Default": "sensor"},
+                "Group": {"Type": "String", "Default": "fleet"},
+                "Billing": {"Type": "String", "Default": "bill"},
+                "Policy": {"Type": "String", "Default": "DevicePolicy"}
+            },
+            "Resources": {
+                "thing": {
+                    "Type": "AWS::IoT::Thing",
+                    "Properties": {
+                        "ThingName": {"Ref": "SerialNumber"},
+                        "ThingTypeName": {"Ref": "Type"},
+                        "ThingGroups": [{"Ref": "Group"}],
+                        "BillingGroup": {"Ref": "Billing"}
+                    }
+                },
+                "certificate": certificate_resource(),
+                "policy": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": {"Ref": "Policy"}}}
+            }
+        }),
+    );
+    // Nothing exists yet: the thing type is the first thing missing.
+    let mut dev = Device::new(&env, Format::Json, "named").await;
+    let (id, ok, reply) = dev
+        .provision("Named", &json!({"SerialNumber": "n-0"}))
+        .await;
+    assert!(!ok);
+    assert_rejected(
+        &reply,
+        404,
+        "ResourceNotFound",
+        "thing type sensor does not exist",
+        "empty registry",
+    );
+    assert_eq!(status_of(&env, &id), "PENDING_ACTIVATION");
+
+    env.write_resources(
+        &json!({"thingTypes": ["sensor"], "thingGroups": ["fleet"], "billingGroups": ["bill"]}),
+    );
+    env.write_policy(
+        "DevicePolicy",
+        &json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:*", "Resource": "*"}]}),
+    );
+    let rows: Vec<(&str, Value, Option<&str>)> = vec![
+        ("all exist", json!({}), None),
+        (
+            "thing type",
+            json!({"Type": "actuator"}),
+            Some("The thing type actuator does not exist."),
+        ),
+        (
+            "thing group",
+            json!({"Group": "elsewhere"}),
+            Some("The thing group elsewhere does not exist."),
+        ),
+        (
+            "billing group",
+            json!({"Billing": "nobody"}),
+            Some("The billing group nobody does not exist."),
+        ),
+        (
+            "policy",
+            json!({"Policy": "NoSuchPolicy"}),
+            Some("The policy NoSuchPolicy does not exist."),
+        ),
+    ];
+    for (i, (row, overrides, want)) in rows.into_iter().enumerate() {
+        let serial = format!("n-{}", i + 1);
+        let mut params = json!({"SerialNumber": serial});
+        params
+            .as_object_mut()
+            .unwrap()
+            .extend(overrides.as_object().unwrap().clone());
+        let (id, ok, reply) = dev.provision("Named", &params).await;
+        match want {
+            None => {
+                assert!(ok, "{row}: {reply}");
+                let thing = env.thing(&serial).unwrap();
+                assert_eq!(thing["thingType"], json!("sensor"), "{row}");
+                assert_eq!(thing["groups"], json!(["fleet"]), "{row}");
+                assert_eq!(thing["billingGroup"], json!("bill"), "{row}");
+                assert_eq!(status_of(&env, &id), "ACTIVE", "{row}");
+            }
+            Some(message) => {
+                assert!(!ok, "{row}");
+                assert_eq!(
+                    reply,
+                    json!({"statusCode": 404, "errorCode": "ResourceNotFound", "errorMessage": message}),
+                    "{row}"
+                );
+                assert!(env.thing(&serial).is_none(), "{row}: no thing is made");
+                assert_eq!(status_of(&env, &id), "PENDING_ACTIVATION", "{row}");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn region_and_account_resolve_only_when_declared() {
+    let env = Env::start();
+    let body = |declare: bool| {
+        let mut params = json!({"SerialNumber": {"Type": "String"}});
+        if declare {
+            params["AWS::Region"] = json!({"Type": "String", "Default": "eu-west-1"});
+        }
+        json!({
+            "Parameters": params,
+            "Resources": {
+                "thing": {"Type": "AWS::IoT::Thing", "Properties": {
+                    "ThingName": {"Ref": "SerialNumber"},
+                    "AttributePayload": {"region": {"Ref": "AWS::Region"}}}},
+                "certificate": certificate_resource()
+            }
+        })
+    };
+    env.write_template("Undeclared", &body(false));
+    env.write_template("Declared", &body(true));
+    let mut dev = Device::new(&env, Format::Json, "region").await;
+    // As AWS answered in a real exchange.
+    let (_, ok, reply) = dev
+        .provision("Undeclared", &json!({"SerialNumber": "r-1"}))
+        .await;
+    assert!(!ok);
+    assert_eq!(
+        reply,
+        json!({"statusCode": 400, "errorCode": "InvalidParameters",
+               "errorMessage": "Cannot resolve reference value: AWS::Region"})
+    );
+    let (_, ok, reply) = dev
+        .provision("Declared", &json!({"SerialNumber": "r-2"}))
+        .await;
+    assert!(ok, "{reply}");
+    assert_eq!(
+        env.thing("r-2").unwrap()["attributes"],
+        json!({"region": "eu-west-1"})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attribute_and_group_limits() {
+    let env = Env::start();
+    env.write_resources(&json!({
+        "thingTypes": ["typed"],
+        "thingGroups": (0..11).map(|i| format!("g{i}")).collect::<Vec<_>>()
+    }));
+    let thing = |attrs: usize, typed: bool, groups: usize| {
+        let mut props = json!({
+            "ThingName": {"Ref": "SerialNumber"},
+            "AttributePayload": (0..attrs).map(|i| (format!("a{i}"), json!("v"))).collect::<serde_json::Map<_, _>>(),
+            "ThingGroups": (0..groups).map(|i| format!("g{i}")).collect::<Vec<_>>()
+        });
+        if typed {
+            props["ThingTypeName"] = json!("typed");
+        }
+        json!({
+            "Parameters": {"SerialNumber": {"Type": "String"}},
+            "Resources": {"thing": {"Type": "AWS::IoT::Thing", "Properties": props},
+                          "certificate": certificate_resource()}
+        })
+    };
+    let rows: Vec<(&str, Value, Option<&str>)> = vec![
+        ("3 attributes, no type", thing(3, false, 0), None),
+        (
+            "4 attributes, no type",
+            thing(4, false, 0),
+            Some("at most 3 attributes"),
+        ),
+        ("50 attributes with a type", thing(50, true, 0), None),
+        (
+            "51 attributes with a type",
+            thing(51, true, 0),
+            Some("at most 50 attributes"),
+        ),
+        ("10 groups", thing(0, false, 10), None),
+        (
+            "11 groups",
+            thing(0, false, 11),
+            Some("at most 10 thing groups"),
+        ),
+    ];
+    let mut dev = Device::new(&env, Format::Json, "limits").await;
+    for (i, (row, body, want)) in rows.into_iter().enumerate() {
+        let name = format!("Limits{i}");
+        env.write_template(&name, &body);
+        let serial = format!("limit-{i}");
+        let (_, ok, reply) = dev.provision(&name, &json!({"SerialNumber": serial})).await;
+        match want {
+            None => assert!(ok, "{row}: {reply}"),
+            Some(fragment) => {
+                assert!(!ok, "{row}");
+                assert_rejected(&reply, 400, IR, fragment, row);
+                assert!(env.thing(&serial).is_none(), "{row}");
+            }
+        }
     }
 }

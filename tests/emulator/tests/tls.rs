@@ -336,3 +336,32 @@ async fn required_alpn_refuses_clients_that_do_not_offer_it() {
         }
     }
 }
+
+/// With `require_sni`, a client that sends no SNI (one connecting to an IP address) is refused
+/// after the handshake, as AWS refuses it; one that names the host connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_without_sni_are_refused_when_required() {
+    let env = Env::start_with(|c| c.require_sni = true);
+    let (cert, key) = env.claim();
+    // By name: SNI "localhost".
+    Client::connect(&env, &cert, &key, Version::V4, "sni-name")
+        .await
+        .expect("a client that sends SNI connects");
+    // By IP address: rustls sends no SNI.
+    let cfg = client_config(&env.ca_pem(), &cert, &key, &TlsOpts::default());
+    let tcp = TcpStream::connect(env.emu.addr()).await.unwrap();
+    let ip = ServerName::IpAddress(env.emu.addr().ip().into());
+    let stream = TlsConnector::from(Arc::new(cfg))
+        .connect(ip, tcp)
+        .await
+        .expect("the handshake itself completes");
+    let mut c = Client::from_stream(stream, Version::V4);
+    c.send(&Packet::Connect {
+        client_id: "sni-ip".into(),
+        keep_alive: 60,
+        clean: true,
+        will: None,
+    })
+    .await;
+    assert_eq!(c.recv(WAIT).await, Recv::Closed);
+}

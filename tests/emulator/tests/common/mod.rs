@@ -48,7 +48,7 @@ impl Drop for TempDir {
     }
 }
 
-/// An emulator in a fresh data directory with EC keys (fast) unless told otherwise.
+/// An emulator in a fresh data directory with EC keys and an EC CA (fast) unless told otherwise.
 pub struct Env {
     pub emu: Emulator,
     pub dir: TempDir,
@@ -63,12 +63,52 @@ impl Env {
         let dir = TempDir::new("env");
         let mut config = Config::new(dir.path().join("data"));
         config.key_kind = KeyKind::EcP256;
+        config.ca_key_kind = KeyKind::EcP256;
         tweak(&mut config);
         if std::env::var_os("EMULATOR_VERBOSE").is_some() {
             fleetprov_emulator::set_verbose(true);
         }
         let emu = Emulator::start(config).expect("emulator starts");
         Env { emu, dir }
+    }
+
+    /// An emulator whose claim certificate may do anything, for tests of the broker that use
+    /// it as an ordinary device (IoT policies have their own tests in policies.rs).
+    pub fn start_open() -> Env {
+        let env = Env::start();
+        env.set_claim_policy(&json!({"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "iot:*", "Resource": "*"}
+        ]}));
+        env
+    }
+
+    /// Writes `resources.json`: the thing types, thing groups and billing groups that exist.
+    pub fn write_resources(&self, resources: &Value) {
+        std::fs::write(
+            &self.emu.paths().resources,
+            serde_json::to_vec_pretty(resources).unwrap(),
+        )
+        .unwrap();
+    }
+
+    /// Writes `policies/NAME.json`, the policy a template may attach by name; returns its text.
+    pub fn write_policy(&self, name: &str, policy: &Value) -> String {
+        let text = serde_json::to_string(policy).unwrap();
+        std::fs::write(
+            self.emu.paths().policies.join(format!("{name}.json")),
+            &text,
+        )
+        .unwrap();
+        text
+    }
+
+    /// Replaces the claim policy (read at every CONNECT of the claim certificate).
+    pub fn set_claim_policy(&self, policy: &Value) {
+        std::fs::write(
+            &self.emu.paths().claim_policy,
+            serde_json::to_vec_pretty(policy).unwrap(),
+        )
+        .unwrap();
     }
 
     pub fn claim(&self) -> (String, String) {
@@ -263,6 +303,17 @@ impl Client {
                 Ok(c)
             }
             other => Err(format!("no successful CONNACK: {other:?}")),
+        }
+    }
+
+    /// A client on an open TLS stream, before CONNECT.
+    pub fn from_stream(stream: TlsStream<TcpStream>, version: Version) -> Client {
+        Client {
+            version,
+            stream,
+            buf: BytesMut::new(),
+            next_pkid: 0,
+            connack: Packet::PingResp,
         }
     }
 
