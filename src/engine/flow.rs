@@ -466,15 +466,16 @@ impl Flow {
                     // A connection that ends while a reply is awaited: AWS IoT closes it when
                     // the certificate's policy does not allow the request's PUBLISH, so the
                     // error says which topic that was.
-                    let e = match self.engine.as_ref() {
-                        Some(engine) => match engine.awaited_request() {
-                            Some(topic) => e.noted(&format!(
-                                "while {}, after publishing to {topic} (AWS IoT closes the \
-                                 connection when a policy denies a publish)",
-                                engine.step().doing()
-                            )),
-                            None => e,
-                        },
+                    let awaited = self
+                        .engine
+                        .as_ref()
+                        .and_then(|engine| Some((engine.step(), engine.awaited_request()?)));
+                    let e = match awaited {
+                        Some((step, topic)) => e.noted(&format!(
+                            "while {}, after publishing to {topic} (AWS IoT closes the \
+                             connection when a policy denies a publish)",
+                            step.doing()
+                        )),
                         None => e,
                     };
                     self.link = Link::Down;
