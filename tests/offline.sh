@@ -18,16 +18,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 venv=${1:-${VENV:-$root/.venv}}
-started=$(date +%s)
-step() { printf '\n==> %s (%ss)\n' "$*" "$(( $(date +%s) - started ))"; }
-export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}
+# step(), CMAKE_BUILD_PARALLEL_LEVEL, cmake_from_pypi.
+. "$root/tests/lib.sh"
 
-step "cmake from PyPI in $venv"
-if [ ! -x "$venv/bin/cmake" ]; then
-    [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check 'cmake>=3.20,<5'
-fi
-cmake=$venv/bin/cmake
+cmake_from_pypi "$venv"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/fleetprov-offline.XXXXXX")
 trap 'rm -rf "$work"' EXIT

@@ -32,7 +32,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from emu_test import (SANITIZER_MARKERS, Emulator, Failed, check, check_provisioned,  # noqa: E402
-                      created_certificates, free_port, mode, pem_der, snapshot)
+                      created_certificates, fields, free_port, mode, pem_der, snapshot)
 
 EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_UNAVAILABLE = 64, 65, 66, 69
 EX_CANTCREAT, EX_TEMPFAIL, EX_NOPERM = 73, 75, 77
@@ -88,15 +88,6 @@ def parse_json(p, what):
         raise Failed(f"{what}: stdout is not JSON: {e}")
     check(isinstance(obj, dict), f"{what}: stdout is not a JSON object")
     return obj
-
-
-def fields(stdout):
-    out = {}
-    for line in stdout.splitlines():
-        k, sep, v = line.partition("=")
-        if sep:
-            out[k] = v
-    return out
 
 
 def check_no_secrets(secret_texts):

@@ -24,9 +24,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
 venv=${1:-${VENV:-$root/.venv}}
-started=$(date +%s)
-step() { printf '\n==> %s (%ss)\n' "$*" "$(( $(date +%s) - started ))"; }
-export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}
+# step(), CMAKE_BUILD_PARALLEL_LEVEL, cmake_from_pypi.
+. "$root/tests/lib.sh"
 jobs=$CMAKE_BUILD_PARALLEL_LEVEL
 
 missing=()
@@ -40,14 +39,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     exit 1
 fi
 
-step "cmake from PyPI in $venv"
-if [ ! -x "$venv/bin/cmake" ]; then
-    [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check 'cmake>=3.20,<5'
-fi
-cmake=$venv/bin/cmake
-ctest=$venv/bin/ctest
-"$cmake" --version | head -n 1
+cmake_from_pypi "$venv"
 
 target_dir=${CARGO_TARGET_DIR:-$root/target}
 step "fleetprov-emulator (cargo, debug)"
