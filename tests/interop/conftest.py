@@ -55,6 +55,9 @@ class _Drain(threading.Thread):
         self.kept: collections.deque[str] = collections.deque(maxlen=keep)
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.lock = threading.Lock()
+        # Notified at each line and at EOF, for wait_for().
+        self.changed = threading.Condition(self.lock)
+        self.done = False
 
     def run(self) -> None:
         try:
@@ -62,15 +65,29 @@ class _Drain(threading.Thread):
                 line = raw.rstrip("\r\n")
                 with self.lock:
                     self.kept.append(line)
+                    self.changed.notify_all()
                 self.lines.put(line)
         except (OSError, ValueError):
             pass
         finally:
+            with self.lock:
+                self.done = True
+                self.changed.notify_all()
             self.lines.put(None)
 
     def tail(self, n: int) -> list[str]:
         with self.lock:
             return list(self.kept)[-n:]
+
+    def wait_for(self, needles: tuple[str, ...], timeout: float) -> bool:
+        """Whether a line holding every one of `needles` arrives within `timeout` seconds (or
+        is there already); False at EOF without one."""
+        def seen() -> bool:
+            return self.done or any(all(n in line for n in needles) for line in self.kept)
+
+        with self.changed:
+            self.changed.wait_for(seen, timeout)
+            return any(all(n in line for n in needles) for line in self.kept)
 
 
 @dataclass
@@ -106,6 +123,11 @@ class Emulator:
     def stderr_tail(self, n: int = 40) -> str:
         lines = self._stderr.tail(n) if self._stderr else []
         return "\n".join(lines) if lines else "(emulator wrote nothing on stderr)"
+
+    def wait_for_stderr(self, *needles: str, timeout: float = 10.0) -> bool:
+        """Whether the emulator writes a line on stderr holding all of `needles`, within
+        `timeout` seconds: its log lines reach us through a pipe, after what they log."""
+        return self._stderr is not None and self._stderr.wait_for(needles, timeout)
 
     def stdout_tail(self, n: int = 20) -> str:
         lines = self._stdout.tail(n) if self._stdout else []

@@ -546,7 +546,7 @@ def test_claim_policy_without_csr_topics_fails_create_from_csr(emulator, protoco
             assert e.inner_error is not None, detail
         else:
             raise AssertionError(f"CreateCertificateFromCsr was accepted: {outcome!r}" + emulator.context())
-        assert "iot:Subscribe" in emulator.stderr_tail(200) and "create-from-csr" in emulator.stderr_tail(200), (
+        assert emulator.wait_for_stderr("iot:Subscribe", "create-from-csr", "denied"), (
             "the emulator does not log the denied subscription" + emulator.context()
         )
     # What the policy allows still works (on a new connection: the SDK's request-response client
