@@ -32,7 +32,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from emu_test import (SANITIZER_MARKERS, Emulator, Failed, check, check_provisioned,  # noqa: E402
-                      created_certificates, fields, free_port, mode, pem_der, snapshot)
+                      created_certificates, fields, free_port, mode, pem_der, prepare, snapshot)
 
 EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_UNAVAILABLE = 64, 65, 66, 69
 EX_CANTCREAT, EX_TEMPFAIL, EX_NOPERM = 73, 75, 77
@@ -516,16 +516,10 @@ def main():
     ap.add_argument("--timeout", type=float, default=120.0, help="per run, seconds")
     ap.add_argument("command", nargs=argparse.REMAINDER)
     a = ap.parse_args()
-    cmd = a.command[1:] if a.command[:1] == ["--"] else a.command
-    if not cmd:
-        ap.error("no command after --")
-    if not os.access(a.emulator, os.X_OK):
-        print(f"emulator not found: {a.emulator} (cargo build -p fleetprov-emulator)")
+    prepared = prepare(ap, a)
+    if prepared is None:
         return 1
-    if os.path.exists(a.work):
-        shutil.rmtree(a.work)
-    os.makedirs(a.work)
-    serial = a.serial or f"SN{os.getpid()}"
+    cmd, serial = prepared
     emu = Emulator(os.path.abspath(a.emulator), os.path.join(a.work, "emulator"))
     started = time.monotonic()
     try:

@@ -1419,6 +1419,21 @@ def flash_main(a, cmd, emu, serial, step_ms):
     fl.finish()
 
 
+def prepare(ap, a):
+    """The start every driver shares: the command after `--`, a fresh --work directory and the
+    serial; None (after saying why) when the emulator binary is missing."""
+    cmd = a.command[1:] if a.command[:1] == ["--"] else a.command
+    if not cmd:
+        ap.error("no command after --")
+    if not os.access(a.emulator, os.X_OK):
+        print(f"emulator not found: {a.emulator} (cargo build -p fleetprov-emulator)")
+        return None
+    if os.path.exists(a.work):
+        shutil.rmtree(a.work)
+    os.makedirs(a.work)
+    return cmd, a.serial or f"SN{os.getpid()}"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--emulator", required=True)
@@ -1441,16 +1456,10 @@ def main():
     ap.add_argument("--timeout", type=float, default=120.0, help="per program run, seconds")
     ap.add_argument("command", nargs=argparse.REMAINDER)
     a = ap.parse_args()
-    cmd = a.command[1:] if a.command[:1] == ["--"] else a.command
-    if not cmd:
-        ap.error("no command after --")
-    if not os.access(a.emulator, os.X_OK):
-        print(f"emulator not found: {a.emulator} (cargo build -p fleetprov-emulator)")
+    prepared = prepare(ap, a)
+    if prepared is None:
         return 1
-    if os.path.exists(a.work):
-        shutil.rmtree(a.work)
-    os.makedirs(a.work)
-    serial = a.serial or f"SN{os.getpid()}"
+    cmd, serial = prepared
     # The outcome cases run against the emulator's default RSA-2048 CA, as AWS's; the rest
     # (crash points, faults, arguments: most of the emulators started) with a quick EC CA.
     emu = Emulator(os.path.abspath(a.emulator), os.path.join(a.work, "emulator"),
