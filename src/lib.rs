@@ -10,6 +10,7 @@ pub mod engine;
 pub mod error;
 pub mod ffi;
 pub mod keys;
+mod pacing;
 pub mod protocol;
 pub mod provision;
 pub mod secret;

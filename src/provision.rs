@@ -330,6 +330,11 @@ pub fn prepare(request: &Request) -> Result<(FlowSpec, Box<dyn Storage + Send>),
         store_credentials: storage.keeps_credentials(),
         journal: journaled,
         seed: client::random_u64(),
+        claim_client_id: Some(connection.client_id.clone()),
+        recent_connects: crate::pacing::recent(&crate::pacing::endpoint(
+            &connection.host,
+            connection.port,
+        )),
         existing,
     };
     Ok((spec, storage))

@@ -290,6 +290,8 @@ proptest! {
             store_credentials: true,
             journal: Journaled::Loaded(None),
             seed: 7,
+            claim_client_id: Some("fuzz".into()),
+            recent_connects: Vec::new(),
             existing: None,
         };
         let mut flow = Flow::new(spec);

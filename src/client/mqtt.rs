@@ -299,17 +299,22 @@ impl Client {
         self.log(LogLevel::Info, || {
             format!("connecting to {}:{}", self.config.host, self.config.port)
         });
+        // AWS hangs up on a second CONNECT with one client id within a second.
+        let endpoint = crate::pacing::endpoint(&self.config.host, self.config.port);
+        let pause = crate::pacing::reserve(&endpoint, &self.config.client_id);
         let mut link = Link::open(
             &self.config,
             self.tls.clone(),
             &self.config.client_id,
             Credential::Configured,
         );
-        let step_deadline = deadline_after(self.config.step_timeout);
+        // The step's time starts after the pause.
+        let step_deadline = deadline_after(self.config.step_timeout.saturating_add(pause));
         let limit = deadline.map_or(step_deadline, |d| d.min(step_deadline));
         let cancel = self.cancel.clone();
         let result = self.runtime.block_on(async {
             let connect = async {
+                tokio::time::sleep(pause).await;
                 loop {
                     match link.next().await {
                         LinkEvent::Connected => return Ok(()),
@@ -328,6 +333,8 @@ impl Client {
                 _ = cancel.wait() => Err(Error::Cancelled),
             }
         });
+        // The server counted the CONNECT (if it got one) before now: space the next from now.
+        crate::pacing::record(&endpoint, &self.config.client_id);
         match result {
             Ok(()) => {
                 self.log(LogLevel::Info, || "connected".into());

@@ -213,6 +213,13 @@ pub struct FlowSpec {
     pub journal: Journaled,
     /// Seeds the backoff jitter.
     pub seed: u64,
+    /// The client id the claim connection uses, when the library picks the connection's
+    /// (`None`: a host transport's, unknown here). Connects are spaced per client id
+    /// ([`CONNECT_SPACING_MS`]); an unknown id counts as the same as any other.
+    pub claim_client_id: Option<String>,
+    /// Client ids this process connected with shortly before the flow, and how many ms before
+    /// [`Flow::start`]: their next connects are spaced too.
+    pub recent_connects: Vec<(String, u64)>,
     /// The credentials the output directory already holds: the flow ends at once with them.
     pub existing: Option<Provisioned>,
 }
@@ -298,7 +305,15 @@ pub struct Flow {
     confirmed: bool,
     /// When the flow started.
     started: u64,
+    /// Client ids of the connects asked for (`None`: not known here) and when; only the last
+    /// second's matter.
+    connects: Vec<(Option<String>, u64)>,
 }
+
+/// AWS IoT Core accepts one CONNECT per second per client id and hangs up on a second one
+/// within that second (a quota that cannot be raised): connects that may use the same client
+/// id are at least this far apart, whatever the retry policy says.
+pub(crate) const CONNECT_SPACING_MS: u64 = 1000;
 
 impl Flow {
     /// A flow for `spec`; with a journal ([`FlowSpec::journal`]), the certificate in hand is
@@ -322,6 +337,7 @@ impl Flow {
             create_sent: false,
             confirmed: true,
             started: 0,
+            connects: Vec::new(),
         }
     }
 
@@ -329,6 +345,12 @@ impl Flow {
     pub fn start(&mut self, now: u64) -> Vec<FlowAction> {
         let mut out = Vec::new();
         self.started = now;
+        self.connects = self
+            .spec
+            .recent_connects
+            .iter()
+            .map(|(id, ago)| (Some(id.clone()), now.saturating_sub(*ago)))
+            .collect();
         if let Some(existing) = self.spec.existing.take() {
             let line = format!(
                 "already provisioned: certificate {} of thing {:?} is in place; nothing to do",
@@ -443,6 +465,7 @@ impl Flow {
             }
             FlowEvent::Connected => {
                 if matches!(self.link, Link::Connecting { .. }) {
+                    self.connect_answered(now);
                     match self.phase {
                         Phase::Verify { probe } => self.verified(probe, now, &mut out),
                         _ => {
@@ -457,6 +480,7 @@ impl Flow {
             }
             FlowEvent::ConnectFailed(e) => {
                 if matches!(self.link, Link::Connecting { .. }) {
+                    self.connect_answered(now);
                     self.link = Link::Down;
                     self.connect_failed(e, now, &mut out);
                 }
@@ -753,6 +777,25 @@ impl Flow {
             }
             _ => Identity::Claim,
         };
+        let client_id = match &identity {
+            Identity::Claim => self.spec.claim_client_id.clone(),
+            Identity::Device { client_id, .. } => Some(client_id.clone()),
+        }
+        .filter(|id| !id.is_empty());
+        if let Some(at) = self.connect_not_before(client_id.as_deref()) {
+            if now < at {
+                let line = format!(
+                    "connecting in {} ms: AWS IoT accepts one CONNECT per second per client id",
+                    at - now
+                );
+                self.log(LogLevel::Debug, line, out);
+                self.wait_until = Some(at);
+                return;
+            }
+        }
+        self.connects
+            .retain(|(_, at)| at.saturating_add(CONNECT_SPACING_MS) > now);
+        self.connects.push((client_id, now));
         let step = match identity {
             Identity::Claim => Step::Connecting,
             Identity::Device { .. } => Step::Verifying,
@@ -762,6 +805,26 @@ impl Flow {
         };
         out.push(FlowAction::Connect(identity));
         self.progress(step, out);
+    }
+
+    /// The connect in progress was answered (or failed) at `now`: the server counted it no
+    /// later than that, so the next one with its client id is spaced from `now`.
+    fn connect_answered(&mut self, now: u64) {
+        if let Some((_, at)) = self.connects.last_mut() {
+            *at = (*at).max(now);
+        }
+    }
+
+    /// The earliest time a connect with `client_id` (`None`: not known) may go out.
+    fn connect_not_before(&self, client_id: Option<&str>) -> Option<u64> {
+        self.connects
+            .iter()
+            .filter(|(id, _)| match (id.as_deref(), client_id) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            })
+            .map(|(_, at)| at.saturating_add(CONNECT_SPACING_MS))
+            .max()
     }
 
     fn start_engine(&mut self, now: u64, out: &mut Vec<FlowAction>) {
@@ -1049,8 +1112,12 @@ impl Flow {
             self.log(LogLevel::Warn, line, out);
             return self.finish(Err(e.noted(&tried)), out);
         }
-        let pause = self.spec.retry.backoff_ms(self.attempt, self.jitter.draw());
-        let resume_at = now.saturating_add(pause);
+        let backoff = self.spec.retry.backoff_ms(self.attempt, self.jitter.draw());
+        // The next attempt connects again, most likely with the same client id.
+        let resume_at = now
+            .saturating_add(backoff)
+            .max(self.connect_not_before(None).unwrap_or(0));
+        let pause = resume_at - now;
         if self
             .spec
             .settings

@@ -194,6 +194,8 @@ pub unsafe extern "C" fn fleetprov_host_new(
         let request = config.host_request()?;
         let (mut spec, storage) = provision::prepare(&request)?;
         spec.external_key_connects = true;
+        // The host's stack picks the claim connection's client id.
+        spec.claim_client_id = None;
         let overall_ms = request
             .connection
             .overall_timeout

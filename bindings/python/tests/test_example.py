@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -66,7 +67,11 @@ def test_example_retries(emulator_factory):
     r = _run(*_common(emu), "--param", "SerialNumber=cli3", "--retry", "3:0.05:0.1")
     assert r.returncode == 0, r.stderr
     assert "  .. attempt 1 failed (CreateCertificateFromCsr rejected with 429 Throttling" in r.stderr
-    assert "retrying in 0.0" in r.stderr
+    # The backoff (0.05 s), stretched to a second after the last CONNECT: the retry reconnects,
+    # and AWS IoT accepts one CONNECT per second per client id.
+    pause = re.search(r"retrying in ([0-9.]+) s", r.stderr)
+    assert pause is not None, r.stderr
+    assert 0.025 <= float(pause.group(1)) <= 1.0, r.stderr
     assert "attempts: 2" in r.stdout
 
 

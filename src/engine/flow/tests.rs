@@ -55,6 +55,10 @@ struct Sim {
     tokens_used: Vec<String>,
     publishes: Vec<String>,
     connects: Vec<String>,
+    /// Client id and time of every connect.
+    connect_times: Vec<(String, u64)>,
+    /// The claim connection's client id (as in the spec).
+    claim_client_id: String,
     progress: Vec<Progress>,
     logs: Vec<String>,
     subscribes: Vec<Vec<String>>,
@@ -73,6 +77,8 @@ impl Sim {
             tokens_used: Vec::new(),
             publishes: Vec::new(),
             connects: Vec::new(),
+            connect_times: Vec::new(),
+            claim_client_id: "claim-1".into(),
             progress: Vec::new(),
             logs: Vec::new(),
             subscribes: Vec::new(),
@@ -118,12 +124,17 @@ impl Sim {
             store_credentials: dir.is_some(),
             journal: Journaled::Off,
             seed: 1,
+            claim_client_id: Some(self.claim_client_id.clone()),
+            recent_connects: Vec::new(),
         }
     }
 
     /// Runs the flow to the end; every loop is bounded.
     fn run(&mut self, tested: &mut Tested) -> Result<Provisioned, Error> {
         let Tested { flow, storage } = tested;
+        // Connect spacing is checked within one flow: a new flow (a restart) knows nothing of
+        // an earlier one's connects.
+        self.connect_times.clear();
         let mut actions: VecDeque<FlowAction> = flow.start(self.now).into();
         let mut verifying = false;
         for _ in 0..1000 {
@@ -162,6 +173,24 @@ impl Sim {
                         }
                     };
                     verifying = name == "device";
+                    // AWS hangs up on a second CONNECT with one client id within a second.
+                    let client_id = match &identity {
+                        Identity::Claim => self.claim_client_id.clone(),
+                        Identity::Device { client_id, .. } => client_id.clone(),
+                    };
+                    if let Some((_, at)) = self
+                        .connect_times
+                        .iter()
+                        .rev()
+                        .find(|(id, _)| *id == client_id)
+                    {
+                        assert!(
+                            self.now >= at + CONNECT_SPACING_MS,
+                            "{client_id} connected at {at} and again at {}",
+                            self.now
+                        );
+                    }
+                    self.connect_times.push((client_id, self.now));
                     self.connects.push(name.clone());
                     let fault = self.fault(&format!("connect-{name}"));
                     match fault {
@@ -392,8 +421,9 @@ fn a_cut_at_each_step_is_retried_without_minting_a_second_certificate_once_one_i
             .find(|p| p.step == Step::Retrying)
             .unwrap();
         assert!(retry.error.as_ref().unwrap().is_retryable());
+        // The backoff (50 to 100 ms), stretched to a second after the last connect.
         assert!(
-            (50..=100).contains(&retry.retry_in_ms),
+            (50..=CONNECT_SPACING_MS).contains(&retry.retry_in_ms),
             "{}",
             retry.retry_in_ms
         );
@@ -558,7 +588,11 @@ fn only_retryable_rejections_are_retried() {
 fn backoff_grows_and_attempts_are_bounded() {
     let faults: Vec<_> = (0..10).map(|_| ("csr", Fault::Reject(429))).collect();
     let mut sim = Sim::new(&faults);
-    let mut flow = tested(sim.spec(None), None);
+    // Steps above the one-second spacing of connects, so that the backoff alone shows.
+    let mut spec = sim.spec(None);
+    spec.retry.initial_backoff = std::time::Duration::from_millis(2000);
+    spec.retry.max_backoff = std::time::Duration::from_millis(8000);
+    let mut flow = tested(spec, None);
     let result = sim.run(&mut flow);
     assert!(matches!(result, Err(Error::Rejected { .. })));
     assert_eq!(sim.csr_requests(), 6, "max_attempts");
@@ -570,7 +604,7 @@ fn backoff_grows_and_attempts_are_bounded() {
         .collect();
     assert_eq!(pauses.len(), 5);
     for (i, pause) in pauses.iter().enumerate() {
-        let step = (100u64 << i).min(400);
+        let step = (2000u64 << i).min(8000);
         assert!((step / 2..=step).contains(pause), "pause {i}: {pause}");
     }
     let attempts: Vec<u32> = sim
@@ -580,6 +614,46 @@ fn backoff_grows_and_attempts_are_bounded() {
         .map(|p| p.attempt)
         .collect();
     assert_eq!(attempts, [1, 2, 3, 4, 5]);
+}
+
+#[test]
+fn connects_with_one_client_id_are_a_second_apart() {
+    // A quick retry: the backoff (100 ms) is stretched to a second after the last connect.
+    let mut sim = Sim::new(&[("connect-claim", Fault::Refuse)]);
+    let mut flow = tested(sim.spec(None), None);
+    sim.run(&mut flow).unwrap();
+    let claim: Vec<u64> = sim
+        .connect_times
+        .iter()
+        .filter(|(id, _)| id == "claim-1")
+        .map(|(_, at)| *at)
+        .collect();
+    assert_eq!(claim.len(), 2);
+    assert_eq!(claim[1] - claim[0], CONNECT_SPACING_MS);
+    let retry = sim.progress.iter().find(|p| p.step == Step::Retrying);
+    assert_eq!(retry.map(|p| p.retry_in_ms), Some(CONNECT_SPACING_MS));
+
+    // The verification connect waits only when the thing's name is the claim's client id.
+    for (claim_id, waits) in [("claim-1", false), ("dev-S1", true)] {
+        let mut sim = Sim::new(&[]);
+        sim.claim_client_id = claim_id.into();
+        let mut flow = tested(sim.spec(None), None);
+        sim.run(&mut flow).unwrap();
+        let times: Vec<u64> = sim.connect_times.iter().map(|(_, at)| *at).collect();
+        assert_eq!(times.len(), 2, "{claim_id}");
+        assert_eq!(
+            times[1] - times[0] >= CONNECT_SPACING_MS,
+            waits,
+            "{claim_id}: {times:?}"
+        );
+        assert_eq!(
+            sim.logs
+                .iter()
+                .any(|l| l.contains("one CONNECT per second")),
+            waits,
+            "{claim_id}"
+        );
+    }
 }
 
 #[test]
