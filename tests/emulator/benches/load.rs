@@ -417,8 +417,12 @@ impl Mqtt {
                 ..
             } => {
                 if qos == 1 {
-                    wire::write(Version::V4, &Packet::PubAck { pkid }, &mut self.out)
-                        .map_err(|e| format!("encode: {e}"))?;
+                    wire::write(
+                        Version::V4,
+                        &Packet::PubAck { pkid, reason: 0 },
+                        &mut self.out,
+                    )
+                    .map_err(|e| format!("encode: {e}"))?;
                 }
                 (topic, payload)
             }

@@ -58,9 +58,14 @@ pub struct Broker {
     pub min_keep_alive: u16,
     /// Refuse TLS clients that sent no SNI, as AWS does.
     pub require_sni: bool,
+    /// Least time between two accepted CONNECTs with the same client id (AWS: 1 s); zero for
+    /// no limit.
+    pub connect_interval: Duration,
     acceptor: TlsAcceptor,
     peers: RwLock<HashMap<u64, Peer>>,
     sessions: Mutex<HashMap<String, u64>>,
+    /// When each client id last connected, for `connect_interval`.
+    last_connects: Mutex<HashMap<String, Instant>>,
     next_id: AtomicU64,
 }
 
@@ -72,6 +77,7 @@ impl Broker {
         require_alpn: bool,
         min_keep_alive: u16,
         require_sni: bool,
+        connect_interval: Duration,
     ) -> Broker {
         Broker {
             service,
@@ -79,11 +85,35 @@ impl Broker {
             require_alpn,
             min_keep_alive,
             require_sni,
+            connect_interval,
             acceptor: TlsAcceptor::from(tls),
             peers: RwLock::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
+            last_connects: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         }
+    }
+
+    /// Whether a CONNECT with `client_id` may go on now (AWS IoT Core: one CONNECT per second
+    /// per client id, a quota that cannot be raised); records it when it may.
+    fn connect_allowed(&self, client_id: &str) -> bool {
+        if self.connect_interval.is_zero() {
+            return true;
+        }
+        let now = Instant::now();
+        let mut last = self.last_connects.lock().unwrap_or_else(|e| e.into_inner());
+        if last
+            .get(client_id)
+            .is_some_and(|t| now.duration_since(*t) < self.connect_interval)
+        {
+            return false;
+        }
+        if last.len() >= 4096 {
+            let interval = self.connect_interval;
+            last.retain(|_, t| now.duration_since(*t) < interval);
+        }
+        last.insert(client_id.to_owned(), now);
+        true
     }
 
     /// Number of connections past CONNECT.
@@ -389,6 +419,29 @@ impl Conn {
             self.broker
                 .service
                 .policy_context(&self.cert_id, &self.client_id, &self.cert_der);
+        if assigned.is_none() && !self.broker.connect_allowed(&self.client_id) {
+            // AWS IoT Core accepts one CONNECT per second per client id (quotas page, message
+            // broker limits; not adjustable) and "will hang up on you" beyond it (AWS staff in
+            // aws-iot-device-sdk-java#127; CloudWatch counts ClientIdThrottle). MQTT 3.1.1:
+            // closed without a CONNACK. MQTT 5 [inferred]: CONNACK 0x97 Quota exceeded, the
+            // only code of AWS's CONNACK table that fits.
+            if version == Version::V5 {
+                self.queue(&Packet::ConnAck {
+                    code: 0x97,
+                    assigned_client_id: None,
+                    server_keep_alive: None,
+                });
+                let _ = self.flush(&mut w).await;
+            }
+            let _ = w.shutdown().await;
+            log!(
+                "{} [{}]: CONNECT refused: more than one per {} ms for this client id",
+                self.addr,
+                self.client_id,
+                self.broker.connect_interval.as_millis()
+            );
+            return End::Refused("more than one CONNECT per second for this client id");
+        }
         if !self.authorize(PolicyAction::Connect, &self.client_id.clone()) {
             // MQTT 3.1.1: AWS closes the connection without a CONNACK (clients see "connection
             // closed unexpectedly": aws-iot-device-sdk-js-v2#101). MQTT 5 [inferred]: CONNACK
@@ -548,6 +601,7 @@ impl Conn {
                 pkid,
                 payload,
                 topic_alias,
+                retain,
                 ..
             } => {
                 if qos > 1 {
@@ -574,11 +628,36 @@ impl Conn {
                         .close(w, 0x90, End::Limit(format!("invalid topic {topic:?}")))
                         .await);
                 }
+                if retain && topic.starts_with('$') {
+                    // "You can't publish to a reserved topic with the RETAIN flag set" (AWS
+                    // IoT's MQTT page, retained messages). How it is refused [inferred]: the
+                    // connection is closed, as AWS closed it for any retained PUBLISH before it
+                    // supported them; MQTT 5: DISCONNECT 0x90 Topic Name invalid.
+                    return Err(self
+                        .close(
+                            w,
+                            0x90,
+                            End::Limit(format!("retained PUBLISH to reserved topic {topic}")),
+                        )
+                        .await);
+                }
                 if !self.authorize(PolicyAction::Publish, &topic) {
-                    // AWS disconnects a client whose PUBLISH its policies deny, at QoS 0 and 1
-                    // alike, without a PUBACK (aws-iot-device-sdk-python-v2#260: QoS 0 sees
-                    // AWS_ERROR_MQTT_UNEXPECTED_HANGUP, QoS 1 a reconnect loop as the message is
-                    // retried). MQTT 5 [inferred]: DISCONNECT 0x87 Not authorized.
+                    // MQTT 5, QoS 1: PUBACK 0x87 Not authorized (AWS IoT's MQTT page, PUBACK
+                    // reason codes); the connection stays.
+                    if self.version == Version::V5 && qos == 1 {
+                        log!(
+                            "{} [{}]: denied: iot:Publish to {topic} (PUBACK 0x87)",
+                            self.addr,
+                            self.client_id
+                        );
+                        self.queue(&Packet::PubAck { pkid, reason: 0x87 });
+                        return Ok(());
+                    }
+                    // MQTT 3.1.1: AWS disconnects a client whose PUBLISH its policies deny, at
+                    // QoS 0 and 1 alike, without a PUBACK (aws-iot-device-sdk-python-v2#260:
+                    // QoS 0 sees AWS_ERROR_MQTT_UNEXPECTED_HANGUP, QoS 1 a reconnect loop as the
+                    // message is retried). MQTT 5, QoS 0 [inferred]: DISCONNECT 0x87 Not
+                    // authorized (no acknowledgement can carry it).
                     return Err(self
                         .close(w, 0x87, End::Denied(format!("iot:Publish to {topic}")))
                         .await);
@@ -593,13 +672,13 @@ impl Conn {
                             return Err(self.close(w, 0x80, End::Fault("request")).await);
                         }
                         if qos == 1 {
-                            self.queue(&Packet::PubAck { pkid });
+                            self.queue(&Packet::PubAck { pkid, reason: 0 });
                         }
                         self.spawn_request(topic, request, payload, tx.clone());
                     }
                     None => {
                         if qos == 1 {
-                            self.queue(&Packet::PubAck { pkid });
+                            self.queue(&Packet::PubAck { pkid, reason: 0 });
                         }
                         // Other reserved topics are AWS's own; the emulator ignores them.
                         if !topic.starts_with('$') {
@@ -617,6 +696,18 @@ impl Conn {
                             End::Limit(format!("{} filters in one SUBSCRIBE", filters.len())),
                         )
                         .await);
+                }
+                if filters.iter().any(|(_, qos)| *qos > 1) {
+                    // "When QoS level 2 is requested, the message broker doesn't send a PUBACK
+                    // or SUBACK" (AWS IoT's MQTT page, differences from the specification): no
+                    // SUBACK, nothing subscribed, the connection stays. Both MQTT versions
+                    // [inferred for MQTT 5: the page does not tell them apart].
+                    log!(
+                        "{} [{}]: SUBSCRIBE with QoS 2 ignored (no SUBACK, as AWS)",
+                        self.addr,
+                        self.client_id
+                    );
+                    return Ok(());
                 }
                 let mut codes = Vec::with_capacity(filters.len());
                 let mut fault_api: Option<Api> = None;
@@ -640,8 +731,7 @@ impl Conn {
                         codes.push(Err(0x97));
                         continue;
                     }
-                    // AWS IoT has no QoS 2: grant QoS 1.
-                    let granted = qos.min(1);
+                    let granted = qos;
                     if fault_api.is_none() {
                         fault_api = Request::api_of_reply_filter(&filter);
                     }

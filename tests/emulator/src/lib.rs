@@ -85,6 +85,9 @@ pub struct Config {
     /// Refuse TLS clients that send no SNI, as AWS does (default false: clients that connect
     /// to an IP address, 127.0.0.1 included, send none).
     pub require_sni: bool,
+    /// Least time between two accepted CONNECTs with the same client id: AWS IoT Core accepts
+    /// one per second per client id and hangs up on more (default 1 s; zero turns it off).
+    pub connect_interval: Duration,
     /// Refuse connections that did not negotiate ALPN `x-amzn-mqtt-ca` (as AWS on port 443).
     pub require_alpn: bool,
     /// Offer TLS 1.2 only (AWS IoT with a TLS 1.2-only security policy); default 1.3 and 1.2.
@@ -119,6 +122,7 @@ impl Config {
             require_alpn: false,
             min_keep_alive: 30,
             require_sni: false,
+            connect_interval: Duration::from_secs(1),
             tls12_only: false,
             faults: Vec::new(),
             control_port: None,
@@ -195,6 +199,7 @@ impl Emulator {
             config.require_alpn,
             config.min_keep_alive,
             config.require_sni,
+            config.connect_interval,
         ));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

@@ -27,6 +27,9 @@ SERVE OPTIONS:
     --hook-timeout SECS   time a pre-provisioning hook has to answer (default 5)
     --require-sni         refuse TLS clients that send no SNI, as AWS does (connect to a name, not an IP)
     --min-keep-alive SECS keep-alive values below SECS are raised to it (default 30, as AWS does)
+    --connect-interval SECS
+                          refuse a CONNECT that comes less than SECS after the last accepted one
+                          with the same client id (default 1, as AWS does; 0: no limit)
     --require-alpn        refuse clients that do not negotiate ALPN x-amzn-mqtt-ca (as AWS on port 443)
     --tls12-only          offer TLS 1.2 only (as AWS with a TLS 1.2-only security policy)
     --fault RULE          fault rule in force from the start, repeatable (see README: Fault injection)
@@ -132,6 +135,17 @@ fn run(args: Vec<String>) -> Result<ExitCode, String> {
                     .ok()
                     .filter(|n| (1..=1200).contains(n))
                     .ok_or_else(|| format!("--min-keep-alive: expected 1 to 1200, got {v:?}"))?;
+            }
+            "--connect-interval" => {
+                let v = value(rest, &mut i, arg)?;
+                config.connect_interval = v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|s| s.is_finite() && (0.0..=3600.0).contains(s))
+                    .map(Duration::from_secs_f64)
+                    .ok_or_else(|| {
+                        format!("--connect-interval: expected 0 to 3600 seconds, got {v:?}")
+                    })?;
             }
             "--tls12-only" => config.tls12_only = true,
             "--fault" => config

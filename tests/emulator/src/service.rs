@@ -506,6 +506,7 @@ impl Service {
                     let Value::String(s) = v else {
                         return Err(invalid_payload(format!("parameters.{k} must be a string")));
                     };
+                    check_parameter_size(k, s)?;
                     params.insert(k.clone(), s.clone());
                 }
             }
@@ -566,6 +567,32 @@ impl Service {
     }
 }
 
+/// Longest parameter key and value, in characters (RegisterThing's `parameters`: "Key Length
+/// Constraints: Maximum length of 2048", "Value Length Constraints: Maximum length of 4096",
+/// AWS IoT API reference). The MQTT API's limits are not documented: the same are applied
+/// [inferred], refused with 400 `InvalidParameters` [inferred].
+const MAX_PARAMETER_KEY: usize = 2048;
+const MAX_PARAMETER_VALUE: usize = 4096;
+
+fn check_parameter_size(key: &str, value: &str) -> Result<(), Reply> {
+    let key_chars = key.chars().count();
+    let value_chars = value.chars().count();
+    let shown: String = key.chars().take(64).collect();
+    let shown = if key_chars > 64 {
+        format!("{shown}…")
+    } else {
+        shown
+    };
+    let problem = if key_chars > MAX_PARAMETER_KEY {
+        format!("parameter key {shown} is {key_chars} characters long; at most {MAX_PARAMETER_KEY} are allowed")
+    } else if value_chars > MAX_PARAMETER_VALUE {
+        format!("the value of parameter {shown} is {value_chars} characters long; at most {MAX_PARAMETER_VALUE} are allowed")
+    } else {
+        return Ok(());
+    };
+    Err(Reply::rejected(400, "InvalidParameters", problem))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -611,6 +638,33 @@ mod tests {
         assert!(a
             .bytes()
             .all(|c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/'));
+    }
+
+    #[test]
+    fn parameter_sizes_as_the_api_reference_gives_them() {
+        let long = |n: usize| "é".repeat(n);
+        let code = |r: Result<(), Reply>| match r {
+            Ok(()) => None,
+            Err(Reply::Rejected { status, code, .. }) => Some((status, code)),
+            Err(other) => panic!("{other:?}"),
+        };
+        let invalid = Some((400, "InvalidParameters".to_owned()));
+        // Characters count, not bytes.
+        assert_eq!(code(check_parameter_size(&long(2048), &long(4096))), None);
+        assert_eq!(code(check_parameter_size(&long(2049), "v")), invalid);
+        assert_eq!(code(check_parameter_size("k", &long(4097))), invalid);
+        assert_eq!(code(check_parameter_size("", "")), None);
+        // The message shows a long key cut short, and never the value.
+        let Err(Reply::Rejected { message, .. }) = check_parameter_size("k", &"s".repeat(5000))
+        else {
+            panic!("refused")
+        };
+        assert!(!message.contains("sss"), "{message}");
+        let Err(Reply::Rejected { message, .. }) = check_parameter_size(&"k".repeat(3000), "")
+        else {
+            panic!("refused")
+        };
+        assert!(message.len() < 200, "{message}");
     }
 
     #[test]

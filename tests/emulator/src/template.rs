@@ -5,8 +5,12 @@
 //! (<https://docs.aws.amazon.com/iot/latest/developerguide/provision-template.html>):
 //!
 //! * `Parameters`: `{Name: {"Type": "String", "Default"?: string}}`. Only
-//!   `String` parameters exist. A parameter is resolved only when the template
-//!   uses it; request parameters that are not declared are ignored.
+//!   `String` parameters exist. Every declared parameter needs a value, from
+//!   the request or its `Default`, whether the template uses it or not
+//!   (`400 InvalidParameters "Missing parameter: NAME"`) [inferred: AWS's
+//!   provision-template page says only that a parameter without a default "is
+//!   not replaced with a value"; the stricter reading never passes here what
+//!   could fail on AWS]. Request parameters that are not declared are ignored.
 //! * Pseudo parameter `AWS::IoT::Certificate::Id` (the certificate being
 //!   registered), which always wins over declared or supplied values.
 //!   `AWS::Region` and `AWS::AccountId` are not provided: AWS answers
@@ -414,7 +418,7 @@ fn device_configuration_section(
 ///
 /// | code | when |
 /// |---|---|
-/// | `InvalidParameters` | a `Ref` or `${Var}` names a declared parameter that was not supplied and has no `Default` (`Missing parameter: NAME`), or names nothing declared (`Cannot resolve reference value: NAME`, AWS's own wording) |
+/// | `InvalidParameters` | a declared parameter was not supplied and has no `Default`, used or not (`Missing parameter: NAME`), or a `Ref` or `${Var}` names nothing declared (`Cannot resolve reference value: NAME`, AWS's own wording) |
 /// | `InvalidRequest` | anything else wrong with the template, the message starting with where: a section or resource of the wrong shape; an unsupported resource type, property or `OverrideSettings` value; more than one thing or certificate; a missing `ThingName` or `CertificateId`; a `CertificateId` other than `certificate_id`; a `Status` other than Active/Inactive; a policy with both or neither of `PolicyName` and `PolicyDocument`, or a `PolicyDocument` string that is not a JSON object; a name or attribute that breaks AWS's length or character rules; an intrinsic function of the wrong shape or unknown (e.g. `Fn::If`, `Fn::GetAtt`); a `Fn::Select` index that is not a non-negative integer or is out of range; an empty `Fn::Split` delimiter; a `Fn::FindInMap` map or key that does not exist; a list where a string is needed (or the reverse); nesting deeper than 32 levels |
 ///
 /// Defaults: a certificate resource without `Status` is `Active` (AWS: "Defaults
@@ -433,6 +437,14 @@ pub fn evaluate(
     let declared = parse_parameters(body)?;
     let mappings = parse_mappings(body)?;
     let resources = parse_resources(body)?;
+    if let Some(name) = declared.iter().find_map(|(name, default)| {
+        (default.is_none() && *name != CERTIFICATE_ID_PARAMETER && !params.contains_key(*name))
+            .then_some(*name)
+    }) {
+        return Err(TemplateError::invalid_parameters(format!(
+            "Missing parameter: {name}"
+        )));
+    }
     let evaluator = Evaluator {
         declared,
         params,
@@ -1465,10 +1477,20 @@ mod tests {
         value
     }
 
+    /// Declares `names` without a default when `part` mentions them: every declared
+    /// parameter needs a value, so rows about other things must not declare them.
+    fn declare_used(body: &mut Value, part: &Value, names: &[&str]) {
+        let text = part.to_string();
+        for name in names {
+            if text.contains(name) {
+                body["Parameters"][*name] = json!({"Type": "String"});
+            }
+        }
+    }
+
     fn intrinsic_body(expr: Value) -> Value {
-        json!({
+        let mut body = json!({
             "Parameters": {
-                "Serial": {"Type": "String"},
                 "Loc": {"Type": "String", "Default": "lab"},
                 "Csv": {"Type": "String", "Default": "a,b,c"},
                 "Idx": {"Type": "String", "Default": "1"},
@@ -1481,8 +1503,10 @@ mod tests {
                 }
             },
             "Resources": {},
-            "DeviceConfiguration": {"v": expr}
-        })
+            "DeviceConfiguration": {"v": expr.clone()}
+        });
+        declare_used(&mut body, &expr, &["Serial"]);
+        body
     }
 
     #[test]
@@ -1961,6 +1985,41 @@ mod tests {
     }
 
     #[test]
+    fn every_declared_parameter_needs_a_value() {
+        let body = json!({
+            "Parameters": {
+                "Used": {"Type": "String"},
+                "Unused": {"Type": "String"},
+                "Defaulted": {"Type": "String", "Default": "d"},
+                "AWS::IoT::Certificate::Id": {"Type": "String"}
+            },
+            "Resources": {},
+            "DeviceConfiguration": {"v": {"Ref": "Used"}}
+        });
+        let rows: &[(Pairs, Result<&str, &str>)] = &[
+            (&[("Used", "u"), ("Unused", "x")], Ok("u")),
+            // Declared, not used, no default: fails like a used one.
+            (&[("Used", "u")], Err("Missing parameter: Unused")),
+            (&[("Unused", "x")], Err("Missing parameter: Used")),
+            // A supplied empty string is a value.
+            (&[("Used", ""), ("Unused", "")], Ok("")),
+        ];
+        for (pairs, want) in rows {
+            let got = evaluate(&body, &params(pairs), CERT)
+                .map(|o| o.device_configuration["v"].clone())
+                .map_err(|e| {
+                    assert_eq!((e.status, e.code), (400, IP), "{pairs:?}");
+                    e.message
+                });
+            assert_eq!(
+                got.as_deref().map_err(String::as_str),
+                want.as_ref().map(|s| *s).map_err(|s| *s),
+                "{pairs:?}"
+            );
+        }
+    }
+
+    #[test]
     fn parameter_error_messages() {
         let rows = [
             (json!({"Ref": "Serial"}), "Missing parameter: Serial"),
@@ -2001,17 +2060,17 @@ mod tests {
     }
 
     fn resources_body(resources: Value) -> Value {
-        json!({
+        let mut body = json!({
             "Parameters": {
-                "Serial": {"Type": "String"},
                 "Loc": {"Type": "String", "Default": "lab"},
                 "Groups": {"Type": "String", "Default": "g1,g2,g1"},
                 "Stat": {"Type": "String", "Default": "INACTIVE"},
-                "CertId": {"Type": "String"},
                 "Policy": {"Type": "String", "Default": "from-param"}
             },
-            "Resources": resources
-        })
+            "Resources": resources.clone()
+        });
+        declare_used(&mut body, &resources, &["Serial", "CertId"]);
+        body
     }
 
     fn thing(name: &str) -> ThingSpec {
@@ -2819,7 +2878,7 @@ mod tests {
             ),
             (
                 "parameter with description",
-                json!({"Parameters": {"P": {"Type": "String", "Description": "d"}}, "Resources": {}}),
+                json!({"Parameters": {"P": {"Type": "String", "Description": "d", "Default": "x"}}, "Resources": {}}),
                 Ok(()),
             ),
             (

@@ -44,7 +44,10 @@ pub fn valid_filter(filter: &str) -> bool {
 }
 
 /// Whether `topic` matches `filter`. Wildcards at the first level never match topics starting
-/// with `$` (MQTT 3.1.1 section 4.7.2).
+/// with `$` (MQTT 3.1.1 section 4.7.2). Unlike the MQTT specification, `#` does not match its
+/// parent level: AWS IoT delivers `sensor`, `sensor/` and `sensor/a` to `sensor/#` subscribers
+/// except `sensor` ("the parent topic is not matched", AWS IoT's MQTT page, differences from
+/// the specification; awsdocs/aws-iot-docs#59).
 pub fn matches(filter: &str, topic: &str) -> bool {
     if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
         return false;
@@ -53,7 +56,7 @@ pub fn matches(filter: &str, topic: &str) -> bool {
     let mut t = topic.split('/');
     loop {
         match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
+            (Some("#"), t) => return t.is_some(),
             (Some("+"), Some(_)) => {}
             (Some(a), Some(b)) if a == b => {}
             (None, None) => return true,
@@ -170,7 +173,10 @@ mod tests {
             ("a/b", "a/b", true),
             ("a/+", "a/b", true),
             ("a/+", "a/b/c", false),
-            ("a/#", "a", true),
+            ("a/#", "a", false),
+            ("a/#", "a/", true),
+            ("a/b/#", "a/b", false),
+            ("a/b/#", "a", false),
             ("a/#", "a/b/c", true),
             ("#", "a/b", true),
             ("#", "$aws/x", false),

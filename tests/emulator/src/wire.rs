@@ -42,8 +42,11 @@ pub enum Packet {
         /// MQTT 5 topic alias, which the emulator does not allow (it advertises a maximum of 0).
         topic_alias: Option<u16>,
     },
+    /// `reason` is the MQTT 5 reason code (0 success); MQTT 3.1.1 has none and sends a plain
+    /// PUBACK.
     PubAck {
         pkid: u16,
+        reason: u8,
     },
     Subscribe {
         pkid: u16,
@@ -225,7 +228,10 @@ fn read_v4(buf: &mut BytesMut, max: usize) -> Result<Packet, WireError> {
             payload: p.payload,
             topic_alias: None,
         },
-        v4::Packet::PubAck(a) => Packet::PubAck { pkid: a.pkid },
+        v4::Packet::PubAck(a) => Packet::PubAck {
+            pkid: a.pkid,
+            reason: 0,
+        },
         v4::Packet::Subscribe(s) => Packet::Subscribe {
             pkid: s.pkid,
             filters: s
@@ -326,7 +332,10 @@ fn read_v5(buf: &mut BytesMut, max: usize) -> Result<Packet, WireError> {
                 payload: p.payload,
             }
         }
-        v5::Packet::PubAck(a) => Packet::PubAck { pkid: a.pkid },
+        v5::Packet::PubAck(a) => Packet::PubAck {
+            pkid: a.pkid,
+            reason: puback_code_v5(a.reason),
+        },
         v5::Packet::Subscribe(s) => Packet::Subscribe {
             pkid: s.pkid,
             filters: s
@@ -383,6 +392,7 @@ fn connack_code_v5(code: v5::ConnectReturnCode) -> u8 {
         C::ServerUnavailable | C::ServiceUnavailable => 0x88,
         C::ServerBusy => 0x89,
         C::Banned => 0x8A,
+        C::QuotaExceeded => 0x97,
         _ => 0x83,
     }
 }
@@ -400,8 +410,39 @@ fn connack_v5_code(code: u8) -> v5::ConnectReturnCode {
         0x88 => C::ServerUnavailable,
         0x89 => C::ServerBusy,
         0x8A => C::Banned,
+        0x97 => C::QuotaExceeded,
         0x83 => C::ImplementationSpecificError,
         _ => C::UnspecifiedError,
+    }
+}
+
+fn puback_code_v5(reason: v5::PubAckReason) -> u8 {
+    use v5::PubAckReason as R;
+    match reason {
+        R::Success => 0,
+        R::NoMatchingSubscribers => 0x10,
+        R::UnspecifiedError => 0x80,
+        R::ImplementationSpecificError => 0x83,
+        R::NotAuthorized => 0x87,
+        R::TopicNameInvalid => 0x90,
+        R::PacketIdentifierInUse => 0x91,
+        R::QuotaExceeded => 0x97,
+        R::PayloadFormatInvalid => 0x99,
+    }
+}
+
+fn puback_reason_v5(code: u8) -> v5::PubAckReason {
+    use v5::PubAckReason as R;
+    match code {
+        0 => R::Success,
+        0x10 => R::NoMatchingSubscribers,
+        0x83 => R::ImplementationSpecificError,
+        0x87 => R::NotAuthorized,
+        0x90 => R::TopicNameInvalid,
+        0x91 => R::PacketIdentifierInUse,
+        0x97 => R::QuotaExceeded,
+        0x99 => R::PayloadFormatInvalid,
+        _ => R::UnspecifiedError,
     }
 }
 
@@ -497,7 +538,7 @@ fn to_v4(packet: &Packet) -> Option<v4::Packet> {
             p.dup = *dup;
             v4::Packet::Publish(p)
         }
-        Packet::PubAck { pkid } => v4::Packet::PubAck(v4::PubAck::new(*pkid)),
+        Packet::PubAck { pkid, .. } => v4::Packet::PubAck(v4::PubAck::new(*pkid)),
         Packet::Subscribe { pkid, filters } => {
             let mut s = v4::Subscribe::new_many(
                 filters
@@ -607,7 +648,11 @@ fn to_v5(packet: &Packet) -> Option<v5::Packet> {
             }
             v5::Packet::Publish(p)
         }
-        Packet::PubAck { pkid } => v5::Packet::PubAck(v5::PubAck::new(*pkid, None)),
+        Packet::PubAck { pkid, reason } => {
+            let mut a = v5::PubAck::new(*pkid, None);
+            a.reason = puback_reason_v5(*reason);
+            v5::Packet::PubAck(a)
+        }
         Packet::Subscribe { pkid, filters } => {
             let mut s = v5::Subscribe::new_many(
                 filters
@@ -687,7 +732,19 @@ mod tests {
                 codes: vec![Ok(1), Err(0x80)],
             };
             assert_eq!(round_trip(v, a.clone()), a);
+            let ack = Packet::PubAck { pkid: 9, reason: 0 };
+            assert_eq!(round_trip(v, ack.clone()), ack);
         }
+        // A PUBACK's reason code exists in MQTT 5 only.
+        let denied = Packet::PubAck {
+            pkid: 9,
+            reason: 0x87,
+        };
+        assert_eq!(round_trip(Version::V5, denied.clone()), denied);
+        assert_eq!(
+            round_trip(Version::V4, denied),
+            Packet::PubAck { pkid: 9, reason: 0 }
+        );
     }
 
     #[test]

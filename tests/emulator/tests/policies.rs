@@ -24,6 +24,8 @@ enum Outcome {
     SubAckFailure(u8),
     /// PUBLISH: the server closed the connection (with this DISCONNECT reason in MQTT 5).
     Disconnected(Option<u8>),
+    /// PUBLISH at QoS 1, MQTT 5: this failure code in the PUBACK, connection still open.
+    PubAckFailure(u8),
     /// RECEIVE: the message was not delivered.
     NotDelivered,
 }
@@ -32,7 +34,10 @@ enum Outcome {
 enum Op {
     Connect(&'static str),
     Subscribe(&'static str),
+    /// A PUBLISH at QoS 1.
     Publish(&'static str),
+    /// A PUBLISH at QoS 0.
+    Publish0(&'static str),
     /// Subscribes to the filter (allowed), publishes to the topic, checks delivery.
     Receive(&'static str, &'static str),
 }
@@ -137,7 +142,27 @@ async fn run(env: &Env, version: Version, op: &Op) -> Outcome {
             // Not a request topic: only the PUBACK (or the close) answers.
             c.publish(topic, Bytes::from_static(b"{}"), 1).await;
             match c.recv(WAIT).await {
-                Recv::Packet(Packet::PubAck { .. }) => Outcome::Ok,
+                Recv::Packet(Packet::PubAck { reason: 0, .. }) => Outcome::Ok,
+                Recv::Packet(Packet::PubAck { reason, .. }) => {
+                    // A failed PUBACK does not end the connection.
+                    c.send(&Packet::PingReq).await;
+                    assert_eq!(c.recv(WAIT).await, Recv::Packet(Packet::PingResp));
+                    Outcome::PubAckFailure(reason)
+                }
+                Recv::Closed => Outcome::Disconnected(None),
+                Recv::Packet(Packet::Disconnect { reason }) => {
+                    assert_eq!(c.recv(WAIT).await, Recv::Closed);
+                    Outcome::Disconnected(Some(reason))
+                }
+                other => panic!("answer to PUBLISH: {other:?}"),
+            }
+        }
+        Op::Publish0(topic) => {
+            // Nothing acknowledges QoS 0: a PINGRESP after it shows the connection lives on.
+            c.publish(topic, Bytes::from_static(b"{}"), 0).await;
+            c.send(&Packet::PingReq).await;
+            match c.recv(WAIT).await {
+                Recv::Packet(Packet::PingResp) => Outcome::Ok,
                 Recv::Closed => Outcome::Disconnected(None),
                 Recv::Packet(Packet::Disconnect { reason }) => {
                     assert_eq!(c.recv(WAIT).await, Recv::Closed);
@@ -171,7 +196,17 @@ fn denied_sub(version: Version) -> Outcome {
     Outcome::SubAckFailure(if version == Version::V5 { 0x87 } else { 0x80 })
 }
 
+/// A denied QoS 1 PUBLISH: MQTT 3.1.1 closes the connection (observed), MQTT 5 answers PUBACK
+/// 0x87 Not authorized (AWS's PUBACK reason codes).
 fn denied_pub(version: Version) -> Outcome {
+    match version {
+        Version::V4 => Outcome::Disconnected(None),
+        Version::V5 => Outcome::PubAckFailure(0x87),
+    }
+}
+
+/// A denied QoS 0 PUBLISH: closed, MQTT 5 with DISCONNECT 0x87 [inferred].
+fn denied_pub0(version: Version) -> Outcome {
     Outcome::Disconnected((version == Version::V5).then_some(0x87))
 }
 
@@ -495,6 +530,10 @@ async fn default_claim_policy_is_written_and_allows_provisioning_both_ways() {
             denied_pub(version)
         );
         assert_eq!(
+            run(&env, version, &Op::Publish0("devices/x")).await,
+            denied_pub0(version)
+        );
+        assert_eq!(
             run(&env, version, &Op::Subscribe("#")).await,
             denied_sub(version)
         );
@@ -621,6 +660,15 @@ async fn device_certificates_get_the_policies_their_template_attaches() {
         assert_eq!(topic, "things/sensor-1/cmd");
         c.publish("things/sensor-2/cmd", Bytes::from_static(b"x"), 1)
             .await;
+        if version == Version::V5 {
+            // MQTT 5: PUBACK 0x87, the connection stays; a denied QoS 0 PUBLISH ends it.
+            assert!(matches!(
+                c.recv(WAIT).await,
+                Recv::Packet(Packet::PubAck { reason: 0x87, .. })
+            ));
+            c.publish("things/sensor-2/cmd", Bytes::from_static(b"x"), 0)
+                .await;
+        }
         assert_eq!(
             c.expect_closed().await,
             (version == Version::V5).then_some(0x87),

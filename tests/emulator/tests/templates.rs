@@ -114,7 +114,7 @@ async fn parameters_defaults_missing_and_extra() {
             "Parameters": {
                 "SerialNumber": {"Type": "String"},
                 "Location": {"Type": "String", "Default": "lab"},
-                // Required but never used: nobody asks for it.
+                // Never used, yet without a default it needs a value.
                 "Unused": {"Type": "String"}
             },
             "Resources": {
@@ -136,19 +136,42 @@ async fn parameters_defaults_missing_and_extra() {
         let rows: Vec<Row<(String, &str)>> = vec![
             (
                 "default used",
-                json!({"SerialNumber": format!("p-default-{fmt}")}),
+                json!({"SerialNumber": format!("p-default-{fmt}"), "Unused": ""}),
                 Ok((format!("p-default-{fmt}"), "lab")),
             ),
             (
                 "given value, extra parameters ignored",
                 json!({"SerialNumber": format!("p-given-{fmt}"), "Location": "dock",
-                       "Extra": "x", "not a name!": "y"}),
+                       "Unused": "u", "Extra": "x", "not a name!": "y"}),
                 Ok((format!("p-given-{fmt}"), "dock")),
             ),
             (
                 "required parameter missing",
                 json!({"Location": "dock"}),
                 Err((400, IP, "Missing parameter: SerialNumber")),
+            ),
+            (
+                "declared parameter unused and missing",
+                json!({"SerialNumber": format!("p-unused-{fmt}")}),
+                Err((400, IP, "Missing parameter: Unused")),
+            ),
+            (
+                "parameter key too long",
+                json!({"SerialNumber": format!("p-key-{fmt}"), "Unused": "u",
+                       "k".repeat(2049): "v"}),
+                Err((400, IP, "")),
+            ),
+            (
+                "parameter value too long",
+                json!({"SerialNumber": format!("p-value-{fmt}"), "Unused": "u",
+                       "Location": "v".repeat(4097)}),
+                Err((400, IP, "")),
+            ),
+            (
+                "longest key and value",
+                json!({"SerialNumber": format!("p-long-{fmt}"), "Unused": "u",
+                       "Extra": "v".repeat(4096), "k".repeat(2048): "v"}),
+                Ok((format!("p-long-{fmt}"), "lab")),
             ),
             (
                 "no parameters at all",
@@ -173,6 +196,15 @@ async fn parameters_defaults_missing_and_extra() {
                 }
                 Err((status, code, message)) => {
                     assert!(!ok);
+                    let mut reply = reply;
+                    if message.is_empty() {
+                        // Size limits: the message is ours, and must not echo the value.
+                        let text = reply["errorMessage"].take();
+                        let text = text.as_str().unwrap_or_default();
+                        assert!(text.contains("characters long"), "{row}: {text}");
+                        assert!(!text.contains("vvvvvvvv"), "{row}: {text}");
+                        reply["errorMessage"] = json!("");
+                    }
                     assert_eq!(
                         reply,
                         json!({"statusCode": status, "errorCode": code, "errorMessage": message}),
@@ -183,13 +215,13 @@ async fn parameters_defaults_missing_and_extra() {
             }
         }
     }
-    // Only the four accepted rows made things.
+    // Only the accepted rows (three per format) made things.
     assert_eq!(
         env.emu.registry().unwrap()["things"]
             .as_array()
             .unwrap()
             .len(),
-        4
+        6
     );
 }
 
@@ -510,7 +542,12 @@ async fn certificate_resource_sets_the_status() {
         env.write_template(
             &format!("Status{i}"),
             &json!({
-                "Parameters": {"SerialNumber": {"Type": "String"}, "Status": {"Type": "String"}},
+                "Parameters": {
+                    "SerialNumber": {"Type": "String"},
+                    // Every declared parameter needs a value: a default for the rows that do
+                    // not give one.
+                    "Status": {"Type": "String", "Default": "Active"}
+                },
                 "Resources": resources
             }),
         );
