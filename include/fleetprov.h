@@ -27,10 +27,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define FLEETPROV_VERSION "0.3.1"
+#define FLEETPROV_VERSION "0.3.2"
 #define FLEETPROV_VERSION_MAJOR 0
 #define FLEETPROV_VERSION_MINOR 3
-#define FLEETPROV_VERSION_PATCH 1
+#define FLEETPROV_VERSION_PATCH 2
 
 
 /*

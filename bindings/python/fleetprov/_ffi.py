@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 #: The library version this package is written for (agrees with pyproject.toml).
-EXPECTED_VERSION = "0.3.1"
+EXPECTED_VERSION = "0.3.2"
 
 if sys.platform == "darwin":
     BUNDLED_NAME = "libfleetprov.dylib"
