@@ -456,7 +456,12 @@ impl Flow {
             FlowEvent::Tick => {
                 if self.wait_until.is_some_and(|w| now >= w) {
                     self.wait_until = None;
-                    self.connect(now, &mut out);
+                    if matches!(self.link, Link::Up { .. }) {
+                        // A rejected request, retried on the connection it came on.
+                        self.start_engine(now, &mut out);
+                    } else {
+                        self.connect(now, &mut out);
+                    }
                 } else if matches!(self.link, Link::Connecting { deadline } if now >= deadline) {
                     self.fail(Error::Timeout(self.step), now, &mut out);
                 } else if self.engine.is_some() {
@@ -486,7 +491,13 @@ impl Flow {
                 }
             }
             FlowEvent::Disconnected(e) => {
-                if matches!(self.link, Link::Up { .. }) {
+                if matches!(self.link, Link::Up { .. })
+                    && self.engine.is_none()
+                    && self.wait_until.is_some()
+                {
+                    // Lost while pausing before a retry on it: the retry connects again.
+                    self.link = Link::Down;
+                } else if matches!(self.link, Link::Up { .. }) {
                     // A connection that ends while a reply is awaited: AWS IoT closes it when
                     // the certificate's policy does not allow the request's PUBLISH, so the
                     // error says which topic that was.
@@ -1095,7 +1106,19 @@ impl Flow {
     /// An attempt failed: retry after a pause if the failure is retryable and attempts and
     /// time are left; else give up with this error.
     fn fail(&mut self, e: Error, now: u64, out: &mut Vec<FlowAction>) {
-        self.drop_link(out);
+        // A rejection (429, 5xx) says nothing against the connection: the next attempt goes
+        // out on it after the pause, without a new TLS handshake, CONNECT and SUBSCRIBE (three
+        // round trips, and AWS's one CONNECT per second per client id). Anything else, or no
+        // next attempt, closes it.
+        let keep_link = matches!(e, Error::Rejected { .. })
+            && matches!(self.link, Link::Up { .. })
+            && matches!(self.phase, Phase::Create | Phase::Register);
+        if keep_link {
+            self.engine = None;
+            self.create_sent = false;
+        } else {
+            self.drop_link(out);
+        }
         let spent = match now.saturating_sub(self.started) {
             ms if ms < 1000 => format!("{ms} ms"),
             ms => format!("{:.1} s", ms as f64 / 1000.0),
@@ -1105,18 +1128,23 @@ impl Flow {
             n => format!("({n} attempts, {spent})"),
         };
         if !e.is_retryable() {
+            self.drop_link(out);
             return self.finish(Err(e.noted(&tried)), out);
         }
         if self.attempt >= self.spec.retry.max_attempts {
+            self.drop_link(out);
             let line = format!("giving up after {} attempts: {e}", self.attempt);
             self.log(LogLevel::Warn, line, out);
             return self.finish(Err(e.noted(&tried)), out);
         }
         let backoff = self.spec.retry.backoff_ms(self.attempt, self.jitter.draw());
-        // The next attempt connects again, most likely with the same client id.
-        let resume_at = now
-            .saturating_add(backoff)
-            .max(self.connect_not_before(None).unwrap_or(0));
+        // Otherwise the next attempt connects again, most likely with the same client id.
+        let resume_at = if keep_link {
+            now.saturating_add(backoff)
+        } else {
+            now.saturating_add(backoff)
+                .max(self.connect_not_before(None).unwrap_or(0))
+        };
         let pause = resume_at - now;
         if self
             .spec
@@ -1124,6 +1152,7 @@ impl Flow {
             .deadline_ms
             .is_some_and(|deadline| resume_at >= deadline)
         {
+            self.drop_link(out);
             let line = format!("no time left for another attempt: {e}");
             self.log(LogLevel::Warn, line, out);
             return self.finish(Err(e.noted(&tried)), out);

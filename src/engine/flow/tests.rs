@@ -39,6 +39,8 @@ enum Fault {
     DropAfterProcessing,
     /// Rejected with this status.
     Reject(u16),
+    /// Rejected with this status, then the connection drops.
+    RejectThenDrop(u16),
     /// No reply at all (the flow times out).
     Silence,
 }
@@ -233,7 +235,7 @@ impl Sim {
                                 None,
                             ));
                         }
-                        Some(Fault::Reject(status)) => {
+                        Some(f @ (Fault::Reject(status) | Fault::RejectThenDrop(status))) => {
                             let body = json!({"statusCode": status, "errorCode": "Nope", "errorMessage": "no"});
                             events.push((
                                 FlowEvent::Tick,
@@ -242,6 +244,12 @@ impl Sim {
                                     serde_json::to_vec(&body).unwrap(),
                                 )),
                             ));
+                            if matches!(f, Fault::RejectThenDrop(_)) {
+                                events.push((
+                                    FlowEvent::Disconnected(Error::Connection("cut".into())),
+                                    None,
+                                ));
+                            }
                         }
                         Some(Fault::Silence) => {}
                         fault => {
@@ -654,6 +662,36 @@ fn connects_with_one_client_id_are_a_second_apart() {
             "{claim_id}"
         );
     }
+}
+
+#[test]
+fn a_rejection_is_retried_on_the_connection_it_came_on() {
+    for at in ["csr", "register"] {
+        let mut sim = Sim::new(&[(at, Fault::Reject(429)), (at, Fault::Reject(503))]);
+        let mut flow = tested(sim.spec(None), None);
+        let p = sim.run(&mut flow).unwrap();
+        assert_eq!(p.attempts, 3, "{at}");
+        // One claim connection, subscribed once; then the verification connection.
+        assert_eq!(sim.connects, ["claim", "device"], "{at}");
+        assert_eq!(sim.subscribes.len(), 1, "{at}");
+        // Pure backoff: no connect to space.
+        let pauses: Vec<u64> = sim
+            .progress
+            .iter()
+            .filter(|p| p.step == Step::Retrying)
+            .map(|p| p.retry_in_ms)
+            .collect();
+        assert_eq!(pauses.len(), 2, "{at}");
+        assert!((50..=100).contains(&pauses[0]), "{at}: {pauses:?}");
+        assert!((100..=200).contains(&pauses[1]), "{at}: {pauses:?}");
+    }
+    // The connection lost during the pause: no attempt more, the retry connects again (the
+    // scripted service checks it is a second after the last connect).
+    let mut sim = Sim::new(&[("csr", Fault::RejectThenDrop(429))]);
+    let mut flow = tested(sim.spec(None), None);
+    let p = sim.run(&mut flow).unwrap();
+    assert_eq!(p.attempts, 2);
+    assert_eq!(sim.connects, ["claim", "claim", "device"]);
 }
 
 #[test]
