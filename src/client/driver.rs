@@ -41,7 +41,9 @@ struct Builtin<'a> {
     claim_tls: Arc<rustls::ClientConfig>,
     alpn: bool,
     link: Option<Link>,
-    /// The client id of the connection being opened.
+    /// `host:port`, and the client id of the connection being opened, for
+    /// [`crate::pacing`].
+    endpoint: String,
     client_id: String,
     log: Option<LogFn>,
 }
@@ -74,8 +76,7 @@ impl Transport for Builtin<'_> {
             let line = format!("connecting to {}:{}", self.config.host, self.config.port);
             log(LogLevel::Info, &line);
         }
-        let endpoint = crate::pacing::endpoint(&self.config.host, self.config.port);
-        crate::pacing::record(&endpoint, &client_id);
+        crate::pacing::record(&self.endpoint, &client_id);
         self.link = Some(Link::open(self.config, tls, &client_id, who));
         self.client_id = client_id;
         Ok(())
@@ -124,10 +125,10 @@ pub(crate) async fn drive(
         claim_tls,
         alpn,
         link: None,
+        endpoint: crate::pacing::endpoint(&config.host, config.port),
         client_id: String::new(),
         log,
     };
-    let pacing_key = crate::pacing::endpoint(&config.host, config.port);
     driver.start(now_ms(), &mut t);
     // When a deferred cancel stops waiting for the reply in flight.
     let mut grace_until: Option<u64> = None;
@@ -170,7 +171,7 @@ pub(crate) async fn drive(
             Some(LinkEvent::Connected) => {
                 // The server counted the CONNECT before its CONNACK came in: the next one with
                 // this client id is spaced from now, not from when this one was opened.
-                crate::pacing::record(&pacing_key, &t.client_id);
+                crate::pacing::record(&t.endpoint, &t.client_id);
                 driver.say(LogLevel::Info, "connected");
                 driver.handle(FlowEvent::Connected, now, &mut t);
             }
@@ -200,7 +201,7 @@ pub(crate) async fn drive(
                     driver.handle(event, now, &mut t);
                 }
                 if connecting {
-                    crate::pacing::record(&pacing_key, &t.client_id);
+                    crate::pacing::record(&t.endpoint, &t.client_id);
                     driver.say(LogLevel::Warn, &format!("connection failed: {error}"));
                     driver.handle(FlowEvent::ConnectFailed(error), now, &mut t);
                 } else {

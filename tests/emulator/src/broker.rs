@@ -331,6 +331,26 @@ impl Conn {
         end
     }
 
+    /// Refuses a CONNECT as AWS does: MQTT 3.1.1 closes the connection without a CONNACK,
+    /// MQTT 5 sends a CONNACK with reason `code` first.
+    async fn refuse_connect<W: AsyncWrite + Unpin>(
+        &mut self,
+        w: &mut W,
+        code: u8,
+        end: End,
+    ) -> End {
+        if self.version == Version::V5 {
+            self.queue(&Packet::ConnAck {
+                code,
+                assigned_client_id: None,
+                server_keep_alive: None,
+            });
+            let _ = self.flush(w).await;
+        }
+        let _ = w.shutdown().await;
+        end
+    }
+
     fn pkid(&mut self) -> u16 {
         self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1).max(1);
         self.next_pkid
@@ -425,37 +445,21 @@ impl Conn {
             // aws-iot-device-sdk-java#127; CloudWatch counts ClientIdThrottle). MQTT 3.1.1:
             // closed without a CONNACK. MQTT 5 [inferred]: CONNACK 0x97 Quota exceeded, the
             // only code of AWS's CONNACK table that fits.
-            if version == Version::V5 {
-                self.queue(&Packet::ConnAck {
-                    code: 0x97,
-                    assigned_client_id: None,
-                    server_keep_alive: None,
-                });
-                let _ = self.flush(&mut w).await;
-            }
-            let _ = w.shutdown().await;
             log!(
                 "{} [{}]: CONNECT refused: more than one per {} ms for this client id",
                 self.addr,
                 self.client_id,
                 self.broker.connect_interval.as_millis()
             );
-            return End::Refused("more than one CONNECT per second for this client id");
+            let end = End::Refused("more than one CONNECT per second for this client id");
+            return self.refuse_connect(&mut w, 0x97, end).await;
         }
         if !self.authorize(PolicyAction::Connect, &self.client_id.clone()) {
             // MQTT 3.1.1: AWS closes the connection without a CONNACK (clients see "connection
-            // closed unexpectedly": aws-iot-device-sdk-js-v2#101). MQTT 5 [inferred]: CONNACK
-            // 0x87 Not authorized.
-            if version == Version::V5 {
-                self.queue(&Packet::ConnAck {
-                    code: 0x87,
-                    assigned_client_id: None,
-                    server_keep_alive: None,
-                });
-                let _ = self.flush(&mut w).await;
-            }
-            let _ = w.shutdown().await;
-            return End::Refused("iot:Connect not allowed by the certificate's policies");
+            // closed unexpectedly": aws-iot-device-sdk-js-v2#101). MQTT 5: CONNACK 0x87 Not
+            // authorized (AWS's CONNACK reason codes; also observed, shamblett/mqtt5_client#131).
+            let end = End::Refused("iot:Connect not allowed by the certificate's policies");
+            return self.refuse_connect(&mut w, 0x87, end).await;
         }
         // AWS IoT quotas: keep-alive at most 1200 s (0 means 1200), and a value below 30 s is
         // treated as 30 (message broker limits; also in re:Post QU_ER8srIYQRaZNNH9od_Q1g).
