@@ -311,6 +311,15 @@ impl Sim {
         self.progress.iter().map(|p| p.step).collect()
     }
 
+    /// The pause of each RETRYING progress report, in ms.
+    fn retry_pauses(&self) -> Vec<u64> {
+        self.progress
+            .iter()
+            .filter(|p| p.step == Step::Retrying)
+            .map(|p| p.retry_in_ms)
+            .collect()
+    }
+
     fn csr_requests(&self) -> usize {
         self.publishes
             .iter()
@@ -604,12 +613,7 @@ fn backoff_grows_and_attempts_are_bounded() {
     let result = sim.run(&mut flow);
     assert!(matches!(result, Err(Error::Rejected { .. })));
     assert_eq!(sim.csr_requests(), 6, "max_attempts");
-    let pauses: Vec<u64> = sim
-        .progress
-        .iter()
-        .filter(|p| p.step == Step::Retrying)
-        .map(|p| p.retry_in_ms)
-        .collect();
+    let pauses = sim.retry_pauses();
     assert_eq!(pauses.len(), 5);
     for (i, pause) in pauses.iter().enumerate() {
         let step = (2000u64 << i).min(8000);
@@ -675,12 +679,7 @@ fn a_rejection_is_retried_on_the_connection_it_came_on() {
         assert_eq!(sim.connects, ["claim", "device"], "{at}");
         assert_eq!(sim.subscribes.len(), 1, "{at}");
         // Pure backoff: no connect to space.
-        let pauses: Vec<u64> = sim
-            .progress
-            .iter()
-            .filter(|p| p.step == Step::Retrying)
-            .map(|p| p.retry_in_ms)
-            .collect();
+        let pauses = sim.retry_pauses();
         assert_eq!(pauses.len(), 2, "{at}");
         assert!((50..=100).contains(&pauses[0]), "{at}: {pauses:?}");
         assert!((100..=200).contains(&pauses[1]), "{at}: {pauses:?}");
