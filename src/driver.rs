@@ -24,8 +24,10 @@ pub type ProgressFn = std::sync::Arc<dyn Fn(&Progress) + Send + Sync>;
 /// returns at once; what then happens comes back to [`Driver::handle`] as a [`FlowEvent`].
 pub trait Transport {
     /// Drops any current connection and opens one with `identity` (clean session). An error
-    /// counts as a failed connection attempt ([`FlowEvent::ConnectFailed`]).
-    fn connect(&mut self, identity: Identity) -> Result<(), Error>;
+    /// counts as a failed connection attempt ([`FlowEvent::ConnectFailed`]). `subscribe`: the
+    /// filters the flow will subscribe to once connected, which the transport may send behind
+    /// the CONNECT (see [`FlowAction::Connect`]) or ignore.
+    fn connect(&mut self, identity: Identity, subscribe: &[String]) -> Result<(), Error>;
     /// Closes the current connection; no event is expected for it afterwards.
     fn disconnect(&mut self);
     /// Sends one SUBSCRIBE (QoS 1) with these filters. An error counts as a lost connection.
@@ -129,8 +131,11 @@ impl Driver {
                 return;
             };
             let feed = match action {
-                FlowAction::Connect(identity) => transport
-                    .connect(identity)
+                FlowAction::Connect {
+                    identity,
+                    subscribe,
+                } => transport
+                    .connect(identity, &subscribe)
                     .err()
                     .map(FlowEvent::ConnectFailed),
                 FlowAction::Disconnect => {

@@ -153,8 +153,8 @@ fn nodelay_towards(port: u16) -> Option<bool> {
 fn provisioning_takes_the_round_trips_it_took_and_sets_tcp_nodelay() {
     // (method, format, turns of the claim connection, of the verification connection)
     let rows = [
-        (Method::Csr(KeyType::P256), Format::Json, 5, 2),
-        (Method::CreateKeys, Format::Cbor, 5, 2),
+        (Method::Csr(KeyType::P256), Format::Json, 4, 2),
+        (Method::CreateKeys, Format::Cbor, 4, 2),
     ];
     for (method, format, claim_turns, verify_turns) in rows {
         let name = format!("{method:?}-{format:?}").replace(['(', ')'], "");

@@ -49,7 +49,7 @@ struct Builtin<'a> {
 }
 
 impl Transport for Builtin<'_> {
-    fn connect(&mut self, identity: Identity) -> Result<(), Error> {
+    fn connect(&mut self, identity: Identity, subscribe: &[String]) -> Result<(), Error> {
         if let Some(old) = self.link.take() {
             old.abandon();
         }
@@ -77,7 +77,12 @@ impl Transport for Builtin<'_> {
             log(LogLevel::Info, &line);
         }
         crate::pacing::record(&self.endpoint, &client_id);
-        self.link = Some(Link::open(self.config, tls, &client_id, who));
+        let mut link = Link::open(self.config, tls, &client_id, who);
+        if !subscribe.is_empty() {
+            // In the CONNECT's flight: the SUBACK comes a round trip sooner.
+            link.subscribe(subscribe)?;
+        }
+        self.link = Some(link);
         self.client_id = client_id;
         Ok(())
     }
@@ -92,6 +97,10 @@ impl Transport for Builtin<'_> {
         let Some(link) = &mut self.link else {
             return Ok(());
         };
+        if link.subscribing(filters) {
+            // Sent with the CONNECT; its SUBACK answers this.
+            return Ok(());
+        }
         let result = link.subscribe(filters);
         if result.is_err() {
             self.link = None;
@@ -167,7 +176,7 @@ pub(crate) async fn drive(
         };
         let now = now_ms();
         match event {
-            None | Some(LinkEvent::Other { .. }) => driver.handle(FlowEvent::Tick, now, &mut t),
+            None | Some(LinkEvent::Other) => driver.handle(FlowEvent::Tick, now, &mut t),
             Some(LinkEvent::Connected) => {
                 // The server counted the CONNECT before its CONNACK came in: the next one with
                 // this client id is spaced from now, not from when this one was opened.

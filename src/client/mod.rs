@@ -35,9 +35,7 @@ pub(crate) use driver::{drive, run_flow, runtime};
 #[cfg(feature = "transport")]
 pub use mqtt::Client;
 #[cfg(feature = "transport")]
-use mqtt::{
-    at_ms, close, connection_error, granted, leftover_publishes, open_connection, Credential,
-};
+use mqtt::{at_ms, connection_error, granted, Credential};
 pub use tls::Roots;
 
 /// Why a build without the cargo feature `transport` refuses what needs the built-in transport.

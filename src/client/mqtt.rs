@@ -5,39 +5,16 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{
-    AsyncClient, ConnectionError, Event as MqttEvent, EventLoop, MqttOptions, Outgoing, Packet,
-};
+use rumqttc::ConnectionError;
 
 use super::link::{Link, LinkEvent};
 use super::ProgressFn;
-use super::{deadline_after, driver, now_ms, random_u64, tls, Cancel, Config, LogFn, LogLevel};
+use super::{deadline_after, driver, now_ms, tls, Cancel, Config, LogFn, LogLevel};
 use crate::engine::flow::Progress;
 use crate::engine::{Action, CertificateSource, Engine, Event, Operation, Outcome, Settings, Step};
 use crate::error::Error;
 use crate::protocol::{validate_template_name, CreatedCertificate, Registered};
 use crate::secret::Secret;
-
-/// Largest packet sent or received: AWS IoT's 128 KB payload plus headers.
-const MAX_PACKET: usize = 128 * 1024 + 2048;
-
-/// How long a connection being closed may take to get its DISCONNECT out.
-const DISCONNECT_GRACE: Duration = Duration::from_millis(300);
-
-/// Sends DISCONNECT and drives the event loop until it is out (or the connection failed), for
-/// [`DISCONNECT_GRACE`] at most: the one close every transport of the library uses.
-pub(crate) async fn close(client: &AsyncClient, events: &mut EventLoop) {
-    let _ = client.try_disconnect();
-    let _ = tokio::time::timeout(DISCONNECT_GRACE, async {
-        loop {
-            match events.poll().await {
-                Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
-}
 
 /// How often a running operation looks at its cancel flag.
 const CANCEL_POLL: Duration = Duration::from_millis(20);
@@ -51,58 +28,11 @@ impl Cancel {
     }
 }
 
-/// A rumqttc client and event loop for `config`'s endpoint with credentials `tls`; not yet
-/// connected (the first poll connects). An empty `client_id` gets a random one.
-pub(crate) fn open_connection(
-    config: &Config,
-    tls: Arc<rustls::ClientConfig>,
-    client_id: &str,
-) -> (AsyncClient, EventLoop) {
-    let client_id = if client_id.is_empty() {
-        format!("fleetprov-{:016x}", random_u64())
-    } else {
-        client_id.to_owned()
-    };
-    let mut options = MqttOptions::new(client_id, config.host.clone(), config.port);
-    options
-        .set_keep_alive(config.keep_alive)
-        // At most two requests are ever in flight; rumqttc sizes a table by this (default 100).
-        .set_inflight(4)
-        .set_clean_session(true)
-        .set_max_packet_size(MAX_PACKET, MAX_PACKET)
-        .set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
-            tls,
-        )));
-    let (client, mut events) = AsyncClient::new(options, 16);
-    let mut network = rumqttc::NetworkOptions::new();
-    network.set_connection_timeout(config.step_timeout.as_secs().max(1));
-    // rumqttc writes each packet whole: Nagle's algorithm only delays the RegisterThing request
-    // behind the certificate reply's PUBACK until the server's delayed ACK (40 ms on Linux).
-    network.set_tcp_nodelay(true);
-    events.set_network_options(network);
-    (client, events)
-}
-
 /// A SUBACK's return codes as granted (true) or refused.
 pub(crate) fn granted(ack: &rumqttc::SubAck) -> Vec<bool> {
     ack.return_codes
         .iter()
         .map(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure))
-        .collect()
-}
-
-/// PUBLISHes rumqttc read but had not handed out when the connection failed: a reply followed
-/// at once by the close arrives in one read, and rumqttc reports the close (failing to send the
-/// PUBACK) before the reply, which stays queued in its state.
-pub(crate) fn leftover_publishes(events: &mut EventLoop) -> Vec<rumqttc::Publish> {
-    events
-        .state
-        .events
-        .drain(..)
-        .filter_map(|e| match e {
-            MqttEvent::Incoming(Packet::Publish(p)) => Some(p),
-            _ => None,
-        })
         .collect()
 }
 
@@ -446,10 +376,7 @@ impl Client {
                     _ = cancel.wait() => return (Err(Error::Cancelled), false),
                 };
                 let now = now_ms();
-                if !matches!(
-                    event,
-                    LinkEvent::Other { incoming: false } | LinkEvent::Lost { .. }
-                ) {
+                if !matches!(event, LinkEvent::Lost { .. }) {
                     heard = true;
                 }
                 actions = match event {
@@ -474,9 +401,7 @@ impl Client {
                             now,
                         )
                     }
-                    LinkEvent::Connected | LinkEvent::Other { .. } => {
-                        engine.handle(Event::Tick, now)
-                    }
+                    LinkEvent::Connected | LinkEvent::Other => engine.handle(Event::Tick, now),
                     LinkEvent::Lost {
                         error, leftovers, ..
                     } => {

@@ -133,8 +133,15 @@ pub enum StoreAction {
 #[derive(Debug)]
 pub enum FlowAction {
     /// Open a connection with these credentials (after closing any other); report
-    /// [`FlowEvent::Connected`] or [`FlowEvent::ConnectFailed`].
-    Connect(Identity),
+    /// [`FlowEvent::Connected`] or [`FlowEvent::ConnectFailed`]. `subscribe`: the filters of
+    /// the flow's first [`FlowAction::Subscribe`] once connected (empty: none), which a
+    /// transport may send right behind the CONNECT, without waiting for the CONNACK (MQTT
+    /// 3.1.1 and 5, section 3.1.4), to save a round trip; the flow still asks for them once
+    /// connected, and takes the SUBACK as their answer.
+    Connect {
+        identity: Identity,
+        subscribe: Vec<String>,
+    },
     /// Close the connection; no event is expected.
     Disconnect,
     /// As [`Action::Subscribe`].
@@ -814,7 +821,14 @@ impl Flow {
         self.link = Link::Connecting {
             deadline: now.saturating_add(self.spec.settings.step_timeout_ms),
         };
-        out.push(FlowAction::Connect(identity));
+        let subscribe = self
+            .build_engine(now, &HashSet::new())
+            .map(|e| e.filters().to_vec())
+            .unwrap_or_default();
+        out.push(FlowAction::Connect {
+            identity,
+            subscribe,
+        });
         self.progress(step, out);
     }
 
@@ -842,16 +856,25 @@ impl Flow {
         let Link::Up { subscribed, .. } = &self.link else {
             return;
         };
+        let Some(engine) = self.build_engine(now, subscribed) else {
+            return;
+        };
+        self.engine = Some(engine);
+        self.forward(Event::Connected, now, out);
+    }
+
+    /// The engine of the current phase on a connection holding `subscribed`.
+    fn build_engine(&self, now: u64, subscribed: &HashSet<String>) -> Option<Engine> {
         let register = Api::RegisterThing {
             template: self.spec.template.clone(),
         };
-        let engine = match (self.phase, &self.held) {
+        match (self.phase, &self.held) {
             (Phase::Create, _) => {
                 let op = Operation::CreateCertificate(self.spec.source.clone());
                 let mut e = Engine::new(op, self.spec.settings, now, subscribed);
                 // One SUBSCRIBE for both requests.
                 e.also_subscribe(&[register], subscribed);
-                e
+                Some(e)
             }
             (Phase::Register, Some(held)) => {
                 let op = Operation::RegisterThing {
@@ -859,12 +882,10 @@ impl Flow {
                     token: held.entry.certificate.ownership_token.clone(),
                     parameters: self.spec.parameters.clone(),
                 };
-                Engine::new(op, self.spec.settings, now, subscribed)
+                Some(Engine::new(op, self.spec.settings, now, subscribed))
             }
-            _ => return,
-        };
-        self.engine = Some(engine);
-        self.forward(Event::Connected, now, out);
+            _ => None,
+        }
     }
 
     fn forward(&mut self, event: Event<'_>, now: u64, out: &mut Vec<FlowAction>) {

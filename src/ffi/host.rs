@@ -349,7 +349,8 @@ struct Callbacks<'a> {
 }
 
 impl Transport for Callbacks<'_> {
-    fn connect(&mut self, identity: Identity) -> Result<(), Error> {
+    // The host's stack subscribes once its CONNACK is in: `_subscribe` comes again then.
+    fn connect(&mut self, identity: Identity, _subscribe: &[String]) -> Result<(), Error> {
         let (claim, cert, key, client_id) = match &identity {
             Identity::Claim => (true, None, None, String::new()),
             Identity::Device {

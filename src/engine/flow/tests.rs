@@ -64,6 +64,8 @@ struct Sim {
     progress: Vec<Progress>,
     logs: Vec<String>,
     subscribes: Vec<Vec<String>>,
+    /// The filters the last Connect announced, until the connection's first Subscribe.
+    announced: Option<Vec<String>>,
 }
 
 impl Sim {
@@ -84,6 +86,7 @@ impl Sim {
             progress: Vec::new(),
             logs: Vec::new(),
             subscribes: Vec::new(),
+            announced: None,
         }
     }
 
@@ -163,7 +166,18 @@ impl Sim {
                     };
                     actions.extend(flow.handle(FlowEvent::Stored(stored), self.now));
                 }
-                FlowAction::Connect(identity) => {
+                FlowAction::Connect {
+                    identity,
+                    subscribe,
+                } => {
+                    // The claim connection announces the SUBSCRIBE it will ask for (a transport
+                    // may send it with the CONNECT); the verification connection has none.
+                    assert_eq!(
+                        subscribe.is_empty(),
+                        matches!(identity, Identity::Device { .. }),
+                        "{subscribe:?}"
+                    );
+                    self.announced = Some(subscribe);
                     let (name, tls_ok) = match &identity {
                         Identity::Claim => ("claim".to_string(), true),
                         Identity::Device {
@@ -214,6 +228,12 @@ impl Sim {
                 }
                 FlowAction::Subscribe(filters) => {
                     assert!(!verifying);
+                    if let Some(announced) = self.announced.take() {
+                        assert_eq!(
+                            announced, filters,
+                            "the SUBSCRIBE announced with the CONNECT"
+                        );
+                    }
                     let n = filters.len();
                     self.subscribes.push(filters);
                     self.now += 1;
