@@ -27,10 +27,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define FLEETPROV_VERSION "0.3.2"
+#define FLEETPROV_VERSION "0.4.0"
 #define FLEETPROV_VERSION_MAJOR 0
-#define FLEETPROV_VERSION_MINOR 3
-#define FLEETPROV_VERSION_PATCH 2
+#define FLEETPROV_VERSION_MINOR 4
+#define FLEETPROV_VERSION_PATCH 0
 
 
 /*
@@ -277,6 +277,31 @@ enum fleetprov_key_type
 typedef enum fleetprov_key_type fleetprov_key_type;
 #else
 typedef int32_t fleetprov_key_type;
+#endif /* __STDC_VERSION__ >= 202311L */
+#endif /* __cplusplus */
+
+/*
+ The MQTT version of the built-in transport's connections.
+ */
+enum fleetprov_mqtt_version
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : int32_t
+#endif /* defined(__cplusplus) || __STDC_VERSION__ >= 202311L */
+ {
+  /*
+   MQTT 3.1.1.
+   */
+  FLEETPROV_MQTT_3_1_1 = 4,
+  /*
+   MQTT 5 (the default): refusals come with a reason code and often a reason string.
+   */
+  FLEETPROV_MQTT_5 = 5,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum fleetprov_mqtt_version fleetprov_mqtt_version;
+#else
+typedef int32_t fleetprov_mqtt_version;
 #endif /* __STDC_VERSION__ >= 202311L */
 #endif /* __cplusplus */
 
@@ -821,6 +846,16 @@ fleetprov_result fleetprov_config_set_keep_alive(struct fleetprov_config *config
 fleetprov_result fleetprov_config_set_alpn(struct fleetprov_config *config, bool enabled);
 
 /*
+ Sets the MQTT version of the built-in transport: a fleetprov_mqtt_version value. Default
+ FLEETPROV_MQTT_5, which AWS IoT Core speaks on every endpoint: its refusals (CONNACK,
+ SUBACK, PUBACK, DISCONNECT) carry a reason code, which errors report
+ (fleetprov_error_mqtt_reason_code()); over MQTT 3.1.1 AWS IoT closes the connection without
+ saying why. The host API (fleetprov_host_*) uses the host's MQTT stack, whatever its version.
+ */
+fleetprov_result fleetprov_config_set_mqtt_version(struct fleetprov_config *config,
+                                                   int32_t version);
+
+/*
  Sets the payload format: a fleetprov_format value (JSON by default).
  */
 fleetprov_result fleetprov_config_set_format(struct fleetprov_config *config, int32_t format);
@@ -1013,7 +1048,21 @@ const char *fleetprov_error_service_message(const struct fleetprov_error *error)
 uint16_t fleetprov_error_status_code(const struct fleetprov_error *error);
 
 /*
- Whether retrying can help: connection failures, timeouts, and 429 / 5xx rejections.
+ For a refusal with an MQTT reason code (a CONNACK refusing the connection, a DISCONNECT or
+ a PUBACK refusing a request, MQTT 5): the code, e.g. 0x87 (not authorized) or 0x97 (quota
+ exceeded); over MQTT 3.1.1 the CONNACK return code (1 to 5). -1 otherwise (also for NULL).
+ */
+int32_t fleetprov_error_mqtt_reason_code(const struct fleetprov_error *error);
+
+/*
+ For a refusal with an MQTT 5 reason code: the server's reason string, "" when it sent none
+ (or there is no reason code). Borrowed like fleetprov_error_message().
+ */
+const char *fleetprov_error_mqtt_reason_string(const struct fleetprov_error *error);
+
+/*
+ Whether retrying can help: connection failures, timeouts, MQTT refusals that say the server
+ is busy, unavailable or rate-limiting, and 429 / 5xx rejections.
  */
 bool fleetprov_error_is_retryable(const struct fleetprov_error *error);
 

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::protocol::{DecodeError, ServiceError, Step};
+use crate::protocol::{DecodeError, MqttRefusal, ServiceError, Step};
 
 /// Why an operation failed. Texts never contain private keys or ownership tokens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,6 +13,11 @@ pub enum Error {
     Tls(String),
     /// The connection could not be made or was lost.
     Connection(String),
+    /// The broker answered with an MQTT reason code that ends the connection or the request:
+    /// a CONNACK refusing the connection, a DISCONNECT (MQTT 5), or a PUBACK refusing a
+    /// request (MQTT 5). Retryable when the code says the server is busy, unavailable or
+    /// rate-limiting, not when it refuses the request itself (not authorized, ...).
+    Refused(MqttRefusal),
     /// A step took longer than the per-step timeout.
     Timeout(Step),
     /// The overall deadline passed.
@@ -52,6 +57,14 @@ impl Error {
         match self {
             Error::Connection(m) => Error::Connection(format!("{m} {note}")),
             Error::Tls(m) => Error::Tls(format!("{m} {note}")),
+            Error::Refused(mut r) => {
+                r.note = if r.note.is_empty() {
+                    note.to_owned()
+                } else {
+                    format!("{} {note}", r.note)
+                };
+                Error::Refused(r)
+            }
             other => other,
         }
     }
@@ -60,6 +73,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Connection(_) | Error::Timeout(_) => true,
+            Error::Refused(r) => r.is_retryable(),
             Error::Rejected { error, .. } => error.is_retryable(),
             _ => false,
         }
@@ -72,6 +86,7 @@ impl fmt::Display for Error {
             Error::InvalidArgument(m) => write!(f, "invalid argument: {m}"),
             Error::Tls(m) => write!(f, "TLS: {m}"),
             Error::Connection(m) => write!(f, "connection: {m}"),
+            Error::Refused(r) => write!(f, "connection: {r}"),
             Error::Timeout(step) => write!(f, "timed out while {}", step.doing()),
             Error::Deadline(step) => write!(f, "overall deadline passed while {}", step.doing()),
             Error::Rejected { api, error } => write!(f, "{api} {error}"),

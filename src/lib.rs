@@ -16,7 +16,7 @@ pub mod provision;
 pub mod secret;
 pub mod store;
 
-pub use client::{Cancel, Client, Config, Roots};
+pub use client::{Cancel, Client, Config, MqttVersion, Roots};
 pub use error::Error;
 pub use provision::{provision, Method, Provisioned, Request};
 pub use secret::Secret;

@@ -179,7 +179,7 @@ proptest! {
     #[test]
     fn engine_survives_any_event_sequence(
         format in format(),
-        events in prop::collection::vec((0u8..6, 0u64..5_000, prop::collection::vec(any::<bool>(), 0..6), json_value(), 0usize..8), 0..40),
+        events in prop::collection::vec((0u8..6, 0u64..5_000, prop::collection::vec(any::<u8>(), 0..6), json_value(), 0usize..8), 0..40),
     ) {
         let topics = [
             "$aws/certificates/create/json/accepted",
@@ -265,7 +265,7 @@ proptest! {
     #[test]
     fn flow_survives_any_event_sequence_and_finishes_once(
         format in format(),
-        events in prop::collection::vec((0u8..9, 0u64..3_000, prop::collection::vec(any::<bool>(), 0..6), json_value(), 0usize..6), 0..60),
+        events in prop::collection::vec((0u8..9, 0u64..3_000, prop::collection::vec(any::<u8>(), 0..6), json_value(), 0usize..6), 0..60),
     ) {
         let topics = [
             "$aws/certificates/create/json/accepted",

@@ -16,9 +16,9 @@ use fleetprov::engine::flow::Progress;
 use fleetprov::engine::retry::RetryPolicy;
 use fleetprov::engine::Step;
 use fleetprov::keys::KeyType;
-use fleetprov::protocol::Format;
+use fleetprov::protocol::{Format, MqttPacket};
 use fleetprov::provision::Hooks;
-use fleetprov::{Client, Error, Method, Request, Secret};
+use fleetprov::{Client, Error, Method, MqttVersion, Request, Secret};
 use fleetprov_emulator::Emulator;
 use serde_json::Value;
 
@@ -106,7 +106,7 @@ struct Run {
 }
 
 fn run(name: &str, api: Api, format: Format, rule: Option<&str>) -> Run {
-    run_with(name, api, format, rule, None)
+    run_with(name, api, format, rule, None, MqttVersion::default())
 }
 
 fn run_with(
@@ -115,14 +115,13 @@ fn run_with(
     format: Format,
     rule: Option<&str>,
     blobs: Option<Arc<MemBlobs>>,
+    version: MqttVersion,
 ) -> Run {
     let dir = common::scratch("resilience", name);
     let emu = common::emulator(&dir, rule.as_slice());
-    let mut request = Request::new(
-        common::connection(&emu, format),
-        "DemoTemplate",
-        api.method(),
-    );
+    let mut connection = common::connection(&emu, format);
+    connection.mqtt_version = version;
+    let mut request = Request::new(connection, "DemoTemplate", api.method());
     request
         .parameters
         .insert("SerialNumber".into(), name.replace(['*', ':', '@'], "-"));
@@ -245,17 +244,17 @@ fn check(what: &str, r: &Run, case: &Case) {
 }
 
 fn matrix(api: Api, format: Format, cases: &[Case]) {
-    matrix_in(api, format, cases, false)
+    matrix_in(api, format, cases, false, MqttVersion::default())
 }
 
-/// The matrix; with `blob_store`, each case keeps its journal and credentials in a fresh
-/// store of named blobs.
-fn matrix_in(api: Api, format: Format, cases: &[Case], blob_store: bool) {
+/// The matrix over `version`; with `blob_store`, each case keeps its journal and credentials
+/// in a fresh store of named blobs.
+fn matrix_in(api: Api, format: Format, cases: &[Case], blob_store: bool, version: MqttVersion) {
     for case in cases {
         let rule = case.rule.replace("{api}", api.rule());
-        let name = format!("{api:?}-{format:?}-{rule}-{blob_store}");
+        let name = format!("{api:?}-{format:?}-{rule}-{blob_store}-{version:?}");
         let blobs = blob_store.then(MemBlobs::new);
-        let r = run_with(&name, api, format, Some(&rule), blobs);
+        let r = run_with(&name, api, format, Some(&rule), blobs, version);
         check(&name, &r, case);
         let p = r.result.as_ref().unwrap();
         // Every case here needs a second attempt and says so, except duplicates and cuts
@@ -299,19 +298,30 @@ fn cuts_csr_cbor() {
     matrix(Api::Csr, Format::Cbor, CUTS);
 }
 
+// The matrices above run over MQTT 5, the default; these two over MQTT 3.1.1.
+#[test]
+fn cuts_keys_json_over_mqtt_3_1_1() {
+    matrix_in(Api::Keys, Format::Json, CUTS, false, MqttVersion::V311);
+}
+
+#[test]
+fn cuts_csr_cbor_over_mqtt_3_1_1() {
+    matrix_in(Api::Csr, Format::Cbor, CUTS, false, MqttVersion::V311);
+}
+
 #[test]
 fn cuts_csr_json_with_a_blob_store() {
-    matrix_in(Api::Csr, Format::Json, CUTS, true);
+    matrix_in(Api::Csr, Format::Json, CUTS, true, MqttVersion::V5);
 }
 
 #[test]
 fn cuts_keys_cbor_with_a_blob_store() {
-    matrix_in(Api::Keys, Format::Cbor, CUTS, true);
+    matrix_in(Api::Keys, Format::Cbor, CUTS, true, MqttVersion::V5);
 }
 
 #[test]
 fn throttling_errors_delays_and_duplicates_with_a_blob_store() {
-    matrix_in(Api::Keys, Format::Json, OTHERS, true);
+    matrix_in(Api::Keys, Format::Json, OTHERS, true, MqttVersion::V5);
 }
 
 #[test]
@@ -360,7 +370,14 @@ fn a_failed_run_resumes_from_the_journal_without_a_second_certificate() {
     request.state_dir = Some(dir.join("state"));
     request.retry = RetryPolicy::none();
     let first = fleetprov::provision(&request, &Hooks::default());
-    assert!(matches!(first, Err(Error::Connection(_))), "{first:?}");
+    // The emulator ends the connection with DISCONNECT 0x80 (unspecified error) over MQTT 5.
+    match &first {
+        Err(Error::Refused(r)) => {
+            assert_eq!((r.packet, r.reason_code), (MqttPacket::Disconnect, 0x80));
+            assert!(r.is_retryable());
+        }
+        other => panic!("{other:?}"),
+    }
     assert!(dir.join("state/journal.json").exists());
     assert!(!dir.join("out").exists(), "nothing committed");
     let pending = common::device_certificates(&emu);

@@ -25,7 +25,7 @@ use fleetprov::engine::Step;
 use fleetprov::keys::KeyType;
 use fleetprov::protocol::Format;
 use fleetprov::provision::{self, Hooks};
-use fleetprov::{Method, Request};
+use fleetprov::{Method, MqttVersion, Request};
 
 /// The emulated one-way latency. Long enough that a client which writes two packets back to back
 /// (TLS 1.3's Finished, then CONNECT) has both at the server before any answer could return,
@@ -151,17 +151,34 @@ fn nodelay_towards(port: u16) -> Option<bool> {
 
 #[test]
 fn provisioning_takes_the_round_trips_it_took_and_sets_tcp_nodelay() {
-    // (method, format, turns of the claim connection, of the verification connection)
+    // (method, format, MQTT version, turns of the claim connection, of the verification
+    // connection): the TLS 1.3 handshake, CONNECT and SUBSCRIBE in one flight, then the two
+    // requests; both APIs in both formats over each version.
     let rows = [
-        (Method::Csr(KeyType::P256), Format::Json, 4, 2),
-        (Method::CreateKeys, Format::Cbor, 4, 2),
+        (
+            Method::Csr(KeyType::P256),
+            Format::Json,
+            MqttVersion::V5,
+            4,
+            2,
+        ),
+        (Method::CreateKeys, Format::Cbor, MqttVersion::V5, 4, 2),
+        (
+            Method::Csr(KeyType::P256),
+            Format::Cbor,
+            MqttVersion::V311,
+            4,
+            2,
+        ),
+        (Method::CreateKeys, Format::Json, MqttVersion::V311, 4, 2),
     ];
-    for (method, format, claim_turns, verify_turns) in rows {
-        let name = format!("{method:?}-{format:?}").replace(['(', ')'], "");
+    for (method, format, version, claim_turns, verify_turns) in rows {
+        let name = format!("{method:?}-{format:?}-{version:?}").replace(['(', ')'], "");
         let env = common::env("round-trips", &name, &[]);
         let proxy = Proxy::start(env.emu.port());
         let mut connection = common::connection(&env.emu, format);
         connection.port = proxy.port;
+        connection.mqtt_version = version;
         let mut r = Request::new(connection, "DemoTemplate", method);
         r.parameters.insert("SerialNumber".into(), name.clone());
         let nodelay = Arc::new(Mutex::new(Vec::new()));

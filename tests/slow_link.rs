@@ -140,8 +140,8 @@ fn a_two_second_round_trip_link_provisions_with_the_defaults() {
         let p = result.unwrap_or_else(|e| panic!("{method:?} {format:?}: {e}"));
         assert_eq!(p.attempts, 1, "{method:?} {format:?}: no retry needed");
         assert!(p.thing_name.starts_with("demo-slow-"), "{}", p.thing_name);
-        // Six round trips on the claim connection (TCP, TLS 1.3, CONNECT, SUBSCRIBE, the
-        // certificate, RegisterThing), three on the verification connection: about 18 s.
+        // Five round trips on the claim connection (TCP, TLS 1.3, CONNECT with SUBSCRIBE, the
+        // certificate, RegisterThing), three on the verification connection: about 16 s.
         eprintln!("{method:?} {format:?}: provisioned over a 2 s RTT link in {took:.1?}");
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -31,7 +31,7 @@ void example_usage(const char *prog, const struct example_option *extra, size_t 
             "usage: %s --endpoint HOST [--port N] [--ca CA.pem] --cert CLAIM.pem --key CLAIM.key\n"
             "       --template NAME [--param KEY=VALUE]... [--out DIR] [--format json|cbor]\n"
             "       [--method csr|keys] [--timeout MS] [--client-id ID] [--no-verify] [--wait MS]\n"
-            "       [--state-dir DIR] [--retry MAX_ATTEMPTS,INITIAL_MS,MAX_MS]\n",
+            "       [--state-dir DIR] [--retry MAX_ATTEMPTS,INITIAL_MS,MAX_MS] [--mqtt 5|3.1.1]\n",
             prog);
     for (size_t i = 0; i < count; i++) {
         fprintf(stderr, "%s[%s%s%s]", i == 0 ? "       " : " ", extra[i].flag,
@@ -146,6 +146,15 @@ int example_parse_args_with(int argc, char **argv, struct example_args *a, unsig
                 fprintf(stderr, "%s: unknown --format %s\n", argv[0], v);
                 return -1;
             }
+        } else if (strcmp(flag, "--mqtt") == 0) {
+            if (strcmp(v, "5") == 0) {
+                a->mqtt_version = FLEETPROV_MQTT_5;
+            } else if (strcmp(v, "3.1.1") == 0) {
+                a->mqtt_version = FLEETPROV_MQTT_3_1_1;
+            } else {
+                fprintf(stderr, "%s: unknown --mqtt %s (5 or 3.1.1)\n", argv[0], v);
+                return -1;
+            }
         } else if (strcmp(flag, "--method") == 0) {
             if (strcmp(v, "csr") == 0) {
                 a->method = FLEETPROV_METHOD_CSR;
@@ -233,6 +242,10 @@ fleetprov_config *example_config(const struct example_args *a) {
         what = "fleetprov_config_set_format";
         r = fleetprov_config_set_format(cfg, a->format);
     }
+    if (r == FLEETPROV_OK && a->mqtt_version) {
+        what = "fleetprov_config_set_mqtt_version";
+        r = fleetprov_config_set_mqtt_version(cfg, a->mqtt_version);
+    }
     if (r == FLEETPROV_OK && a->timeout_ms) {
         what = "fleetprov_config_set_timeouts";
         r = fleetprov_config_set_timeouts(cfg, a->timeout_ms, 6 * a->timeout_ms);
@@ -307,7 +320,11 @@ static void copy_str(char *dst, size_t cap, const char *src) {
 void example_copy_error(struct example_error *dst, fleetprov_result r, const fleetprov_error *e) {
     memset(dst, 0, sizeof *dst);
     dst->result = r;
+    dst->mqtt_reason_code = -1;
     if (e != NULL) {
+        dst->mqtt_reason_code = fleetprov_error_mqtt_reason_code(e);
+        copy_str(dst->mqtt_reason_string, sizeof dst->mqtt_reason_string,
+                 fleetprov_error_mqtt_reason_string(e));
         dst->result = fleetprov_error_result(e);
         dst->status_code = fleetprov_error_status_code(e);
         dst->retryable = fleetprov_error_is_retryable(e);
@@ -328,6 +345,10 @@ void example_print_error(const char *what, const struct example_error *e) {
         printf("status_code=%u\n", (unsigned)e->status_code);
         printf("error_code=%s\n", e->error_code);
         printf("error_message=%s\n", e->service_message);
+    }
+    if (e->mqtt_reason_code >= 0) {
+        printf("mqtt_reason_code=0x%02X\n", (unsigned)e->mqtt_reason_code);
+        printf("mqtt_reason_string=%s\n", e->mqtt_reason_string);
     }
     fflush(stdout);
 }

@@ -29,6 +29,7 @@ struct example_args {
     size_t param_count;
     const char *out_dir;
     int format; /* a fleetprov_format */
+    int mqtt_version; /* a fleetprov_mqtt_version; 0: the library's default (MQTT 5) */
     int method; /* a fleetprov_method (provision only) */
     uint32_t timeout_ms;
     uint32_t wait_ms; /* provision_steps: bound on each completion wait (then cancel) */
@@ -90,6 +91,8 @@ struct example_error {
     char message[1024];
     char error_code[128];
     char service_message[512];
+    int32_t mqtt_reason_code; /* -1: none */
+    char mqtt_reason_string[256];
 };
 void example_copy_error(struct example_error *dst, fleetprov_result r, const fleetprov_error *e);
 void example_print_error(const char *what, const struct example_error *e);

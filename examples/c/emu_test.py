@@ -247,6 +247,33 @@ def case_no_reply(cmd, emu, work, serial, timeout_s, extra, expected):
     print(f"ok: {expected}")
 
 
+def case_denied(cmd, emu, work, serial, timeout_s):
+    """A claim policy without iot:Publish on the CreateCertificateFromCsr topic. Over MQTT 5
+    (the library's default) the broker says so with PUBACK 0x87: the program fails at once,
+    not retryable, with the reason code in the error; nothing is written."""
+    arn = "arn:aws:iot:us-east-1:123456789012"
+    policy = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": ["iot:Connect", "iot:Subscribe", "iot:Receive"],
+         "Resource": "*"},
+        {"Effect": "Allow", "Action": "iot:Publish",
+         "Resource": f"{arn}:topic/$aws/provisioning-templates/*"}]}
+    with open(emu.path("claim-policy.json"), "w", encoding="utf-8") as f:
+        json.dump(policy, f)
+    out_dir = os.path.join(work, "device")
+    p = run(cmd + connection_args(emu, out_dir, serial=serial) + ["--method", "csr"], timeout_s)
+    check(p.returncode == 1, f"exit code {p.returncode}, expected 1")
+    f = fields(p.stdout)
+    check(f.get("result") == "FLEETPROV_CONNECTION", f"result={f.get('result')}")
+    check(f.get("mqtt_reason_code") == "0x87", f"mqtt_reason_code={f.get('mqtt_reason_code')}")
+    check(f.get("retryable") == "0", f"retryable={f.get('retryable')}")
+    error = f.get("error", "")
+    check("PUBACK reason code 0x87 (not authorized)" in error and "iot:Publish" in error
+          and "$aws/certificates/create-from-csr/json" in error, f"error={error}")
+    check(not os.path.exists(os.path.join(out_dir, "private.key")), "credentials were written")
+    check(not created_certificates(emu.registry()), "a certificate was created")
+    print("ok: PUBACK 0x87, not authorized, reported at once")
+
+
 def free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -1441,7 +1468,7 @@ def main():
     ap.add_argument("--case", required=True,
                     choices=["ok", "cbor", "reject", "badargs", "timeout", "cancel", "retry",
                              "lostreply", "resume", "crash", "fault", "inactive", "rotate",
-                             "interrupt", "already", "store",
+                             "interrupt", "already", "store", "denied",
                              "signer", "signer_cbor", "signer_broken"])
     ap.add_argument("--serial", default=None)
     ap.add_argument("--arg", action="append", default=[],
@@ -1494,6 +1521,8 @@ def main():
                         a.case == "signer", a.timeout)
         elif a.case == "signer_broken":
             case_signer_broken(cmd + a.arg, emu, a.work, serial, a.timeout)
+        elif a.case == "denied":
+            case_denied(cmd, emu, a.work, serial, a.timeout)
         elif a.case == "reject":
             case_reject(cmd, emu, a.work, serial, a.timeout)
         elif a.case == "timeout":

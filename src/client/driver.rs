@@ -184,8 +184,8 @@ pub(crate) async fn drive(
                 driver.say(LogLevel::Info, "connected");
                 driver.handle(FlowEvent::Connected, now, &mut t);
             }
-            Some(LinkEvent::SubAck { granted, .. }) => {
-                driver.handle(FlowEvent::SubAck(&granted), now, &mut t)
+            Some(LinkEvent::SubAck { codes, .. }) => {
+                driver.handle(FlowEvent::SubAck(&codes), now, &mut t)
             }
             Some(LinkEvent::Message(p)) => {
                 let line = format!("received on {} ({} bytes)", p.topic, p.payload.len());

@@ -35,7 +35,7 @@ pub(crate) use driver::{drive, run_flow, runtime};
 #[cfg(feature = "transport")]
 pub use mqtt::Client;
 #[cfg(feature = "transport")]
-use mqtt::{at_ms, connection_error, granted, Credential};
+use mqtt::{at_ms, connection_error, Credential};
 pub use tls::Roots;
 
 /// Why a build without the cargo feature `transport` refuses what needs the built-in transport.
@@ -47,6 +47,21 @@ pub(crate) const NO_TRANSPORT: &str = "this build of the library has no MQTT or 
 pub use crate::engine::LogLevel;
 
 pub use crate::driver::{LogFn, ProgressFn};
+
+/// The MQTT version of the built-in transport's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MqttVersion {
+    /// MQTT 3.1.1: for brokers without MQTT 5. AWS IoT answers a refusal by closing the
+    /// connection, without saying why.
+    V311,
+    /// MQTT 5 (the default; AWS IoT Core speaks it on every endpoint): the server says why it
+    /// refuses a connection (CONNACK), a subscription (SUBACK) or a request (PUBACK), or ends
+    /// a connection (DISCONNECT), with a reason code and often a reason string, which the
+    /// library's errors carry ([`crate::Error::Refused`]). A policy that denies a request then
+    /// fails at once, not after the retries a silent close costs.
+    #[default]
+    V5,
+}
 
 /// Connection settings.
 #[derive(Clone)]
@@ -63,6 +78,8 @@ pub struct Config {
     pub keep_alive: Duration,
     /// Offer ALPN `x-amzn-mqtt-ca`; `None` means "when the port is 443".
     pub alpn: Option<bool>,
+    /// The MQTT version the built-in transport speaks (default MQTT 5).
+    pub mqtt_version: MqttVersion,
     pub format: Format,
     /// Longest wait for any one step (TCP+TLS+CONNACK, SUBACK, a reply).
     pub step_timeout: Duration,
@@ -82,6 +99,7 @@ impl std::fmt::Debug for Config {
             .field("port", &self.port)
             .field("client_id", &self.client_id)
             .field("format", &self.format)
+            .field("mqtt_version", &self.mqtt_version)
             .field("key_pem", &self.key_pem)
             .finish_non_exhaustive()
     }
@@ -99,6 +117,7 @@ impl Config {
             client_id: String::new(),
             keep_alive: Duration::from_secs(60),
             alpn: None,
+            mqtt_version: MqttVersion::default(),
             format: Format::Json,
             step_timeout: Duration::from_secs(10),
             overall_timeout: Some(Duration::from_secs(60)),

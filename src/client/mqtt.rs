@@ -5,9 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::ConnectionError;
-
-use super::link::{Link, LinkEvent};
+use super::link::{Fault, Link, LinkEvent};
 use super::ProgressFn;
 use super::{deadline_after, driver, now_ms, tls, Cancel, Config, LogFn, LogLevel};
 use crate::engine::flow::Progress;
@@ -26,14 +24,6 @@ impl Cancel {
             tokio::time::sleep(CANCEL_POLL).await;
         }
     }
-}
-
-/// A SUBACK's return codes as granted (true) or refused.
-pub(crate) fn granted(ack: &rumqttc::SubAck) -> Vec<bool> {
-    ack.return_codes
-        .iter()
-        .map(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure))
-        .collect()
 }
 
 pub(crate) fn at_ms(ms: u64) -> tokio::time::Instant {
@@ -100,10 +90,13 @@ fn find_rustls<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustl
 
 /// A failed or lost connection as the user should read it: which side refused what, with the
 /// endpoint, and typed so that only what can pass is retried.
-pub(crate) fn connection_error(e: ConnectionError, config: &Config, who: Credential) -> Error {
+pub(crate) fn connection_error(e: Fault, config: &Config, who: Credential) -> Error {
     use rustls::AlertDescription as Alert;
     let endpoint = format!("{}:{}", config.host, config.port);
-    if let Some(tls) = find_rustls(&e) {
+    if let Some(tls) = match &e {
+        Fault::Io(io) => find_rustls(io),
+        _ => None,
+    } {
         return match tls {
             rustls::Error::AlertReceived(
                 alert @ (Alert::BadCertificate
@@ -136,20 +129,22 @@ pub(crate) fn connection_error(e: ConnectionError, config: &Config, who: Credent
         };
     }
     match e {
-        // TLS set-up errors that are not rustls's (a host name that cannot be a server name).
-        ConnectionError::Tls(e) => Error::Tls(format!("TLS with {endpoint}: {e}")),
-        ConnectionError::ConnectionRefused(code) => {
-            Error::Connection(format!("{endpoint} refused the MQTT connection: {code:?}"))
-        }
-        ConnectionError::Io(io) if io.to_string().contains("lookup address") => {
-            Error::Connection(format!(
-                "the endpoint host {:?} does not resolve ({io}); retried in case the network is \
+        Fault::ServerName(why) => Error::Tls(format!(
+            "TLS with {endpoint}: {:?} cannot be a TLS server name ({why})",
+            config.host
+        )),
+        Fault::Refused(refusal) => Error::Refused(refusal),
+        Fault::Io(io) if io.to_string().contains("lookup address") => Error::Connection(format!(
+            "the endpoint host {:?} does not resolve ({io}); retried in case the network is \
                  still coming up",
-                config.host
-            ))
-        }
-        ConnectionError::Io(io) => Error::Connection(format!("{endpoint}: {io}")),
-        other => Error::Connection(format!("{endpoint}: {other}")),
+            config.host
+        )),
+        Fault::Io(io) => Error::Connection(format!("{endpoint}: {io}")),
+        Fault::Timeout => Error::Connection(format!(
+            "{endpoint}: no CONNACK within the step timeout (TCP, TLS and MQTT connect)"
+        )),
+        Fault::Closed => Error::Connection(format!("{endpoint} closed the connection")),
+        Fault::Protocol(what) => Error::Connection(format!("{endpoint}: {what}")),
     }
 }
 
@@ -359,6 +354,7 @@ impl Client {
                                 && !matches!(
                                     result,
                                     Err(Error::Connection(_)
+                                        | Error::Refused(_)
                                         | Error::Timeout(_)
                                         | Error::Deadline(_))
                                 );
@@ -380,13 +376,13 @@ impl Client {
                     heard = true;
                 }
                 actions = match event {
-                    LinkEvent::SubAck { filters, granted } => {
-                        for (f, ok) in filters.into_iter().zip(&granted) {
-                            if *ok {
+                    LinkEvent::SubAck { filters, codes } => {
+                        for (f, code) in filters.into_iter().zip(&codes) {
+                            if *code < 0x80 {
                                 conn.subscribed.insert(f);
                             }
                         }
-                        engine.handle(Event::SubAck(&granted), now)
+                        engine.handle(Event::SubAck(&codes), now)
                     }
                     LinkEvent::Message(p) => {
                         say(
@@ -437,7 +433,7 @@ impl Client {
         if healthy {
             self.conn = Some(conn);
         }
-        let stale = !heard && matches!(result, Err(Error::Connection(_)));
+        let stale = !heard && matches!(result, Err(Error::Connection(_) | Error::Refused(_)));
         if let (Err(e), false) = (&result, stale) {
             self.log(LogLevel::Warn, || format!("operation failed: {e}"));
         }

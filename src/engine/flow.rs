@@ -167,8 +167,8 @@ pub enum FlowEvent<'a> {
     Connected,
     /// The connection asked for could not be made.
     ConnectFailed(Error),
-    /// As [`Event::SubAck`].
-    SubAck(&'a [bool]),
+    /// As [`Event::SubAck`]: the SUBACK's codes.
+    SubAck(&'a [u8]),
     /// As [`Event::Message`].
     Message { topic: &'a str, payload: &'a [u8] },
     /// The connection broke.
@@ -512,13 +512,17 @@ impl Flow {
                         .engine
                         .as_ref()
                         .and_then(|engine| Some((engine.step(), engine.awaited_request()?)));
-                    let e = match awaited {
-                        Some((step, topic)) => e.noted(&format!(
+                    let e = match (awaited, &e) {
+                        // The refusal names the topic (a PUBACK or DISCONNECT over MQTT 5).
+                        (Some((step, _)), Error::Refused(_)) => {
+                            e.noted(&format!("while {}", step.doing()))
+                        }
+                        (Some((step, topic)), _) => e.noted(&format!(
                             "while {}, after publishing to {topic} (AWS IoT closes the \
                              connection when a policy denies a publish)",
                             step.doing()
                         )),
-                        None => e,
+                        (None, _) => e,
                     };
                     self.link = Link::Down;
                     self.engine = None;
@@ -534,8 +538,8 @@ impl Flow {
                     _ => None,
                 };
                 if let Some((subscribed, filters)) = answered {
-                    for (f, ok) in filters.into_iter().zip(granted) {
-                        if *ok {
+                    for (f, code) in filters.into_iter().zip(granted) {
+                        if *code < 0x80 {
                             subscribed.insert(f);
                         }
                     }

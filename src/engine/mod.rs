@@ -91,8 +91,9 @@ pub struct Settings {
 pub enum Event<'a> {
     /// The MQTT connection is up (CONNACK accepted).
     Connected,
-    /// The SUBACK for the last [`Action::Subscribe`]: one entry per filter, true if granted.
-    SubAck(&'a [bool]),
+    /// The SUBACK for the last [`Action::Subscribe`]: its return (MQTT 3.1.1) or reason
+    /// (MQTT 5) codes, one per filter: below 0x80 granted, from 0x80 up refused.
+    SubAck(&'a [u8]),
     /// An incoming PUBLISH.
     Message { topic: &'a str, payload: &'a [u8] },
     /// The connection is gone.
@@ -300,9 +301,9 @@ impl Engine {
                         ))),
                         &mut out,
                     );
-                } else if let Some(i) = granted.iter().position(|ok| !ok) {
-                    let topic = self.filters[i].clone();
-                    self.finish(Err(Error::SubscribeFailed(topic)), &mut out);
+                } else if let Some(i) = granted.iter().position(|code| *code >= 0x80) {
+                    let refusal = protocol::reason::suback_refusal(&self.filters[i], granted[i]);
+                    self.finish(Err(Error::SubscribeFailed(refusal)), &mut out);
                 } else {
                     self.enter(Step::Subscribed, now, &mut out);
                     self.start_first_request(now, &mut out);

@@ -102,7 +102,7 @@ fn csr_accepted(format: Format, cert_pem: &str) -> Vec<u8> {
 fn after_csr_reply(m: &Material, cert_pem: &str) -> (Engine, Vec<Action>) {
     let mut e = Engine::new(provision_op(m), settings(Format::Json), 0, &HashSet::new());
     e.handle(Event::Connected, 0);
-    e.handle(Event::SubAck(&[true; 4]), 0);
+    e.handle(Event::SubAck(&[1; 4]), 0);
     let actions = e.handle(
         Event::Message {
             topic: "$aws/certificates/create-from-csr/json/accepted",
@@ -133,7 +133,7 @@ fn to_register(m: &Material, format: Format) -> Engine {
         }
         other => panic!("{other:?}"),
     }
-    let a = e.handle(Event::SubAck(&[true; 4]), 20);
+    let a = e.handle(Event::SubAck(&[1; 4]), 20);
     assert_eq!(
         progress(&a),
         vec![Step::Subscribed, Step::CreatingCertificate]
@@ -219,12 +219,13 @@ fn register_payload_carries_token_and_parameters() {
 #[test]
 fn suback_failures() {
     let m = material();
-    // (granted codes, expected failing topic index or None for count mismatch)
-    let rows: Vec<(Vec<bool>, Option<usize>)> = vec![
-        (vec![false, true, true, true], Some(0)),
-        (vec![true, true, true, false], Some(3)),
-        (vec![true, true], None),
-        (vec![true; 5], None),
+    // (SUBACK codes, expected failing topic index or None for count mismatch)
+    let rows: Vec<(Vec<u8>, Option<usize>)> = vec![
+        (vec![0x80, 1, 1, 1], Some(0)),
+        (vec![1, 0, 1, 0x87], Some(3)),
+        (vec![1, 2, 0x8F, 0x80], Some(2)),
+        (vec![1, 1], None),
+        (vec![1; 5], None),
     ];
     for (granted, failing) in rows {
         let mut e = Engine::new(provision_op(&m), settings(Format::Json), 0, &HashSet::new());
@@ -232,7 +233,20 @@ fn suback_failures() {
         let filters = e.filters().to_vec();
         let a = e.handle(Event::SubAck(&granted), 5);
         match (done(&a), failing) {
-            (Some(Err(Error::SubscribeFailed(topic))), Some(i)) => assert_eq!(topic, &filters[i]),
+            (Some(Err(Error::SubscribeFailed(refusal))), Some(i)) => {
+                // The filter, then the code in words.
+                let code = granted[i];
+                assert!(
+                    refusal.starts_with(&format!("{} (SUBACK code 0x{code:02X}, ", filters[i])),
+                    "{refusal}"
+                );
+                if code == 0x87 {
+                    assert!(
+                        refusal.contains("policy does not allow iot:Subscribe"),
+                        "{refusal}"
+                    );
+                }
+            }
             (Some(Err(Error::SubscribeFailed(_))), None) => {}
             other => panic!("{granted:?}: {other:?}"),
         }
@@ -292,7 +306,7 @@ fn timeouts_per_step_and_overall() {
     s.deadline_ms = Some(35);
     let mut e = Engine::new(provision_op(&m), s, 0, &HashSet::new());
     e.handle(Event::Connected, 0);
-    e.handle(Event::SubAck(&[true; 4]), 0);
+    e.handle(Event::SubAck(&[1; 4]), 0);
     let a = e.handle(
         Event::Message {
             topic: "$aws/certificates/create-from-csr/json/accepted",
@@ -338,7 +352,7 @@ fn unrelated_duplicate_and_wrong_format_messages_are_ignored() {
     }
     // Stray protocol events are ignored too.
     assert!(e.handle(Event::Connected, 51).is_empty());
-    assert!(e.handle(Event::SubAck(&[false]), 52).is_empty());
+    assert!(e.handle(Event::SubAck(&[0x80]), 52).is_empty());
     let a = e.handle(
         Event::Message {
             topic: "$aws/provisioning-templates/Tpl/provision/json/accepted",
@@ -430,7 +444,7 @@ fn create_keys_checks_the_returned_key_and_disconnect_fails() {
     for (cert, ok) in [(&m.cert_pem, true), (&m.other_cert_pem, false)] {
         let mut e = Engine::new(op.clone(), settings(Format::Cbor), 0, &HashSet::new());
         e.handle(Event::Connected, 0);
-        let a = e.handle(Event::SubAck(&[true, true]), 0);
+        let a = e.handle(Event::SubAck(&[1, 1]), 0);
         assert_eq!(published(&a)[0].1, vec![0xa0], "empty CBOR map");
         let a = e.handle(
             Event::Message {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::cancel::*;
 use super::error::*;
 use super::types::*;
-use crate::client::{Cancel, Config, LogFn, LogLevel, ProgressFn, Roots};
+use crate::client::{Cancel, Config, LogFn, LogLevel, MqttVersion, ProgressFn, Roots};
 use crate::engine::flow::Progress;
 use crate::engine::retry::RetryPolicy;
 use crate::error::Error;
@@ -45,6 +45,7 @@ pub struct fleetprov_config {
     client_id: String,
     keep_alive: u16,
     alpn: Option<bool>,
+    mqtt_version: MqttVersion,
     format: Format,
     step_timeout_ms: u64,
     overall_timeout_ms: u64,
@@ -81,6 +82,7 @@ impl Default for fleetprov_config {
             client_id: String::new(),
             keep_alive: 60,
             alpn: None,
+            mqtt_version: MqttVersion::default(),
             format: Format::Json,
             step_timeout_ms: 10_000,
             overall_timeout_ms: 60_000,
@@ -132,6 +134,7 @@ impl fleetprov_config {
         c.client_id = self.client_id.clone();
         c.keep_alive = Duration::from_secs(u64::from(self.keep_alive));
         c.alpn = self.alpn;
+        c.mqtt_version = self.mqtt_version;
         c.format = self.format;
         c.step_timeout = Duration::from_millis(self.step_timeout_ms);
         c.overall_timeout =
@@ -509,6 +512,27 @@ pub unsafe extern "C" fn fleetprov_config_set_alpn(
     remember(config, "fleetprov_config_set_alpn", || {
         // SAFETY: pointer per the header.
         unsafe { config_mut(config)? }.alpn = Some(enabled);
+        Ok(())
+    })
+}
+
+/// Sets the MQTT version of the built-in transport: a fleetprov_mqtt_version value. Default
+/// FLEETPROV_MQTT_5, which AWS IoT Core speaks on every endpoint: its refusals (CONNACK,
+/// SUBACK, PUBACK, DISCONNECT) carry a reason code, which errors report
+/// (fleetprov_error_mqtt_reason_code()); over MQTT 3.1.1 AWS IoT closes the connection without
+/// saying why. The host API (fleetprov_host_*) uses the host's MQTT stack, whatever its version.
+#[no_mangle]
+pub unsafe extern "C" fn fleetprov_config_set_mqtt_version(
+    config: *mut fleetprov_config,
+    version: i32,
+) -> fleetprov_result {
+    remember(config, "fleetprov_config_set_mqtt_version", || {
+        // SAFETY: pointer per the header.
+        let config = unsafe { config_mut(config)? };
+        config.mqtt_version = match fleetprov_mqtt_version::from_c(version)? {
+            fleetprov_mqtt_version::FLEETPROV_MQTT_3_1_1 => MqttVersion::V311,
+            fleetprov_mqtt_version::FLEETPROV_MQTT_5 => MqttVersion::V5,
+        };
         Ok(())
     })
 }

@@ -16,6 +16,9 @@ pub struct fleetprov_error {
     pub(crate) error_code: CString,
     pub(crate) error_message: CString,
     pub(crate) retryable: bool,
+    /// The MQTT reason code (or 3.1.1 CONNACK return code) of a refusal; -1 when none.
+    pub(crate) mqtt_reason_code: i32,
+    pub(crate) mqtt_reason_string: CString,
 }
 
 impl fleetprov_error {
@@ -28,6 +31,13 @@ impl fleetprov_error {
             ),
             _ => (0, "", ""),
         };
+        let (reason_code, reason_string) = match e {
+            Error::Refused(r) => (
+                i32::from(r.reason_code),
+                r.reason_string.as_deref().unwrap_or(""),
+            ),
+            _ => (-1, ""),
+        };
         fleetprov_error {
             result: fleetprov_result::of(e),
             message: cstring(&e.to_string()),
@@ -35,6 +45,8 @@ impl fleetprov_error {
             error_code: cstring(code),
             error_message: cstring(msg),
             retryable: e.is_retryable(),
+            mqtt_reason_code: reason_code,
+            mqtt_reason_string: cstring(reason_string),
         }
     }
 
@@ -136,7 +148,28 @@ pub unsafe extern "C" fn fleetprov_error_status_code(error: *const fleetprov_err
     })
 }
 
-/// Whether retrying can help: connection failures, timeouts, and 429 / 5xx rejections.
+/// For a refusal with an MQTT reason code (a CONNACK refusing the connection, a DISCONNECT or
+/// a PUBACK refusing a request, MQTT 5): the code, e.g. 0x87 (not authorized) or 0x97 (quota
+/// exceeded); over MQTT 3.1.1 the CONNACK return code (1 to 5). -1 otherwise (also for NULL).
+#[no_mangle]
+pub unsafe extern "C" fn fleetprov_error_mqtt_reason_code(error: *const fleetprov_error) -> i32 {
+    guard_value(-1, || {
+        // SAFETY: NULL or a live error, per the header.
+        unsafe { error.as_ref() }.map_or(-1, |e| e.mqtt_reason_code)
+    })
+}
+
+/// For a refusal with an MQTT 5 reason code: the server's reason string, "" when it sent none
+/// (or there is no reason code). Borrowed like fleetprov_error_message().
+#[no_mangle]
+pub unsafe extern "C" fn fleetprov_error_mqtt_reason_string(
+    error: *const fleetprov_error,
+) -> *const c_char {
+    borrowed(error, |o| o.mqtt_reason_string.as_ptr())
+}
+
+/// Whether retrying can help: connection failures, timeouts, MQTT refusals that say the server
+/// is busy, unavailable or rate-limiting, and 429 / 5xx rejections.
 #[no_mangle]
 pub unsafe extern "C" fn fleetprov_error_is_retryable(error: *const fleetprov_error) -> bool {
     guard_value(false, || {

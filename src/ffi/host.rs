@@ -314,8 +314,7 @@ impl fleetprov_host {
             (Some(driver), HostEvent::SubAck(codes)) => {
                 // MQTT 3.1.1: 0x00-0x02 grant that QoS, 0x80 is a failure; MQTT 5: every
                 // reason code from 0x80 up is a failure.
-                let granted: Vec<bool> = codes.iter().map(|c| *c < 0x80).collect();
-                driver.handle(FlowEvent::SubAck(&granted), now, t);
+                driver.handle(FlowEvent::SubAck(&codes), now, t);
             }
             (Some(driver), event) => {
                 let event = match &event {

@@ -62,7 +62,7 @@ impl fleetprov_result {
         match e {
             Error::InvalidArgument(_) => FLEETPROV_INVALID_ARGUMENT,
             Error::Tls(_) => FLEETPROV_TLS,
-            Error::Connection(_) => FLEETPROV_CONNECTION,
+            Error::Connection(_) | Error::Refused(_) => FLEETPROV_CONNECTION,
             Error::Timeout(_) => FLEETPROV_TIMEOUT,
             Error::Deadline(_) => FLEETPROV_DEADLINE,
             Error::Rejected { .. } => FLEETPROV_REJECTED,
@@ -85,6 +85,16 @@ impl fleetprov_result {
 pub enum fleetprov_format {
     FLEETPROV_FORMAT_JSON = 0,
     FLEETPROV_FORMAT_CBOR = 1,
+}
+
+/// The MQTT version of the built-in transport's connections.
+#[repr(i32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum fleetprov_mqtt_version {
+    /// MQTT 3.1.1.
+    FLEETPROV_MQTT_3_1_1 = 4,
+    /// MQTT 5 (the default): refusals come with a reason code and often a reason string.
+    FLEETPROV_MQTT_5 = 5,
 }
 
 /// How the one-call flow gets the device's certificate.
@@ -187,6 +197,11 @@ from_c!(
     fleetprov_format,
     "format",
     [FLEETPROV_FORMAT_JSON, FLEETPROV_FORMAT_CBOR]
+);
+from_c!(
+    fleetprov_mqtt_version,
+    "MQTT version",
+    [FLEETPROV_MQTT_3_1_1, FLEETPROV_MQTT_5]
 );
 from_c!(
     fleetprov_method,

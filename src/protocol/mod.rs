@@ -2,6 +2,7 @@
 
 pub mod codec;
 pub mod error;
+pub mod reason;
 pub mod step;
 pub mod topics;
 
@@ -10,5 +11,6 @@ pub use codec::{
     encode_csr_request, encode_register_request, CreatedCertificate, DecodeError, Registered,
 };
 pub use error::ServiceError;
+pub use reason::{MqttPacket, MqttRefusal};
 pub use step::Step;
 pub use topics::{validate_template_name, Api, Format};

@@ -355,6 +355,21 @@ class _Config:
             lib.fleetprov_config_free(handle)
 
 
+# fleetprov_mqtt_version values: the protocol level byte of each version's CONNECT.
+_MQTT_VERSIONS = {5: 5, "5": 5, "3.1.1": 4}
+
+
+def _mqtt_version(value: Union[int, str, None]) -> Optional[int]:
+    """``mqtt_version``: None (the library's default, MQTT 5), 5 or "5", or "3.1.1"."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"mqtt_version must be 5 or \"3.1.1\", not {type(value).__name__}")
+    if value not in _MQTT_VERSIONS:
+        raise InvalidArgumentError(f"unknown MQTT version {value!r}: use 5 or \"3.1.1\"", code=1)
+    return _MQTT_VERSIONS[value]
+
+
 def _build_config(
     *,
     endpoint: Optional[str],
@@ -375,6 +390,7 @@ def _build_config(
     alpn: Optional[bool],
     on_progress: Optional[ProgressCallback],
     method: Optional[int] = None,
+    mqtt_version: Union[int, str, None] = None,
     key_type: Union[str, KeyType, None] = None,
     csr_pem: Optional[str] = None,
     verify: Optional[bool] = None,
@@ -428,6 +444,7 @@ def _build_config(
     keep_alive_v = None if keep_alive is None else _int_arg(keep_alive, "keep_alive", 0, 65535)
     if alpn is not None and not isinstance(alpn, bool):
         raise TypeError("alpn must be bool or None")
+    mqtt_version_v = _mqtt_version(mqtt_version)
     if verify is not None and not isinstance(verify, bool):
         raise TypeError("verify must be bool")
     if not isinstance(reprovision, bool):
@@ -460,6 +477,8 @@ def _build_config(
             check(lib.fleetprov_config_set_keep_alive(h, keep_alive_v))
         if alpn is not None:
             check(lib.fleetprov_config_set_alpn(h, alpn))
+        if mqtt_version_v is not None:
+            check(lib.fleetprov_config_set_mqtt_version(h, mqtt_version_v))
         check(lib.fleetprov_config_set_format(h, fmt))
         check(lib.fleetprov_config_set_timeouts(h, step_ms, overall_ms))
         if template_b is not None:
@@ -675,6 +694,7 @@ def _provision_config(
     csr_pem: Optional[str] = None,
     keep_alive: Optional[int] = None,
     alpn: Optional[bool] = None,
+    mqtt_version: Union[int, str, None] = None,
     state_dir: Optional[StrPath] = None,
     retry: Optional[Retry] = None,
     token_lifetime: Optional[int] = None,
@@ -687,6 +707,7 @@ def _provision_config(
         key_file=key_file, cert_pem=cert_pem, key_pem=key_pem, template_name=template_name,
         parameters=parameters, payload_format=payload_format, timeout=timeout,
         step_timeout=step_timeout, client_id=client_id, keep_alive=keep_alive, alpn=alpn,
+        mqtt_version=mqtt_version,
         on_progress=on_progress, method=int(method), key_type=key_type, csr_pem=csr_pem,
         verify=verify, output_dir=output_dir, state_dir=state_dir, retry=retry,
         token_lifetime=token_lifetime, reprovision=reprovision,
@@ -717,6 +738,7 @@ def provision(
     csr_pem: Optional[str] = None,
     keep_alive: Optional[int] = None,
     alpn: Optional[bool] = None,
+    mqtt_version: Union[int, str, None] = None,
     state_dir: Optional[StrPath] = None,
     retry: Optional[Retry] = None,
     token_lifetime: Optional[int] = None,
@@ -752,6 +774,10 @@ def provision(
     says, each reported as :attr:`Step.RETRYING` with the pause and the error; other rejections
     are not retried.
 
+    ``mqtt_version`` is 5 (the default) or ``"3.1.1"``: over MQTT 5 a refusal (a CONNACK,
+    SUBACK, PUBACK or DISCONNECT with a reason code such as 0x87, not authorized) fails at once
+    with that code in the error (``mqtt_reason_code``, ``mqtt_reason_string``).
+
     ``timeout`` is the overall deadline in seconds (None or 0: none); ``step_timeout`` bounds
     each step. ``on_progress(progress)`` is called with a :class:`Progress` for each step
     reached. The flow runs on a helper thread while this one waits, so progress and log
@@ -771,7 +797,8 @@ def provision(
         payload_format=payload_format, output_dir=output_dir, timeout=timeout,
         step_timeout=step_timeout, client_id=client_id, verify=verify, on_progress=on_progress,
         ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem, key_type=key_type, csr_pem=csr_pem,
-        keep_alive=keep_alive, alpn=alpn, state_dir=state_dir, retry=retry,
+        keep_alive=keep_alive, alpn=alpn, mqtt_version=mqtt_version,
+        state_dir=state_dir, retry=retry,
         token_lifetime=token_lifetime, reprovision=reprovision
     )
     return _run_blocking(config, slot, lib.fleetprov_provision)
@@ -799,6 +826,7 @@ def rotate(
     key_type: Union[str, KeyType] = DEFAULT_KEY_TYPE,
     keep_alive: Optional[int] = None,
     alpn: Optional[bool] = None,
+    mqtt_version: Union[int, str, None] = None,
 ) -> ProvisionResult:
     """Rotates the certificate of a provisioned device in one blocking call.
 
@@ -830,6 +858,7 @@ def rotate(
         key_file=None, cert_pem=None, key_pem=None, template_name=template_name,
         parameters=parameters, payload_format=payload_format, timeout=timeout,
         step_timeout=step_timeout, client_id=client_id, keep_alive=keep_alive, alpn=alpn,
+        mqtt_version=mqtt_version,
         on_progress=on_progress, method=int(method), key_type=key_type, output_dir=output_dir,
         state_dir=state_dir, retry=retry, token_lifetime=token_lifetime, claim=False,
     )
@@ -862,6 +891,7 @@ def provision_async(
     csr_pem: Optional[str] = None,
     keep_alive: Optional[int] = None,
     alpn: Optional[bool] = None,
+    mqtt_version: Union[int, str, None] = None,
     state_dir: Optional[StrPath] = None,
     retry: Optional[Retry] = None,
     token_lifetime: Optional[int] = None,
@@ -877,7 +907,8 @@ def provision_async(
         payload_format=payload_format, output_dir=output_dir, timeout=timeout,
         step_timeout=step_timeout, client_id=client_id, verify=verify, on_progress=on_progress,
         ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem, key_type=key_type, csr_pem=csr_pem,
-        keep_alive=keep_alive, alpn=alpn, state_dir=state_dir, retry=retry,
+        keep_alive=keep_alive, alpn=alpn, mqtt_version=mqtt_version,
+        state_dir=state_dir, retry=retry,
         token_lifetime=token_lifetime, reprovision=reprovision
     )
     op = ProvisionOperation(slot)
@@ -1138,6 +1169,7 @@ class Client(_Closeable):
         key_pem: Optional[str] = None,
         keep_alive: Optional[int] = None,
         alpn: Optional[bool] = None,
+        mqtt_version: Union[int, str, None] = None,
     ) -> None:
         self._handle: Optional[int] = None
         self._cond = threading.Condition()
@@ -1148,6 +1180,7 @@ class Client(_Closeable):
             key_file=key_file, cert_pem=cert_pem, key_pem=key_pem, template_name=template_name,
             parameters=parameters, payload_format=payload_format, timeout=timeout,
             step_timeout=step_timeout, client_id=client_id, keep_alive=keep_alive, alpn=alpn,
+        mqtt_version=mqtt_version,
             on_progress=on_progress,
         )
         self._slot = slot

@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 #: The library version this package is written for (agrees with pyproject.toml).
-EXPECTED_VERSION = "0.3.2"
+EXPECTED_VERSION = "0.4.0"
 
 if sys.platform == "darwin":
     BUNDLED_NAME = "libfleetprov.dylib"
@@ -218,6 +218,7 @@ _SIGNATURES: List[Tuple[Any, ...]] = [
     ("fleetprov_config_set_client_id", _RES, _H, c_char_p),
     ("fleetprov_config_set_keep_alive", _RES, _H, c_uint16),
     ("fleetprov_config_set_alpn", _RES, _H, c_bool),
+    ("fleetprov_config_set_mqtt_version", _RES, _H, c_int32),
     ("fleetprov_config_set_format", _RES, _H, c_int32),
     ("fleetprov_config_set_timeouts", _RES, _H, c_uint32, c_uint32),
     ("fleetprov_config_set_template", _RES, _H, c_char_p),
@@ -281,6 +282,8 @@ _SIGNATURES: List[Tuple[Any, ...]] = [
     ("fleetprov_error_service_message", c_char_p, _H),
     ("fleetprov_error_status_code", c_uint16, _H),
     ("fleetprov_error_is_retryable", c_bool, _H),
+    ("fleetprov_error_mqtt_reason_code", c_int32, _H),
+    ("fleetprov_error_mqtt_reason_string", c_char_p, _H),
     ("fleetprov_error_free", None, _H),
     # certificate
     ("fleetprov_certificate_id", c_char_p, _H),

@@ -40,18 +40,32 @@ class FleetprovError(Exception):
     """A failure reported by libfleetprov.
 
     ``code`` is the numeric fleetprov_result, ``code_name`` its name, ``message`` the library's
-    full error text, and ``retryable`` whether retrying can help.
+    full error text, and ``retryable`` whether retrying can help. When the broker refused with
+    an MQTT reason code (a CONNACK refusing the connection, a DISCONNECT, or a PUBACK refusing
+    a request over MQTT 5), ``mqtt_reason_code`` is that code (e.g. 0x87, not authorized; over
+    MQTT 3.1.1 the CONNACK return code) and ``mqtt_reason_string`` the server's reason string
+    ("" when it sent none); otherwise ``mqtt_reason_code`` is None.
     """
 
     #: The fleetprov_result this class stands for (None for the base class).
     result_code: Optional[int] = None
 
-    def __init__(self, message: str, *, code: Optional[int] = None, retryable: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: Optional[int] = None,
+        retryable: bool = False,
+        mqtt_reason_code: Optional[int] = None,
+        mqtt_reason_string: str = "",
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code if code is not None else self.result_code
         self.code_name = result_name(self.code) if self.code is not None else "FLEETPROV_UNKNOWN"
         self.retryable = retryable
+        self.mqtt_reason_code = mqtt_reason_code
+        self.mqtt_reason_string = mqtt_reason_string
 
 
 class InvalidArgumentError(FleetprovError, ValueError):
@@ -214,6 +228,15 @@ def error_from_handle(code: int, err: Optional[int]) -> FleetprovError:
         return cls(f"{result_name(code)} (no error details)", code=code)
     message = _text(lib.fleetprov_error_message(err)) or result_name(code)
     retryable = bool(lib.fleetprov_error_is_retryable(err))
+    reason_code = int(lib.fleetprov_error_mqtt_reason_code(err))
+    if reason_code >= 0:
+        return cls(
+            message,
+            code=code,
+            retryable=retryable,
+            mqtt_reason_code=reason_code,
+            mqtt_reason_string=_text(lib.fleetprov_error_mqtt_reason_string(err)),
+        )
     if cls is RejectedError:
         return RejectedError(
             message,

@@ -237,7 +237,7 @@ impl Sim {
                     let n = filters.len();
                     self.subscribes.push(filters);
                     self.now += 1;
-                    let granted: &'static [bool] = Box::leak(vec![true; n].into_boxed_slice());
+                    let granted: &'static [u8] = Box::leak(vec![1; n].into_boxed_slice());
                     events.push((FlowEvent::SubAck(granted), None));
                 }
                 FlowAction::Publish { topic, payload } => {
