@@ -80,7 +80,7 @@ impl Transport for Builtin<'_> {
         let mut link = Link::open(self.config, tls, &client_id, who);
         if !subscribe.is_empty() {
             // In the CONNECT's flight: the SUBACK comes a round trip sooner.
-            link.subscribe(subscribe)?;
+            link.subscribe_early(subscribe)?;
         }
         self.link = Some(link);
         self.client_id = client_id;
@@ -97,8 +97,8 @@ impl Transport for Builtin<'_> {
         let Some(link) = &mut self.link else {
             return Ok(());
         };
-        if link.subscribing(filters) {
-            // Sent with the CONNECT; its SUBACK answers this.
+        if link.take_early(filters) {
+            // Sent with the CONNECT; its SUBACK (perhaps read already) answers this.
             return Ok(());
         }
         let result = link.subscribe(filters);

@@ -140,6 +140,8 @@ pub(crate) struct Link {
     ping_at: Option<Instant>,
     /// The SUBSCRIBE in flight: its filters, and its packet id once on the wire.
     pending: Option<(Vec<String>, Option<u16>)>,
+    /// The filters of a SUBSCRIBE sent ahead of the flow's request for it.
+    early: Option<Vec<String>>,
     /// The topics of the PUBLISHes awaiting their PUBACK, by packet id (for refusals).
     published: Vec<(u16, String)>,
     /// The endpoint and trust settings, for error messages.
@@ -183,6 +185,7 @@ impl Link {
             keep_alive: config.keep_alive,
             ping_at: None,
             pending: None,
+            early: None,
             published: Vec::new(),
             config: config.clone(),
             who,
@@ -201,9 +204,23 @@ impl Link {
         Ok(())
     }
 
-    /// Whether a SUBSCRIBE with exactly `filters` is in flight and not yet answered.
-    pub(crate) fn subscribing(&self, filters: &[String]) -> bool {
-        matches!(&self.pending, Some((f, _)) if f == filters)
+    /// [`Link::subscribe`] ahead of the flow, in the CONNECT's flight: the flow asks for the
+    /// same filters once connected, and [`Link::take_early`] tells it they are on their way.
+    pub(crate) fn subscribe_early(&mut self, filters: &[String]) -> Result<(), Error> {
+        self.early = Some(filters.to_vec());
+        self.subscribe(filters)
+    }
+
+    /// Whether `filters` were subscribed early (answered or not: the SUBACK may be in already);
+    /// true once only.
+    pub(crate) fn take_early(&mut self, filters: &[String]) -> bool {
+        match &self.early {
+            Some(early) if early == filters => {
+                self.early = None;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Queues one PUBLISH (QoS 1, not retained).
