@@ -287,6 +287,227 @@ def phase_c(args, env, table: Table, results: dict, port: int) -> None:
                   ratio(t["maxrss_kb"], o["maxrss_kb"]))
 
 
+API = {"csr": "CreateCertificateFromCsr", "keys": "CreateKeysAndCertificate"}
+
+
+def proxied(args, env, proxy: DelayProxy, impl: str, flow: str, fmt: str, port: int, runs: int,
+            direct_port: int) -> dict:
+    """`runs` provisionings through the proxy in one fresh process, the warm-up one straight to
+    the emulator; what the proxy saw, per provisioning (one connection each: no verification)."""
+    d = client(args, env, impl, flow, port, runs, ["--format", fmt, "--warmup-port", str(direct_port)])
+    conns = proxy.take()
+    if len(conns) != runs:
+        raise RuntimeError(f"{impl} {flow} {fmt}: {len(conns)} connections through the proxy for {runs} "
+                           "provisionings")
+    d["connections"] = len(conns)
+    d["turns"] = [c.turns for c in conns]
+    d["turns_per_run"] = statistics.median(d["turns"])
+    d["bytes_up"] = [c.bytes_up for c in conns]
+    d["bytes_down"] = [c.bytes_down for c in conns]
+    d["bytes_up_per_run"] = statistics.median(d["bytes_up"])
+    d["bytes_down_per_run"] = statistics.median(d["bytes_down"])
+    d["flights"] = conns[0].flights  # [direction, bytes, [[TLS content type, record size], ...]]
+    return d
+
+
+def tls_split(flights: list) -> dict:
+    """The TLS 1.3 handshake's share of one connection's bytes, from its flights (see proxy.py):
+    the client's first flight (ClientHello), the server's first flight (ServerHello, then
+    encrypted: EncryptedExtensions, CertificateRequest, its certificate chain,
+    CertificateVerify, Finished), and the start of the client's second flight: a
+    ChangeCipherSpec if sent, then Certificate, CertificateVerify and Finished, in one record
+    (rustls) or in three (s2n: a Finished record is 58 B with SHA-256, 74 B with SHA-384).
+    The client's certificate record is that flight's largest; what follows the handshake in
+    the flight (CONNECT, and whatever the client sends with it) and what the server sends
+    after its first flight (a session ticket, if any) count as the rest."""
+    up0, down0, up1 = flights[0], flights[1], flights[2]
+    assert up0[0] == "up" and down0[0] == "down" and up1[0] == "up", flights[:3]
+    records = up1[2]
+    cert = max(range(len(records)), key=lambda i: records[i][1])
+    end = cert + 2 if cert + 2 < len(records) and records[cert + 2][1] in (58, 74) else cert
+    client_auth = sum(n for _, n in records[:end + 1])
+    return {
+        "client_hello": up0[1],
+        "server_flight": down0[1],
+        "client_auth_flight": client_auth,
+        "after_auth_in_flight": up1[1] - client_auth,  # CONNECT and what goes with it
+        "handshake_up": up0[1] + client_auth,
+        "handshake_down": down0[1],
+    }
+
+
+def der_size(pem: Path) -> int:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return len(x509.load_pem_x509_certificate(pem.read_bytes()).public_bytes(Encoding.DER))
+
+
+def phase_slowlink(args, env, table: Table, results: dict, direct_port: int) -> None:
+    """A slow link (LTE-M-like: --slow-rtt-ms with --slow-rate bytes/s each way) for every
+    client/API/format, then the RTT sweep (no rate limit) and its plot."""
+    res: dict = {"profile": {"rtt_ms": args.slow_rtt_ms, "rate_bytes_per_s": args.slow_rate,
+                             "tcp_handshake": True, "runs": args.slow_runs}}
+    proxy = DelayProxy("127.0.0.1", direct_port, delay=args.slow_rtt_ms / 2000, rate=args.slow_rate,
+                       tcp_handshake=True)
+    port = proxy.start()
+    try:
+        slow: dict = {}
+        for flow in ("csr", "keys"):
+            for impl, fmt in (("ours", "json"), ("ours", "cbor"), ("sdk", "json")):
+                log(f"  slowlink: {impl} {flow} {fmt} x{args.slow_runs} ...")
+                d = proxied(args, env, proxy, impl, flow, fmt, port, args.slow_runs, direct_port)
+                d["tls"] = tls_split(d["flights"])
+                slow[f"{impl}_{flow}_{fmt}"] = d
+    finally:
+        proxy.stop()
+    res["slow"] = slow
+    for flow in ("csr", "keys"):
+        api = API[flow]
+        for fmt in ("json", "cbor"):
+            o = slow[f"ours_{flow}_{fmt}"]
+            t = slow.get(f"sdk_{flow}_{fmt}")
+            name = f"{api}, {fmt.upper()}"
+            no = "(no CBOR)"
+            table.add(f"{name}: time to provisioned", ms(o["median_ms"]),
+                      ms(t["median_ms"]) if t else no, ratio(t["median_ms"], o["median_ms"]) if t else "")
+            table.add(f"{name}: round trips after TCP", f"{o['turns_per_run']:g}",
+                      f"{t['turns_per_run']:g}" if t else no,
+                      ratio(t["turns_per_run"], o["turns_per_run"]) if t else "")
+            for k, label in (("bytes_up_per_run", "bytes up (client -> server)"),
+                             ("bytes_down_per_run", "bytes down (server -> client)")):
+                table.add(f"{name}: {label}", f"{o[k]:.0f}", f"{t[k]:.0f}" if t else no,
+                          ratio(t[k], o[k]) if t else "")
+    # Where the bytes go: the TLS handshake against the rest (MQTT in TLS records), CSR, JSON.
+    for flow in ("csr", "keys"):
+        o, t = slow[f"ours_{flow}_json"], slow[f"sdk_{flow}_json"]
+        for side in ("up", "down"):
+            ho, ht = o["tls"][f"handshake_{side}"], t["tls"][f"handshake_{side}"]
+            ro, rt = o[f"bytes_{side}_per_run"] - ho, t[f"bytes_{side}_per_run"] - ht
+            table.add(f"{API[flow]}, JSON: TLS handshake bytes {side}", f"{ho}", f"{ht}", ratio(ht, ho))
+            table.add(f"{API[flow]}, JSON: after the handshake (MQTT in TLS records) {side}",
+                      f"{ro:.0f}", f"{rt:.0f}", ratio(rt, ro))
+    fmt_tls = "{client_hello} / {server_flight} / {client_auth_flight} / {after_auth_in_flight}".format
+    table.add("TLS bytes: ClientHello / server's flight / client's Certificate..Finished / CONNECT+",
+              fmt_tls(**slow["ours_csr_json"]["tls"]), fmt_tls(**slow["sdk_csr_json"]["tls"]), "")
+    certs = {name: der_size(args.emu_dir / f"{name}.pem") for name in ("claim", "server", "ca")}
+    res["certificates_der"] = certs
+    table.add("in those: the claim certificate (sent up) / the server's (down), DER",
+              f"{certs['claim']} / {certs['server']}", "(the same)", "",
+              f"the CA ({certs['ca']} B) is " + (
+                  "sent too" if slow["ours_csr_json"]["tls"]["server_flight"] > certs["server"] + certs["ca"]
+                  else "not sent"))
+
+    # The sweep: the same profile's TCP handshake, no rate limit.
+    rtts = [float(x) for x in args.sweep_rtts.split(",")]
+    flows = args.sweep_flows.split(",")
+    sweep: dict = {}
+    for rtt in rtts:
+        proxy = DelayProxy("127.0.0.1", direct_port, delay=rtt / 2000, tcp_handshake=True)
+        port = proxy.start()
+        try:
+            for flow in flows:
+                for impl in ("ours", "sdk"):
+                    log(f"  sweep: RTT {rtt:g} ms, {impl} {flow} x{args.sweep_runs} ...")
+                    d = proxied(args, env, proxy, impl, flow, "json", port, args.sweep_runs, direct_port)
+                    d.pop("flights")
+                    sweep.setdefault(f"{impl}_{flow}", []).append(dict(rtt_ms=rtt, **d))
+        finally:
+            proxy.stop()
+    fits = {}
+    for key, points in sweep.items():
+        xs = [p_["rtt_ms"] for p_ in points]
+        ys = [p_["median_ms"] for p_ in points]
+        slope, intercept = linear_fit(xs, ys)
+        # The turns at the largest RTT: on loopback the flights may split differently.
+        fits[key] = {"slope_ms_per_ms": slope, "intercept_ms": intercept,
+                     "turns": max(points, key=lambda p_: p_["rtt_ms"])["turns_per_run"]}
+    res["sweep"] = sweep
+    res["fits"] = fits
+    res["sweep_rtts_ms"] = rtts
+    results["slowlink"] = res
+    table.section(f"Provisioning time against round-trip time, no rate limit, TCP handshake included "
+                  f"(JSON, median of {args.sweep_runs} runs)")
+    for flow in flows:
+        o_pts, t_pts = sweep[f"ours_{flow}"], sweep[f"sdk_{flow}"]
+        for po, pt in zip(o_pts, t_pts):
+            table.add(f"{API[flow]} at {po['rtt_ms']:g} ms RTT: provisioning time", ms(po["median_ms"]),
+                      ms(pt["median_ms"]), ratio(pt["median_ms"], po["median_ms"]))
+        fo, ft = fits[f"ours_{flow}"], fits[f"sdk_{flow}"]
+        if len(rtts) < 2:
+            continue
+        table.add(f"{API[flow]}: slope, ms per ms of RTT (least squares)", f"{fo['slope_ms_per_ms']:.2f}",
+                  f"{ft['slope_ms_per_ms']:.2f}", ratio(ft["slope_ms_per_ms"], fo["slope_ms_per_ms"]),
+                  f"round trips after TCP: {fo['turns']:g} / {ft['turns']:g}, + 1 for TCP's")
+        table.add(f"{API[flow]}: intercept (time at 0 ms RTT, fitted)", ms(fo["intercept_ms"]),
+                  ms(ft["intercept_ms"]), "")
+    if args.plot and len(rtts) >= 2:
+        plot_sweep(args, res)
+
+
+def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    return slope, my - slope * mx
+
+
+def plot_sweep(args, res: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.2), dpi=110)
+    colors = {"ours": "tab:blue", "sdk": "tab:orange"}
+    names = {"ours": "fleetprov (Python binding)", "sdk": "AWS IoT Device SDK v2 (IotIdentityClientV2)"}
+    styles = {"csr": ("-", "o"), "keys": ("--", "s")}
+    xmax = max(res["sweep_rtts_ms"])
+    for key, points in res["sweep"].items():
+        impl, flow = key.split("_")
+        line, marker = styles[flow]
+        fit = res["fits"][key]
+        xs = [p_["rtt_ms"] for p_ in points]
+        ax.plot(xs, [p_["median_ms"] / 1000 for p_ in points], linestyle=line, marker=marker,
+                color=colors[impl], label=f"{names[impl]}, {API[flow]}: "
+                f"{fit['slope_ms_per_ms']:.2f} ms per ms RTT")
+        for p_ in points:  # every run, small
+            ax.scatter([p_["rtt_ms"]] * len(p_["times_ms"]), [t / 1000 for t in p_["times_ms"]],
+                       s=8, color=colors[impl], alpha=0.4, zorder=3)
+    for impl in ("ours", "sdk"):  # one slope label per client, at the end of its lines
+        keys = [k for k in res["sweep"] if k.startswith(impl + "_")]
+        fit = res["fits"][keys[0]]
+        slopes = ", ".join(f"{res['fits'][k]['slope_ms_per_ms']:.2f} ({k.split('_')[1]})" for k in keys)
+        xa = xmax * 0.55
+        ax.annotate(f"slope {slopes} ms per ms", (xa, (fit["intercept_ms"] + fit["slope_ms_per_ms"] * xa) / 1000),
+                    textcoords="offset points", xytext=(-10, 10) if impl == "sdk" else (10, -14),
+                    ha="right" if impl == "sdk" else "left", fontsize=8.5, color=colors[impl],
+                    fontweight="bold")
+    prof = res["profile"]
+    for key, d in res["slow"].items():
+        impl, flow, fmt = key.split("_")
+        if fmt != "json" or flow not in {k.split("_")[1] for k in res["sweep"]}:
+            continue
+        ax.scatter([prof["rtt_ms"]], [d["median_ms"] / 1000], marker="*", s=110, color=colors[impl],
+                   edgecolors="black", linewidths=0.5, zorder=4)
+    ax.scatter([], [], marker="*", s=110, color="grey", edgecolors="black", linewidths=0.5,
+               label=f"the slow-link profile: {prof['rtt_ms']:g} ms RTT and {prof['rate_bytes_per_s'] / 1000:g} kB/s "
+                     "each way (JSON)")
+    ax.set_xlabel("emulated round-trip time (ms); the TCP handshake's round trip included")
+    ax.set_ylabel("time to provisioned (s), median; dots: each run")
+    ax.set_title("Provisioning time against round-trip time (no rate limit)\n"
+                 "slope = round trips the client waits for, TCP's included", fontsize=10)
+    ax.set_xlim(left=-xmax * 0.02)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.05)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7.5, loc="upper left")
+    fig.tight_layout()
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.plot)
+    plt.close(fig)
+    log(f"  plot: {args.plot}")
+
+
 def stripped_size(path: Path, work: Path) -> int:
     copy = work / (path.name + ".stripped")
     subprocess.run(["strip", "-o", str(copy), str(path)], check=True, timeout=60)
@@ -384,6 +605,19 @@ def phase_codec(args, env, table: Table, results: dict) -> None:
                   ratio(t, c["ns_per_op"]) if t else "")
 
 
+def git_describe() -> str:
+    """The commit measured, with '+dirty' when the library's sources differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "include", "bindings",
+                                "Cargo.toml", "Cargo.lock"], cwd=REPO, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return head + ("+dirty" if dirty else "")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--runs", type=int, default=20)
@@ -400,14 +634,27 @@ def main() -> int:
     p.add_argument("--codec", type=Path, required=True)
     p.add_argument("--measure", type=Path, required=True, help="tests/bench/c/measure.c, built")
     p.add_argument("--work", type=Path, required=True)
-    p.add_argument("--phases", default="loopback,rtt,process,footprint,storm,codec",
-                   help="comma-separated subset of: loopback,rtt,process,footprint,storm,codec")
+    p.add_argument("--slow-runs", type=int, default=3, help="slowlink: runs per client/API/format")
+    p.add_argument("--slow-rtt-ms", type=float, default=600.0, help="slowlink: the slow link's round-trip time")
+    p.add_argument("--slow-rate", type=float, default=20000.0,
+                   help="slowlink: the slow link's bandwidth, bytes per second each way")
+    p.add_argument("--sweep-rtts", default="0,50,300,600,2000", help="slowlink: the RTTs (ms) of the sweep")
+    p.add_argument("--sweep-runs", type=int, default=3, help="slowlink: runs per RTT and client")
+    p.add_argument("--sweep-flows", default="csr",
+                   help="slowlink: the sweep's APIs, csr and/or keys (csr,keys: 1.5 more minutes)")
+    p.add_argument("--plot", type=Path, help="slowlink: where to write the PNG of the sweep")
+    p.add_argument("--phases", default="loopback,rtt,slowlink,process,footprint,storm,codec",
+                   help="comma-separated subset of: loopback,rtt,slowlink,process,footprint,storm,codec")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     args = p.parse_args()
     if not 1 <= args.runs <= 1000:
         p.error("--runs must be 1..1000")
     args.rtt_runs = args.rtt_runs or args.runs
+    if not 1 <= args.slow_runs <= 100 or not 1 <= args.sweep_runs <= 100:
+        p.error("--slow-runs and --sweep-runs must be 1..100")
+    if not set(args.sweep_flows.split(",")) <= {"csr", "keys"}:
+        p.error("--sweep-flows: a comma-separated subset of csr,keys")
     global MEASURE
     MEASURE = args.measure
     args.work.mkdir(parents=True, exist_ok=True)
@@ -422,10 +669,11 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": {"uname": " ".join(platform.uname()), "cpus": os.cpu_count(), "python": platform.python_version()},
         "runs": args.runs, "rtt_runs": args.rtt_runs, "rtt_ms": args.rtt_ms,
+        "commit": git_describe(),
     }
     print(f"  {'figure':<58} {'ours':>14} {'theirs':>14} {'theirs/ours':>9}  target", flush=True)
     phases = set(args.phases.split(","))
-    unknown = phases - {"loopback", "rtt", "process", "footprint", "storm", "codec"}
+    unknown = phases - {"loopback", "rtt", "slowlink", "process", "footprint", "storm", "codec"}
     if unknown:
         p.error(f"unknown phases {sorted(unknown)}")
     emu = Emulator(args.emulator, args.emu_dir)
@@ -445,6 +693,11 @@ def main() -> int:
             phase_verify_rtt(args, env, table, results, proxy_port, proxy)
             proxy.stop()
             proxy = None
+        if "slowlink" in phases:
+            table.section(f"Slow link: {args.slow_rtt_ms:g} ms round-trip time and {args.slow_rate / 1000:g} kB/s "
+                          f"each way, TCP handshake included, median of {args.slow_runs} runs; theirs: "
+                          "IotIdentityClientV2, JSON only (it has no CBOR topics); bytes per provisioning")
+            phase_slowlink(args, env, table, results, emu.port)
         if "process" in phases:
             table.section(f"One provisioning per process (CreateCertificateFromCsr), median of {args.runs} "
                           "processes; theirs: python + official SDK")

@@ -1,5 +1,5 @@
-"""A delaying TCP proxy for the benchmark (stdlib only): emulated round-trip time, and a count
-of the request/response turns each connection takes.
+"""A delaying TCP proxy for the benchmark (stdlib only): emulated round-trip time, an optional
+bandwidth limit per direction, and a count of the request/response turns each connection takes.
 
 Every chunk read from either side is forwarded to the other side `delay` seconds after it was
 read, in order, so a connection through the proxy sees a round-trip time of 2 * delay on top of
@@ -9,7 +9,24 @@ handshake with CONNECT sent right behind the client's Finished is 2 turns; SUBSC
 one; a request and its reply is one). The TCP handshake itself carries no data and is not
 counted.
 
-    proxy = DelayProxy("127.0.0.1", 8883, delay=0.025)
+With `rate` (bytes per second, each direction on its own, as on a link with separate up and
+down capacity) a chunk of n bytes occupies its direction of the link n / rate seconds, queued
+behind the chunks before it, and is delivered whole `delay` after its last byte went out:
+delivered = max(read, link free) + n / rate + delay. Only the TCP payload is counted against
+the rate (no TCP/IP headers, no ACKs).
+
+The TCP handshake is not emulated by default: the proxy accepts locally, so a client's connect()
+returns at once. With `tcp_handshake=True` the client's first chunk is held one extra round trip
+(2 * delay): the client cannot send before its connect() returns, so for a protocol where the
+client speaks first (TLS) this is the time the SYN / SYN-ACK would have cost. Turns and bytes
+are the same either way.
+
+Per connection the proxy also keeps the *flights* (runs of chunks in one direction) and the TLS
+records each flight carries (content type and size, from the 5-byte record headers), so that a
+caller can tell the TLS handshake (the ClientHello flight and the server's first flight) from
+what follows.
+
+    proxy = DelayProxy("127.0.0.1", 8883, delay=0.025)   # rate=20_000, tcp_handshake=True
     port = proxy.start()            # runs in a background thread with its own event loop
     ... clients connect to 127.0.0.1:port ...
     stats = proxy.take()            # per-connection statistics since the last take()
@@ -39,9 +56,13 @@ class ConnStats:
     chunks_up: int = 0
     chunks_down: int = 0
     closed: bool = False
+    # [direction, bytes, [[TLS content type, record size with its 5-byte header], ...]] per
+    # flight, in order; a record is listed in the flight where its header was read.
+    flights: list = field(default_factory=list)
     _last: str = ""  # direction of the last chunk: "up" or "down"
+    _tls: dict = field(default_factory=lambda: {"up": [b"", 0], "down": [b"", 0]})
 
-    def saw(self, direction: str, n: int) -> None:
+    def saw(self, direction: str, n: int, data: bytes = b"") -> None:
         if direction == "up":
             self.bytes_up += n
             self.chunks_up += 1
@@ -50,7 +71,30 @@ class ConnStats:
             self.chunks_down += 1
             if self._last == "up":
                 self.turns += 1
+        if direction != self._last:
+            self.flights.append([direction, 0, []])
+        self.flights[-1][1] += n
+        self._records(direction, data, self.flights[-1][2])
         self._last = direction
+
+    def _records(self, direction: str, data: bytes, out: list) -> None:
+        """Follows the TLS record headers of one direction across chunks."""
+        state = self._tls[direction]  # [partial header, bytes left of the current record]
+        i = 0
+        while i < len(data):
+            if state[1]:
+                take = min(state[1], len(data) - i)
+                state[1] -= take
+                i += take
+                continue
+            need = 5 - len(state[0])
+            state[0] += data[i:i + need]
+            i += need
+            if len(state[0]) == 5:
+                hdr, state[0] = state[0], b""
+                length = int.from_bytes(hdr[3:5], "big")
+                out.append([hdr[0], 5 + length])
+                state[1] = length
 
 
 @dataclass
@@ -58,6 +102,8 @@ class DelayProxy:
     upstream_host: str
     upstream_port: int
     delay: float  # one way, seconds
+    rate: float | None = None  # bytes per second, each direction; None: unlimited
+    tcp_handshake: bool = False  # hold the client's first chunk one extra round trip
     listen_host: str = "127.0.0.1"
     port: int = 0
     _conns: list[ConnStats] = field(default_factory=list)
@@ -161,14 +207,25 @@ class DelayProxy:
                 await writer.drain()
 
         sender = asyncio.create_task(deliver())
+        link_free = 0.0  # when this direction of the emulated link has sent all it was given
+        first = direction == "up" and self.tcp_handshake
         try:
             while True:
                 data = await reader.read(CHUNK)
+                now = loop.time()
                 if not data:
-                    queue.put_nowait((loop.time() + self.delay, None))
+                    queue.put_nowait((max(now, link_free) + self.delay, None))
                     break
-                stats.saw(direction, len(data))
-                queue.put_nowait((loop.time() + self.delay, data))
+                stats.saw(direction, len(data), data)
+                if first:  # the SYN / SYN-ACK round trip the local accept() skipped
+                    now += 2 * self.delay
+                    first = False
+                if self.rate:
+                    link_free = max(now, link_free) + len(data) / self.rate
+                    due = link_free + self.delay
+                else:
+                    due = now + self.delay
+                queue.put_nowait((due, data))
             await sender
         except (ConnectionError, OSError):
             sender.cancel()
