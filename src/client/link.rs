@@ -434,14 +434,22 @@ impl Link {
                 )));
             };
             let code = match ack.code {
-                rumqttc::ConnectReturnCode::Success => return self.connected(None).map(|()| true),
+                rumqttc::ConnectReturnCode::Success => {
+                    self.connected(None);
+                    return Ok(true);
+                }
                 rumqttc::ConnectReturnCode::RefusedProtocolVersion => 1,
                 rumqttc::ConnectReturnCode::BadClientId => 2,
                 rumqttc::ConnectReturnCode::ServiceUnavailable => 3,
                 rumqttc::ConnectReturnCode::BadUserNamePassword => 4,
                 rumqttc::ConnectReturnCode::NotAuthorized => 5,
             };
-            return Err(self.refused(MqttPacket::ConnAck, code, None));
+            return Err(self.refused(
+                "refused the MQTT connection",
+                MqttPacket::ConnAck,
+                code,
+                None,
+            ));
         }
         let Session::V4(state) = &mut self.session else {
             return Ok(false);
@@ -499,7 +507,12 @@ impl Link {
                         .properties
                         .as_ref()
                         .and_then(|p| p.reason_string.clone());
-                    return Err(self.refused(MqttPacket::ConnAck, connack_code(ack.code), reason));
+                    return Err(self.refused(
+                        "refused the MQTT connection",
+                        MqttPacket::ConnAck,
+                        connack_code(ack.code),
+                        reason,
+                    ));
                 }
                 let server_keep_alive = ack.properties.as_ref().and_then(|p| p.server_keep_alive);
                 if let Session::V5(state) = &mut self.session {
@@ -507,7 +520,8 @@ impl Link {
                     let _ = state.handle_incoming_packet(packet);
                     state.events.clear();
                 }
-                return self.connected(server_keep_alive).map(|()| true);
+                self.connected(server_keep_alive);
+                return Ok(true);
             }
             (_, true) => {
                 return Err(Fault::Protocol(format!(
@@ -516,7 +530,12 @@ impl Link {
             }
             (Packet::Disconnect(d), false) => {
                 let reason = d.properties.as_ref().and_then(|p| p.reason_string.clone());
-                return Err(self.refused(MqttPacket::Disconnect, d.reason_code as u8, reason));
+                return Err(self.refused(
+                    "ended the MQTT connection",
+                    MqttPacket::Disconnect,
+                    d.reason_code as u8,
+                    reason,
+                ));
             }
             (Packet::PubAck(ack), false) => {
                 let code = puback_code(ack.reason);
@@ -531,15 +550,8 @@ impl Link {
                         .find(|(id, _)| *id == ack.pkid)
                         .map(|(_, t)| t.clone())
                         .unwrap_or_default();
-                    let endpoint = format!("{}:{}", self.config.host, self.config.port);
-                    return Err(Fault::Refused(MqttRefusal {
-                        context: format!("{endpoint} refused the PUBLISH to {topic}"),
-                        packet: MqttPacket::PubAck,
-                        reason_code: code,
-                        mqtt5: true,
-                        reason_string: reason,
-                        note: String::new(),
-                    }));
+                    let what = format!("refused the PUBLISH to {topic}");
+                    return Err(self.refused(&what, MqttPacket::PubAck, code, reason));
                 }
             }
             _ => {}
@@ -575,7 +587,7 @@ impl Link {
     }
 
     /// The CONNACK accepted the connection; `server_keep_alive` (MQTT 5) replaces ours.
-    fn connected(&mut self, server_keep_alive: Option<u16>) -> Result<(), Fault> {
+    fn connected(&mut self, server_keep_alive: Option<u16>) {
         self.connecting = false;
         if let Some(seconds) = server_keep_alive {
             self.keep_alive = Duration::from_secs(u64::from(seconds));
@@ -584,7 +596,6 @@ impl Link {
             self.ping_at = Some(Instant::now() + self.keep_alive);
         }
         self.ready.push_back(LinkEvent::Connected);
-        Ok(())
     }
 
     fn suback(&mut self, pkid: u16, codes: Vec<u8>) {
@@ -603,14 +614,10 @@ impl Link {
         self.ready.push_back(LinkEvent::Other);
     }
 
-    fn refused(&self, packet: MqttPacket, code: u8, reason: Option<String>) -> Fault {
-        let endpoint = format!("{}:{}", self.config.host, self.config.port);
-        let context = match packet {
-            MqttPacket::ConnAck => format!("{endpoint} refused the MQTT connection"),
-            _ => format!("{endpoint} ended the MQTT connection"),
-        };
+    /// The server's refusal: `what` it did ("refused the MQTT connection"), after the endpoint.
+    fn refused(&self, what: &str, packet: MqttPacket, code: u8, reason: Option<String>) -> Fault {
         Fault::Refused(MqttRefusal {
-            context,
+            context: format!("{}:{} {what}", self.config.host, self.config.port),
             packet,
             reason_code: code,
             mqtt5: self.mqtt5(),
