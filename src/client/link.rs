@@ -164,9 +164,20 @@ impl Link {
         } else {
             client_id.to_owned()
         };
+        // rumqttc makes room for 100 events up front (about 10 KB with MQTT 3.1.1 and 30 KB
+        // with MQTT 5, whose packets are larger): a flow has a few at a time, so the queue
+        // starts empty and grows as needed.
         let session = match config.mqtt_version {
-            MqttVersion::V311 => Session::V4(rumqttc::MqttState::new(MAX_INFLIGHT, false)),
-            MqttVersion::V5 => Session::V5(rumqttc::v5::MqttState::new(MAX_INFLIGHT, false)),
+            MqttVersion::V311 => {
+                let mut state = rumqttc::MqttState::new(MAX_INFLIGHT, false);
+                state.events = VecDeque::new();
+                Session::V4(state)
+            }
+            MqttVersion::V5 => {
+                let mut state = rumqttc::v5::MqttState::new(MAX_INFLIGHT, false);
+                state.events = VecDeque::new();
+                Session::V5(state)
+            }
         };
         Link {
             opening: Some(Box::pin(open_stream(config.host.clone(), config.port, tls))),
