@@ -27,9 +27,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define FLEETPROV_VERSION "0.4.0"
+#define FLEETPROV_VERSION "0.5.0"
 #define FLEETPROV_VERSION_MAJOR 0
-#define FLEETPROV_VERSION_MINOR 4
+#define FLEETPROV_VERSION_MINOR 5
 #define FLEETPROV_VERSION_PATCH 0
 
 
@@ -134,12 +134,56 @@ enum fleetprov_result
    for the operation whose callback is running) was made from one. Nothing was done.
    */
   FLEETPROV_IN_CALLBACK = 17,
+  /*
+   A key behind a signing callback (the claim signer or the device key's signer) could not
+   sign: the callback returned non-zero (a token that refuses, a wrong PIN, a session logged
+   out) or a signature that does not verify with the key's certificate or public key. The
+   signature was not sent and nothing was written. Not retryable.
+   */
+  FLEETPROV_SIGNER = 18,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
 typedef enum fleetprov_result fleetprov_result;
 #else
 typedef int32_t fleetprov_result;
+#endif /* __STDC_VERSION__ >= 202311L */
+#endif /* __cplusplus */
+
+/*
+ The signature a signing callback is asked for (see fleetprov_tls_sign_callback).
+ */
+enum fleetprov_signature_scheme
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : int32_t
+#endif /* defined(__cplusplus) || __STDC_VERSION__ >= 202311L */
+ {
+  /*
+   ECDSA on P-256 over SHA-256 (PKCS#11: CKM_ECDSA over the digest). DER ECDSA-Sig-Value or
+   raw r || s (64 bytes).
+   */
+  FLEETPROV_SIGNATURE_ECDSA_P256_SHA256 = 1,
+  /*
+   ECDSA on P-384 over SHA-384 (CKM_ECDSA over the digest). DER or raw r || s (96 bytes).
+   */
+  FLEETPROV_SIGNATURE_ECDSA_P384_SHA384 = 2,
+  /*
+   RSASSA-PKCS1-v1_5 with SHA-256, for TLS 1.2 (CKM_SHA256_RSA_PKCS over the message, or
+   CKM_RSA_PKCS over the DER DigestInfo of the digest). As long as the modulus.
+   */
+  FLEETPROV_SIGNATURE_RSA_PKCS1_SHA256 = 3,
+  /*
+   RSASSA-PSS with SHA-256, MGF1 with SHA-256 and a 32-byte salt, for TLS 1.3
+   (CKM_SHA256_RSA_PKCS_PSS over the message, or CKM_RSA_PKCS_PSS over the digest). As long
+   as the modulus.
+   */
+  FLEETPROV_SIGNATURE_RSA_PSS_SHA256 = 4,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum fleetprov_signature_scheme fleetprov_signature_scheme;
+#else
+typedef int32_t fleetprov_signature_scheme;
 #endif /* __STDC_VERSION__ >= 202311L */
 #endif /* __cplusplus */
 
@@ -421,14 +465,43 @@ typedef void (*fleetprov_registration_callback)(void *userdata,
                                                 const struct fleetprov_error *error);
 
 /*
+ Signs a TLS handshake for fleetprov_config_set_claim_signer(): `message` (`message_len`
+ bytes) with `scheme`, which the key's type decides (ECDSA for P-256 and P-384 keys; for RSA
+ keys PSS with TLS 1.3, PKCS#1 v1.5 with TLS 1.2); `digest` (`digest_len` bytes) is the
+ scheme's hash of the message, for signers that take a digest (PKCS#11 CKM_ECDSA,
+ CKM_RSA_PKCS_PSS). Write the signature to `signature` (room for `*signature_len` bytes, at
+ least 512) and its length to `*signature_len`: for ECDSA DER (ECDSA-Sig-Value) or raw r||s,
+ for RSA as long as the modulus. Return 0, or anything else on failure. The library checks
+ the signature against the certificate's public key before it is sent: a failure or a wrong
+ signature ends the connection attempt with FLEETPROV_SIGNER.
+
+ Called once per connection made with the key. Thread: the one running the operation (the
+ caller of a blocking call, or the worker thread of an _async call); provisionings that share
+ the key may call it on several threads at once. All pointers are valid only during the call.
+ May not make blocking calls of this library (FLEETPROV_IN_CALLBACK).
+ */
+typedef int32_t (*fleetprov_tls_sign_callback)(void *userdata,
+                                               fleetprov_signature_scheme scheme,
+                                               const uint8_t *message,
+                                               size_t message_len,
+                                               const uint8_t *digest,
+                                               size_t digest_len,
+                                               uint8_t *signature,
+                                               size_t *signature_len);
+
+/*
  Signs for fleetprov_config_set_signer(): ECDSA over `message` (`message_len` bytes) with
  SHA-256 (P-256) or SHA-384 (P-384); `digest` (`digest_len` bytes) is that hash of the
  message, for signers that take a digest. Write the signature, DER (ECDSA-Sig-Value) or raw
  r||s, to `signature` (room for `*signature_len` bytes, at least 104) and its length to
  `*signature_len`; return 0, or anything else on failure. The library checks the signature
- against the public key before using it.
+ against the public key before using it (FLEETPROV_SIGNER when it does not verify or the
+ callback fails).
 
- Thread: the one preparing the provisioning: the caller of fleetprov_provision() or
+ Called to sign the CSR and, with the built-in transport, once more for the TLS handshake of
+ the verification connection (the new certificate with this key).
+
+ Thread: the one running the provisioning: the caller of fleetprov_provision() or
  fleetprov_host_new(), or the worker thread of fleetprov_provision_async(); two provisionings
  with the same config may call it on two threads at once. All pointers are valid only during
  the call. May not make blocking calls (FLEETPROV_IN_CALLBACK, see fleetprov_userdata_free).
@@ -903,12 +976,36 @@ fleetprov_result fleetprov_config_set_key_type(struct fleetprov_config *config, 
 fleetprov_result fleetprov_config_set_csr_pem(struct fleetprov_config *config, const char *csr_pem);
 
 /*
+ Sets the claim credentials to a certificate whose private key stays in a secure element,
+ TPM or HSM: `certificate_pem` (the claim certificate, PEM, optionally followed by its
+ chain; copied) and `sign`, which signs each TLS handshake made with it (see
+ fleetprov_tls_sign_callback). The key must be P-256, P-384 or RSA with 2048 to 4096 bits
+ (FLEETPROV_INVALID_ARGUMENT otherwise, saying which it is). Replaces the claim certificate
+ and key set by fleetprov_config_set_claim_pem() or _files(), as they replace it.
+ `userdata_free` as for the log callback; it is called when the config and every operation
+ using it are done.
+
+ Rotating a device whose key is in a secure element: give its current certificate here with
+ its key's signer, the thing name as client id, the rotation template, and the new key with
+ fleetprov_config_set_signer(); fleetprov_provision() then makes and registers the new
+ certificate and connects with it (fleetprov_rotate() is for credentials in files or a
+ storage).
+ */
+fleetprov_result fleetprov_config_set_claim_signer(struct fleetprov_config *config,
+                                                   const char *certificate_pem,
+                                                   fleetprov_tls_sign_callback sign,
+                                                   void *userdata,
+                                                   fleetprov_userdata_free userdata_free);
+
+/*
  Selects FLEETPROV_METHOD_EXTERNAL_SIGNER: the library builds the CSR for the key whose public
  half is `public_key` (`len` bytes: a SubjectPublicKeyInfo in DER, as OpenSSL's i2d_PUBKEY()
  writes, or an uncompressed point; P-256 or P-384) and has it signed by `sign`, so the private
  key never leaves the secure element. `userdata_free` as for the log callback. The built-in
- transport cannot connect with a key it does not hold, so it skips the verification connection
- (a host transport makes it with its own key), and an output directory is refused.
+ transport makes the verification connection with it too (the new certificate's TLS
+ handshake is signed through `sign`); a host transport makes it with its own key. An output
+ directory is refused (there is no private key to write): keep the certificate next to the
+ key, in the secure element.
  */
 fleetprov_result fleetprov_config_set_signer(struct fleetprov_config *config,
                                              const uint8_t *public_key,

@@ -35,6 +35,11 @@ pub enum Error {
     CertificateMismatch,
     /// The operation was cancelled by the caller.
     Cancelled,
+    /// A key behind a signing function (a secure element, TPM or HSM: the claim key, or the
+    /// device key) could not sign: the function reported a failure (a token that refuses, a
+    /// session logged out), or returned a signature that does not verify with the key's
+    /// certificate or public key. Nothing was sent with it. Not retryable.
+    Signer(String),
     /// Writing the credentials failed.
     Storage(String),
     /// Another operation is running on the same client.
@@ -98,6 +103,7 @@ impl fmt::Display for Error {
                 f.write_str("the returned certificate does not match the device's private key")
             }
             Error::Cancelled => f.write_str("cancelled"),
+            Error::Signer(m) => write!(f, "signer: {m}"),
             Error::Storage(m) => write!(f, "storing credentials: {m}"),
             Error::Busy => f.write_str("another operation is running on this client"),
             Error::Internal(m) => write!(f, "internal error: {m}"),
@@ -116,6 +122,7 @@ impl From<crate::keys::KeyError> for Error {
     fn from(e: crate::keys::KeyError) -> Self {
         match e {
             crate::keys::KeyError::Mismatch => Error::CertificateMismatch,
+            crate::keys::KeyError::Signer(m) => Error::Signer(m),
             crate::keys::KeyError::Generation(m) => {
                 Error::Internal(format!("key generation failed: {m}"))
             }

@@ -18,6 +18,7 @@ pub mod store;
 
 pub use client::{Cancel, Client, Config, MqttVersion, Roots};
 pub use error::Error;
+pub use keys::remote::{RemoteKey, Scheme, TlsSigner};
 pub use provision::{provision, Method, Provisioned, Request};
 pub use secret::Secret;
 

@@ -109,7 +109,17 @@ pub fn provision(request: &Request, hooks: &Hooks) -> Result<Provisioned, Error>
         hooks.progress.clone(),
         hooks.log.clone(),
     );
-    client::run_flow(driver, &request.connection, hooks.log.clone(), &cancel)
+    client::run_flow(driver, &connection(request), hooks.log.clone(), &cancel)
+}
+
+/// The request's connection settings, with the device key's signer for the verification
+/// connection when the key is external.
+fn connection(request: &Request) -> Config {
+    let mut config = request.connection.clone();
+    if let Method::ExternalKey(key) = &request.method {
+        config.device_signer = Some(key.clone());
+    }
+    config
 }
 
 /// Provisions many devices at once, each as [`provision`] would, as tasks on one runtime in the
@@ -141,7 +151,7 @@ fn provision_many_builtin(requests: &[Request], hooks: &Hooks) -> Vec<Result<Pro
             .iter()
             .map(|request| {
                 let prepared = prepare(request);
-                let config = request.connection.clone();
+                let config = connection(request);
                 let overall = config.overall_timeout;
                 let (progress, log, cancel) =
                     (hooks.progress.clone(), hooks.log.clone(), cancel.clone());
@@ -195,6 +205,8 @@ pub fn rotate(request: &Request, current: &Path, hooks: &Hooks) -> Result<Provis
     r.connection.cert_pem = stored.certificate_pem;
     r.connection.certificate_name = "device's current certificate".into();
     r.connection.key_pem = stored.private_key_pem;
+    // The stored key signs, not a claim signer the request may carry.
+    r.connection.claim_signer = None;
     if r.connection.client_id.is_empty() {
         r.connection.client_id = stored.thing_name;
     }
@@ -228,7 +240,9 @@ pub fn prepare(request: &Request) -> Result<(FlowSpec, Box<dyn Storage + Send>),
         )
     {
         return Err(Error::InvalidArgument(
-            "output_dir needs the private key, which an external CSR keeps elsewhere".into(),
+            "an output directory needs the private key, which an external CSR or signer keeps \
+             elsewhere: store the certificate next to the key (in the secure element)"
+                .into(),
         ));
     }
     crate::protocol::validate_template_name(&request.template)
@@ -317,7 +331,9 @@ pub fn prepare(request: &Request) -> Result<(FlowSpec, Box<dyn Storage + Send>),
         },
         retry: request.retry,
         verify: request.verify,
-        external_key_connects: false,
+        // The built-in transport signs the verification connection's handshake with the
+        // external key's signer.
+        external_key_connects: matches!(request.method, Method::ExternalKey(_)),
         external_public_key: match &request.method {
             Method::ExternalCsr(csr) => Some(
                 keys::csr_public_key(csr)

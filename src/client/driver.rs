@@ -8,6 +8,7 @@ use super::{at_ms, now_ms, tls, Cancel, Config, Credential, LogLevel};
 use crate::driver::{Driver, LogFn, Transport};
 use crate::engine::flow::{FlowEvent, Identity, Provisioned};
 use crate::error::Error;
+use crate::keys::remote::{EcSigner, RemoteKey};
 
 /// A current-thread runtime for the built-in transport. Its blocking pool (host name lookups)
 /// lets idle threads go at once rather than keeping one per device for 10 s.
@@ -64,11 +65,28 @@ impl Transport for Builtin<'_> {
                 private_key,
                 client_id,
             } => {
-                let key = private_key.ok_or_else(|| {
-                    Error::InvalidArgument("the built-in transport needs the private key".into())
-                })?;
                 let roots = &self.config.roots;
-                let tls = tls::client_config(roots, &certificate_pem, &key, self.alpn)?;
+                let tls = match (&private_key, &self.config.device_signer) {
+                    (Some(key), _) => tls::client_config(
+                        roots,
+                        tls::ClientKey::Pem {
+                            cert_pem: &certificate_pem,
+                            key_pem: key,
+                        },
+                        self.alpn,
+                    )?,
+                    (None, Some(external)) => {
+                        let signer = Arc::new(EcSigner(external.signer()));
+                        let remote = RemoteKey::new(&certificate_pem, signer, "device key")?;
+                        tls::client_config(roots, tls::ClientKey::Remote(&remote), self.alpn)?
+                    }
+                    (None, None) => {
+                        return Err(Error::InvalidArgument(
+                            "the built-in transport needs the device's private key or signer"
+                                .into(),
+                        ))
+                    }
+                };
                 (tls, client_id, Credential::New)
             }
         };
@@ -128,7 +146,7 @@ pub(crate) async fn drive(
     cancel: &Arc<Cancel>,
 ) -> Result<Provisioned, Error> {
     let alpn = config.alpn.unwrap_or(config.port == 443);
-    let claim_tls = tls::client_config(&config.roots, &config.cert_pem, &config.key_pem, alpn)?;
+    let claim_tls = tls::client_config(&config.roots, config.claim_key(), alpn)?;
     let mut t = Builtin {
         config,
         claim_tls,

@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 use once_cell::sync::Lazy;
 
 use crate::error::Error;
+use crate::keys::remote::RemoteKey;
+use crate::keys::signer::ExternalKey;
 use crate::protocol::Format;
 use crate::secret::Secret;
 #[cfg(not(feature = "transport"))]
@@ -73,7 +75,15 @@ pub struct Config {
     pub roots: Roots,
     /// Certificate (chain) the client authenticates with: the claim certificate to provision.
     pub cert_pem: String,
+    /// The private key of `cert_pem` (unused when `claim_signer` is set).
     pub key_pem: Secret,
+    /// The certificate's key behind a signing function (a secure element): when set, the
+    /// connections with the claim certificate authenticate with it, and `cert_pem` and
+    /// `key_pem` are not used ([`Config::with_signer`]).
+    pub claim_signer: Option<RemoteKey>,
+    /// The new device key behind a signing function (the one-call flow's
+    /// [`crate::provision::Method::ExternalKey`]): the verification connection signs with it.
+    pub(crate) device_signer: Option<ExternalKey>,
     pub client_id: String,
     pub keep_alive: Duration,
     /// Offer ALPN `x-amzn-mqtt-ca`; `None` means "when the port is 443".
@@ -101,6 +111,7 @@ impl std::fmt::Debug for Config {
             .field("format", &self.format)
             .field("mqtt_version", &self.mqtt_version)
             .field("key_pem", &self.key_pem)
+            .field("claim_signer", &self.claim_signer)
             .finish_non_exhaustive()
     }
 }
@@ -114,6 +125,8 @@ impl Config {
             roots: Roots::System,
             cert_pem: cert_pem.into(),
             key_pem,
+            claim_signer: None,
+            device_signer: None,
             client_id: String::new(),
             keep_alive: Duration::from_secs(60),
             alpn: None,
@@ -123,6 +136,26 @@ impl Config {
             overall_timeout: Some(Duration::from_secs(60)),
             ca_file: None,
             certificate_name: "claim certificate".into(),
+        }
+    }
+
+    /// Defaults as [`Config::new`], authenticating with `claim`: a certificate whose key signs
+    /// through a callback (a secure element, TPM or HSM).
+    pub fn with_signer(host: impl Into<String>, claim: RemoteKey) -> Config {
+        let mut c = Config::new(host, String::new(), Secret::new(String::new()));
+        c.claim_signer = Some(claim);
+        c
+    }
+
+    /// The credentials of the connections with the claim (or current) certificate.
+    #[cfg(feature = "transport")]
+    pub(crate) fn claim_key(&self) -> tls::ClientKey<'_> {
+        match &self.claim_signer {
+            Some(remote) => tls::ClientKey::Remote(remote),
+            None => tls::ClientKey::Pem {
+                cert_pem: &self.cert_pem,
+                key_pem: &self.key_pem,
+            },
         }
     }
 

@@ -11,6 +11,7 @@ use super::{deadline_after, driver, now_ms, tls, Cancel, Config, LogFn, LogLevel
 use crate::engine::flow::Progress;
 use crate::engine::{Action, CertificateSource, Engine, Event, Operation, Outcome, Settings, Step};
 use crate::error::Error;
+use crate::keys::remote::SignerFailure;
 use crate::protocol::{validate_template_name, CreatedCertificate, Registered};
 use crate::secret::Secret;
 
@@ -98,6 +99,10 @@ pub(crate) fn connection_error(e: Fault, config: &Config, who: Credential) -> Er
         _ => None,
     } {
         return match tls {
+            rustls::Error::Other(other) => match other.0.downcast_ref::<SignerFailure>() {
+                Some(failure) => Error::Signer(failure.0.clone()),
+                None => Error::Tls(format!("TLS with {endpoint}: {tls}")),
+            },
             rustls::Error::AlertReceived(
                 alert @ (Alert::BadCertificate
                 | Alert::UnsupportedCertificate
@@ -153,7 +158,7 @@ impl Client {
     pub fn new(config: Config) -> Result<Client, Error> {
         config.validate()?;
         let alpn = config.alpn.unwrap_or(config.port == 443);
-        let tls = tls::client_config(&config.roots, &config.cert_pem, &config.key_pem, alpn)?;
+        let tls = tls::client_config(&config.roots, config.claim_key(), alpn)?;
         let runtime = driver::runtime()?;
         Ok(Client {
             config,

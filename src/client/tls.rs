@@ -4,7 +4,7 @@
 #[cfg(feature = "transport")]
 use {
     crate::error::Error,
-    crate::keys,
+    crate::keys::{self, remote::RemoteKey},
     crate::secret::Secret,
     rustls::pki_types::{CertificateDer, PrivateKeyDer},
     std::sync::Arc,
@@ -31,12 +31,24 @@ pub enum Roots {
     System,
 }
 
+/// The credentials a TLS connection authenticates the client with.
+#[cfg(feature = "transport")]
+#[derive(Clone, Copy)]
+pub enum ClientKey<'a> {
+    /// A certificate (chain) and its private key, PEM.
+    Pem {
+        cert_pem: &'a str,
+        key_pem: &'a Secret,
+    },
+    /// A certificate whose key signs through a callback (a secure element).
+    Remote(&'a RemoteKey),
+}
+
 #[cfg(feature = "transport")]
 /// A TLS client configuration for mutual authentication.
 pub fn client_config(
     roots: &Roots,
-    cert_pem: &str,
-    key_pem: &Secret,
+    key: ClientKey<'_>,
     alpn: bool,
 ) -> Result<Arc<rustls::ClientConfig>, Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -67,22 +79,29 @@ pub fn client_config(
             }
         }
     }
-    let chain: Vec<CertificateDer<'static>> = keys::parse_certificate_pem(cert_pem)
-        .map_err(|e| Error::InvalidArgument(format!("client certificate: {e}")))?;
-    let key: PrivateKeyDer<'static> = keys::parse_private_key_pem(key_pem.expose())
-        .map_err(|e| Error::InvalidArgument(format!("client private key: {e}")))?;
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| Error::Tls(e.to_string()))?
-        .with_root_certificates(store)
-        // rustls loads the key once and checks it against the certificate.
-        .with_client_auth_cert(chain, key)
-        .map_err(|e| match e {
-            rustls::Error::InconsistentKeys(_) => Error::InvalidArgument(
-                "the client certificate does not match the private key".into(),
-            ),
-            other => Error::InvalidArgument(format!("client credentials: {other}")),
-        })?;
+        .with_root_certificates(store);
+    let mut cfg = match key {
+        ClientKey::Pem { cert_pem, key_pem } => {
+            let chain: Vec<CertificateDer<'static>> = keys::parse_certificate_pem(cert_pem)
+                .map_err(|e| Error::InvalidArgument(format!("client certificate: {e}")))?;
+            let key: PrivateKeyDer<'static> = keys::parse_private_key_pem(key_pem.expose())
+                .map_err(|e| Error::InvalidArgument(format!("client private key: {e}")))?;
+            // rustls loads the key once and checks it against the certificate.
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| match e {
+                    rustls::Error::InconsistentKeys(_) => Error::InvalidArgument(
+                        "the client certificate does not match the private key".into(),
+                    ),
+                    other => Error::InvalidArgument(format!("client credentials: {other}")),
+                })?
+        }
+        ClientKey::Remote(remote) => builder
+            .with_client_cert_resolver(Arc::new(keys::remote::Resolver(remote.certified_key()))),
+    };
     // Each configuration makes one or two connections: a session cache only costs memory.
     cfg.resumption = rustls::client::Resumption::disabled();
     if alpn {

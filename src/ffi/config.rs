@@ -14,6 +14,7 @@ use crate::client::{Cancel, Config, LogFn, LogLevel, MqttVersion, ProgressFn, Ro
 use crate::engine::flow::Progress;
 use crate::engine::retry::RetryPolicy;
 use crate::error::Error;
+use crate::keys::remote::{RemoteKey, Scheme, TlsSigner};
 use crate::keys::signer::{ExternalKey, Signer};
 use crate::keys::{self, KeyType};
 use crate::protocol::{validate_template_name, Format};
@@ -42,6 +43,7 @@ pub struct fleetprov_config {
     ca_file: Option<PathBuf>,
     cert_pem: Option<String>,
     key_pem: Option<Secret>,
+    claim_signer: Option<RemoteKey>,
     client_id: String,
     keep_alive: u16,
     alpn: Option<bool>,
@@ -79,6 +81,7 @@ impl Default for fleetprov_config {
             ca_file: None,
             cert_pem: None,
             key_pem: None,
+            claim_signer: None,
             client_id: String::new(),
             keep_alive: 60,
             alpn: None,
@@ -113,6 +116,11 @@ impl fleetprov_config {
         self.check_setters()?;
         if cfg!(not(feature = "transport")) {
             return Err(invalid(crate::client::NO_TRANSPORT));
+        }
+        if let Some(remote) = &self.claim_signer {
+            let mut c = self.connection_with(String::new(), Secret::new(String::new()));
+            c.claim_signer = Some(remote.clone());
+            return Ok(c);
         }
         let cert = self
             .cert_pem
@@ -422,6 +430,7 @@ fn set_claim(config: &mut fleetprov_config, cert: String, key: Secret) -> Result
     })?;
     config.cert_pem = Some(cert);
     config.key_pem = Some(key);
+    config.claim_signer = None;
     Ok(())
 }
 
@@ -718,12 +727,98 @@ impl Signer for SignCallback {
     }
 }
 
+/// The C callback behind a claim signer ([`RemoteKey`]).
+struct TlsSignCallback {
+    cb: unsafe extern "C" fn(
+        *mut c_void,
+        fleetprov_signature_scheme,
+        *const u8,
+        usize,
+        *const u8,
+        usize,
+        *mut u8,
+        *mut usize,
+    ) -> i32,
+    user: UserData,
+}
+
+impl TlsSigner for TlsSignCallback {
+    fn sign(&self, scheme: Scheme, message: &[u8], digest: &[u8]) -> Result<Vec<u8>, String> {
+        // RSA-4096 at most.
+        let mut buf = [0u8; 512];
+        let mut len = buf.len();
+        // SAFETY: the callback and userdata were registered together; every pointer is valid
+        // for the call and `buf` has `len` writable bytes.
+        let r = in_callback(|| unsafe {
+            (self.cb)(
+                self.user.ptr,
+                scheme.into(),
+                message.as_ptr(),
+                message.len(),
+                digest.as_ptr(),
+                digest.len(),
+                buf.as_mut_ptr(),
+                &mut len,
+            )
+        });
+        if r != 0 {
+            return Err(format!("the signing callback returned {r}"));
+        }
+        buf.get(..len)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| format!("the signing callback wrote a length of {len}"))
+    }
+}
+
+/// Sets the claim credentials to a certificate whose private key stays in a secure element,
+/// TPM or HSM: `certificate_pem` (the claim certificate, PEM, optionally followed by its
+/// chain; copied) and `sign`, which signs each TLS handshake made with it (see
+/// fleetprov_tls_sign_callback). The key must be P-256, P-384 or RSA with 2048 to 4096 bits
+/// (FLEETPROV_INVALID_ARGUMENT otherwise, saying which it is). Replaces the claim certificate
+/// and key set by fleetprov_config_set_claim_pem() or _files(), as they replace it.
+/// `userdata_free` as for the log callback; it is called when the config and every operation
+/// using it are done.
+///
+/// Rotating a device whose key is in a secure element: give its current certificate here with
+/// its key's signer, the thing name as client id, the rotation template, and the new key with
+/// fleetprov_config_set_signer(); fleetprov_provision() then makes and registers the new
+/// certificate and connects with it (fleetprov_rotate() is for credentials in files or a
+/// storage).
+#[no_mangle]
+pub unsafe extern "C" fn fleetprov_config_set_claim_signer(
+    config: *mut fleetprov_config,
+    certificate_pem: *const c_char,
+    sign: fleetprov_tls_sign_callback,
+    userdata: *mut c_void,
+    userdata_free: fleetprov_userdata_free,
+) -> fleetprov_result {
+    remember(config, "fleetprov_config_set_claim_signer", || {
+        let user = UserData::new(userdata, userdata_free);
+        // SAFETY: pointers per the header.
+        let (config, cert) = unsafe {
+            (
+                config_mut(config)?,
+                str_arg(certificate_pem, "certificate_pem")?,
+            )
+        };
+        let cb = sign.ok_or_else(|| invalid("sign is NULL"))?;
+        let key = RemoteKey::new(cert, Arc::new(TlsSignCallback { cb, user }), "claim key")
+            .map_err(|e| invalid(format!("claim certificate: {e}")))?;
+        config.claim_signer = Some(key);
+        config.cert_pem = None;
+        config.key_pem = None;
+        Ok(())
+    })
+}
+
 /// Selects FLEETPROV_METHOD_EXTERNAL_SIGNER: the library builds the CSR for the key whose public
 /// half is `public_key` (`len` bytes: a SubjectPublicKeyInfo in DER, as OpenSSL's i2d_PUBKEY()
 /// writes, or an uncompressed point; P-256 or P-384) and has it signed by `sign`, so the private
 /// key never leaves the secure element. `userdata_free` as for the log callback. The built-in
-/// transport cannot connect with a key it does not hold, so it skips the verification connection
-/// (a host transport makes it with its own key), and an output directory is refused.
+/// transport makes the verification connection with it too (the new certificate's TLS
+/// handshake is signed through `sign`); a host transport makes it with its own key. An output
+/// directory is refused (there is no private key to write): keep the certificate next to the
+/// key, in the secure element.
 #[no_mangle]
 pub unsafe extern "C" fn fleetprov_config_set_signer(
     config: *mut fleetprov_config,

@@ -54,6 +54,11 @@ pub enum fleetprov_result {
     /// A call that is not allowed from inside a fleetprov callback (a blocking call, or waiting
     /// for the operation whose callback is running) was made from one. Nothing was done.
     FLEETPROV_IN_CALLBACK = 17,
+    /// A key behind a signing callback (the claim signer or the device key's signer) could not
+    /// sign: the callback returned non-zero (a token that refuses, a wrong PIN, a session logged
+    /// out) or a signature that does not verify with the key's certificate or public key. The
+    /// signature was not sent and nothing was written. Not retryable.
+    FLEETPROV_SIGNER = 18,
 }
 
 impl fleetprov_result {
@@ -75,6 +80,7 @@ impl fleetprov_result {
             Error::Internal(_) => FLEETPROV_INTERNAL,
             Error::Panicked => FLEETPROV_PANIC,
             Error::InCallback(_) => FLEETPROV_IN_CALLBACK,
+            Error::Signer(_) => FLEETPROV_SIGNER,
         }
     }
 }
@@ -95,6 +101,37 @@ pub enum fleetprov_mqtt_version {
     FLEETPROV_MQTT_3_1_1 = 4,
     /// MQTT 5 (the default): refusals come with a reason code and often a reason string.
     FLEETPROV_MQTT_5 = 5,
+}
+
+/// The signature a signing callback is asked for (see fleetprov_tls_sign_callback).
+#[repr(i32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum fleetprov_signature_scheme {
+    /// ECDSA on P-256 over SHA-256 (PKCS#11: CKM_ECDSA over the digest). DER ECDSA-Sig-Value or
+    /// raw r || s (64 bytes).
+    FLEETPROV_SIGNATURE_ECDSA_P256_SHA256 = 1,
+    /// ECDSA on P-384 over SHA-384 (CKM_ECDSA over the digest). DER or raw r || s (96 bytes).
+    FLEETPROV_SIGNATURE_ECDSA_P384_SHA384 = 2,
+    /// RSASSA-PKCS1-v1_5 with SHA-256, for TLS 1.2 (CKM_SHA256_RSA_PKCS over the message, or
+    /// CKM_RSA_PKCS over the DER DigestInfo of the digest). As long as the modulus.
+    FLEETPROV_SIGNATURE_RSA_PKCS1_SHA256 = 3,
+    /// RSASSA-PSS with SHA-256, MGF1 with SHA-256 and a 32-byte salt, for TLS 1.3
+    /// (CKM_SHA256_RSA_PKCS_PSS over the message, or CKM_RSA_PKCS_PSS over the digest). As long
+    /// as the modulus.
+    FLEETPROV_SIGNATURE_RSA_PSS_SHA256 = 4,
+}
+
+impl From<crate::keys::remote::Scheme> for fleetprov_signature_scheme {
+    fn from(s: crate::keys::remote::Scheme) -> Self {
+        use crate::keys::remote::Scheme;
+        use fleetprov_signature_scheme::*;
+        match s {
+            Scheme::EcdsaP256Sha256 => FLEETPROV_SIGNATURE_ECDSA_P256_SHA256,
+            Scheme::EcdsaP384Sha384 => FLEETPROV_SIGNATURE_ECDSA_P384_SHA384,
+            Scheme::RsaPkcs1Sha256 => FLEETPROV_SIGNATURE_RSA_PKCS1_SHA256,
+            Scheme::RsaPssSha256 => FLEETPROV_SIGNATURE_RSA_PSS_SHA256,
+        }
+    }
 }
 
 /// How the one-call flow gets the device's certificate.
@@ -250,6 +287,7 @@ from_c!(
         FLEETPROV_IN_PROGRESS,
         FLEETPROV_INTERNAL,
         FLEETPROV_IN_CALLBACK,
+        FLEETPROV_SIGNER,
     ]
 );
 
@@ -275,15 +313,46 @@ pub type fleetprov_userdata_free = Option<unsafe extern "C" fn(userdata: *mut c_
 /// message, for signers that take a digest. Write the signature, DER (ECDSA-Sig-Value) or raw
 /// r||s, to `signature` (room for `*signature_len` bytes, at least 104) and its length to
 /// `*signature_len`; return 0, or anything else on failure. The library checks the signature
-/// against the public key before using it.
+/// against the public key before using it (FLEETPROV_SIGNER when it does not verify or the
+/// callback fails).
 ///
-/// Thread: the one preparing the provisioning: the caller of fleetprov_provision() or
+/// Called to sign the CSR and, with the built-in transport, once more for the TLS handshake of
+/// the verification connection (the new certificate with this key).
+///
+/// Thread: the one running the provisioning: the caller of fleetprov_provision() or
 /// fleetprov_host_new(), or the worker thread of fleetprov_provision_async(); two provisionings
 /// with the same config may call it on two threads at once. All pointers are valid only during
 /// the call. May not make blocking calls (FLEETPROV_IN_CALLBACK, see fleetprov_userdata_free).
 pub type fleetprov_sign_callback = Option<
     unsafe extern "C" fn(
         userdata: *mut c_void,
+        message: *const u8,
+        message_len: usize,
+        digest: *const u8,
+        digest_len: usize,
+        signature: *mut u8,
+        signature_len: *mut usize,
+    ) -> i32,
+>;
+
+/// Signs a TLS handshake for fleetprov_config_set_claim_signer(): `message` (`message_len`
+/// bytes) with `scheme`, which the key's type decides (ECDSA for P-256 and P-384 keys; for RSA
+/// keys PSS with TLS 1.3, PKCS#1 v1.5 with TLS 1.2); `digest` (`digest_len` bytes) is the
+/// scheme's hash of the message, for signers that take a digest (PKCS#11 CKM_ECDSA,
+/// CKM_RSA_PKCS_PSS). Write the signature to `signature` (room for `*signature_len` bytes, at
+/// least 512) and its length to `*signature_len`: for ECDSA DER (ECDSA-Sig-Value) or raw r||s,
+/// for RSA as long as the modulus. Return 0, or anything else on failure. The library checks
+/// the signature against the certificate's public key before it is sent: a failure or a wrong
+/// signature ends the connection attempt with FLEETPROV_SIGNER.
+///
+/// Called once per connection made with the key. Thread: the one running the operation (the
+/// caller of a blocking call, or the worker thread of an _async call); provisionings that share
+/// the key may call it on several threads at once. All pointers are valid only during the call.
+/// May not make blocking calls of this library (FLEETPROV_IN_CALLBACK).
+pub type fleetprov_tls_sign_callback = Option<
+    unsafe extern "C" fn(
+        userdata: *mut c_void,
+        scheme: fleetprov_signature_scheme,
         message: *const u8,
         message_len: usize,
         digest: *const u8,
@@ -650,6 +719,7 @@ pub extern "C" fn fleetprov_result_name(result: i32) -> *const c_char {
         Ok(FLEETPROV_IN_PROGRESS) => b"FLEETPROV_IN_PROGRESS\0",
         Ok(FLEETPROV_INTERNAL) => b"FLEETPROV_INTERNAL\0",
         Ok(FLEETPROV_IN_CALLBACK) => b"FLEETPROV_IN_CALLBACK\0",
+        Ok(FLEETPROV_SIGNER) => b"FLEETPROV_SIGNER\0",
         Err(_) => b"FLEETPROV_UNKNOWN\0",
     };
     name.as_ptr().cast()

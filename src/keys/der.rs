@@ -174,6 +174,38 @@ pub(super) fn ec_spki(der: &[u8]) -> Option<(Curve, &[u8])> {
     }
 }
 
+/// X.509 `SubjectPublicKeyInfo` of any key: its algorithm (an RSA key's modulus size, an EC
+/// key's curve) and the key itself: the uncompressed point of an EC key, the PKCS#1
+/// `RSAPublicKey` of an RSA key (what ring's verifiers take).
+pub(super) fn spki_key(der: &[u8]) -> Option<(Algorithm, &[u8])> {
+    let body = only(der, SEQUENCE)?;
+    let (algorithm_id, rest) = read(body, SEQUENCE)?;
+    let (key_bits, []) = read(rest, BIT_STRING)? else {
+        return None;
+    };
+    let [0, key @ ..] = key_bits else {
+        return None;
+    };
+    let (oid, params) = read(algorithm_id, OID)?;
+    let algorithm = match oid {
+        OID_RSA_ENCRYPTION => {
+            let body = only(key, SEQUENCE)?;
+            let (modulus, rest) = read(body, INTEGER)?;
+            let (_exponent, []) = read(rest, INTEGER)? else {
+                return None;
+            };
+            Algorithm::Rsa {
+                bits: bit_length(modulus),
+            }
+        }
+        OID_EC_PUBLIC_KEY => Algorithm::Ec(only(params, OID).map_or(Curve::Unnamed, curve)),
+        OID_ED25519 => Algorithm::Ed25519,
+        OID_ED448 => Algorithm::Ed448,
+        _ => Algorithm::Unknown,
+    };
+    Some((algorithm, key))
+}
+
 /// PKCS#8 `PrivateKeyInfo ::= SEQUENCE { version, AlgorithmIdentifier, privateKey, ... }`:
 /// the algorithm (and for RSA the modulus size, read from the wrapped PKCS#1 key).
 pub(super) fn pkcs8_algorithm(der: &[u8]) -> Option<Algorithm> {

@@ -9,6 +9,7 @@
 //! limits of that).
 
 mod der;
+pub mod remote;
 pub mod signer;
 #[cfg(test)]
 mod tests;
@@ -49,6 +50,9 @@ pub enum KeyError {
     Generation(String),
     /// An argument is out of range (a CSR's common name).
     InvalidArgument(String),
+    /// A key behind a signing function (a secure element) could not sign: the function failed,
+    /// or its signature does not verify with the key's public half.
+    Signer(String),
 }
 
 impl fmt::Display for KeyError {
@@ -62,6 +66,7 @@ impl fmt::Display for KeyError {
             KeyError::Mismatch => f.write_str("the certificate does not match the private key"),
             KeyError::Generation(m) => write!(f, "key generation failed: {m}"),
             KeyError::InvalidArgument(m) => write!(f, "invalid argument: {m}"),
+            KeyError::Signer(m) => f.write_str(m),
         }
     }
 }

@@ -76,6 +76,12 @@ impl ExternalKey {
         self.kind
     }
 
+    /// What signs with the private half.
+    #[cfg_attr(not(feature = "transport"), allow(dead_code))]
+    pub(crate) fn signer(&self) -> Arc<dyn Signer> {
+        self.signer.clone()
+    }
+
     /// A PEM CSR for this key with subject CN `common_name`, signed through the signer.
     pub fn csr_pem(&self, common_name: &str) -> Result<String, KeyError> {
         super::check_common_name(common_name)?;
@@ -92,7 +98,7 @@ impl ExternalKey {
         csr.map_err(|e| {
             let why = remote.failure.lock().ok().and_then(|mut f| f.take());
             match why {
-                Some(why) => KeyError::InvalidArgument(why),
+                Some(why) => KeyError::Signer(why),
                 None => KeyError::Generation(format!("signing the CSR: {e}")),
             }
         })
@@ -175,7 +181,7 @@ impl rcgen::SigningKey for Remote<'_> {
 }
 
 /// A raw `r || s` ECDSA signature (each `width` bytes) as DER `ECDSA-Sig-Value`.
-fn raw_to_der(sig: &[u8], width: usize) -> Vec<u8> {
+pub(super) fn raw_to_der(sig: &[u8], width: usize) -> Vec<u8> {
     let (r, s) = sig.split_at(width.min(sig.len()));
     let int = |v: &[u8]| {
         let mut v: Vec<u8> = v.iter().copied().skip_while(|b| *b == 0).collect();

@@ -322,6 +322,18 @@ impl Ca {
 
     /// Issues an AWS-style device certificate for a DER SubjectPublicKeyInfo.
     fn issue_device_cert(&self, spki_der: &[u8]) -> Result<Issued, PkiError> {
+        self.issue_leaf(DEVICE_COMMON_NAME, spki_der)
+    }
+
+    /// A claim certificate (CN "fleetprov claim") for a key made elsewhere, such as in a
+    /// secure element or of another type (RSA, P-384): `spki_der` is its SubjectPublicKeyInfo.
+    /// Written as the data directory's claim.pem before the emulator starts, it is registered
+    /// ACTIVE as the claim certificate.
+    pub fn issue_claim_cert_for(&self, spki_der: &[u8]) -> Result<Issued, PkiError> {
+        self.issue_leaf(CLAIM_COMMON_NAME, spki_der)
+    }
+
+    fn issue_leaf(&self, common_name: &str, spki_der: &[u8]) -> Result<Issued, PkiError> {
         let (rest, spki) =
             X509Spki::from_der(spki_der).map_err(|e| pki_err("invalid SubjectPublicKeyInfo", e))?;
         if !rest.is_empty() {
@@ -329,11 +341,7 @@ impl Ca {
                 "trailing data after the SubjectPublicKeyInfo".into(),
             ));
         }
-        let params = leaf_params(
-            DEVICE_COMMON_NAME,
-            &spki.subject_public_key.data,
-            aws_not_after()?,
-        )?;
+        let params = leaf_params(common_name, &spki.subject_public_key.data, aws_not_after()?)?;
         self.sign_leaf(&params, spki_der)
     }
 
