@@ -29,6 +29,9 @@ Step by step::
 
 In asyncio, ``await fleetprov.provision_async(...)``; cancelling the task cancels the flow.
 
+Keys in a token (PKCS#11, TPM, secure element): ``claim_signer=`` with ``cert_file=`` and no key,
+``device_signer=`` with ``device_public_key=`` (see :func:`provision`, :class:`SignatureScheme`).
+
 Errors are :class:`FleetprovError` subclasses; log lines go to the ``fleetprov`` logger.
 The shared library is the one ``FLEETPROV_LIBRARY`` names, else the one bundled in the wheel,
 else the system's (see :mod:`fleetprov._ffi`).
@@ -40,7 +43,9 @@ from ._ffi import EXPECTED_VERSION as __version__
 from ._ffi import LIBRARY_PATH, LibraryLoadError, library_version
 from ._api import (
     Certificate,
+    ClaimSigner,
     Client,
+    DeviceSigner,
     Format,
     KeyType,
     Progress,
@@ -48,6 +53,8 @@ from ._api import (
     ProvisionResult,
     Registration,
     Retry,
+    Signature,
+    SignatureScheme,
     Step,
     provision,
     provision_async,
@@ -69,6 +76,7 @@ from .errors import (
     InternalError,
     InCallbackError,
     RejectedError,
+    SignerError,
     StepTimeoutError,
     StorageError,
     SubscribeFailedError,
@@ -97,6 +105,10 @@ __all__ = [
     "Step",
     "Format",
     "KeyType",
+    "SignatureScheme",
+    "Signature",
+    "ClaimSigner",
+    "DeviceSigner",
     "FleetprovError",
     "InvalidArgumentError",
     "TlsError",
@@ -114,6 +126,7 @@ __all__ = [
     "PanicError",
     "InternalError",
     "InCallbackError",
+    "SignerError",
     "ClosedError",
     "result_name",
 ]

@@ -84,6 +84,46 @@ class _Method(enum.IntEnum):
     CSR = 0
     CREATE_KEYS = 1
     EXTERNAL_CSR = 2
+    EXTERNAL_SIGNER = 3
+
+
+class SignatureScheme(enum.IntEnum):
+    """The signature a ``claim_signer`` is asked for (fleetprov_signature_scheme): the claim
+    key's type decides it (ECDSA for P-256 and P-384 keys; for RSA keys PSS with TLS 1.3,
+    PKCS#1 v1.5 with TLS 1.2). With PKCS#11, what to sign with:"""
+
+    #: ECDSA on P-256 with SHA-256: ``CKM_ECDSA`` over the digest. DER (ECDSA-Sig-Value) or raw
+    #: ``r || s`` (64 bytes).
+    ECDSA_P256_SHA256 = 1
+    #: ECDSA on P-384 with SHA-384: ``CKM_ECDSA`` over the digest. DER or raw ``r || s`` (96 bytes).
+    ECDSA_P384_SHA384 = 2
+    #: RSASSA-PKCS1-v1_5 with SHA-256 (TLS 1.2): ``CKM_SHA256_RSA_PKCS`` over the message, or
+    #: ``CKM_RSA_PKCS`` over the DER DigestInfo of the digest. As long as the modulus.
+    RSA_PKCS1_SHA256 = 3
+    #: RSASSA-PSS with SHA-256, MGF1-SHA-256 and a 32-byte salt (TLS 1.3):
+    #: ``CKM_SHA256_RSA_PKCS_PSS`` over the message, or ``CKM_RSA_PKCS_PSS`` over the digest.
+    #: As long as the modulus.
+    RSA_PSS_SHA256 = 4
+
+
+_BytesLike = Union[bytes, bytearray, memoryview]
+
+#: What a signer may return: the signature.
+Signature = _BytesLike
+
+#: ``claim_signer(scheme, message, digest) -> signature``: signs one TLS handshake
+#: (CertificateVerify) with the claim certificate's key, which stays in a token. ``message`` is
+#: what to sign, ``digest`` its hash under the scheme (SHA-256, or SHA-384 for P-384), for
+#: signers that take a digest. Return the signature (see :class:`SignatureScheme` for its
+#: form); raise to refuse (the call then fails with :class:`SignerError`, your exception as
+#: its ``__cause__``).
+ClaimSigner = Callable[[SignatureScheme, bytes, bytes], Signature]
+
+#: ``device_signer(message, digest) -> signature``: ECDSA with the device key (P-256 with
+#: SHA-256, P-384 with SHA-384) over ``message``, whose hash ``digest`` is given for signers that
+#: take a digest (PKCS#11 ``CKM_ECDSA``). Return DER (ECDSA-Sig-Value) or raw ``r || s``; raise
+#: to refuse (:class:`SignerError`, your exception as its ``__cause__``).
+DeviceSigner = Callable[[bytes, bytes], Signature]
 
 
 class _LogLevel(enum.IntEnum):
@@ -135,7 +175,8 @@ ProgressCallback = Callable[[Progress], None]
 class ProvisionResult:
     """The outcome of the one-call flow.
 
-    ``private_key_pem`` is None when the CSR was supplied from outside (``csr_pem=``);
+    ``private_key_pem`` is None when the key is not the library's: a CSR supplied from outside
+    (``csr_pem=``) or a key behind ``device_signer=``;
     ``output_dir`` is None unless ``output_dir=`` was given. The key is left out of ``repr``.
     ``attempts`` is how many attempts it took (1 when nothing was retried); ``resumed`` is True
     when the certificate came from the resume journal in ``state_dir`` (an earlier call created
@@ -359,6 +400,20 @@ class _Config:
 _MQTT_VERSIONS = {5: 5, "5": 5, "3.1.1": 4}
 
 
+def _cert_text(cert_file: Optional[StrPath], cert_pem: Optional[str]) -> bytes:
+    """The claim certificate PEM for a claim signer (the library takes it as text): ``cert_pem``,
+    or ``cert_file`` read here (InvalidArgumentError when it cannot be)."""
+    if cert_pem is not None:
+        return _cstr(cert_pem, "cert_pem")
+    path = _cstr(cert_file, "cert_file").decode("utf-8")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidArgumentError(f"cannot read the claim certificate file {path}: {e}", code=1) from e
+    return _cstr(text, "cert_file's content")
+
+
 def _mqtt_version(value: Union[int, str, None]) -> Optional[int]:
     """``mqtt_version``: None (the library's default, MQTT 5), 5 or "5", or "3.1.1"."""
     if value is None:
@@ -401,6 +456,9 @@ def _build_config(
     reprovision: bool = False,
     claim: bool = True,
     host_transport: bool = False,
+    claim_signer: Optional[ClaimSigner] = None,
+    device_signer: Optional[DeviceSigner] = None,
+    device_public_key: Optional[_BytesLike] = None,
 ) -> tuple[_Config, CallbackSlot]:
     """Validates every argument in Python first (TypeError for wrong types), then fills a
     fleetprov_config (library errors become FleetprovError subclasses).
@@ -414,22 +472,56 @@ def _build_config(
     ca_pem_b = _opt_cstr(ca_pem, "ca_pem")
     if ca_file_b is not None and ca_pem_b is not None:
         raise InvalidArgumentError("give ca_file or ca_pem, not both", code=1)
-    if (cert_file is None) != (key_file is None) or (cert_pem is None) != (key_pem is None):
-        raise InvalidArgumentError("claim credentials need both a certificate and a key", code=1)
-    if cert_file is not None and cert_pem is not None:
-        raise InvalidArgumentError("give cert_file/key_file or cert_pem/key_pem, not both", code=1)
     claim_v: Optional[tuple[bytes, bytes, bool]] = None
-    if not claim:
-        if cert_file is not None or cert_pem is not None:
-            raise InvalidArgumentError("claim credentials are not taken here", code=1)
-    elif cert_file is None and cert_pem is None:
-        raise InvalidArgumentError("claim credentials are required: cert_file and key_file", code=1)
+    claim_signer_cert: Optional[bytes] = None
+    if claim_signer is not None:
+        if not claim:
+            raise InvalidArgumentError("claim credentials are not taken here: no claim_signer", code=1)
+        if not callable(claim_signer):
+            raise TypeError(f"claim_signer must be callable, not {type(claim_signer).__name__}")
+        if key_file is not None or key_pem is not None:
+            raise InvalidArgumentError(
+                "claim_signer replaces the claim key: give cert_file or cert_pem without key_file/key_pem", code=1
+            )
+        if (cert_file is None) == (cert_pem is None):
+            raise InvalidArgumentError(
+                "claim_signer needs the claim certificate: cert_file or cert_pem (one of them)", code=1
+            )
+        claim_signer_cert = _cert_text(cert_file, cert_pem)
     else:
-        claim_v = (
-            (_cstr(cert_file, "cert_file"), _cstr(key_file, "key_file"), True)
-            if cert_file is not None
-            else (_cstr(cert_pem, "cert_pem"), _cstr(key_pem, "key_pem"), False)
-        )
+        if (cert_file is None) != (key_file is None) or (cert_pem is None) != (key_pem is None):
+            raise InvalidArgumentError(
+                "claim credentials need both a certificate and a key (or claim_signer for a key in a token)", code=1
+            )
+        if cert_file is not None and cert_pem is not None:
+            raise InvalidArgumentError("give cert_file/key_file or cert_pem/key_pem, not both", code=1)
+        if not claim:
+            if cert_file is not None or cert_pem is not None:
+                raise InvalidArgumentError("claim credentials are not taken here", code=1)
+        elif cert_file is None and cert_pem is None:
+            raise InvalidArgumentError(
+                "claim credentials are required: cert_file and key_file (or cert_file and claim_signer)", code=1
+            )
+        else:
+            claim_v = (
+                (_cstr(cert_file, "cert_file"), _cstr(key_file, "key_file"), True)
+                if cert_file is not None
+                else (_cstr(cert_pem, "cert_pem"), _cstr(key_pem, "key_pem"), False)
+            )
+    if (device_signer is None) != (device_public_key is None):
+        raise InvalidArgumentError("device_signer and device_public_key go together", code=1)
+    public_key_b: Optional[bytes] = None
+    if device_signer is not None:
+        if not callable(device_signer):
+            raise TypeError(f"device_signer must be callable, not {type(device_signer).__name__}")
+        if not isinstance(device_public_key, (bytes, bytearray, memoryview)):
+            raise TypeError(
+                "device_public_key must be bytes (a SubjectPublicKeyInfo in DER, or an uncompressed point), "
+                f"not {type(device_public_key).__name__}"
+            )
+        public_key_b = bytes(device_public_key)
+        if csr_pem is not None:
+            raise InvalidArgumentError("give csr_pem or device_signer, not both", code=1)
     template_b = _opt_cstr(template_name, "template_name")
     params: list[tuple[bytes, bytes]] = []
     if parameters is not None:
@@ -459,6 +551,7 @@ def _build_config(
     lifetime_v = None if token_lifetime is None else _int_arg(token_lifetime, "token_lifetime", 0, 0xFFFFFFFF)
 
     config = _Config()
+    slot = CallbackSlot(on_progress)
     try:
         h = config.handle
         if host is not None:
@@ -491,6 +584,25 @@ def _build_config(
             check(lib.fleetprov_config_set_key_type(h, key_type_v))
         if csr_b is not None:
             check(lib.fleetprov_config_set_csr_pem(h, csr_b))
+        # Signers: one registry key each, removed by the library's userdata_free when the config
+        # and every operation using it are done (also when the setter fails).
+        if claim_signer is not None:
+            entry = _callbacks.SignerEntry(slot, claim_signer, "claim signer")
+            check(
+                lib.fleetprov_config_set_claim_signer(
+                    h, claim_signer_cert, _callbacks.TLS_SIGN_TRAMPOLINE, _callbacks.register(entry),
+                    _callbacks.USERDATA_FREE_TRAMPOLINE,
+                )
+            )
+        if device_signer is not None:
+            assert public_key_b is not None
+            entry = _callbacks.SignerEntry(slot, device_signer, "device signer")
+            check(
+                lib.fleetprov_config_set_signer(
+                    h, public_key_b, len(public_key_b), _callbacks.SIGN_TRAMPOLINE, _callbacks.register(entry),
+                    _callbacks.USERDATA_FREE_TRAMPOLINE,
+                )
+            )
         if verify is not None:
             check(lib.fleetprov_config_set_verify(h, verify))
         if out_b is not None:
@@ -505,7 +617,6 @@ def _build_config(
             check(lib.fleetprov_config_set_reprovision(h, True))
 
         # Callbacks: one registry key per registration (each has its own userdata_free).
-        slot = CallbackSlot(on_progress)
         log_key = _callbacks.register(slot)
         check(
             lib.fleetprov_config_set_log_callback(
@@ -544,6 +655,14 @@ def _outcome_error(
 ) -> Optional[BaseException]:
     """The exception a call ends with: one raised in a callback or an interrupt (chained to the
     library error, if any, and carrying a committed ``result``), else the library error."""
+    signer_failure = slot.take_signer_error()
+    if signer_failure is not None and error is not None and error.__cause__ is None:
+        # What a signer raised is why the library failed (FLEETPROV_SIGNER): its cause.
+        what, signer_exc = signer_failure
+        error.__cause__ = signer_exc
+        note = getattr(error, "add_note", None)  # Python 3.11+
+        if note is not None:
+            note(f"fleetprov: the {what} raised {type(signer_exc).__name__}: {signer_exc}")
     cb_exc = slot.take_error()
     if cb_exc is None:
         return error
@@ -658,13 +777,20 @@ def _run_blocking(config: _Config, slot: CallbackSlot, fn: Callable[..., int], *
 
 
 
-def _method(use_csr: Any, template_name: Any, csr_pem: Optional[str] = None) -> _Method:
-    """Checks the arguments every one-call flow shares and picks its certificate method: a given
-    CSR wins, then ``use_csr`` (CSR with a key made here) or CreateKeysAndCertificate."""
+def _method(use_csr: Any, template_name: Any, csr_pem: Optional[str] = None, device_signer: Any = None) -> _Method:
+    """Checks the arguments every one-call flow shares and picks its certificate method: a key
+    behind ``device_signer`` or a given CSR win, then ``use_csr`` (CSR with a key made here) or
+    CreateKeysAndCertificate."""
     if not isinstance(use_csr, bool):
         raise TypeError("use_csr must be bool")
     if template_name is None:
         raise InvalidArgumentError("template_name is required", code=1)
+    if device_signer is not None:
+        if not use_csr:
+            raise InvalidArgumentError(
+                "device_signer makes a CSR for the key in the token: it does not go with use_csr=False", code=1
+            )
+        return _Method.EXTERNAL_SIGNER
     if csr_pem is not None:
         return _Method.EXTERNAL_CSR
     return _Method.CSR if use_csr else _Method.CREATE_KEYS
@@ -699,9 +825,12 @@ def _provision_config(
     retry: Optional[Retry] = None,
     token_lifetime: Optional[int] = None,
     reprovision: bool = False,
+    claim_signer: Optional[ClaimSigner] = None,
+    device_signer: Optional[DeviceSigner] = None,
+    device_public_key: Optional[_BytesLike] = None,
 ) -> Tuple[_Config, CallbackSlot]:
     """The config of a one-call flow: :func:`provision`'s and :func:`provision_async`'s."""
-    method = _method(use_csr, template_name, csr_pem)
+    method = _method(use_csr, template_name, csr_pem, device_signer)
     return _build_config(
         endpoint=endpoint, port=port, ca_file=ca_file, ca_pem=ca_pem, cert_file=cert_file,
         key_file=key_file, cert_pem=cert_pem, key_pem=key_pem, template_name=template_name,
@@ -710,7 +839,8 @@ def _provision_config(
         mqtt_version=mqtt_version,
         on_progress=on_progress, method=int(method), key_type=key_type, csr_pem=csr_pem,
         verify=verify, output_dir=output_dir, state_dir=state_dir, retry=retry,
-        token_lifetime=token_lifetime, reprovision=reprovision,
+        token_lifetime=token_lifetime, reprovision=reprovision, claim_signer=claim_signer,
+        device_signer=device_signer, device_public_key=device_public_key,
     )
 
 
@@ -743,6 +873,9 @@ def provision(
     retry: Optional[Retry] = None,
     token_lifetime: Optional[int] = None,
     reprovision: bool = False,
+    claim_signer: Optional[ClaimSigner] = None,
+    device_signer: Optional[DeviceSigner] = None,
+    device_public_key: Optional[_BytesLike] = None,
 ) -> ProvisionResult:
     """Provisions a device in one blocking call.
 
@@ -774,13 +907,32 @@ def provision(
     says, each reported as :attr:`Step.RETRYING` with the pause and the error; other rejections
     are not retried.
 
+    Keys that never leave a token (PKCS#11, a TPM, a secure element): ``claim_signer`` with the
+    claim certificate as ``cert_file`` or ``cert_pem`` and no key. It is a :data:`ClaimSigner`,
+    ``claim_signer(scheme, message, digest) -> signature``, called once for each TLS handshake
+    made with the claim certificate; the claim key must be P-256, P-384 or RSA of 2048 to 4096
+    bits (:class:`InvalidArgumentError` naming the type otherwise). ``device_signer`` with
+    ``device_public_key`` (a SubjectPublicKeyInfo in DER, or an uncompressed EC point; P-256 or
+    P-384): the certificate is made from a CSR the library builds for that key and has signed by
+    ``device_signer(message, digest) -> signature`` (a :data:`DeviceSigner`), which also signs
+    the verification connection's handshake (two calls; one with ``verify=False``). The
+    result's ``private_key_pem`` is then None: keep the certificate next to the key, in the
+    token (``output_dir`` is refused, as there is no key to write; ``state_dir`` works, and a
+    resumed call must sign with the same key). Signers run on the thread running the flow (see
+    below); an exception one raises, a return value that is not a signature, or a signature that
+    does not verify fails the call with :class:`SignerError` (not retried; nothing is sent with
+    it), whose ``__cause__`` is the signer's exception. Rotating a device whose key is in a
+    token goes through this call too: ``claim_signer`` with the device's current certificate and
+    key, ``client_id`` the thing name, the rotation template with its parameters, and the new
+    key (made in the token) as ``device_signer``; store the new certificate after it returned.
+
     ``mqtt_version`` is 5 (the default) or ``"3.1.1"``: over MQTT 5 a refusal (a CONNACK,
     SUBACK, PUBACK or DISCONNECT with a reason code such as 0x87, not authorized) fails at once
     with that code in the error (``mqtt_reason_code``, ``mqtt_reason_string``).
 
     ``timeout`` is the overall deadline in seconds (None or 0: none); ``step_timeout`` bounds
     each step. ``on_progress(progress)`` is called with a :class:`Progress` for each step
-    reached. The flow runs on a helper thread while this one waits, so progress and log
+    reached. The flow runs on a helper thread while this one waits, so progress, log and signer
     callbacks run there, and Ctrl-C works: a KeyboardInterrupt (or an exception raised by
     ``on_progress``, which is then not called again) cancels the flow within a fraction of a
     second, keeping the journal in ``state_dir`` for the next call, and is raised here once the
@@ -789,7 +941,8 @@ def provision(
     ``fleetprov`` logger.
 
     Raises :class:`FleetprovError` subclasses (e.g. :class:`RejectedError`,
-    :class:`StepTimeoutError`), :class:`TypeError` for arguments of the wrong type.
+    :class:`StepTimeoutError`, :class:`SignerError`), :class:`TypeError` for arguments of the
+    wrong type.
     """
     config, slot = _provision_config(
         endpoint=endpoint, port=port, ca_file=ca_file, cert_file=cert_file, key_file=key_file,
@@ -799,7 +952,8 @@ def provision(
         ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem, key_type=key_type, csr_pem=csr_pem,
         keep_alive=keep_alive, alpn=alpn, mqtt_version=mqtt_version,
         state_dir=state_dir, retry=retry,
-        token_lifetime=token_lifetime, reprovision=reprovision
+        token_lifetime=token_lifetime, reprovision=reprovision, claim_signer=claim_signer,
+        device_signer=device_signer, device_public_key=device_public_key,
     )
     return _run_blocking(config, slot, lib.fleetprov_provision)
 
@@ -896,11 +1050,15 @@ def provision_async(
     retry: Optional[Retry] = None,
     token_lifetime: Optional[int] = None,
     reprovision: bool = False,
+    claim_signer: Optional[ClaimSigner] = None,
+    device_signer: Optional[DeviceSigner] = None,
+    device_public_key: Optional[_BytesLike] = None,
 ) -> ProvisionOperation:
     """Starts :func:`provision` (the same arguments) on a library worker thread and returns a
     :class:`ProvisionOperation` (a :class:`concurrent.futures.Future`) at once; ``await`` it in
-    asyncio. Progress and log callbacks run on the worker thread; an exception raised by
-    ``on_progress`` cancels the operation and is raised by :meth:`ProvisionOperation.result`."""
+    asyncio. Progress, log and signer callbacks run on the worker thread; an exception raised by
+    ``on_progress`` cancels the operation and is raised by :meth:`ProvisionOperation.result`,
+    one raised by a signer fails it with :class:`SignerError` (its ``__cause__``)."""
     config, slot = _provision_config(
         endpoint=endpoint, port=port, ca_file=ca_file, cert_file=cert_file, key_file=key_file,
         template_name=template_name, parameters=parameters, use_csr=use_csr,
@@ -909,7 +1067,8 @@ def provision_async(
         ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem, key_type=key_type, csr_pem=csr_pem,
         keep_alive=keep_alive, alpn=alpn, mqtt_version=mqtt_version,
         state_dir=state_dir, retry=retry,
-        token_lifetime=token_lifetime, reprovision=reprovision
+        token_lifetime=token_lifetime, reprovision=reprovision, claim_signer=claim_signer,
+        device_signer=device_signer, device_public_key=device_public_key,
     )
     op = ProvisionOperation(slot)
     _live_operations.add(op)
@@ -1146,7 +1305,9 @@ class Client(_Closeable):
     ``on_progress`` receives a :class:`Progress` for each step; an exception it raises cancels
     the operation and is re-raised by it.
     The resume journal and retries (``state_dir``, ``retry``, ``token_lifetime``) belong to the
-    one-call flow and are not taken here.
+    one-call flow and are not taken here. ``claim_signer`` with ``cert_file`` or ``cert_pem``
+    (and no key) connects with a claim key kept in a token, as for :func:`provision`; it runs
+    on the helper thread at each connection.
     """
 
     def __init__(
@@ -1170,6 +1331,7 @@ class Client(_Closeable):
         keep_alive: Optional[int] = None,
         alpn: Optional[bool] = None,
         mqtt_version: Union[int, str, None] = None,
+        claim_signer: Optional[ClaimSigner] = None,
     ) -> None:
         self._handle: Optional[int] = None
         self._cond = threading.Condition()
@@ -1180,7 +1342,7 @@ class Client(_Closeable):
             key_file=key_file, cert_pem=cert_pem, key_pem=key_pem, template_name=template_name,
             parameters=parameters, payload_format=payload_format, timeout=timeout,
             step_timeout=step_timeout, client_id=client_id, keep_alive=keep_alive, alpn=alpn,
-        mqtt_version=mqtt_version,
+            mqtt_version=mqtt_version, claim_signer=claim_signer,
             on_progress=on_progress,
         )
         self._slot = slot

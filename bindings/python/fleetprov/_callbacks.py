@@ -12,7 +12,7 @@ import itertools
 import logging
 import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from . import _ffi
 
@@ -87,6 +87,9 @@ class CallbackSlot:
     def __init__(self, on_progress: Optional[Callable[[Any], None]]) -> None:
         self.on_progress = on_progress
         self._errors: List[BaseException] = []
+        # Exceptions raised by a signer (claim_signer, device_signer): they do not cancel; the
+        # library fails with FLEETPROV_SIGNER and the first becomes that error's __cause__.
+        self._signer_errors: List[Tuple[str, Exception]] = []
         self._lock = threading.Lock()
         #: Called (from the callback's thread) after the first exception; e.g. cancels.
         self.on_error: Optional[Callable[[], None]] = None
@@ -108,6 +111,19 @@ class CallbackSlot:
         any more then."""
         with self._lock:
             return bool(self._errors)
+
+    def record_signer(self, what: str, exc: Exception) -> None:
+        """Keeps an exception the signer `what` ("claim signer", "device signer") raised, or
+        one made for its wrong return value, for the error the library then reports."""
+        with self._lock:
+            self._signer_errors.append((what, exc))
+
+    def take_signer_error(self) -> Optional[Tuple[str, Exception]]:
+        """The first (what, exception) recorded by :meth:`record_signer` (clearing them), or
+        None."""
+        with self._lock:
+            errors, self._signer_errors = self._signer_errors, []
+        return errors[0] if errors else None
 
     def take_error(self) -> Optional[BaseException]:
         """The captured exception (clearing the list), or None: the first interrupt
@@ -147,6 +163,100 @@ def _progress(userdata: Optional[int], progress: Any) -> None:
         slot.record(e)
 
 
+class SignerEntry:
+    """What a signing trampoline needs: the Python callable, what it is (for messages), and
+    the slot of the config it belongs to. Registered once per config; the library's
+    ``userdata_free`` removes it when the config and every operation using it are done."""
+
+    def __init__(self, slot: CallbackSlot, sign: Callable[..., Any], what: str) -> None:
+        self.slot = slot
+        self.sign = sign
+        self.what = what
+
+    def run(self, args: Callable[[], Tuple[Any, ...]], signature: Optional[int], signature_len: Any) -> int:
+        """Calls the signer with ``args()`` and writes its signature to the library's buffer;
+        0 on success. Nothing raised crosses into C: an ``Exception`` (the signer's, or a
+        wrong return value) is kept for the error the library then reports (FLEETPROV_SIGNER)
+        and -1 returned; an interrupt (KeyboardInterrupt, SystemExit) is recorded like one in
+        ``on_progress``, which cancels the flow."""
+        if self.slot.failed:
+            return -1  # the call is being interrupted: sign nothing more
+        try:
+            with inside():
+                raw = self.sign(*args())
+            if not isinstance(raw, (bytes, bytearray, memoryview)):
+                raise TypeError(f"the {self.what} must return the signature as bytes, not {type(raw).__name__}")
+            sig = bytes(raw)
+            room = int(signature_len[0]) if signature_len else 0
+            if not sig:
+                raise ValueError(f"the {self.what} returned an empty signature")
+            if len(sig) > room or not signature:
+                raise ValueError(
+                    f"the {self.what} returned a signature of {len(sig)} bytes; the library has room for {room}"
+                )
+            ctypes.memmove(signature, sig, len(sig))
+            signature_len[0] = len(sig)
+            return 0
+        except Exception as e:
+            self.slot.record_signer(self.what, e)
+        except BaseException as e:  # KeyboardInterrupt, SystemExit: never into C
+            self.slot.record(e)
+        return -1
+
+
+def _bytes_at(ptr: Optional[int], length: int) -> bytes:
+    """A copy of a borrowed ``(ptr, len)`` view (NULL with length 0: empty)."""
+    return ctypes.string_at(ptr, length) if ptr and length else b""
+
+
+def _tls_sign(
+    userdata: Optional[int],
+    scheme: int,
+    message: Optional[int],
+    message_len: int,
+    digest: Optional[int],
+    digest_len: int,
+    signature: Optional[int],
+    signature_len: Any,
+) -> int:
+    entry: Optional[SignerEntry] = lookup(userdata)
+    if entry is None:
+        return -1
+    try:
+        from ._api import SignatureScheme  # local import: _api imports this module
+
+        def args() -> Tuple[Any, ...]:
+            try:
+                kind = SignatureScheme(scheme)
+            except ValueError:
+                raise ValueError(f"the library asked the claim signer for an unknown signature scheme {scheme}") from None
+            return kind, _bytes_at(message, message_len), _bytes_at(digest, digest_len)
+
+        return entry.run(args, signature, signature_len)
+    except BaseException:  # pragma: no cover - run() guards itself
+        return -1
+
+
+def _sign(
+    userdata: Optional[int],
+    message: Optional[int],
+    message_len: int,
+    digest: Optional[int],
+    digest_len: int,
+    signature: Optional[int],
+    signature_len: Any,
+) -> int:
+    entry: Optional[SignerEntry] = lookup(userdata)
+    if entry is None:
+        return -1
+    try:
+        return entry.run(
+            lambda: (_bytes_at(message, message_len), _bytes_at(digest, digest_len)), signature, signature_len
+        )
+    except BaseException:  # pragma: no cover - run() guards itself
+        return -1
+
+
 def _userdata_free(userdata: Optional[int]) -> None:
     try:
         unregister(userdata)
@@ -176,3 +286,5 @@ LOG_TRAMPOLINE = _ffi.LOG_CALLBACK(_log)
 PROGRESS_TRAMPOLINE = _ffi.PROGRESS_CALLBACK(_progress)
 USERDATA_FREE_TRAMPOLINE = _ffi.USERDATA_FREE(_userdata_free)
 PROVISION_TRAMPOLINE = _ffi.PROVISION_CALLBACK(_provision_done)
+TLS_SIGN_TRAMPOLINE = _ffi.TLS_SIGN_CALLBACK(_tls_sign)
+SIGN_TRAMPOLINE = _ffi.SIGN_CALLBACK(_sign)

@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 #: The library version this package is written for (agrees with pyproject.toml).
-EXPECTED_VERSION = "0.4.0"
+EXPECTED_VERSION = "0.5.0"
 
 if sys.platform == "darwin":
     BUNDLED_NAME = "libfleetprov.dylib"
@@ -183,6 +183,13 @@ HOST_CONNECT_CALLBACK = CFUNCTYPE(c_int32, c_void_p, POINTER(IdentityStruct))
 HOST_DISCONNECT_CALLBACK = CFUNCTYPE(None, c_void_p)
 HOST_SUBSCRIBE_CALLBACK = CFUNCTYPE(c_int32, c_void_p, POINTER(c_char_p), c_size_t)
 HOST_PUBLISH_CALLBACK = CFUNCTYPE(c_int32, c_void_p, c_char_p, c_void_p, c_size_t)
+# fleetprov_tls_sign_callback(userdata, scheme, message, message_len, digest, digest_len,
+# signature, signature_len) and fleetprov_sign_callback (the same without the scheme): the
+# buffers as c_void_p (read with string_at, written with memmove), the length in and out.
+TLS_SIGN_CALLBACK = CFUNCTYPE(
+    c_int32, c_void_p, c_int32, c_void_p, c_size_t, c_void_p, c_size_t, c_void_p, POINTER(c_size_t)
+)
+SIGN_CALLBACK = CFUNCTYPE(c_int32, c_void_p, c_void_p, c_size_t, c_void_p, c_size_t, c_void_p, POINTER(c_size_t))
 
 
 class HostCallbacksStruct(ctypes.Structure):
@@ -215,6 +222,7 @@ _SIGNATURES: List[Tuple[Any, ...]] = [
     ("fleetprov_config_use_system_roots", _RES, _H),
     ("fleetprov_config_set_claim_files", _RES, _H, c_char_p, c_char_p),
     ("fleetprov_config_set_claim_pem", _RES, _H, c_char_p, c_char_p),
+    ("fleetprov_config_set_claim_signer", _RES, _H, c_char_p, TLS_SIGN_CALLBACK, c_void_p, USERDATA_FREE),
     ("fleetprov_config_set_client_id", _RES, _H, c_char_p),
     ("fleetprov_config_set_keep_alive", _RES, _H, c_uint16),
     ("fleetprov_config_set_alpn", _RES, _H, c_bool),
@@ -227,6 +235,8 @@ _SIGNATURES: List[Tuple[Any, ...]] = [
     ("fleetprov_config_set_method", _RES, _H, c_int32),
     ("fleetprov_config_set_key_type", _RES, _H, c_int32),
     ("fleetprov_config_set_csr_pem", _RES, _H, c_char_p),
+    # public_key as c_char_p: bytes, passed with their length (they may hold NULs)
+    ("fleetprov_config_set_signer", _RES, _H, c_char_p, c_size_t, SIGN_CALLBACK, c_void_p, USERDATA_FREE),
     ("fleetprov_config_set_verify", _RES, _H, c_bool),
     ("fleetprov_config_set_output_dir", _RES, _H, c_char_p),
     ("fleetprov_config_set_state_dir", _RES, _H, c_char_p),

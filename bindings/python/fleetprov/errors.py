@@ -25,6 +25,7 @@ __all__ = [
     "PanicError",
     "InternalError",
     "InCallbackError",
+    "SignerError",
     "ClosedError",
     "result_name",
 ]
@@ -190,6 +191,16 @@ class InCallbackError(FleetprovError):
     result_code = 17
 
 
+class SignerError(FleetprovError):
+    """FLEETPROV_SIGNER: a key behind a signing callback (``claim_signer`` or ``device_signer``)
+    could not sign: the callable raised, returned something that is not a signature, or a
+    signature that does not verify with the certificate's or public key's key. Nothing was sent
+    with it. Not retryable. When the callable raised, that exception is this one's
+    ``__cause__``."""
+
+    result_code = 18
+
+
 class ClosedError(FleetprovError, RuntimeError):
     """The Python object was closed (its handle freed) and cannot be used any more."""
 
@@ -213,6 +224,7 @@ _BY_CODE: dict[int, type[FleetprovError]] = {
         PanicError,
         InternalError,
         InCallbackError,
+        SignerError,
     )
 }
 
