@@ -7,7 +7,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
+
+#define STOP_LIMIT_S 120
 
 /* Parses a decimal uint32_t from `s` up to `stop` (a character that must follow it, or '\0'),
  * setting *end past it. 0 or -1. */
@@ -33,9 +36,16 @@ void example_usage(const char *prog, const struct example_option *extra, size_t 
             "       [--method csr|keys] [--timeout MS] [--client-id ID] [--no-verify] [--wait MS]\n"
             "       [--state-dir DIR] [--retry MAX_ATTEMPTS,INITIAL_MS,MAX_MS] [--mqtt 5|3.1.1]\n",
             prog);
+    size_t column = 0;
     for (size_t i = 0; i < count; i++) {
-        fprintf(stderr, "%s[%s%s%s]", i == 0 ? "       " : " ", extra[i].flag,
-                extra[i].value_name ? " " : "", extra[i].value_name ? extra[i].value_name : "");
+        const char *value = extra[i].value_name ? extra[i].value_name : "";
+        size_t width = strlen(extra[i].flag) + (*value ? 1 + strlen(value) : 0) + 3;
+        if (column == 0 || column + width > 96) { /* a new line, indented as the ones above */
+            fprintf(stderr, "%s      ", column == 0 ? "" : "\n");
+            column = 7;
+        }
+        fprintf(stderr, " [%s%s%s]", extra[i].flag, *value ? " " : "", value);
+        column += width;
     }
     if (count > 0) {
         fprintf(stderr, "\n");
@@ -199,12 +209,13 @@ int example_parse_args_with(int argc, char **argv, struct example_args *a, unsig
         }
     }
     int claim_optional = (flags & EXAMPLE_CLAIM_OPTIONAL) != 0;
-    const char *missing = !a->endpoint                    ? "--endpoint"
-                          : !a->cert && !claim_optional   ? "--cert"
-                          : !a->key && !claim_optional    ? "--key"
-                          : !a->template_name             ? "--template"
+    int template_optional = (flags & EXAMPLE_TEMPLATE_OPTIONAL) != 0;
+    const char *missing = !a->endpoint                                   ? "--endpoint"
+                          : !a->cert && !claim_optional                  ? "--cert"
+                          : !a->key && !claim_optional                   ? "--key"
+                          : !a->template_name && !template_optional      ? "--template"
                           : (flags & EXAMPLE_REQUIRE_OUT) && !a->out_dir ? "--out"
-                                                                          : NULL;
+                                                                         : NULL;
     if (missing) {
         fprintf(stderr, "%s: %s is required\n", argv[0], missing);
         example_usage(argv[0], extra, count);
@@ -288,6 +299,35 @@ const char *example_step_name(fleetprov_step step) {
     case FLEETPROV_STEP_COMMITTED: return "committed";
     }
     return "unknown"; /* a step added by a newer library */
+}
+
+int example_stop_step_from_env(const char *prog, const char **step) {
+    const char *v = getenv("FLEETPROV_EXAMPLE_STOP_AT");
+    *step = NULL;
+    if (v == NULL || *v == '\0') {
+        return 0;
+    }
+    for (int s = FLEETPROV_STEP_CONNECTING; s <= FLEETPROV_STEP_COMMITTED; s++) {
+        if (strcmp(v, example_step_name((fleetprov_step)s)) == 0) {
+            *step = v;
+            return 0;
+        }
+    }
+    fprintf(stderr, "%s: FLEETPROV_EXAMPLE_STOP_AT=%s names no step\n", prog, v);
+    return -1;
+}
+
+void example_stop_here(const char *prog, const char *what) {
+    printf("stopped_at=%s\n", what);
+    fflush(stdout);
+    fprintf(stderr, "%s: stopped at %s (FLEETPROV_EXAMPLE_STOP_AT), waiting to be killed\n", prog,
+            what);
+    for (int i = 0; i < STOP_LIMIT_S; i++) {
+        struct timespec second = {1, 0};
+        nanosleep(&second, NULL); /* a signal cutting it short only shortens the bound */
+    }
+    fprintf(stderr, "%s: not killed within %d s at %s, exiting\n", prog, STOP_LIMIT_S, what);
+    _exit(3);
 }
 
 void example_print_progress(const char *prefix, const fleetprov_progress *p) {

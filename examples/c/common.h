@@ -53,8 +53,9 @@ struct example_option {
     int *given;             /* set to 1 when the option is present (may be NULL) */
 };
 
-#define EXAMPLE_REQUIRE_OUT 1u    /* --out is required */
-#define EXAMPLE_CLAIM_OPTIONAL 2u /* --cert and --key may be left out (the caller checks) */
+#define EXAMPLE_REQUIRE_OUT 1u       /* --out is required */
+#define EXAMPLE_CLAIM_OPTIONAL 2u    /* --cert and --key may be left out (the caller checks) */
+#define EXAMPLE_TEMPLATE_OPTIONAL 4u /* --template may be left out (the caller checks) */
 
 /* example_parse_args with `flags` (EXAMPLE_*) and `count` more options (listed in the usage);
  * the values of those not given are left as they were. */
@@ -73,6 +74,16 @@ fleetprov_config *example_config(const struct example_args *args);
 /* The name of a step as the examples print it and FLEETPROV_EXAMPLE_STOP_AT names it:
  * "connecting", "creating_certificate", ..., "committed"; "unknown" for other values. */
 const char *example_step_name(fleetprov_step step);
+
+/* The test aid of the examples that can freeze at a step so that a test kills them there
+ * (emu_test.py's crash cases): FLEETPROV_EXAMPLE_STOP_AT=STEP, a step name as
+ * example_step_name() gives it. Sets *step to it (NULL when unset or empty) and returns 0, or
+ * prints why and returns -1 when it names no step (a typo would never stop). */
+int example_stop_step_from_env(const char *prog, const char **step);
+
+/* Prints "stopped_at=WHAT" to stdout (flushed) and blocks, so that the process can be killed
+ * at exactly this point; not killed within 120 s, it exits with 3. */
+void example_stop_here(const char *prog, const char *what);
 
 /* Prints one progress report to stderr: "<prefix> step: NAME (attempt N)", and for
  * FLEETPROV_STEP_RETRYING the pause and the failed attempt's error text. `progress` is the

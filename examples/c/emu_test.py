@@ -797,9 +797,10 @@ def make_p256_key(path):
 def case_signer(cmd, emu, work, serial, fmt, key_file, timeout_s):
     """provision_signer: the key stays with the program (OpenSSL). With key_file the test makes
     the key and checks the returned certificate against it with the openssl command; without,
-    the program's own checks (EVP_PKEY_eq, X509_check_private_key) are what there is. One
-    signature; the registration confirmed; the certificate ACTIVE and attached to the thing; no
-    private key written anywhere."""
+    the program's own checks (EVP_PKEY_eq, X509_check_private_key) are what there is. Two
+    signatures (the CSR, and the TLS handshake of the verification connection, which the
+    library makes with the new certificate and the program's key); the registration confirmed;
+    the certificate ACTIVE and attached to the thing; no private key written anywhere."""
     out_dir = os.path.join(work, "device")
     extra = ["--format", fmt]
     key = os.path.join(work, "device.key")
@@ -812,7 +813,8 @@ def case_signer(cmd, emu, work, serial, fmt, key_file, timeout_s):
     check(f.get("thing_name") == f"demo-{serial}", f"thing_name={f.get('thing_name')}")
     check(f.get("registration_confirmed") == "1",
           f"registration_confirmed={f.get('registration_confirmed')}")
-    check(f.get("signatures") == "1", f"signatures={f.get('signatures')}, expected 1")
+    check(f.get("signatures") == "2",
+          f"signatures={f.get('signatures')}, expected 2 (CSR, verification handshake)")
     cert = os.path.join(out_dir, "certificate.pem")
     cert_id = hashlib.sha256(pem_der(cert)).hexdigest()
     check(f.get("certificate_id") == cert_id, f"certificate_id={f.get('certificate_id')}")
@@ -833,12 +835,11 @@ def case_signer(cmd, emu, work, serial, fmt, key_file, timeout_s):
 
 def case_signer_broken(cmd, emu, work, serial, timeout_s):
     """provision_signer --break-signer fail (the callback reports a failure) and wrong (it
-    returns a signature that does not verify): the library refuses before anything is sent, so
-    the service creates no certificate."""
+    returns a signature that does not verify): the library refuses the CSR's signature
+    (FLEETPROV_SIGNER) before anything is sent, so the service creates no certificate."""
     out_dir = os.path.join(work, "device")
     failures = []
-    for how, expected in (("fail", "FLEETPROV_INVALID_ARGUMENT"),
-                          ("wrong", "FLEETPROV_INVALID_ARGUMENT")):
+    for how, expected in (("fail", "FLEETPROV_SIGNER"), ("wrong", "FLEETPROV_SIGNER")):
         print(f"\n# --break-signer {how}")
         p = run(cmd + connection_args(emu, out_dir, serial=serial) + ["--break-signer", how],
                 timeout_s)

@@ -41,13 +41,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <time.h>
-#include <unistd.h>
 
 #include "common.h"
-
-#define STOP_LIMIT_S 120
 
 /* Userdata of the callbacks: a heap object released by the library through userdata_free,
  * to show the ownership rule (called once, when the last config using it is freed). */
@@ -58,20 +53,6 @@ struct reporter {
     unsigned lines;
 };
 
-/* The test aid: freeze the process inside the library's flow until it is killed. */
-static void stop_here(const char *step) {
-    printf("stopped_at=%s\n", step);
-    fflush(stdout);
-    fprintf(stderr, "provision: stopped at %s (FLEETPROV_EXAMPLE_STOP_AT), waiting to be killed\n",
-            step);
-    for (int i = 0; i < STOP_LIMIT_S; i++) {
-        struct timespec second = {1, 0};
-        nanosleep(&second, NULL); /* a signal cutting it short only shortens the bound */
-    }
-    fprintf(stderr, "provision: not killed within %d s at %s, exiting\n", STOP_LIMIT_S, step);
-    _exit(3);
-}
-
 /* Runs on the calling thread (blocking fleetprov_provision). `progress` and the error it may
  * point to are valid only during the call. */
 static void on_progress(void *userdata, const fleetprov_progress *progress) {
@@ -80,25 +61,8 @@ static void on_progress(void *userdata, const fleetprov_progress *progress) {
     example_print_progress(rep->prefix, progress);
     const char *name = example_step_name(progress->step);
     if (rep->stop_at != NULL && strcmp(rep->stop_at, name) == 0) {
-        stop_here(name);
+        example_stop_here("provision", name); /* the test aid (see above) */
     }
-}
-
-/* FLEETPROV_EXAMPLE_STOP_AT if set: it must name a step (a typo would never stop). */
-static int stop_at_from_env(const char **out) {
-    const char *v = getenv("FLEETPROV_EXAMPLE_STOP_AT");
-    *out = NULL;
-    if (v == NULL || *v == '\0') {
-        return 0;
-    }
-    for (int s = FLEETPROV_STEP_CONNECTING; s <= FLEETPROV_STEP_COMMITTED; s++) {
-        if (strcmp(v, example_step_name((fleetprov_step)s)) == 0) {
-            *out = v;
-            return 0;
-        }
-    }
-    fprintf(stderr, "provision: FLEETPROV_EXAMPLE_STOP_AT=%s names no step\n", v);
-    return -1;
 }
 
 /* Set before the handlers are installed, freed after they are restored. */
@@ -133,7 +97,7 @@ int main(int argc, char **argv) {
     size_t n_options = sizeof options / sizeof options[0];
     if (example_parse_args_with(argc, argv, &args, EXAMPLE_CLAIM_OPTIONAL, options, n_options) !=
             0 ||
-        stop_at_from_env(&stop_at) != 0) {
+        example_stop_step_from_env(argv[0], &stop_at) != 0) {
         return 1;
     }
     if (rotate_dir == NULL && (args.cert == NULL || args.key == NULL)) {

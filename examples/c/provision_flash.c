@@ -77,7 +77,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "common.h"
@@ -100,8 +99,6 @@
 #define FLASH_FAILED_NAME 3
 #define FLASH_FAILED_TOO_BIG 4
 #define FLASH_FAILED_VERIFY 5
-
-#define STOP_LIMIT_S 120
 
 _Static_assert(FLASH_SLOTS_PER_NAME == 2, "the A/B scheme below has two slots per name");
 _Static_assert(FLASH_MAX_DATA < UINT32_MAX, "a length fits the header's u32");
@@ -141,21 +138,6 @@ struct flash {
 };
 
 /* ---- the test aid ----------------------------------------------------------------------- */
-
-/* Freezes the process until it is killed (bounded). */
-static void stop_here(const char *what) {
-    printf("stopped_at=%s\n", what);
-    fflush(stdout);
-    fprintf(stderr, "provision_flash: stopped at %s (FLEETPROV_EXAMPLE_STOP_AT), waiting to be "
-                    "killed\n", what);
-    for (int i = 0; i < STOP_LIMIT_S; i++) {
-        struct timespec second = {1, 0};
-        nanosleep(&second, NULL); /* a signal cutting it short only shortens the bound */
-    }
-    fprintf(stderr, "provision_flash: not killed within %d s at %s, exiting\n", STOP_LIMIT_S,
-            what);
-    _exit(3);
-}
 
 static int name_index(const char *name) {
     if (name == NULL) {
@@ -376,7 +358,7 @@ static void tear_and_stop(struct flash *f, unsigned slot, const uint8_t *img, si
     wipe_scratch(f);
     fprintf(stderr, "flash: power lost after %zu of %zu bytes of the record in slot %u\n",
             record / 2, record, slot);
-    stop_here(f->tear.label);
+    example_stop_here("provision_flash", f->tear.label);
 }
 
 /* Writes a record for blob `name` (data, or a tombstone) into the slot not holding the newest
@@ -930,7 +912,7 @@ static void on_progress(void *userdata, const fleetprov_progress *progress) {
     example_print_progress("provision_flash:", progress);
     const char *name = example_step_name(progress->step);
     if (rep->stop_at != NULL && strcmp(rep->stop_at, name) == 0) {
-        stop_here(name);
+        example_stop_here("provision_flash", name);
     }
 }
 

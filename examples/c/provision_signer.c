@@ -10,13 +10,16 @@
  * SubjectPublicKeyInfo in DER) and a callback that signs a digest with it (EVP_PKEY_sign,
  * ECDSA, DER signature). The library builds the CSR for that key, has it signed through the
  * callback, checks the signature, and provisions with fleetprov_provision(). The key is never
- * written out nor handed to the library.
+ * written out nor handed to the library. (provision_pkcs11.c does the same with keys in a
+ * PKCS#11 token, the claim key included.)
  *
- * The built-in transport cannot make TLS connections with a key it does not hold, so the
- * verification connection is skipped and the library writes no files (an output directory is
- * refused with a signer). The program checks the returned certificate itself (its public key
- * is the EVP_PKEY's: EVP_PKEY_eq, and X509_check_private_key) and writes DIR/certificate.pem
- * (DIR 0700); whoever holds the key (here the test, through --key-file) can check the pair.
+ * The verification connection (the new certificate's first TLS connection) is made with the
+ * key too: the library asks the callback to sign its handshake, so the callback is called
+ * twice in a provisioning (CSR, handshake). The library writes no files (an output directory
+ * is refused with a signer: there is no private key to write). The program checks the
+ * returned certificate itself (its public key is the EVP_PKEY's: EVP_PKEY_eq, and
+ * X509_check_private_key) and writes DIR/certificate.pem (DIR 0700); whoever holds the key
+ * (here the test, through --key-file) can check the pair.
  *
  * Prints thing_name=, certificate_id=, registration_confirmed=0|1 (see
  * fleetprov_provisioned_registration_confirmed), attempts=, resumed=0|1, signatures=N (calls of
@@ -24,7 +27,8 @@
  * rejection's fields on failure (exit 1).
  *
  * Test aid: --break-signer fail makes the callback report a failure; --break-signer wrong makes
- * it return a signature that does not verify. Either way nothing may reach the service.
+ * it return a signature that does not verify. Either way the library stops with
+ * FLEETPROV_SIGNER and nothing may reach the service.
  */
 #include <stdio.h>
 #include <string.h>
@@ -55,8 +59,9 @@ static void openssl_failure(const char *what) {
     ERR_clear_error();
 }
 
-/* fleetprov_sign_callback: ECDSA P-256 over the SHA-256 digest the library computed. Runs on
- * the thread calling fleetprov_provision(); every pointer lives for the call only. */
+/* fleetprov_sign_callback: ECDSA P-256 over the SHA-256 digest the library computed (for the
+ * CSR, then for the verification connection's TLS handshake). Runs on the thread calling
+ * fleetprov_provision(); every pointer lives for the call only. */
 static int32_t sign_digest(void *userdata, const uint8_t *message, size_t message_len,
                            const uint8_t *digest, size_t digest_len, uint8_t *signature,
                            size_t *signature_len) {

@@ -9,7 +9,8 @@
 # instrumented, so ASan costs them little). Under valgrind each costs two valgrind runs (about
 # 8-16 s), so that pass keeps only the kill points whose second run resumes a journal
 # (certificate_created: resumed at RegisterThing; verifying: resumed at the verification).
-# Likewise provision_mosquitto keeps its ok, cbor and fault cases there (CMakeLists.txt).
+# Likewise provision_mosquitto keeps its ok, cbor and fault cases there, and provision_pkcs11
+# (SoftHSM2, which valgrind finds clean) its json and resume cases (CMakeLists.txt).
 #
 #   bash examples/c/run-tests.sh [VENV]      # from anywhere; VENV defaults to <repo>/.venv
 #
@@ -17,9 +18,10 @@
 # slow from cold) with RelWithDebInfo examples under valgrind.
 #
 # CMake comes from PyPI (`pip install cmake` into VENV, created if missing). Debian packages it
-# needs besides Rust and Python 3 (with venv): gcc g++ make libssl-dev libmosquitto-dev valgrind
-# pkg-config openssl (install: apt-get install -y gcc g++ make libssl-dev libmosquitto-dev
-# valgrind pkg-config openssl).
+# needs besides Rust and Python 3 (with venv): gcc g++ make libssl-dev libmosquitto-dev
+# libp11-kit-dev valgrind pkg-config openssl (install: apt-get install -y gcc g++ make libssl-dev
+# libmosquitto-dev libp11-kit-dev valgrind pkg-config openssl), and softhsm2 for the PKCS#11
+# example's tests (provision_pkcs11_*: skipped without it).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
@@ -34,10 +36,13 @@ for tool in cc c++ make valgrind pkg-config python3 cargo openssl; do
 done
 [ -e /usr/include/openssl/evp.h ] || missing+=("openssl headers (libssl-dev)")
 [ -e /usr/include/mosquitto.h ] || missing+=("libmosquitto headers (libmosquitto-dev)")
+[ -e /usr/include/p11-kit-1/p11-kit/pkcs11.h ] || missing+=("p11-kit's pkcs11.h (libp11-kit-dev)")
 if [ ${#missing[@]} -gt 0 ]; then
-    echo "missing: ${missing[*]} (Debian: apt-get install -y gcc g++ make libssl-dev libmosquitto-dev valgrind pkg-config openssl)" >&2
+    echo "missing: ${missing[*]} (Debian: apt-get install -y gcc g++ make libssl-dev libmosquitto-dev libp11-kit-dev valgrind pkg-config openssl)" >&2
     exit 1
 fi
+command -v softhsm2-util >/dev/null 2>&1 ||
+    echo "note: softhsm2 is not installed: the provision_pkcs11 tests are skipped" >&2
 
 cmake_from_pypi "$venv"
 
@@ -123,7 +128,7 @@ examples() {
     step "examples ($name): configure and build"
     "$cmake" -S examples/c -B "$work/$name" -DCMAKE_PREFIX_PATH="$prefix" \
         -DCMAKE_BUILD_TYPE=Debug -DFLEETPROV_EMULATOR="$emulator" -DFLEETPROV_REQUIRE_OPENSSL=ON \
-        -DFLEETPROV_REQUIRE_MOSQUITTO=ON "$@" >/dev/null
+        -DFLEETPROV_REQUIRE_MOSQUITTO=ON -DFLEETPROV_REQUIRE_PKCS11=ON "$@" >/dev/null
     "$cmake" --build "$work/$name"
     step "examples ($name): ctest"
 }
@@ -176,7 +181,8 @@ if [ "${FLEETPROV_RELEASE_VALGRIND:-0}" = 1 ]; then
     "$cmake" -S examples/c -B "$work/release-valgrind" -DCMAKE_PREFIX_PATH="$work/prefix-release" \
         -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFLEETPROV_EMULATOR="$emulator" \
         -DFLEETPROV_VALGRIND=ON -DFLEETPROV_REQUIRE_OPENSSL=ON -DFLEETPROV_REQUIRE_MOSQUITTO=ON \
-        '-DFLEETPROV_CRASH_STEPS=certificate_created;verifying' >/dev/null
+        -DFLEETPROV_REQUIRE_PKCS11=ON '-DFLEETPROV_CRASH_STEPS=certificate_created;verifying' \
+        >/dev/null
     "$cmake" --build "$work/release-valgrind"
     timed_ctest release-valgrind --output-on-failure
 fi
