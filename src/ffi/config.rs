@@ -701,29 +701,40 @@ struct SignCallback {
     user: UserData,
 }
 
+/// Runs a signing callback with an output buffer of `N` bytes (`call` gets the buffer and its
+/// length, which the callback overwrites) and returns the signature it wrote.
+fn signature_from<const N: usize>(
+    call: impl FnOnce(*mut u8, *mut usize) -> i32,
+) -> Result<Vec<u8>, String> {
+    let mut buf = [0u8; N];
+    let mut len = N;
+    let r = in_callback(|| call(buf.as_mut_ptr(), &mut len));
+    if r != 0 {
+        return Err(format!("the signing callback returned {r}"));
+    }
+    buf.get(..len)
+        .map(<[u8]>::to_vec)
+        .ok_or_else(|| format!("the signing callback wrote a length of {len}"))
+}
+
 impl Signer for SignCallback {
     fn sign(&self, message: &[u8], digest: &[u8]) -> Result<Vec<u8>, String> {
-        let mut buf = [0u8; 144];
-        let mut len = buf.len();
-        // SAFETY: the callback and userdata were registered together; every pointer is valid
-        // for the call and `buf` has `len` writable bytes.
-        let r = in_callback(|| unsafe {
-            (self.cb)(
-                self.user.ptr,
-                message.as_ptr(),
-                message.len(),
-                digest.as_ptr(),
-                digest.len(),
-                buf.as_mut_ptr(),
-                &mut len,
-            )
-        });
-        if r != 0 {
-            return Err(format!("the signing callback returned {r}"));
-        }
-        buf.get(..len)
-            .map(<[u8]>::to_vec)
-            .ok_or_else(|| format!("the signing callback wrote a length of {len}"))
+        // A DER ECDSA P-384 signature at most.
+        signature_from::<144>(|out, len| {
+            // SAFETY: the callback and userdata were registered together; every pointer is
+            // valid for the call and `out` has `*len` writable bytes.
+            unsafe {
+                (self.cb)(
+                    self.user.ptr,
+                    message.as_ptr(),
+                    message.len(),
+                    digest.as_ptr(),
+                    digest.len(),
+                    out,
+                    len,
+                )
+            }
+        })
     }
 }
 
@@ -744,29 +755,23 @@ struct TlsSignCallback {
 
 impl TlsSigner for TlsSignCallback {
     fn sign(&self, scheme: Scheme, message: &[u8], digest: &[u8]) -> Result<Vec<u8>, String> {
-        // RSA-4096 at most.
-        let mut buf = [0u8; 512];
-        let mut len = buf.len();
-        // SAFETY: the callback and userdata were registered together; every pointer is valid
-        // for the call and `buf` has `len` writable bytes.
-        let r = in_callback(|| unsafe {
-            (self.cb)(
-                self.user.ptr,
-                scheme.into(),
-                message.as_ptr(),
-                message.len(),
-                digest.as_ptr(),
-                digest.len(),
-                buf.as_mut_ptr(),
-                &mut len,
-            )
-        });
-        if r != 0 {
-            return Err(format!("the signing callback returned {r}"));
-        }
-        buf.get(..len)
-            .map(<[u8]>::to_vec)
-            .ok_or_else(|| format!("the signing callback wrote a length of {len}"))
+        // An RSA-4096 signature at most.
+        signature_from::<512>(|out, len| {
+            // SAFETY: the callback and userdata were registered together; every pointer is
+            // valid for the call and `out` has `*len` writable bytes.
+            unsafe {
+                (self.cb)(
+                    self.user.ptr,
+                    scheme.into(),
+                    message.as_ptr(),
+                    message.len(),
+                    digest.as_ptr(),
+                    digest.len(),
+                    out,
+                    len,
+                )
+            }
+        })
     }
 }
 

@@ -23,6 +23,8 @@ const OID_P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 const OID_P384: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x22];
 /// 1.3.132.0.35 (secp521r1)
 const OID_P521: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x23];
+/// 1.3.132.0.10 (secp256k1, the Bitcoin curve; some secure elements offer it)
+const OID_SECP256K1: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x0a];
 /// 1.3.101.112
 const OID_ED25519: &[u8] = &[0x2b, 0x65, 0x70];
 /// 1.3.101.113
@@ -49,7 +51,8 @@ pub(super) enum Curve {
     P256,
     P384,
     P521,
-    /// Some other named curve (secp256k1, brainpool, ...).
+    Secp256k1,
+    /// Some other named curve (brainpool, ...).
     Other,
     /// The key does not name its curve (SEC1 keys may leave it to the context).
     Unnamed,
@@ -63,6 +66,7 @@ impl Algorithm {
             Algorithm::Ec(Curve::P256) => "P-256".into(),
             Algorithm::Ec(Curve::P384) => "P-384".into(),
             Algorithm::Ec(Curve::P521) => "P-521".into(),
+            Algorithm::Ec(Curve::Secp256k1) => "secp256k1".into(),
             Algorithm::Ec(Curve::Other) => "elliptic-curve (unsupported curve)".into(),
             Algorithm::Ec(Curve::Unnamed) => "elliptic-curve".into(),
             Algorithm::Ed25519 => "Ed25519".into(),
@@ -131,6 +135,7 @@ fn curve(oid: &[u8]) -> Curve {
         OID_P256 => Curve::P256,
         OID_P384 => Curve::P384,
         OID_P521 => Curve::P521,
+        OID_SECP256K1 => Curve::Secp256k1,
         _ => Curve::Other,
     }
 }

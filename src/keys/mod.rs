@@ -429,6 +429,9 @@ fn explain_refusal(key: &PrivateKeyDer<'_>) -> KeyError {
         Algorithm::Ec(Curve::Other) => KeyError::UnsupportedKey(
             "this elliptic curve is not supported (P-256 and P-384 are)".into(),
         ),
+        Algorithm::Ec(Curve::Secp256k1) => KeyError::UnsupportedKey(
+            "secp256k1 keys are not supported (P-256 and P-384 are)".into(),
+        ),
         Algorithm::Ed448 => KeyError::UnsupportedKey("Ed448 keys are not supported".into()),
         Algorithm::Unknown => KeyError::UnsupportedKey(format!(
             "the {format} key's algorithm is not supported (RSA, P-256, P-384 and Ed25519 are)"

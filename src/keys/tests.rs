@@ -431,7 +431,7 @@ fn private_key_pem_table() {
         (
             EC_SECP256K1_KEY,
             Err(unsupported(
-                "this elliptic curve is not supported (P-256 and P-384 are)",
+                "secp256k1 keys are not supported (P-256 and P-384 are)",
             )),
         ),
         (ED448_KEY, Err(unsupported("Ed448 keys are not supported"))),

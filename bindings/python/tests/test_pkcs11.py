@@ -302,7 +302,7 @@ def _self_signed(key, name: str) -> str:
 # Each row: a claim certificate's key the library does not take, and the type its message names.
 UNSUPPORTED_CLAIM_KEYS = [
     ("Ed25519", lambda: ed25519.Ed25519PrivateKey.generate(), "Ed25519"),
-    ("secp256k1", lambda: ec.generate_private_key(ec.SECP256K1()), "unsupported curve"),
+    ("secp256k1", lambda: ec.generate_private_key(ec.SECP256K1()), "secp256k1"),
     ("RSA-1024", lambda: rsa.generate_private_key(public_exponent=65537, key_size=1024), "1024"),
 ]
 
